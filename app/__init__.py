@@ -1,0 +1,1 @@
+"""Shallot app package."""

@@ -1,0 +1,3 @@
+from shallot.core.cli import main
+
+raise SystemExit(main())

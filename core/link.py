@@ -1,0 +1,479 @@
+"""Sans-I/O link layer (docs/PROTOCOL.md §4): handshakes, sessions, replay windows, rekey, keepalive.
+
+One ``LinkLayer`` owns every link of a node.  Inputs: ``receive_datagram(data, addr, now, wall)``,
+``handle_timer(now, wall)`` and commands (``open_link``, ``send_cell``, ``close_link``).  Outputs:
+``outbox`` (datagrams with their destination), ``events`` (LinkUp / LinkDown) and ``timer()``.
+Cells are handed to ``on_cell(link, cell)``, set by the owner, because that is the per-packet path.
+
+A link never answers a packet it cannot authenticate.  The only unauthenticated input it answers is
+a well-formed handshake initiation that carries a valid mac1 and passes the rate limit and replay
+checks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from shallot.crypto import link_handshake as lh
+from shallot.crypto.codec import DecodeError
+from shallot.crypto.onion import ReplayWindow
+from shallot.crypto.params import (
+    CELL_LEN,
+    HANDSHAKE_ATTEMPTS,
+    HANDSHAKE_RETRY_S,
+    HANDSHAKE_SKEW_S,
+    KEEPALIVE_S,
+    LINK_DEAD_AFTER_S,
+    LINK_HEADER_LEN,
+    LINK_PACKET_LEN,
+    MSG_INIT_CLIENT,
+    MSG_INIT_RELAY,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    REJECT_AFTER_S,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_S,
+    REPLAY_WINDOW,
+)
+from shallot.crypto.primitives import AuthFailure, RandomBytes
+
+Address = tuple[str, int]
+_NONCE_PREFIX = bytes(4)
+_TRANSPORT = bytes((MSG_TRANSPORT,))
+PADDING_CELL = bytes(4) + bytes((5,)) + bytes(CELL_LEN - 5)  # circ id 0, command PADDING
+
+
+class PeerKind(enum.Enum):
+    CLIENT = "client"  # anonymous (Noise NK); we are its guard
+    RELAY = "relay"  # authenticated by identity key (Noise IK)
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    link: Link
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    link: Link
+    reason: str
+
+
+@dataclass
+class LinkConfig:
+    link_private: bytes
+    link_pub: bytes
+    accept_clients: bool = False
+    accept_relays: bool = False
+    # for IK initiations (relays only)
+    identity_pub: bytes | None = None
+    cert_expires: int = 0
+    cert_sig: bytes = b""
+    handshake_rate: float = 20.0  # initiations per second per source IP
+    handshake_burst: float = 40.0
+    max_links: int = 4096
+    max_queued_cells: int = 256
+
+
+class Session:
+    """Transport keys of one completed handshake."""
+
+    __slots__ = ("created", "local_index", "recv_aead", "remote_index", "resume", "send_aead", "send_counter",
+                 "sent", "window")
+
+    def __init__(self, keys: lh.TransportKeys, local_index: int, remote_index: int, now: float,
+                 first_counter: int) -> None:
+        self.send_aead = ChaCha20Poly1305(keys.send)
+        self.recv_aead = ChaCha20Poly1305(keys.recv)
+        self.resume = keys.resume
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.created = now
+        self.send_counter = first_counter
+        self.sent = 0
+        self.window = ReplayWindow(REPLAY_WINDOW)
+
+    def seal(self, cell: bytes) -> bytes:
+        counter = self.send_counter
+        self.send_counter = counter + 1
+        self.sent += 1
+        header = _TRANSPORT + self.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
+        return header + self.send_aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), cell, header)
+
+
+@dataclass(eq=False)
+class Link:
+    link_id: int
+    addr: Address
+    kind: PeerKind
+    initiator: bool
+    peer_link_pub: bytes | None = None
+    peer_relay_id: bytes | None = None
+    state: LinkState = LinkState.CONNECTING
+    session: Session | None = None
+    previous: Session | None = None
+    last_recv: float = 0.0
+    last_send: float = 0.0
+    users: int = 0  # circuits using this link (maintained by the owner)
+    queued: deque[bytes] = field(default_factory=deque)
+    # initiator handshake in flight
+    pending: lh.InitiatorState | None = None
+    attempts: int = 0
+    retry_at: float | None = None
+    last_initiation: bytes = b""
+    last_rx_timestamp: int = 0
+
+    def __repr__(self) -> str:
+        return f"Link({self.link_id}, {self.kind.value}, {self.state.value})"
+
+
+class TokenBuckets:
+    """Per-key token buckets with a bounded table (oldest entries evicted)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return ok
+
+
+class LinkLayer:
+    def __init__(self, config: LinkConfig, *, rng: RandomBytes) -> None:
+        self.config = config
+        self._rng = rng
+        self.outbox: list[tuple[bytes, Address]] = []
+        self.events: deque[LinkUp | LinkDown] = deque()
+        self.counters: Counter[str] = Counter()
+        self.on_cell: Callable[[Link, bytes], None] = lambda link, cell: None
+        self.links: dict[int, Link] = {}
+        self._next_link_id = 1
+        self._by_index: dict[int, tuple[Link, Session]] = {}
+        self._pending_by_index: dict[int, Link] = {}
+        self._relay_links: dict[bytes, Link] = {}  # peer relay id -> link
+        self._resume: dict[bytes, Link] = {}  # resume token -> client link
+        self._seen_ephemerals: dict[bytes, float] = {}  # NK replay cache: ephemeral -> expiry (now)
+        self._buckets = TokenBuckets(config.handshake_rate, config.handshake_burst)
+        self._next_tick: float | None = None
+
+    # ------------------------------------------------------------------ commands
+    def open_link(self, addr: Address, peer_link_pub: bytes, now: float, wall: float, *,
+                  peer_relay_id: bytes | None = None) -> Link:
+        """Start (or reuse) a link to a relay.  Cells sent before it is up are queued."""
+        if peer_relay_id is not None:
+            existing = self._relay_links.get(peer_relay_id)
+            if existing is not None and existing.state is not LinkState.CLOSED:
+                return existing
+        link = self._new_link(addr, PeerKind.RELAY, initiator=True)
+        link.peer_link_pub = peer_link_pub
+        link.peer_relay_id = peer_relay_id
+        if peer_relay_id is not None:
+            self._relay_links[peer_relay_id] = link
+        link.last_recv = now
+        self._start_handshake(link, now, wall)
+        return link
+
+    def send_cell(self, link: Link, cell: bytes, now: float) -> None:
+        session = link.session
+        if session is None:
+            if link.state is LinkState.CLOSED:
+                self.counters["drop_send_closed_link"] += 1
+                return
+            if len(link.queued) >= self.config.max_queued_cells:
+                self.counters["drop_queue_full"] += 1
+                return
+            link.queued.append(cell)
+            return
+        link.last_send = now
+        self.outbox.append((session.seal(cell), link.addr))
+
+    def close_link(self, link: Link, reason: str) -> None:
+        if link.state is LinkState.CLOSED:
+            return
+        link.state = LinkState.CLOSED
+        for s in (link.session, link.previous):
+            if s is not None:
+                self._by_index.pop(s.local_index, None)
+                self._resume.pop(s.resume, None)
+        if link.pending is not None:
+            self._pending_by_index.pop(link.pending.sender_index, None)
+        if link.peer_relay_id is not None and self._relay_links.get(link.peer_relay_id) is link:
+            del self._relay_links[link.peer_relay_id]
+        link.session = link.previous = link.pending = None
+        link.queued.clear()
+        self.links.pop(link.link_id, None)
+        self.events.append(LinkDown(link, reason))
+
+    # ------------------------------------------------------------------ inputs
+    def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
+        if not data:
+            self.counters["drop_empty"] += 1
+            return
+        kind = data[0]
+        if kind == MSG_TRANSPORT:
+            self._receive_transport(data, addr, now)
+        elif kind == MSG_RESPONSE:
+            self._receive_response(data, addr, now)
+        elif kind == MSG_INIT_CLIENT or kind == MSG_INIT_RELAY:
+            self._receive_initiation(data, addr, now, wall)
+        else:
+            self.counters["drop_unknown_type"] += 1
+
+    def _receive_transport(self, data: bytes, addr: Address, now: float) -> None:
+        if len(data) != LINK_PACKET_LEN:
+            self.counters["drop_bad_length"] += 1
+            return
+        entry = self._by_index.get(int.from_bytes(data[1:5], "big"))
+        if entry is None:
+            self.counters["drop_unknown_index"] += 1
+            return
+        link, session = entry
+        counter = int.from_bytes(data[5:13], "big")
+        if not session.window.would_accept(counter):
+            self.counters["drop_replay"] += 1
+            return
+        header = data[:LINK_HEADER_LEN]
+        try:
+            cell = session.recv_aead.decrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"),
+                                             data[LINK_HEADER_LEN:], header)
+        except InvalidTag:
+            self.counters["drop_bad_tag"] += 1
+            return
+        if now - session.created > REJECT_AFTER_S:
+            self.counters["drop_expired_session"] += 1
+            return
+        session.window.check_and_set(counter)
+        link.last_recv = now
+        if addr != link.addr:  # authenticated packet from a new address: the peer roamed (NAT rebinding)
+            self.counters["link_roamed"] += 1
+            link.addr = addr
+        if session is link.previous and link.session is not None and link.initiator is False:
+            pass
+        if cell[4] == 5:  # PADDING: keepalive, consumed here
+            return
+        self.on_cell(link, cell)
+
+    def _receive_initiation(self, data: bytes, addr: Address, now: float, wall: float) -> None:
+        cfg = self.config
+        is_client = data[0] == MSG_INIT_CLIENT
+        if (is_client and not cfg.accept_clients) or (not is_client and not cfg.accept_relays):
+            self.counters["drop_initiation_not_accepted"] += 1
+            return
+        expected = lh.INIT_CLIENT_LEN if is_client else lh.INIT_RELAY_LEN
+        if len(data) != expected:
+            self.counters["drop_bad_length"] += 1
+            return
+        if not lh.check_mac1(cfg.link_pub, data):
+            self.counters["drop_bad_mac1"] += 1
+            return
+        if not self._buckets.allow(addr[0], now):
+            self.counters["drop_handshake_rate"] += 1
+            return
+        try:
+            init = lh.read_initiation(link_private=cfg.link_private, link_pub=cfg.link_pub, packet=data, wall=wall)
+        except (DecodeError, AuthFailure):
+            self.counters["drop_bad_initiation"] += 1
+            return
+        skew_ns = abs(init.timestamp_ns - int(wall * 1e9))
+        if skew_ns > HANDSHAKE_SKEW_S * 1e9:
+            self.counters["drop_initiation_clock_skew"] += 1
+            return
+        link: Link | None
+        if init.relay is None:
+            self._expire_ephemerals(now)
+            if init.ephemeral in self._seen_ephemerals:
+                self.counters["drop_initiation_replay"] += 1
+                return
+            if len(self._seen_ephemerals) >= 1_000_000:
+                self.counters["drop_replay_cache_full"] += 1
+                return
+            self._seen_ephemerals[init.ephemeral] = now + 2 * HANDSHAKE_SKEW_S
+            link = self._resume.get(init.resume) if init.resume != lh.NO_RESUME else None
+            if link is None:
+                if len(self.links) >= cfg.max_links:
+                    self.counters["drop_too_many_links"] += 1
+                    return
+                link = self._new_link(addr, PeerKind.CLIENT, initiator=False)
+            else:
+                self.counters["link_resumed"] += 1
+        else:
+            relay_id = init.relay.relay_id
+            link = self._relay_links.get(relay_id)
+            if link is not None and link.initiator:
+                # we already dial this relay ourselves: both links may exist; keep them apart
+                link = None
+            if link is not None and init.timestamp_ns <= link.last_rx_timestamp:
+                self.counters["drop_initiation_replay"] += 1
+                return
+            if link is None:
+                if len(self.links) >= cfg.max_links:
+                    self.counters["drop_too_many_links"] += 1
+                    return
+                link = self._new_link(addr, PeerKind.RELAY, initiator=False)
+                link.peer_relay_id = relay_id
+                if relay_id not in self._relay_links:
+                    self._relay_links[relay_id] = link
+            link.peer_link_pub = init.noise.rs
+        link.last_rx_timestamp = max(link.last_rx_timestamp, init.timestamp_ns)
+        local_index = self._new_index()
+        keys, response = lh.write_response(init, sender_index=local_index, rng=self._rng)
+        session = Session(keys, local_index, init.sender_index, now, self._first_counter())
+        link.addr = addr
+        self._install_session(link, session, now)
+        self.counters["handshake_responded"] += 1
+        self.outbox.append((response, addr))
+
+    def _receive_response(self, data: bytes, addr: Address, now: float) -> None:
+        try:
+            index = lh.response_receiver(data)
+        except DecodeError:
+            self.counters["drop_bad_length"] += 1
+            return
+        link = self._pending_by_index.get(index)
+        if link is None or link.pending is None:
+            self.counters["drop_unknown_index"] += 1
+            return
+        try:
+            keys, remote_index = lh.read_response(link.pending, data)
+        except (DecodeError, AuthFailure):
+            self.counters["drop_bad_response"] += 1
+            return
+        del self._pending_by_index[index]
+        link.pending = None
+        link.retry_at = None
+        link.addr = addr
+        self._install_session(link, Session(keys, index, remote_index, now, self._first_counter()), now)
+        self.counters["handshake_completed"] += 1
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        for link in list(self.links.values()):
+            if link.state is LinkState.CLOSED:
+                continue
+            if link.pending is not None and link.retry_at is not None and now >= link.retry_at:
+                if link.attempts >= HANDSHAKE_ATTEMPTS:
+                    self.counters["handshake_timeout"] += 1
+                    self.close_link(link, "handshake timed out")
+                    continue
+                self._send_initiation(link, now, wall)
+            session = link.session
+            if session is None:
+                continue
+            age = now - session.created
+            if link.initiator and link.pending is None and (
+                    age >= REKEY_AFTER_S or session.sent >= REKEY_AFTER_MESSAGES) and link.users > 0:
+                self._start_handshake(link, now, wall)
+            if age >= REJECT_AFTER_S:
+                self._retire(session)
+                if link.session is session:
+                    link.session = None
+                    if link.pending is None:
+                        self.close_link(link, "session expired")
+                        continue
+            prev = link.previous
+            if prev is not None and now - prev.created >= REJECT_AFTER_S:
+                self._retire(prev)
+                link.previous = None
+            if now - link.last_recv > LINK_DEAD_AFTER_S and (link.users > 0 or not link.initiator):
+                self.close_link(link, "peer silent")
+                continue
+            if link.users > 0 and link.session is not None and now - link.last_send >= KEEPALIVE_S:
+                self.send_cell(link, PADDING_CELL, now)
+        self._next_tick = now + 1.0
+
+    def timer(self) -> float | None:
+        deadline = self._next_tick
+        for link in self._pending_by_index.values():
+            if link.retry_at is not None and (deadline is None or link.retry_at < deadline):
+                deadline = link.retry_at
+        return deadline
+
+    # ------------------------------------------------------------------ internals
+    def _new_link(self, addr: Address, kind: PeerKind, *, initiator: bool) -> Link:
+        link = Link(self._next_link_id, addr, kind, initiator)
+        self._next_link_id += 1
+        self.links[link.link_id] = link
+        return link
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self._rng(4), "big")
+            if index and index not in self._by_index and index not in self._pending_by_index:
+                return index
+
+    def _first_counter(self) -> int:
+        # random start so counters on two links never line up (docs/PROTOCOL.md §4.4)
+        return int.from_bytes(self._rng(6), "big")
+
+    def _start_handshake(self, link: Link, now: float, wall: float) -> None:
+        link.attempts = 0
+        self._send_initiation(link, now, wall, fresh=True)
+
+    def _send_initiation(self, link: Link, now: float, wall: float, *, fresh: bool = False) -> None:
+        cfg = self.config
+        assert link.peer_link_pub is not None
+        if link.pending is not None:
+            self._pending_by_index.pop(link.pending.sender_index, None)
+        index = self._new_index()
+        ts = int(wall * 1e9)
+        if link.kind is PeerKind.RELAY and cfg.identity_pub is not None:
+            state, packet = lh.relay_initiation(
+                link_private=cfg.link_private, identity_pub=cfg.identity_pub, cert_expires=cfg.cert_expires,
+                cert_sig=cfg.cert_sig, responder_link_pub=link.peer_link_pub, sender_index=index,
+                timestamp_ns=ts, rng=self._rng)
+        else:
+            resume = link.session.resume if link.session is not None else lh.NO_RESUME
+            state, packet = lh.client_initiation(responder_link_pub=link.peer_link_pub, sender_index=index,
+                                                 timestamp_ns=ts, rng=self._rng, resume=resume)
+        link.pending = state
+        self._pending_by_index[index] = link
+        link.attempts += 1
+        link.retry_at = now + HANDSHAKE_RETRY_S * (2 ** (link.attempts - 1))
+        self.counters["handshake_sent"] += 1
+        self.outbox.append((packet, link.addr))
+
+    def _install_session(self, link: Link, session: Session, now: float) -> None:
+        if link.previous is not None:
+            self._retire(link.previous)
+        link.previous = link.session
+        link.session = session
+        self._by_index[session.local_index] = (link, session)
+        if link.kind is PeerKind.CLIENT and not link.initiator:
+            if link.previous is not None:
+                self._resume.pop(link.previous.resume, None)
+            self._resume[session.resume] = link
+        link.last_recv = now
+        if link.state is LinkState.CONNECTING:
+            link.state = LinkState.UP
+            self.events.append(LinkUp(link))
+        while link.queued:
+            self.send_cell(link, link.queued.popleft(), now)
+
+    def _retire(self, session: Session) -> None:
+        self._by_index.pop(session.local_index, None)
+        self._resume.pop(session.resume, None)
+
+    def _expire_ephemerals(self, now: float) -> None:
+        cache = self._seen_ephemerals
+        while cache:
+            first = next(iter(cache))
+            if cache[first] > now:
+                break
+            del cache[first]

@@ -1,0 +1,170 @@
+"""Link handshake messages (docs/PROTOCOL.md §4): Noise NK for anonymous clients, Noise IK between relays.
+
+Pure functions and small state objects; the link machine in ``shallot.core.link`` drives them.
+
+    INIT_CLIENT  0x51 | version u8 | sender u32 | e[32] | enc(timestamp_ns u64 | resume[16]) | mac1[16]
+    INIT_RELAY   0x52 | version u8 | sender u32 | e[32] | enc(s)[48] |
+                 enc(identity[32] | cert_expires u64 | cert_sig[64] | timestamp_ns u64) | mac1[16]
+    RESPONSE     0x53 | receiver u32 | e[32] | enc(sender u32)
+
+The Noise prologue binds the label, the message type, the version and the sender index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shallot.crypto.codec import DecodeError, Reader
+from shallot.crypto.keys import relay_id_of, verify_link_cert
+from shallot.crypto.noise import NoiseHandshake
+from shallot.crypto.params import (
+    LABEL_MAC1,
+    LABEL_PROLOGUE,
+    LABEL_RESUME,
+    MAC_LEN,
+    MSG_INIT_CLIENT,
+    MSG_INIT_RELAY,
+    MSG_RESPONSE,
+    PROTOCOL_VERSION,
+)
+from shallot.crypto.primitives import AuthFailure, RandomBytes, blake2s, hkdf
+
+INIT_CLIENT_LEN = 1 + 1 + 4 + 32 + (8 + 16 + 16) + MAC_LEN  # 94
+INIT_RELAY_LEN = 1 + 1 + 4 + 32 + 48 + (32 + 8 + 64 + 8 + 16) + MAC_LEN  # 230
+RESPONSE_LEN = 1 + 4 + 32 + (4 + 16)  # 57
+NO_RESUME = bytes(16)
+
+
+@dataclass(frozen=True)
+class TransportKeys:
+    send: bytes
+    recv: bytes
+    resume: bytes  # 16-byte token a client may present in its next initiation to keep its circuits
+
+    def __repr__(self) -> str:
+        return "TransportKeys(<redacted>)"
+
+
+@dataclass(frozen=True)
+class InitiatorState:
+    noise: NoiseHandshake
+    sender_index: int
+
+
+@dataclass(frozen=True)
+class RelayPeer:
+    identity_pub: bytes
+    cert_expires: int
+
+    @property
+    def relay_id(self) -> bytes:
+        return relay_id_of(self.identity_pub)
+
+
+@dataclass(frozen=True)
+class Initiation:
+    """A verified initiation, seen by the responder."""
+
+    noise: NoiseHandshake
+    sender_index: int
+    timestamp_ns: int
+    ephemeral: bytes
+    resume: bytes  # NO_RESUME for a fresh client link or for a relay
+    relay: RelayPeer | None  # None: anonymous client
+
+
+def mac1(responder_link_pub: bytes, data: bytes) -> bytes:
+    return blake2s(LABEL_MAC1 + responder_link_pub + data)[:MAC_LEN]
+
+
+def _prologue(msg_type: int, version: int, sender_index: int) -> bytes:
+    return LABEL_PROLOGUE + bytes([msg_type, version]) + sender_index.to_bytes(4, "big")
+
+
+def _keys(noise: NoiseHandshake) -> TransportKeys:
+    send, recv = noise.split()
+    first, second = (send, recv) if noise.initiator else (recv, send)
+    return TransportKeys(send=send, recv=recv, resume=hkdf(first + second, salt=LABEL_RESUME, info=b"", length=16))
+
+
+def client_initiation(*, responder_link_pub: bytes, sender_index: int, timestamp_ns: int, rng: RandomBytes,
+                      resume: bytes = NO_RESUME, ephemeral: bytes | None = None) -> tuple[InitiatorState, bytes]:
+    head = bytes([MSG_INIT_CLIENT, PROTOCOL_VERSION]) + sender_index.to_bytes(4, "big")
+    noise = NoiseHandshake("NK", initiator=True, rs=responder_link_pub, e=ephemeral,
+                           prologue=_prologue(MSG_INIT_CLIENT, PROTOCOL_VERSION, sender_index))
+    body = head + noise.write_message(timestamp_ns.to_bytes(8, "big") + resume, rng)
+    return InitiatorState(noise, sender_index), body + mac1(responder_link_pub, body)
+
+
+def relay_initiation(*, link_private: bytes, identity_pub: bytes, cert_expires: int, cert_sig: bytes,
+                     responder_link_pub: bytes, sender_index: int, timestamp_ns: int, rng: RandomBytes,
+                     ephemeral: bytes | None = None) -> tuple[InitiatorState, bytes]:
+    head = bytes([MSG_INIT_RELAY, PROTOCOL_VERSION]) + sender_index.to_bytes(4, "big")
+    noise = NoiseHandshake("IK", initiator=True, s=link_private, rs=responder_link_pub, e=ephemeral,
+                           prologue=_prologue(MSG_INIT_RELAY, PROTOCOL_VERSION, sender_index))
+    payload = identity_pub + cert_expires.to_bytes(8, "big") + cert_sig + timestamp_ns.to_bytes(8, "big")
+    body = head + noise.write_message(payload, rng)
+    return InitiatorState(noise, sender_index), body + mac1(responder_link_pub, body)
+
+
+def check_mac1(link_pub: bytes, packet: bytes) -> bool:
+    """Cheap pre-DH filter: only someone who knows our link key can make us do a DH."""
+    return len(packet) > MAC_LEN and mac1(link_pub, packet[:-MAC_LEN]) == packet[-MAC_LEN:]
+
+
+def read_initiation(*, link_private: bytes, link_pub: bytes, packet: bytes, wall: float) -> Initiation:
+    """Verify an initiation (mac1 must already be checked).  Raises DecodeError or AuthFailure."""
+    msg_type = packet[0] if packet else -1
+    expected = {MSG_INIT_CLIENT: INIT_CLIENT_LEN, MSG_INIT_RELAY: INIT_RELAY_LEN}.get(msg_type)
+    if expected is None or len(packet) != expected:
+        raise DecodeError("bad initiation length")
+    r = Reader(packet[:-MAC_LEN])
+    r.u8()
+    version = r.u8()
+    if version != PROTOCOL_VERSION:
+        raise DecodeError("unsupported version")
+    sender_index = r.u32()
+    pattern = "NK" if msg_type == MSG_INIT_CLIENT else "IK"
+    noise = NoiseHandshake(pattern, initiator=False, s=link_private,
+                           prologue=_prologue(msg_type, version, sender_index))
+    payload = noise.read_message(r.take(r.remaining()))
+    assert noise.re is not None
+    pr = Reader(payload)
+    if msg_type == MSG_INIT_CLIENT:
+        timestamp_ns, resume = pr.u64(), pr.take(16)
+        pr.end()
+        return Initiation(noise, sender_index, timestamp_ns, noise.re, resume, None)
+    identity_pub, cert_expires, cert_sig, timestamp_ns = pr.take(32), pr.u64(), pr.take(64), pr.u64()
+    pr.end()
+    assert noise.rs is not None
+    if cert_expires < wall:
+        raise AuthFailure("expired link certificate")
+    verify_link_cert(identity_pub, noise.rs, cert_expires, cert_sig)
+    return Initiation(noise, sender_index, timestamp_ns, noise.re, NO_RESUME, RelayPeer(identity_pub, cert_expires))
+
+
+def write_response(init: Initiation, *, sender_index: int, rng: RandomBytes,
+                   ephemeral: bytes | None = None) -> tuple[TransportKeys, bytes]:
+    if ephemeral is not None:
+        init.noise.e = ephemeral
+        from shallot.crypto.primitives import x25519_public
+        init.noise.e_pub = x25519_public(ephemeral)
+    msg = init.noise.write_message(sender_index.to_bytes(4, "big"), rng)
+    packet = bytes([MSG_RESPONSE]) + init.sender_index.to_bytes(4, "big") + msg
+    return _keys(init.noise), packet
+
+
+def response_receiver(packet: bytes) -> int:
+    if len(packet) != RESPONSE_LEN or packet[0] != MSG_RESPONSE:
+        raise DecodeError("bad response")
+    return int.from_bytes(packet[1:5], "big")
+
+
+def read_response(state: InitiatorState, packet: bytes) -> tuple[TransportKeys, int]:
+    """Return (keys, responder's index).  Raises DecodeError or AuthFailure."""
+    if response_receiver(packet) != state.sender_index:
+        raise DecodeError("response for another handshake")
+    payload = state.noise.read_message(packet[5:])
+    if len(payload) != 4:
+        raise DecodeError("bad response payload")
+    return _keys(state.noise), int.from_bytes(payload, "big")

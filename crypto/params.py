@@ -1,0 +1,68 @@
+"""Protocol constants (docs/PROTOCOL.md §2).  Changing any of these changes the wire format."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# --- link packets (first byte; 0x00/0x01 are left to STUN and the DHT for demultiplexing) ---
+MSG_INIT_CLIENT = 0x51  # Noise NK initiation from an anonymous client
+MSG_INIT_RELAY = 0x52  # Noise IK initiation from an authenticated relay
+MSG_RESPONSE = 0x53  # Noise handshake response (both patterns)
+MSG_TRANSPORT = 0x54  # one encrypted cell
+
+LINK_HEADER_LEN = 13  # type u8 | receiver index u32 | counter u64
+TAG_LEN = 16
+MAC_LEN = 16
+
+# --- cells (fixed size at every hop) ---
+CELL_LEN = 1400
+CIRC_ID_LEN = 4
+CELL_HEADER_LEN = CIRC_ID_LEN + 1  # circ id u32 | command u8
+ONION_HEADER_LEN = 16
+BODY_LEN = CELL_LEN - CELL_HEADER_LEN - ONION_HEADER_LEN  # 1379
+LINK_PACKET_LEN = LINK_HEADER_LEN + CELL_LEN + TAG_LEN  # 1429 bytes of UDP payload
+
+INNER_LEN = BODY_LEN - TAG_LEN  # 1363: end-to-end message space after the exit's AEAD tag
+MSG_HEADER_LEN = 3  # type u8 | length u16
+MAX_DATA_LEN = INNER_LEN - MSG_HEADER_LEN  # 1360
+
+# --- circuit build ---
+N_SLOTS = 4  # build records per CREATE; always this many, whatever the path length
+MAX_HOPS = N_SLOTS
+ONION_KEY_ID_LEN = 4
+RECORD_PAYLOAD_LEN = 96
+RECORD_LEN = ONION_KEY_ID_LEN + 32 + RECORD_PAYLOAD_LEN + TAG_LEN  # 148
+REPLY_LEN = 32 + 16  # Y | auth
+CREATE_SLOTS_LEN = N_SLOTS * RECORD_LEN  # 592 of BODY_LEN; the rest is zero
+CREATED_SLOTS_LEN = N_SLOTS * REPLY_LEN  # 192
+
+# --- labels (all HKDF/MAC domain separation strings live here) ---
+LABEL_PROLOGUE = b"shallot-link-v1"
+LABEL_MAC1 = b"shallot-v1 mac1"
+LABEL_LINK_CERT = b"shallot-v1 link-cert"
+LABEL_RESUME = b"shallot-v1 link-resume"
+LABEL_DESCRIPTOR = b"shallot-v1 descriptor\x00"
+LABEL_RECORD = b"shallot-v1 build-record"
+LABEL_LAYER = b"shallot-v1 build-layer"
+LABEL_CIRCUIT = b"shallot-v1 circuit-keys"
+LABEL_CREATED = b"shallot-v1 created"
+LABEL_ONION_KEY_ID = b"shallot-v1 onion-key-id"
+LABEL_RELAY_ID = b"shallot-v1 relay-id"
+
+# --- timers and limits (seconds unless named otherwise) ---
+REKEY_AFTER_S = 120.0
+REJECT_AFTER_S = 180.0
+KEEPALIVE_S = 10.0
+LINK_DEAD_AFTER_S = 30.0
+HANDSHAKE_RETRY_S = 0.5
+HANDSHAKE_ATTEMPTS = 6
+HANDSHAKE_SKEW_S = 120.0  # client initiation timestamps must be this close to our clock
+REPLAY_WINDOW = 2048
+REKEY_AFTER_MESSAGES = 1 << 60
+RECORD_SKEW_MIN = 15  # build record timestamps (minutes) accepted within +/- this
+CIRCUIT_IDLE_S = 300.0
+CREATE_TIMEOUT_S = 10.0
+DESCRIPTOR_LIFETIME_S = 7 * 86400
+ONION_KEY_ROTATE_S = 7 * 86400
+ONION_KEY_OVERLAP_S = 7 * 86400

@@ -1,0 +1,113 @@
+"""Thin, typed wrappers over the ``cryptography`` primitives Shallot uses.
+
+Randomness is always passed in as ``rng(n) -> bytes`` so handshakes can be replayed from test vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+RandomBytes = Callable[[int], bytes]
+
+__all__ = [
+    "AuthFailure",
+    "ChaCha20Poly1305",
+    "InvalidTag",
+    "RandomBytes",
+    "aead_open",
+    "aead_seal",
+    "blake2s",
+    "ed25519_public",
+    "ed25519_sign",
+    "ed25519_verify",
+    "hkdf",
+    "hmac_sha256",
+    "sha256",
+    "x25519",
+    "x25519_keypair",
+    "x25519_public",
+]
+
+
+class AuthFailure(Exception):
+    """A MAC, AEAD tag, signature or DH check failed."""
+
+
+def x25519_public(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def x25519_keypair(rng: RandomBytes) -> tuple[bytes, bytes]:
+    """Return (private, public) raw 32-byte keys; the private key is ``rng(32)`` (clamped by X25519)."""
+    private = rng(32)
+    return private, x25519_public(private)
+
+
+def x25519(private: bytes, public: bytes) -> bytes:
+    """Raw X25519; raises AuthFailure on a low-order peer key (all-zero shared secret)."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:  # cryptography rejects an all-zero result
+        raise AuthFailure("low-order X25519 point") from exc
+    return shared
+
+
+def ed25519_public(seed: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(seed).sign(message)
+
+
+def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError) as exc:
+        raise AuthFailure("bad Ed25519 signature") from exc
+
+
+def hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def sha256(data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def blake2s(data: bytes) -> bytes:
+    """Unkeyed BLAKE2s-256."""
+    h = hashes.Hash(hashes.BLAKE2s(32))
+    h.update(data)
+    return h.finalize()
+
+
+def aead_seal(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes = b"") -> bytes:
+    return ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
+
+
+def aead_open(key: bytes, nonce: bytes, ciphertext: bytes, ad: bytes = b"") -> bytes:
+    try:
+        return ChaCha20Poly1305(key).decrypt(nonce, ciphertext, ad)
+    except InvalidTag as exc:
+        raise AuthFailure("AEAD tag mismatch") from exc
+
+
+def private_bytes_ed25519(key: Ed25519PrivateKey) -> bytes:  # pragma: no cover - helper for key import
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())

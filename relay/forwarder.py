@@ -1,0 +1,376 @@
+"""Sans-I/O relay: forwards cells between links and terminates circuits at an exit (docs/PROTOCOL.md §5-7).
+
+A relay's per-circuit state holds only its neighbours: (previous link, circuit id) <-> (next link,
+circuit id) and its own hop keys.  It never learns the rest of the path.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shallot.core.cells import (
+    CMD_CREATE,
+    CMD_CREATED,
+    CMD_DESTROY,
+    CMD_RELAY,
+    MSG_DATA,
+    MSG_DROP,
+    MSG_END,
+    DestroyReason,
+    create_slots,
+    created_slots,
+    decode_message,
+    destroy_reason,
+    encode_cell,
+    encode_message,
+)
+from shallot.core.link import Address, Link, LinkConfig, LinkDown, LinkLayer, PeerKind
+from shallot.crypto import circuit_handshake as ch
+from shallot.crypto.codec import DecodeError
+from shallot.crypto.keys import RelayKeys
+from shallot.crypto.onion import EndpointLayer, IntegrityError, RelayLayer
+from shallot.crypto.params import (
+    CELL_HEADER_LEN,
+    CIRCUIT_IDLE_S,
+    CREATE_TIMEOUT_S,
+    ONION_HEADER_LEN,
+    RECORD_SKEW_MIN,
+)
+from shallot.crypto.primitives import AuthFailure, RandomBytes
+from shallot.exit.echo import EchoService
+
+_RELAY = bytes((CMD_RELAY,))
+_HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
+
+
+class CircState(enum.Enum):
+    BUILDING = "building"
+    OPEN = "open"
+
+
+@dataclass
+class RelayConfig:
+    is_exit: bool = False
+    max_circuits: int = 20000
+    creates_per_second: float = 50.0  # per source IP: each CREATE costs us three X25519 operations
+    creates_burst: float = 200.0
+    max_replay_entries: int = 500_000
+
+
+@dataclass(eq=False)
+class RelayCircuit:
+    prev_link: Link
+    prev_cid: int
+    created_at: float
+    last_active: float
+    state: CircState = CircState.BUILDING
+    next_link: Link | None = None
+    next_cid: int = 0
+    layer: RelayLayer | None = None
+    endpoint: EndpointLayer | None = None
+    reply: bytes = b""
+    keys: ch.HopKeys | None = None
+    service: EchoService | None = None
+    prev_prefix: bytes = b""  # circ id bytes on the previous link, precomputed for the hot path
+    next_prefix: bytes = b""
+
+
+def _key(link_id: int, cid: int) -> int:
+    return (link_id << 32) | cid
+
+
+@dataclass
+class OnionKeyRing:
+    """Onion keys we accept (current and overlapping) and their per-key build replay caches."""
+
+    keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)
+    replay: dict[bytes, dict[bytes, float]] = field(default_factory=dict)  # key id -> {X: expiry wall}
+
+    @classmethod
+    def from_relay_keys(cls, keys: RelayKeys, previous: OnionKeyRing | None = None) -> OnionKeyRing:
+        ring = cls()
+        for ok in keys.onion_keys:
+            ring.keys[ok.key_id] = (ok.private, ok.public)
+            ring.replay[ok.key_id] = previous.replay.get(ok.key_id, {}) if previous else {}
+        return ring
+
+
+class RelayNode:
+    def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
+                 cert_lifetime_s: int = 7 * 86400) -> None:
+        self.keys = keys
+        self.config = config or RelayConfig()
+        self._rng = rng
+        cert_expires = int(wall) + cert_lifetime_s
+        self.link = LinkLayer(LinkConfig(
+            link_private=keys.link_private, link_pub=keys.link_pub, accept_clients=True, accept_relays=True,
+            identity_pub=keys.identity_pub, cert_expires=cert_expires, cert_sig=keys.link_cert(cert_expires)),
+            rng=rng)
+        self.link.on_cell = self._on_cell
+        self.ring = OnionKeyRing.from_relay_keys(keys)
+        self.counters: Counter[str] = Counter()
+        self.circuits: dict[int, tuple[RelayCircuit, bool]] = {}  # key -> (circuit, arrived_from_prev)
+        self.echo = EchoService()
+        self.open_circuits = 0
+        self._now = 0.0
+        self._wall = wall
+        self._create_buckets: dict[str, tuple[float, float]] = {}
+        self.events: deque[object] = deque()
+        self.on_destroyed: Callable[[RelayCircuit], None] | None = None
+
+    # ------------------------------------------------------------------ I/O entry points
+    @property
+    def outbox(self) -> list[tuple[bytes, Address]]:
+        return self.link.outbox
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
+        self._now = now
+        self._wall = wall
+        self.link.receive_datagram(data, addr, now, wall)
+        if self.link.events:
+            self._drain_link_events()
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        self._now, self._wall = now, wall
+        self.link.handle_timer(now, wall)
+        self._drain_link_events()
+        for circ, from_prev in list(self.circuits.values()):
+            if not from_prev:
+                continue
+            if circ.state is CircState.BUILDING and now - circ.created_at > CREATE_TIMEOUT_S:
+                self.counters["circuit_build_timeout"] += 1
+                self._destroy(circ, DestroyReason.TIMEOUT)
+            elif now - circ.last_active > CIRCUIT_IDLE_S:
+                self.counters["circuit_idle_timeout"] += 1
+                self._destroy(circ, DestroyReason.TIMEOUT)
+        cutoff = wall
+        for cache in self.ring.replay.values():
+            for x in [x for x, exp in cache.items() if exp < cutoff]:
+                del cache[x]
+
+    def timer(self) -> float | None:
+        return self.link.timer()
+
+    def rotate_onion_keys(self, wall: float) -> bool:
+        changed = self.keys.rotate_onion_keys(self._rng, wall)
+        if changed:
+            self.ring = OnionKeyRing.from_relay_keys(self.keys, self.ring)
+        return changed
+
+    def all_counters(self) -> dict[str, int]:
+        out = dict(self.counters)
+        for k, v in self.link.counters.items():
+            out[f"link_{k}"] = v
+        return out
+
+    def stats(self) -> dict[str, object]:
+        return {"circuits": self.open_circuits, "links": len(self.link.links),
+                "counters": self.all_counters(), "echoed": self.echo.datagrams}
+
+    # ------------------------------------------------------------------ cells
+    def _on_cell(self, link: Link, cell: bytes) -> None:
+        cid = int.from_bytes(cell[:4], "big")
+        cmd = cell[4]
+        entry = self.circuits.get((link.link_id << 32) | cid)
+        if cmd == CMD_RELAY:
+            if entry is None:
+                self.counters["drop_relay_unknown_circuit"] += 1
+                return
+            circ, from_prev = entry
+            if circ.state is not CircState.OPEN:
+                self.counters["drop_relay_not_open"] += 1
+                return
+            circ.last_active = self._now
+            header = cell[CELL_HEADER_LEN:_HDR_END]
+            body = cell[_HDR_END:]
+            layer = circ.layer
+            if from_prev:
+                if layer is None:
+                    self._endpoint_cell(circ, header, body)
+                    return
+                header, body = layer.forward(header, body)
+                self.link.send_cell(circ.next_link, circ.next_prefix + header + body, self._now)  # type: ignore[arg-type]
+            else:
+                header, body = layer.backward(header, body)  # type: ignore[union-attr]
+                self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
+            return
+        if cmd == CMD_CREATE:
+            if entry is not None:
+                self.counters["drop_create_duplicate_circuit"] += 1
+                return
+            self._handle_create(link, cid, cell[CELL_HEADER_LEN:])
+            return
+        if cmd == CMD_CREATED:
+            if entry is None or entry[1] or entry[0].state is not CircState.BUILDING:
+                self.counters["drop_created_unexpected"] += 1
+                return
+            self._handle_created(entry[0], cell[CELL_HEADER_LEN:])
+            return
+        if cmd == CMD_DESTROY:
+            if entry is None:
+                self.counters["drop_destroy_unknown_circuit"] += 1
+                return
+            circ, from_prev = entry
+            reason = destroy_reason(cell[CELL_HEADER_LEN:])
+            self.counters[f"destroy_received_{reason.name.lower()}"] += 1
+            self._destroy(circ, reason, skip=link)
+            return
+        self.counters["drop_unknown_command"] += 1
+
+    def _allow_create(self, addr: str) -> bool:
+        cfg = self.config
+        tokens, last = self._create_buckets.pop(addr, (cfg.creates_burst, self._now))
+        tokens = min(cfg.creates_burst, tokens + (self._now - last) * cfg.creates_per_second)
+        ok = tokens >= 1.0
+        self._create_buckets[addr] = (tokens - 1.0 if ok else tokens, self._now)
+        if len(self._create_buckets) > 65536:
+            del self._create_buckets[next(iter(self._create_buckets))]
+        return ok
+
+    def _reject_create(self, link: Link, cid: int, reason: DestroyReason, counter: str) -> None:
+        self.counters[counter] += 1
+        self.link.send_cell(link, encode_cell(cid, CMD_DESTROY, bytes((reason,))), self._now)
+
+    def _handle_create(self, link: Link, cid: int, payload: bytes) -> None:
+        if self.open_circuits >= self.config.max_circuits:
+            self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_max_circuits")
+            return
+        if not self._allow_create(link.addr[0]):
+            self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_rate")
+            return
+        try:
+            opened = ch.relay_open(create_slots(payload), self.ring.keys, rng=self._rng)
+        except (DecodeError, AuthFailure):
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_bad_record")
+            return
+        now_min = int(self._wall // 60)
+        if abs(opened.minutes - now_min) > RECORD_SKEW_MIN:
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_clock_skew")
+            return
+        key_id = ch.onion_key_id(opened.onion_pub)
+        cache = self.ring.replay.setdefault(key_id, {})
+        if opened.x_pub in cache:
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_replay")
+            return
+        if sum(len(c) for c in self.ring.replay.values()) >= self.config.max_replay_entries:
+            self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_replay_cache_full")
+            return
+        cache[opened.x_pub] = self._wall + 2 * RECORD_SKEW_MIN * 60 + 60
+        keys, reply = ch.relay_reply(opened, rng=self._rng)
+        circ = RelayCircuit(prev_link=link, prev_cid=cid, created_at=self._now, last_active=self._now,
+                            keys=keys, reply=reply, prev_prefix=cid.to_bytes(4, "big") + _RELAY)
+        instruction = opened.instruction
+        if isinstance(instruction, ch.Terminate):
+            if not self.config.is_exit:
+                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_not_exit")
+                return
+            circ.endpoint = EndpointLayer(keys)
+            circ.service = self.echo
+            circ.state = CircState.OPEN
+            self._register(circ)
+            link.users += 1
+            self.counters["circuit_terminated_here"] += 1
+            self.link.send_cell(link, encode_cell(cid, CMD_CREATED, ch.relay_created_first(reply, rng=self._rng)),
+                                self._now)
+            return
+        if instruction.relay_id == self.keys.relay_id or instruction.link_pub == self.keys.link_pub:
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_to_self")
+            return
+        nxt = self.link.open_link((instruction.host, instruction.port), instruction.link_pub, self._now, self._wall,
+                                  peer_relay_id=instruction.relay_id)
+        circ.next_link = nxt
+        circ.next_cid = self._new_cid(nxt)
+        circ.next_prefix = circ.next_cid.to_bytes(4, "big") + _RELAY
+        circ.layer = RelayLayer(keys)
+        self._register(circ)
+        link.users += 1
+        nxt.users += 1
+        self.counters["circuit_extended"] += 1
+        self.link.send_cell(nxt, encode_cell(circ.next_cid, CMD_CREATE, opened.forward_slots), self._now)
+
+    def _handle_created(self, circ: RelayCircuit, payload: bytes) -> None:
+        try:
+            slots = ch.relay_created_wrap(circ.keys, circ.reply, created_slots(payload))  # type: ignore[arg-type]
+        except DecodeError:
+            self.counters["drop_created_malformed"] += 1
+            self._destroy(circ, DestroyReason.PROTOCOL)
+            return
+        circ.state = CircState.OPEN
+        circ.reply = b""
+        circ.last_active = self._now
+        self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_CREATED, slots), self._now)
+
+    def _endpoint_cell(self, circ: RelayCircuit, header: bytes, body: bytes) -> None:
+        assert circ.endpoint is not None
+        try:
+            inner = circ.endpoint.open_forward(header, body)
+            msg_type, data = decode_message(inner)
+        except (IntegrityError, DecodeError):
+            self.counters["circuit_integrity_failure"] += 1
+            self._destroy(circ, DestroyReason.INTEGRITY)
+            return
+        if msg_type == MSG_DATA:
+            assert circ.service is not None
+            for reply in circ.service.on_datagram(data):
+                self._endpoint_send(circ, encode_message(MSG_DATA, reply))
+        elif msg_type == MSG_END:
+            self._destroy(circ, DestroyReason.REQUESTED)
+        elif msg_type == MSG_DROP:
+            self.counters["e2e_padding_received"] += 1
+
+    def _endpoint_send(self, circ: RelayCircuit, inner: bytes) -> None:
+        header, body = circ.endpoint.seal_backward(inner)  # type: ignore[union-attr]
+        self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _new_cid(self, link: Link) -> int:
+        while True:
+            cid = int.from_bytes(self._rng(4), "big")
+            if cid and _key(link.link_id, cid) not in self.circuits:
+                return cid
+
+    def _register(self, circ: RelayCircuit) -> None:
+        self.circuits[_key(circ.prev_link.link_id, circ.prev_cid)] = (circ, True)
+        self.open_circuits += 1
+        if circ.next_link is not None:
+            self.circuits[_key(circ.next_link.link_id, circ.next_cid)] = (circ, False)
+
+    def _destroy(self, circ: RelayCircuit, reason: DestroyReason, *, skip: Link | None = None) -> None:
+        """Remove the circuit and tell each neighbour (except ``skip``, which told us)."""
+        if self.circuits.pop(_key(circ.prev_link.link_id, circ.prev_cid), None) is None:
+            return
+        self.open_circuits -= 1
+        circ.prev_link.users -= 1
+        if circ.prev_link is not skip:
+            self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_DESTROY, bytes((reason,))), self._now)
+        if circ.next_link is not None:
+            self.circuits.pop(_key(circ.next_link.link_id, circ.next_cid), None)
+            circ.next_link.users -= 1
+            if circ.next_link is not skip:
+                self.link.send_cell(circ.next_link, encode_cell(circ.next_cid, CMD_DESTROY, bytes((reason,))),
+                                    self._now)
+        self.counters["circuit_destroyed"] += 1
+
+    def _drain_link_events(self) -> None:
+        while self.link.events:
+            event = self.link.events.popleft()
+            if isinstance(event, LinkDown):
+                self.counters["link_down"] += 1
+                dead = event.link
+                for circ, from_prev in [e for e in self.circuits.values()
+                                        if e[0].prev_link is dead or e[0].next_link is dead]:
+                    if from_prev:
+                        reason = (DestroyReason.CONNECT_FAILED if circ.state is CircState.BUILDING
+                                  else DestroyReason.LINK_DOWN)
+                        self._destroy(circ, reason, skip=dead)
+            self.events.append(event)
+
+    def neighbours_of(self, circ: RelayCircuit) -> tuple[Address, Address | None]:
+        """For tests: the only addresses a relay knows about a circuit are its two neighbours."""
+        return circ.prev_link.addr, circ.next_link.addr if circ.next_link else None
+
+
+__all__ = ["CircState", "PeerKind", "RelayCircuit", "RelayConfig", "RelayNode"]
