@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from shallot.core.circuit import CircuitBuilt, CircuitClosed, CircuitFailed, CircuitState, DatagramReceived
-from shallot.crypto.params import MSG_TRANSPORT
+from shallot.core.circuit import CircuitBuilt, CircuitState, DatagramReceived
 from tests.simnet import SimNet, make_client, make_relays
 
 

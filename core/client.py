@@ -1,0 +1,105 @@
+"""Asyncio client around ClientNode: build circuits, send datagrams, await echoes and events."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shallot.core.circuit import (
+    CircuitBuilt,
+    CircuitClosed,
+    CircuitFailed,
+    ClientCircuit,
+    ClientNode,
+    DatagramReceived,
+)
+from shallot.core.errors import ShallotError
+from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.crypto.descriptor import Descriptor
+
+
+class CircuitClient:
+    def __init__(self) -> None:
+        self.node = ClientNode(rng=secrets.token_bytes)
+        self.endpoint: NodeEndpoint | None = None
+        self._waiters: dict[int, asyncio.Future[ClientCircuit]] = {}
+        self.inbox: dict[int, asyncio.Queue[bytes]] = {}
+        self.on_event: Callable[[Any], None] | None = None
+        self.build_datagrams: dict[int, tuple[int, int]] = {}  # circuit -> (sent, received) during build
+        self._marks: dict[int, tuple[int, int]] = {}
+
+    async def start(self, family_of: str = "127.0.0.1") -> None:
+        local = ("::", 0) if ":" in family_of else ("0.0.0.0", 0)
+        self.endpoint = await open_endpoint(self.node, local, after=self._dispatch)
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    async def build(self, path: list[Descriptor], timeout: float = 15.0) -> ClientCircuit:
+        assert self.endpoint is not None
+        loop = asyncio.get_running_loop()
+        circ = self.node.build(path, time.monotonic(), time.time())
+        fut: asyncio.Future[ClientCircuit] = loop.create_future()
+        self._waiters[circ.circuit_id] = fut
+        self.inbox[circ.circuit_id] = asyncio.Queue()
+        self._mark(circ)
+        self.endpoint.poke()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.node.close(circ, time.monotonic(), "build timed out")
+            self.endpoint.poke()
+            raise ShallotError(f"circuit build timed out after {timeout:.0f} s (is the guard "
+                               f"{path[0].nickname} at {path[0].address[0]}:{path[0].address[1]} running?)") from None
+        finally:
+            self._waiters.pop(circ.circuit_id, None)
+
+    def send(self, circ: ClientCircuit, data: bytes) -> None:
+        assert self.endpoint is not None
+        self.node.send(circ, data, time.monotonic())
+        self.endpoint.flush()
+
+    def close_circuit(self, circ: ClientCircuit) -> None:
+        assert self.endpoint is not None
+        self.node.close(circ, time.monotonic())
+        self.endpoint.poke()
+
+    def _mark(self, circ: ClientCircuit) -> None:
+        # the CREATE goes out once the guard link is up; start counting there
+        self._marks[circ.circuit_id] = (-1, -1)
+
+    def _dispatch(self) -> None:
+        events = self.node.events
+        ep = self.endpoint
+        if ep is None:  # still starting
+            return
+        for circ in self.node.circuits.values():
+            mark = self._marks.get(circ.circuit_id)
+            if mark == (-1, -1) and circ.create_sent_at:
+                # the CREATE was just flushed: count datagrams from just before it
+                self._marks[circ.circuit_id] = (ep.datagrams_out - 1, ep.datagrams_in)
+        while events:
+            event = events.popleft()
+            if isinstance(event, DatagramReceived):
+                queue = self.inbox.get(event.circuit.circuit_id)
+                if queue is not None and queue.qsize() < 10000:
+                    queue.put_nowait(event.data)
+                continue
+            circ = event.circuit
+            if isinstance(event, CircuitBuilt):
+                mark = self._marks.pop(circ.circuit_id, (0, 0))
+                self.build_datagrams[circ.circuit_id] = (ep.datagrams_out - mark[0], ep.datagrams_in - mark[1])
+                fut = self._waiters.get(circ.circuit_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(circ)
+            elif isinstance(event, CircuitFailed | CircuitClosed):
+                self._marks.pop(circ.circuit_id, None)
+                fut = self._waiters.get(circ.circuit_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ShallotError(f"circuit failed: {event.reason}"))
+            if self.on_event is not None:
+                self.on_event(event)

@@ -1,0 +1,85 @@
+"""Path selection (pure): guard -> middle -> exit from a verified set of descriptors.
+
+Rules: three distinct relays; no two in the same IPv4 /16 (IPv6 /32) or in each other's declared
+family; the last one is an exit whose policy allows the requested port.  Randomness comes from a
+``random.Random`` the caller passes (SystemRandom in production, seeded in tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+
+from shallot.crypto.descriptor import Descriptor
+
+
+class PathError(ValueError):
+    """No path satisfies the constraints; the message says why in plain words."""
+
+
+def subnet_key(host: str, port: int) -> str:
+    """The network a relay address counts as.  Loopback relays (a test network on one machine, such as
+    ``shallot demo``) count one network per address and port; nothing else is relaxed."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback:
+        return f"loopback {host} {port}"
+    prefix = 16 if ip.version == 4 else 32
+    return str(ipaddress.ip_network(f"{host}/{prefix}", strict=False))
+
+
+def related(a: Descriptor, b: Descriptor) -> bool:
+    """True if a and b must not share a circuit: same relay, same /16, or either declares the other family."""
+    if a.relay_id == b.relay_id:
+        return True
+    if {subnet_key(h, p) for h, p in a.addresses} & {subnet_key(h, p) for h, p in b.addresses}:
+        return True
+    return b.relay_id in a.family or a.relay_id in b.family
+
+
+def _compatible(candidate: Descriptor, chosen: Sequence[Descriptor]) -> bool:
+    return not any(related(candidate, c) for c in chosen)
+
+
+def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: bytes | None = None,
+                port: int | None = None, hops: int = 3,
+                exclude: frozenset[bytes] = frozenset()) -> list[Descriptor]:
+    """Choose ``hops`` relays, exit last, none of them in ``exclude``."""
+    pool = [d for d in relays if d.relay_id not in exclude]
+    exits = [d for d in pool if d.is_exit and (port is None or d.exit_policy.allows_port(port))]
+    if exit_id is not None:
+        exits = [d for d in exits if d.relay_id == exit_id]
+        if not exits:
+            raise PathError("the chosen exit is not in the directory, is not an exit, or refuses this port")
+    if not exits:
+        raise PathError("no exit relay in the directory allows this traffic")
+    rng.shuffle(exits)
+    for exit_relay in exits:
+        chosen = [exit_relay]
+        others = [d for d in pool if d.relay_id != exit_relay.relay_id]
+        rng.shuffle(others)
+        for cand in others:
+            if len(chosen) == hops:
+                break
+            if _compatible(cand, chosen):
+                chosen.append(cand)
+        if len(chosen) == hops:
+            return chosen[1:][::-1] + [exit_relay] if hops > 1 else [exit_relay]
+    raise PathError(f"not enough unrelated relays for a {hops}-hop circuit "
+                    "(relays must be distinct, in different /16 networks and not in the same family)")
+
+
+def check_path(path: Sequence[Descriptor], *, port: int | None = None) -> None:
+    """Validate a user-chosen path with the same rules; raises PathError."""
+    if not path:
+        raise PathError("empty path")
+    for i, a in enumerate(path):
+        for b in path[i + 1:]:
+            if related(a, b):
+                raise PathError(f"relays {a.nickname} and {b.nickname} may not share a circuit "
+                                "(same relay, same /16 network or same family)")
+    last = path[-1]
+    if not last.is_exit:
+        raise PathError(f"the last relay, {last.nickname}, is not an exit")
+    if port is not None and not last.exit_policy.allows_port(port):
+        raise PathError(f"exit {last.nickname} does not allow port {port}")

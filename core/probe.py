@@ -1,0 +1,90 @@
+"""``shallot probe``: build one circuit and send datagrams through it to the exit's echo service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import statistics
+import struct
+import time
+from typing import Any
+
+from shallot.core.client import CircuitClient
+from shallot.core.directory import resolve_relay
+from shallot.core.errors import ShallotError
+from shallot.core.path import PathError, check_path, select_path
+from shallot.crypto.descriptor import Descriptor
+
+log = logging.getLogger(__name__)
+
+
+def choose_path(relays: list[Descriptor], *, path_spec: str | None, exit_spec: str | None) -> list[Descriptor]:
+    try:
+        if path_spec:
+            names = [p for p in path_spec.split(",") if p.strip()]
+            if len(names) != 3:
+                raise ShallotError(f"--path needs exactly three relays (guard,middle,exit), got {len(names)}")
+            path = [resolve_relay(n, relays) for n in names]
+            if exit_spec and resolve_relay(exit_spec, relays).relay_id != path[-1].relay_id:
+                raise ShallotError("--exit disagrees with the last relay of --path")
+            check_path(path)
+            return path
+        exit_id = resolve_relay(exit_spec, relays).relay_id if exit_spec else None
+        return select_path(relays, random.SystemRandom(), exit_id=exit_id)
+    except PathError as exc:
+        raise ShallotError(str(exc)) from None
+
+
+async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: int, size: int = 256,
+                    timeout_s: float = 2.0) -> dict[str, Any]:
+    if count < 0:
+        raise ShallotError("--count must be 0 or more")
+    client = CircuitClient()
+    await client.start(path[0].address[0])
+    loop = asyncio.get_running_loop()
+    try:
+        circ = await client.build(path)
+        build_ms = circ.build_s * 1000
+        sent_dg, recv_dg = client.build_datagrams.get(circ.circuit_id, (0, 0))
+        inbox = client.inbox[circ.circuit_id]
+        rtts: list[float] = []
+        nonce = os.urandom(8)
+        for seq in range(count):
+            payload = nonce + struct.pack("!Id", seq, time.monotonic())
+            payload += os.urandom(max(0, size - len(payload)))
+            client.send(circ, payload)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    data = await asyncio.wait_for(inbox.get(), remaining)
+                except TimeoutError:
+                    break
+                if data == payload:
+                    rtts.append((time.monotonic() - struct.unpack("!Id", data[8:20])[1]) * 1000)
+                    break
+        client.close_circuit(circ)
+        await asyncio.sleep(0.05)  # let the DESTROY leave
+        return {
+            "path": [d.id_hex for d in path],
+            "build_ms": round(build_ms, 3),
+            "build_round_trips": max(sent_dg, recv_dg),
+            "sent": count,
+            "echoed": len(rtts),
+            "rtt_ms_median": round(statistics.median(rtts), 3) if rtts else None,
+        }
+    finally:
+        client.close()
+
+
+def describe(result: dict[str, Any], relays: list[Descriptor]) -> str:
+    by_id = {d.id_hex: d for d in relays}
+    names = " -> ".join(f"{by_id[i].nickname} ({i[:8]})" if i in by_id else i[:8] for i in result["path"])
+    rtt = f"{result['rtt_ms_median']:.2f} ms" if result["rtt_ms_median"] is not None else "n/a"
+    return (f"circuit   you -> {names} -> echo\n"
+            f"built in  {result['build_ms']:.2f} ms, {result['build_round_trips']} round trip(s)\n"
+            f"datagrams {result['echoed']}/{result['sent']} echoed, median RTT {rtt}")
