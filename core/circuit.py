@@ -131,7 +131,8 @@ class ClientNode:
         return self.link.outbox
 
     # ------------------------------------------------------------------ commands
-    def build(self, path: list[Descriptor], now: float, wall: float, *, service: int = ch.SERVICE_ECHO) -> ClientCircuit:
+    def build(self, path: list[Descriptor], now: float, wall: float, *,
+              service: int = ch.SERVICE_ECHO) -> ClientCircuit:
         if len(path) < 1:
             raise ValueError("empty path")
         self._now, self._wall = now, wall

@@ -1,2 +1,275 @@
-def default_socket():
-    raise NotImplementedError
+"""The client engine: owns the data plane (UDP link, crypto, circuits) on its own plain asyncio/uvloop
+loop, and is driven only through the control API (core/control.py).  ``shallot engine`` runs it in
+its own process; the CLI and the desktop app attach to it.
+
+Commands (docs/PROTOCOL.md §9): status, connect {exit?, path?}, disconnect, new_circuit,
+set_directory {path}, shutdown.  Events: "state" with the same snapshot ``status`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit
+from shallot.core.client import CircuitClient
+from shallot.core.control import ControlError, ControlServer
+from shallot.core.directory import load_directory
+from shallot.core.errors import ShallotError
+from shallot.core.probe import choose_path
+from shallot.crypto.descriptor import Descriptor
+
+log = logging.getLogger("shallot.engine")
+PING_INTERVAL_S = 5.0
+PING_TIMEOUT_S = 3.0
+MAX_MISSED_PINGS = 3
+RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class EngineState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    ERROR = "error"
+
+
+def default_socket() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "shallot" if base else Path(f"/tmp/shallot-{os.geteuid()}")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    return root / "engine.sock"
+
+
+class ClientEngine:
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory_path = directory
+        self.state = EngineState.DISCONNECTED
+        self.step = ""
+        self.error = ""
+        self.circuit: ClientCircuit | None = None
+        self.path: list[Descriptor] = []
+        self.build_ms: float | None = None
+        self.rtt_ms: float | None = None
+        self.hop_rtt_ms: list[float | None] = []
+        self.connected_since: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.exit_choice: str | None = None
+        self.avoid: set[bytes] = set()
+        self.client: CircuitClient | None = None
+        self.listeners: list[Any] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self._want_connected = False
+        self._circuit_dead = asyncio.Event()
+
+    # ------------------------------------------------------------------ public API
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value, "step": self.step, "error": self.error,
+            "directory": str(self.directory_path) if self.directory_path else None,
+            "exit": self.exit_choice,
+            "circuit": [{"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}",
+                         "exit": d.is_exit} for d in self.path] if self.state is EngineState.CONNECTED else [],
+            "build_ms": self.build_ms, "rtt_ms": self.rtt_ms,
+            "connected_since": self.connected_since,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+        }
+
+    async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:
+        if self.directory_path is None:
+            raise ControlError("no-directory", "no directory file is set: choose one in the settings")
+        self.exit_choice = exit_spec
+        self._path_spec = path_spec
+        self._want_connected = True
+        self.avoid.clear()
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.create_task(self._supervise())
+        return self.snapshot()
+
+    async def disconnect(self) -> dict[str, Any]:
+        self._want_connected = False
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
+        self._drop_circuit()
+        self._set(EngineState.DISCONNECTED, "", "")
+        return self.snapshot()
+
+    async def new_circuit(self) -> dict[str, Any]:
+        if not self._want_connected:
+            raise ControlError("not-connected", "not connected")
+        if self.circuit is not None:
+            self.avoid = set()
+            self._circuit_dead.set()
+        return self.snapshot()
+
+    def set_directory(self, path: Path) -> None:
+        load_directory(path)  # validate now so the user gets the error at once
+        self.directory_path = path
+
+    async def close(self) -> None:
+        await self.disconnect()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # ------------------------------------------------------------------ supervision
+    def _set(self, state: EngineState, step: str = "", error: str = "") -> None:
+        self.state, self.step, self.error = state, step, error
+        snap = self.snapshot()
+        for listener in list(self.listeners):
+            listener(snap)
+
+    def _drop_circuit(self) -> None:
+        if self.circuit is not None and self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close_circuit(self.circuit)
+        self.circuit = None
+        self.connected_since = None
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while self._want_connected:
+            try:
+                await self._build_once(reconnect=attempt > 0)
+                attempt = 0
+                await self._keep_alive()
+            except ShallotError as exc:
+                if not self._want_connected:
+                    return
+                delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("circuit problem: %s (retrying in %.1f s)", exc, delay)
+                self._set(EngineState.ERROR if attempt >= 3 else EngineState.RECONNECTING,
+                          f"retrying in {delay:.0f} s", str(exc))
+                await asyncio.sleep(delay)
+            self._drop_circuit()
+
+    async def _build_once(self, *, reconnect: bool) -> None:
+        self._set(EngineState.RECONNECTING if reconnect else EngineState.CONNECTING, "reading the directory")
+        assert self.directory_path is not None
+        relays = load_directory(self.directory_path)
+        usable = [d for d in relays if d.relay_id not in self.avoid] or relays
+        self._set(self.state, "choosing a path")
+        path = choose_path(usable, path_spec=getattr(self, "_path_spec", None), exit_spec=self.exit_choice)
+        if self.client is None:
+            self.client = CircuitClient()
+            await self.client.start(path[0].address[0])
+            self.client.on_event = self._on_event
+        self._set(self.state, f"building a circuit through {path[0].nickname}, {path[1].nickname}, "
+                              f"{path[2].nickname}")
+        self._circuit_dead.clear()
+        try:
+            circ = await self.client.build(path, timeout=10.0)
+        except ShallotError:
+            self.avoid.add(path[0].relay_id)  # most build failures are the guard's link; try another
+            raise
+        self.circuit, self.path = circ, path
+        self.build_ms = round(circ.build_s * 1000, 3)
+        self.connected_since = time.time()
+        self._set(EngineState.CONNECTED, "")
+        log.info("circuit built in %.1f ms: %s", self.build_ms, " -> ".join(d.nickname for d in path))
+
+    async def _keep_alive(self) -> None:
+        """Ping through the circuit: keeps it from idling out and measures the round trip."""
+        assert self.client is not None and self.circuit is not None
+        missed = 0
+        seq = 0
+        inbox = self.client.inbox[self.circuit.circuit_id]
+        while True:
+            seq += 1
+            payload = b"shallot-ping" + seq.to_bytes(8, "big")
+            sent_at = time.monotonic()
+            try:
+                self.client.send(self.circuit, payload)
+            except ValueError:
+                raise ShallotError("the circuit closed") from None
+            self.bytes_sent += len(payload)
+            got = False
+            deadline = sent_at + PING_TIMEOUT_S
+            dead = asyncio.ensure_future(self._circuit_dead.wait())
+            try:
+                while time.monotonic() < deadline:
+                    getter = asyncio.ensure_future(inbox.get())
+                    done, _ = await asyncio.wait({getter, dead}, timeout=deadline - time.monotonic(),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                    if dead in done:
+                        raise ShallotError(self.error or "the circuit closed")
+                    if getter in done:
+                        data = getter.result()
+                        self.bytes_received += len(data)
+                        if data == payload:
+                            got = True
+                            self.rtt_ms = round((time.monotonic() - sent_at) * 1000, 3)
+                            break
+            finally:
+                dead.cancel()
+            missed = 0 if got else missed + 1
+            if missed >= MAX_MISSED_PINGS:
+                raise ShallotError("the circuit stopped answering")
+            self._set(EngineState.CONNECTED, "")
+            try:
+                await asyncio.wait_for(self._circuit_dead.wait(), PING_INTERVAL_S)
+                raise ShallotError(self.error or "new circuit requested")
+            except TimeoutError:
+                pass
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, CircuitClosed | CircuitFailed) and event.circuit is self.circuit:
+            self.error = event.reason
+            self._circuit_dead.set()
+
+
+async def run_engine(socket_path: Path, *, directory: Path | None = None) -> None:
+    engine = ClientEngine(directory)
+    stop = asyncio.Event()
+
+    async def status(args: dict[str, Any]) -> dict[str, Any]:
+        return engine.snapshot()
+
+    async def connect(args: dict[str, Any]) -> dict[str, Any]:
+        return await engine.connect(exit_spec=args.get("exit") or None, path_spec=args.get("path") or None)
+
+    async def disconnect(args: dict[str, Any]) -> dict[str, Any]:
+        return await engine.disconnect()
+
+    async def new_circuit(args: dict[str, Any]) -> dict[str, Any]:
+        return await engine.new_circuit()
+
+    async def set_directory(args: dict[str, Any]) -> dict[str, Any]:
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise ControlError("bad-request", "set_directory needs a 'path'")
+        engine.set_directory(Path(path))
+        return engine.snapshot()
+
+    async def shutdown(args: dict[str, Any]) -> None:
+        stop.set()
+
+    server = ControlServer(socket_path, "client", {
+        "status": status, "connect": connect, "disconnect": disconnect, "new_circuit": new_circuit,
+        "set_directory": set_directory, "shutdown": shutdown})
+    engine.listeners.append(lambda snap: server.publish("state", snap))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"shallot engine listening on {socket_path}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await engine.close()
+        await server.close()

@@ -64,7 +64,7 @@ def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: by
             if _compatible(cand, chosen):
                 chosen.append(cand)
         if len(chosen) == hops:
-            return chosen[1:][::-1] + [exit_relay] if hops > 1 else [exit_relay]
+            return [*chosen[1:][::-1], exit_relay] if hops > 1 else [exit_relay]
     raise PathError(f"not enough unrelated relays for a {hops}-hop circuit "
                     "(relays must be distinct, in different /16 networks and not in the same family)")
 

@@ -43,7 +43,6 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
         raise ShallotError("--count must be 0 or more")
     client = CircuitClient()
     await client.start(path[0].address[0])
-    loop = asyncio.get_running_loop()
     try:
         circ = await client.build(path)
         build_ms = circ.build_s * 1000
