@@ -77,11 +77,12 @@ class CircuitClient:
         ep = self.endpoint
         if ep is None:  # still starting
             return
+        sent = ep.datagrams_out + len(self.node.outbox)  # including what is about to be flushed
         for circ in self.node.circuits.values():
             mark = self._marks.get(circ.circuit_id)
             if mark == (-1, -1) and circ.create_sent_at:
-                # the CREATE was just flushed: count datagrams from just before it
-                self._marks[circ.circuit_id] = (ep.datagrams_out - 1, ep.datagrams_in)
+                # the CREATE was just queued (the last datagram): count from just before it
+                self._marks[circ.circuit_id] = (sent - 1, ep.datagrams_in)
         while events:
             event = events.popleft()
             if isinstance(event, DatagramReceived):
@@ -92,7 +93,7 @@ class CircuitClient:
             circ = event.circuit
             if isinstance(event, CircuitBuilt):
                 mark = self._marks.pop(circ.circuit_id, (0, 0))
-                self.build_datagrams[circ.circuit_id] = (ep.datagrams_out - mark[0], ep.datagrams_in - mark[1])
+                self.build_datagrams[circ.circuit_id] = (sent - mark[0], ep.datagrams_in - mark[1])
                 fut = self._waiters.get(circ.circuit_id)
                 if fut is not None and not fut.done():
                     fut.set_result(circ)

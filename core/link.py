@@ -90,8 +90,8 @@ class LinkConfig:
 class Session:
     """Transport keys of one completed handshake."""
 
-    __slots__ = ("created", "local_index", "recv_aead", "remote_index", "resume", "send_aead", "send_counter",
-                 "sent", "window")
+    __slots__ = ("created", "header_prefix", "local_index", "recv_aead", "remote_index", "resume", "send_aead",
+                 "send_counter", "sent", "window")
 
     def __init__(self, keys: lh.TransportKeys, local_index: int, remote_index: int, now: float,
                  first_counter: int) -> None:
@@ -104,13 +104,15 @@ class Session:
         self.send_counter = first_counter
         self.sent = 0
         self.window = ReplayWindow(REPLAY_WINDOW)
+        self.header_prefix = _TRANSPORT + remote_index.to_bytes(4, "big")
 
     def seal(self, cell: bytes) -> bytes:
         counter = self.send_counter
         self.send_counter = counter + 1
         self.sent += 1
-        header = _TRANSPORT + self.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
-        return header + self.send_aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), cell, header)
+        ctr = counter.to_bytes(8, "little")  # on the wire as in the nonce: little-endian (Noise/WireGuard style)
+        header = self.header_prefix + ctr
+        return header + self.send_aead.encrypt(_NONCE_PREFIX + ctr, cell, header)
 
 
 @dataclass(eq=False)
@@ -166,7 +168,7 @@ class LinkLayer:
         self.on_cell: Callable[[Link, bytes], None] = lambda link, cell: None
         self.links: dict[int, Link] = {}
         self._next_link_id = 1
-        self._by_index: dict[int, tuple[Link, Session]] = {}
+        self._by_index: dict[bytes, tuple[Link, Session]] = {}  # our index (4 bytes) -> session
         self._pending_by_index: dict[int, Link] = {}
         self._relay_links: dict[bytes, Link] = {}  # peer relay id -> link
         self._resume: dict[bytes, Link] = {}  # resume token -> client link
@@ -211,7 +213,7 @@ class LinkLayer:
         link.state = LinkState.CLOSED
         for s in (link.session, link.previous):
             if s is not None:
-                self._by_index.pop(s.local_index, None)
+                self._by_index.pop(s.local_index.to_bytes(4, "big"), None)
                 self._resume.pop(s.resume, None)
         if link.pending is not None:
             self._pending_by_index.pop(link.pending.sender_index, None)
@@ -238,35 +240,31 @@ class LinkLayer:
             self.counters["drop_unknown_type"] += 1
 
     def _receive_transport(self, data: bytes, addr: Address, now: float) -> None:
+        # the per-packet path: keep it short
         if len(data) != LINK_PACKET_LEN:
             self.counters["drop_bad_length"] += 1
             return
-        entry = self._by_index.get(int.from_bytes(data[1:5], "big"))
+        entry = self._by_index.get(data[1:5])
         if entry is None:
             self.counters["drop_unknown_index"] += 1
             return
         link, session = entry
-        counter = int.from_bytes(data[5:13], "big")
-        if not session.window.would_accept(counter):
-            self.counters["drop_replay"] += 1
-            return
-        header = data[:LINK_HEADER_LEN]
+        counter = data[5:13]
         try:
-            cell = session.recv_aead.decrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"),
-                                             data[LINK_HEADER_LEN:], header)
+            cell = session.recv_aead.decrypt(_NONCE_PREFIX + counter, data[LINK_HEADER_LEN:], data[:LINK_HEADER_LEN])
         except InvalidTag:
             self.counters["drop_bad_tag"] += 1
+            return
+        if not session.window.check_and_set(int.from_bytes(counter, "little")):
+            self.counters["drop_replay"] += 1
             return
         if now - session.created > REJECT_AFTER_S:
             self.counters["drop_expired_session"] += 1
             return
-        session.window.check_and_set(counter)
         link.last_recv = now
         if addr != link.addr:  # authenticated packet from a new address: the peer roamed (NAT rebinding)
             self.counters["link_roamed"] += 1
             link.addr = addr
-        if session is link.previous and link.session is not None and link.initiator is False:
-            pass
         if cell[4] == 5:  # PADDING: keepalive, consumed here
             return
         self.on_cell(link, cell)
@@ -415,7 +413,7 @@ class LinkLayer:
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._rng(4), "big")
-            if index and index not in self._by_index and index not in self._pending_by_index:
+            if index and index.to_bytes(4, "big") not in self._by_index and index not in self._pending_by_index:
                 return index
 
     def _first_counter(self) -> int:
@@ -454,7 +452,7 @@ class LinkLayer:
             self._retire(link.previous)
         link.previous = link.session
         link.session = session
-        self._by_index[session.local_index] = (link, session)
+        self._by_index[session.local_index.to_bytes(4, "big")] = (link, session)
         if link.kind is PeerKind.CLIENT and not link.initiator:
             if link.previous is not None:
                 self._resume.pop(link.previous.resume, None)
@@ -467,7 +465,7 @@ class LinkLayer:
             self.send_cell(link, link.queued.popleft(), now)
 
     def _retire(self, session: Session) -> None:
-        self._by_index.pop(session.local_index, None)
+        self._by_index.pop(session.local_index.to_bytes(4, "big"), None)
         self._resume.pop(session.resume, None)
 
     def _expire_ephemerals(self, now: float) -> None:

@@ -10,6 +10,7 @@ import enum
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from shallot.core.cells import (
     CMD_CREATE,
@@ -40,9 +41,10 @@ from shallot.crypto.params import (
     RECORD_SKEW_MIN,
 )
 from shallot.crypto.primitives import AuthFailure, RandomBytes
-from shallot.exit.echo import EchoService
+from shallot.exit.echo import DiscardService, EchoService
 
 _RELAY = bytes((CMD_RELAY,))
+_NONCE_PREFIX = bytes(4)
 _HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
 
 
@@ -73,7 +75,7 @@ class RelayCircuit:
     endpoint: EndpointLayer | None = None
     reply: bytes = b""
     keys: ch.HopKeys | None = None
-    service: EchoService | None = None
+    service: EchoService | DiscardService | None = None
     prev_prefix: bytes = b""  # circ id bytes on the previous link, precomputed for the hot path
     next_prefix: bytes = b""
 
@@ -114,7 +116,11 @@ class RelayNode:
         self.counters: Counter[str] = Counter()
         self.circuits: dict[int, tuple[RelayCircuit, bool]] = {}  # key -> (circuit, arrived_from_prev)
         self.echo = EchoService()
+        self.discard = DiscardService()
         self.open_circuits = 0
+        # hot-path table for open forwarding circuits: key -> (out link, cell prefix, header cipher context,
+        # body stream context, forward?, circuit)
+        self._routes: dict[int, tuple[Link, bytes, Any, Any, bool, RelayCircuit]] = {}
         self._now = 0.0
         self._wall = wall
         self._create_buckets: dict[str, tuple[float, float]] = {}
@@ -168,13 +174,42 @@ class RelayNode:
 
     def stats(self) -> dict[str, object]:
         return {"circuits": self.open_circuits, "links": len(self.link.links),
-                "counters": self.all_counters(), "echoed": self.echo.datagrams}
+                "counters": self.all_counters(), "echoed": self.echo.datagrams,
+                "discarded": self.discard.datagrams, "discarded_bytes": self.discard.bytes}
 
     # ------------------------------------------------------------------ cells
     def _on_cell(self, link: Link, cell: bytes) -> None:
         cid = int.from_bytes(cell[:4], "big")
         cmd = cell[4]
-        entry = self.circuits.get((link.link_id << 32) | cid)
+        key = (link.link_id << 32) | cid
+        if cmd == CMD_RELAY:
+            route = self._routes.get(key)
+            if route is not None:
+                # the hot path: one onion layer, then straight into the next link's AEAD
+                out_link, prefix, hdr, stream, forward, circ = route
+                session = out_link.session
+                if session is not None:
+                    now = self._now
+                    header = cell[CELL_HEADER_LEN:_HDR_END]
+                    if forward:
+                        stream.reset_nonce(_NONCE_PREFIX + header[:12])
+                        header = hdr.update(header)
+                    else:
+                        header = hdr.update(header)
+                        stream.reset_nonce(_NONCE_PREFIX + header[:12])
+                    body = stream.update(memoryview(cell)[_HDR_END:])
+                    circ.last_active = now
+                    counter = session.send_counter
+                    session.send_counter = counter + 1
+                    session.sent += 1
+                    ctr = counter.to_bytes(8, "little")
+                    head = session.header_prefix + ctr
+                    self.link.outbox.append(
+                        (head + session.send_aead.encrypt(_NONCE_PREFIX + ctr, prefix + header + body, head),
+                         out_link.addr))
+                    out_link.last_send = now
+                    return
+        entry = self.circuits.get(key)
         if cmd == CMD_RELAY:
             if entry is None:
                 self.counters["drop_relay_unknown_circuit"] += 1
@@ -268,7 +303,7 @@ class RelayNode:
                 self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_not_exit")
                 return
             circ.endpoint = EndpointLayer(keys)
-            circ.service = self.echo
+            circ.service = self.echo if instruction.service == ch.SERVICE_ECHO else self.discard
             circ.state = CircState.OPEN
             self._register(circ)
             link.users += 1
@@ -301,6 +336,13 @@ class RelayNode:
         circ.state = CircState.OPEN
         circ.reply = b""
         circ.last_active = self._now
+        layer = circ.layer
+        assert layer is not None and circ.next_link is not None
+        fwd_hdr, fwd_stream, bwd_hdr, bwd_stream = layer.contexts()
+        self._routes[_key(circ.prev_link.link_id, circ.prev_cid)] = (
+            circ.next_link, circ.next_prefix, fwd_hdr, fwd_stream, True, circ)
+        self._routes[_key(circ.next_link.link_id, circ.next_cid)] = (
+            circ.prev_link, circ.prev_prefix, bwd_hdr, bwd_stream, False, circ)
         self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_CREATED, slots), self._now)
 
     def _endpoint_cell(self, circ: RelayCircuit, header: bytes, body: bytes) -> None:
@@ -342,6 +384,9 @@ class RelayNode:
         """Remove the circuit and tell each neighbour (except ``skip``, which told us)."""
         if self.circuits.pop(_key(circ.prev_link.link_id, circ.prev_cid), None) is None:
             return
+        self._routes.pop(_key(circ.prev_link.link_id, circ.prev_cid), None)
+        if circ.next_link is not None:
+            self._routes.pop(_key(circ.next_link.link_id, circ.next_cid), None)
         self.open_circuits -= 1
         circ.prev_link.users -= 1
         if circ.prev_link is not skip:

@@ -84,7 +84,15 @@ class RelayService:
         assert self.node is not None
         return {"role": self.role, "id": self.keys.relay_id.hex(), "nickname": self.settings.nickname,
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
-                **self.node.stats()}
+                **self.node.stats(), "io": self._io_stats()}
+
+    def _io_stats(self) -> dict[str, Any]:
+        ep = self.endpoint
+        if ep is None:
+            return {}
+        return {"datagrams_in": ep.datagrams_in, "datagrams_out": ep.datagrams_out, "gro": ep.gro, "gso": ep.gso,
+                "batched_reads": ep.batched_reads, "batched_sends": ep.batched_sends,
+                "send_errors": ep.send_errors, "recv_errors": ep.recv_errors}
 
     async def _circuits(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """What this relay knows about each circuit: its neighbours' addresses and nothing else."""
