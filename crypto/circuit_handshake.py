@@ -40,12 +40,11 @@ from shallot.crypto.params import (
 from shallot.crypto.primitives import (
     AuthFailure,
     RandomBytes,
+    X25519Key,
     aead_open,
     aead_seal,
     hkdf,
     hmac_sha256,
-    x25519,
-    x25519_keypair,
 )
 
 KIND_EXTEND = 1
@@ -106,7 +105,7 @@ class HopTarget:
 
 @dataclass(frozen=True)
 class PendingHop:
-    x_private: bytes
+    x_private: X25519Key
     x_pub: bytes
     onion_pub: bytes
     dh_onion: bytes
@@ -174,13 +173,9 @@ def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
     records: list[bytes] = []
     layers: list[bytes] = []
     for i, hop in enumerate(hops):
-        if ephemerals is not None:
-            from shallot.crypto.primitives import x25519_public
-            x_priv = ephemerals[i]
-            x_pub = x25519_public(x_priv)
-        else:
-            x_priv, x_pub = x25519_keypair(rng)
-        dh_onion = x25519(x_priv, hop.onion_pub)
+        x_priv = X25519Key(ephemerals[i] if ephemerals is not None else rng(32))
+        x_pub = x_priv.public
+        dh_onion = x_priv.exchange(hop.onion_pub)
         k_rec, k_layer = _record_keys(dh_onion, x_pub, hop.onion_pub)
         key_id = onion_key_id(hop.onion_pub)
         sealed = aead_seal(k_rec, ZERO_NONCE, encode_payload(hop.instruction, minutes), key_id + x_pub)
@@ -209,18 +204,18 @@ class RecordOpened:
     forward_slots: bytes  # what to send to the next hop (meaningless for TERMINATE)
 
 
-def relay_open(slots: bytes, onion_keys: dict[bytes, tuple[bytes, bytes]], *, rng: RandomBytes) -> RecordOpened:
-    """Open our record (slot 0).  ``onion_keys`` maps key id -> (private, public).
+def relay_open(slots: bytes, onion_keys: dict[bytes, X25519Key], *, rng: RandomBytes) -> RecordOpened:
+    """Open our record (slot 0).  ``onion_keys`` maps key id -> private onion key.
 
     Raises DecodeError or AuthFailure (unknown key id, bad AEAD, malformed payload)."""
     if len(slots) != CREATE_SLOTS_LEN:
         raise DecodeError("bad CREATE length")
     key_id, x_pub, sealed = slots[:4], slots[4:36], slots[36:RECORD_LEN]
-    pair = onion_keys.get(key_id)
-    if pair is None:
+    private = onion_keys.get(key_id)
+    if private is None:
         raise AuthFailure("unknown onion key")
-    private, public = pair
-    dh_onion = x25519(private, x_pub)
+    public = private.public
+    dh_onion = private.exchange(x_pub)
     k_rec, k_layer = _record_keys(dh_onion, x_pub, public)
     payload = aead_open(k_rec, ZERO_NONCE, sealed, key_id + x_pub)
     instruction, minutes = decode_payload(payload)
@@ -230,12 +225,9 @@ def relay_open(slots: bytes, onion_keys: dict[bytes, tuple[bytes, bytes]], *, rn
 
 def relay_reply(opened: RecordOpened, *, rng: RandomBytes, y_private: bytes | None = None) -> tuple[HopKeys, bytes]:
     """Return our circuit keys and our 48-byte reply."""
-    if y_private is None:
-        y_private, y_pub = x25519_keypair(rng)
-    else:
-        from shallot.crypto.primitives import x25519_public
-        y_pub = x25519_public(y_private)
-    keys = HopKeys.derive(x25519(y_private, opened.x_pub), opened.dh_onion, opened.x_pub, opened.onion_pub, y_pub)
+    y = X25519Key(y_private if y_private is not None else rng(32))
+    y_pub = y.public
+    keys = HopKeys.derive(y.exchange(opened.x_pub), opened.dh_onion, opened.x_pub, opened.onion_pub, y_pub)
     return keys, y_pub + _auth(keys, opened.x_pub, y_pub, opened.onion_pub)
 
 
@@ -259,7 +251,7 @@ def client_created(pending: list[PendingHop], slots: bytes) -> list[HopKeys]:
     data = slots
     for hop in pending:
         y_pub, auth = data[:32], data[32:REPLY_LEN]
-        keys = HopKeys.derive(x25519(hop.x_private, y_pub), hop.dh_onion, hop.x_pub, hop.onion_pub, y_pub)
+        keys = HopKeys.derive(hop.x_private.exchange(y_pub), hop.dh_onion, hop.x_pub, hop.onion_pub, y_pub)
         if not _ct_equal(_auth(keys, hop.x_pub, y_pub, hop.onion_pub), auth):
             raise AuthFailure("hop reply failed authentication")
         out.append(keys)

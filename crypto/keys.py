@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from shallot.crypto.params import (
     LABEL_LINK_CERT,
@@ -63,11 +64,11 @@ class OnionKey:
     private: bytes
     created: int  # unix seconds
 
-    @property
+    @cached_property
     def public(self) -> bytes:
         return x25519_public(self.private)
 
-    @property
+    @cached_property
     def key_id(self) -> bytes:
         return onion_key_id(self.public)
 
@@ -88,15 +89,15 @@ class RelayKeys:
     def generate(cls, rng: RandomBytes, wall: float) -> RelayKeys:
         return cls(identity_seed=rng(32), link_private=rng(32), onion_keys=[OnionKey(rng(32), int(wall))])
 
-    @property
+    @cached_property
     def identity_pub(self) -> bytes:
         return ed25519_public(self.identity_seed)
 
-    @property
+    @cached_property
     def relay_id(self) -> bytes:
         return relay_id_of(self.identity_pub)
 
-    @property
+    @cached_property
     def link_pub(self) -> bytes:
         return x25519_public(self.link_private)
 

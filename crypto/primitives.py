@@ -45,6 +45,26 @@ def x25519_public(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+class X25519Key:
+    """A private X25519 key kept as a library object: loading one costs a scalar multiplication, so
+    code that uses a key more than once keeps this instead of the raw bytes."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, private: bytes) -> None:
+        self._key = X25519PrivateKey.from_private_bytes(private)
+        self.public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def exchange(self, public: bytes) -> bytes:
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as exc:  # cryptography rejects an all-zero result
+            raise AuthFailure("low-order X25519 point") from exc
+
+    def __repr__(self) -> str:
+        return "X25519Key(<secret>)"
+
+
 def x25519_keypair(rng: RandomBytes) -> tuple[bytes, bytes]:
     """Return (private, public) raw 32-byte keys; the private key is ``rng(32)`` (clamped by X25519)."""
     private = rng(32)

@@ -40,7 +40,7 @@ from shallot.crypto.params import (
     ONION_HEADER_LEN,
     RECORD_SKEW_MIN,
 )
-from shallot.crypto.primitives import AuthFailure, RandomBytes
+from shallot.crypto.primitives import AuthFailure, RandomBytes, X25519Key
 from shallot.exit.echo import DiscardService, EchoService
 
 _RELAY = bytes((CMD_RELAY,))
@@ -88,14 +88,14 @@ def _key(link_id: int, cid: int) -> int:
 class OnionKeyRing:
     """Onion keys we accept (current and overlapping) and their per-key build replay caches."""
 
-    keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)
+    keys: dict[bytes, X25519Key] = field(default_factory=dict)
     replay: dict[bytes, dict[bytes, float]] = field(default_factory=dict)  # key id -> {X: expiry wall}
 
     @classmethod
     def from_relay_keys(cls, keys: RelayKeys, previous: OnionKeyRing | None = None) -> OnionKeyRing:
         ring = cls()
         for ok in keys.onion_keys:
-            ring.keys[ok.key_id] = (ok.private, ok.public)
+            ring.keys[ok.key_id] = X25519Key(ok.private)
             ring.replay[ok.key_id] = previous.replay.get(ok.key_id, {}) if previous else {}
         return ring
 
