@@ -26,7 +26,7 @@ from shallot.core.cells import (
     encode_cell,
     encode_message,
 )
-from shallot.core.link import Address, Link, LinkConfig, LinkDown, LinkLayer, LinkState, LinkUp
+from shallot.core.link import Address, Link, LinkConfig, LinkDown, LinkLayer, LinkState, LinkUp, new_circuit_id
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Descriptor
@@ -158,11 +158,12 @@ class ClientNode:
         circ.sent += 1
         self.link.send_cell(circ.link, circ.prefix + header + body, now)
 
-    def close(self, circ: ClientCircuit, now: float, reason: str = "closed by you") -> None:
+    def close(self, circ: ClientCircuit, now: float, reason: str = "closed by you",
+              code: DestroyReason = DestroyReason.REQUESTED) -> None:
         if circ.state is CircuitState.CLOSED:
             return
         if circ.link is not None and circ.cid:
-            self.link.send_cell(circ.link, encode_cell(circ.cid, CMD_DESTROY, bytes((DestroyReason.REQUESTED,))), now)
+            self.link.send_cell(circ.link, encode_cell(circ.cid, CMD_DESTROY, bytes((code,))), now)
         self._finish(circ, reason, failed=circ.state is not CircuitState.OPEN)
 
     # ------------------------------------------------------------------ inputs
@@ -179,7 +180,7 @@ class ClientNode:
         for circ in list(self.circuits.values()):
             if circ.state in (CircuitState.WAITING_LINK, CircuitState.BUILDING) and \
                     now - circ.started_at > CREATE_TIMEOUT_S:
-                self.close(circ, now, reason="circuit build timed out")
+                self.close(circ, now, reason="circuit build timed out", code=DestroyReason.TIMEOUT)
 
     def timer(self) -> float | None:
         return self.link.timer()
@@ -197,11 +198,9 @@ class ClientNode:
                 instruction = ch.Terminate(circ.service)
             targets.append(ch.HopTarget(hop.onion_pub, instruction))
         circ.pending, slots = ch.client_create(targets, minutes=int(self._wall // 60), rng=self._rng)
-        while True:
-            cid = int.from_bytes(self._rng(4), "big")
-            key = (circ.link.link_id << 32) | cid
-            if cid and key not in self._by_wire:
-                break
+        link_id = circ.link.link_id
+        cid = new_circuit_id(circ.link, self._rng, lambda c: ((link_id << 32) | c) in self._by_wire)
+        key = (link_id << 32) | cid
         circ.cid = cid
         circ.prefix = cid.to_bytes(4, "big") + _RELAY
         self._by_wire[key] = circ

@@ -136,9 +136,28 @@ class Link:
     retry_at: float | None = None
     last_initiation: bytes = b""
     last_rx_timestamp: int = 0
+    next_session: Session | None = None  # responder side: a rekeyed session not yet used by the peer
 
     def __repr__(self) -> str:
         return f"Link({self.link_id}, {self.kind.value}, {self.state.value})"
+
+
+INITIATOR_ID_BIT = 0x80000000
+
+
+def new_circuit_id(link: Link, rng: RandomBytes, taken: Callable[[int], bool]) -> int:
+    """A fresh circuit id for a CREATE we send on ``link``.  The side that dialed the link sets the top
+    bit and the other side clears it, so both ends of a shared link never pick the same id."""
+    role = INITIATOR_ID_BIT if link.initiator else 0
+    while True:
+        cid = (int.from_bytes(rng(4), "big") & 0x7FFFFFFF) | role
+        if cid and not taken(cid):
+            return cid
+
+
+def peer_may_create(link: Link, cid: int) -> bool:
+    """True if ``cid`` is in the id space of the peer (the side that did not choose ours) and nonzero."""
+    return cid != 0 and bool(cid & INITIATOR_ID_BIT) == (not link.initiator)
 
 
 class TokenBuckets:
@@ -170,7 +189,10 @@ class LinkLayer:
         self._next_link_id = 1
         self._by_index: dict[bytes, tuple[Link, Session]] = {}  # our index (4 bytes) -> session
         self._pending_by_index: dict[int, Link] = {}
-        self._relay_links: dict[bytes, Link] = {}  # peer relay id -> link
+        # relay links by the peer's link public key, which the Noise handshake authenticates (never by a
+        # relay id someone merely claimed): links we dialed, and links relays dialed to us
+        self._dialed: dict[bytes, Link] = {}
+        self._accepted: dict[bytes, Link] = {}
         self._resume: dict[bytes, Link] = {}  # resume token -> client link
         self._seen_ephemerals: dict[bytes, float] = {}  # NK replay cache: ephemeral -> expiry (now)
         self._buckets = TokenBuckets(config.handshake_rate, config.handshake_burst)
@@ -178,17 +200,20 @@ class LinkLayer:
 
     # ------------------------------------------------------------------ commands
     def open_link(self, addr: Address, peer_link_pub: bytes, now: float, wall: float, *,
-                  peer_relay_id: bytes | None = None) -> Link:
-        """Start (or reuse) a link to a relay.  Cells sent before it is up are queued."""
-        if peer_relay_id is not None:
-            existing = self._relay_links.get(peer_relay_id)
-            if existing is not None and existing.state is not LinkState.CLOSED:
-                return existing
+                  peer_relay_id: bytes | None = None, reuse: bool = True) -> Link:
+        """Start (or reuse) a link to the relay whose link key is ``peer_link_pub``.  Cells sent before it
+        is up are queued.  A link is reused only for the same authenticated key; the address is where
+        we dial, and the handshake fails unless the holder of that key answers."""
+        if reuse:
+            for table in (self._dialed, self._accepted):
+                existing = table.get(peer_link_pub)
+                if existing is not None and existing.state is not LinkState.CLOSED:
+                    return existing
         link = self._new_link(addr, PeerKind.RELAY, initiator=True)
         link.peer_link_pub = peer_link_pub
-        link.peer_relay_id = peer_relay_id
-        if peer_relay_id is not None:
-            self._relay_links[peer_relay_id] = link
+        link.peer_relay_id = peer_relay_id  # informational only (unauthenticated on the dialing side)
+        if reuse:
+            self._dialed[peer_link_pub] = link
         link.last_recv = now
         self._start_handshake(link, now, wall)
         return link
@@ -217,9 +242,13 @@ class LinkLayer:
                 self._resume.pop(s.resume, None)
         if link.pending is not None:
             self._pending_by_index.pop(link.pending.sender_index, None)
-        if link.peer_relay_id is not None and self._relay_links.get(link.peer_relay_id) is link:
-            del self._relay_links[link.peer_relay_id]
-        link.session = link.previous = link.pending = None
+        if link.peer_link_pub is not None:
+            for table in (self._dialed, self._accepted):
+                if table.get(link.peer_link_pub) is link:
+                    del table[link.peer_link_pub]
+        if link.next_session is not None:
+            self._retire(link.next_session)
+        link.session = link.previous = link.pending = link.next_session = None
         link.queued.clear()
         self.links.pop(link.link_id, None)
         self.events.append(LinkDown(link, reason))
@@ -262,6 +291,8 @@ class LinkLayer:
             self.counters["drop_expired_session"] += 1
             return
         link.last_recv = now
+        if session is link.next_session:  # the initiator confirmed the rekey
+            self._install_session(link, session, now)
         if addr != link.addr:  # authenticated packet from a new address: the peer roamed (NAT rebinding)
             self.counters["link_roamed"] += 1
             link.addr = addr
@@ -294,16 +325,17 @@ class LinkLayer:
         if skew_ns > HANDSHAKE_SKEW_S * 1e9:
             self.counters["drop_initiation_clock_skew"] += 1
             return
+        # replay cache of initiation ephemerals, both patterns; entries outlive the clock-skew window
+        self._expire_ephemerals(now)
+        if init.ephemeral in self._seen_ephemerals:
+            self.counters["drop_initiation_replay"] += 1
+            return
+        if len(self._seen_ephemerals) >= 1_000_000:
+            self.counters["drop_replay_cache_full"] += 1
+            return
+        self._seen_ephemerals[init.ephemeral] = now + 2 * HANDSHAKE_SKEW_S
         link: Link | None
         if init.relay is None:
-            self._expire_ephemerals(now)
-            if init.ephemeral in self._seen_ephemerals:
-                self.counters["drop_initiation_replay"] += 1
-                return
-            if len(self._seen_ephemerals) >= 1_000_000:
-                self.counters["drop_replay_cache_full"] += 1
-                return
-            self._seen_ephemerals[init.ephemeral] = now + 2 * HANDSHAKE_SKEW_S
             link = self._resume.get(init.resume) if init.resume != lh.NO_RESUME else None
             if link is None:
                 if len(self.links) >= cfg.max_links:
@@ -313,11 +345,9 @@ class LinkLayer:
             else:
                 self.counters["link_resumed"] += 1
         else:
-            relay_id = init.relay.relay_id
-            link = self._relay_links.get(relay_id)
-            if link is not None and link.initiator:
-                # we already dial this relay ourselves: both links may exist; keep them apart
-                link = None
+            peer_pub = init.noise.rs
+            assert peer_pub is not None
+            link = self._accepted.get(peer_pub)
             if link is not None and init.timestamp_ns <= link.last_rx_timestamp:
                 self.counters["drop_initiation_replay"] += 1
                 return
@@ -326,16 +356,25 @@ class LinkLayer:
                     self.counters["drop_too_many_links"] += 1
                     return
                 link = self._new_link(addr, PeerKind.RELAY, initiator=False)
-                link.peer_relay_id = relay_id
-                if relay_id not in self._relay_links:
-                    self._relay_links[relay_id] = link
-            link.peer_link_pub = init.noise.rs
+                link.peer_link_pub = peer_pub
+                self._accepted[peer_pub] = link
+            link.peer_relay_id = init.relay.relay_id  # authenticated by the link certificate
         link.last_rx_timestamp = max(link.last_rx_timestamp, init.timestamp_ns)
         local_index = self._new_index()
         keys, response = lh.write_response(init, sender_index=local_index, rng=self._rng)
         session = Session(keys, local_index, init.sender_index, now, self._first_counter())
         link.addr = addr
-        self._install_session(link, session, now)
+        if link.session is None:
+            self._install_session(link, session, now)
+        else:
+            # a rekey: keep sending on the current session until the initiator uses the new one (its
+            # RESPONSE may be lost, and it would then retry with the current session's resume token)
+            if link.next_session is not None:
+                self._retire(link.next_session)
+            link.next_session = session
+            self._by_index[local_index.to_bytes(4, "big")] = (link, session)
+            if link.kind is PeerKind.CLIENT:
+                self._resume[session.resume] = link
         self.counters["handshake_responded"] += 1
         self.outbox.append((response, addr))
 
@@ -389,7 +428,13 @@ class LinkLayer:
             if prev is not None and now - prev.created >= REJECT_AFTER_S:
                 self._retire(prev)
                 link.previous = None
-            if now - link.last_recv > LINK_DEAD_AFTER_S and (link.users > 0 or not link.initiator):
+            nxt = link.next_session
+            if nxt is not None and now - nxt.created >= REJECT_AFTER_S:
+                self._retire(nxt)
+                link.next_session = None
+            if link.pending is None and now - link.last_recv > LINK_DEAD_AFTER_S:
+                # both ends drop a link that went quiet (in use, keepalives keep it talking), so
+                # neither keeps sending into a link the other side already forgot
                 self.close_link(link, "peer silent")
                 continue
             if link.users > 0 and link.session is not None and now - link.last_send >= KEEPALIVE_S:
@@ -450,6 +495,8 @@ class LinkLayer:
     def _install_session(self, link: Link, session: Session, now: float) -> None:
         if link.previous is not None:
             self._retire(link.previous)
+        if link.next_session is session:
+            link.next_session = None
         link.previous = link.session
         link.session = session
         self._by_index[session.local_index.to_bytes(4, "big")] = (link, session)

@@ -15,11 +15,12 @@ from shallot.crypto.primitives import AuthFailure, ed25519_verify
 DESCRIPTOR_MAGIC = b"SHD1"
 DIRECTORY_HEADER = "shallot-directory 1"
 FLAG_EXIT = 0x01
-NICKNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+NICKNAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")  # always used with fullmatch
 MAX_ADDRESSES = 4
 MAX_FAMILY = 16
 MAX_POLICY_RANGES = 32
 MAX_DESCRIPTOR_LEN = 2048
+MAX_LIFETIME_S = 30 * 86400  # a descriptor may not claim to be valid for longer than this
 
 Address = tuple[str, int]
 
@@ -112,7 +113,7 @@ class Descriptor:
     def create(cls, keys: RelayKeys, *, nickname: str, addresses: tuple[Address, ...], exit_node: bool,
                published: int, lifetime_s: int, family: tuple[bytes, ...] = (),
                exit_policy: ExitPolicySummary | None = None) -> Descriptor:
-        if not NICKNAME_RE.match(nickname):
+        if not NICKNAME_RE.fullmatch(nickname):
             raise DescriptorError("nickname must be 1-32 characters of A-Z a-z 0-9 _ -")
         for host, port in addresses:
             encode_address(host, port)  # validates
@@ -139,7 +140,7 @@ class Descriptor:
             published, expires = r.u64(), r.u64()
             flags = r.u8()
             nickname = r.take(r.u8()).decode("utf-8")
-            if not NICKNAME_RE.match(nickname):
+            if not NICKNAME_RE.fullmatch(nickname):
                 raise DecodeError("bad nickname")
             n_addr = r.u8()
             if not 1 <= n_addr <= MAX_ADDRESSES:
@@ -168,6 +169,8 @@ class Descriptor:
             raise DescriptorError(f"malformed descriptor: {exc}") from None
         if vmin > vmax:
             raise DescriptorError("malformed descriptor: bad version range")
+        if not published < expires <= published + MAX_LIFETIME_S:
+            raise DescriptorError("malformed descriptor: bad validity period")
         try:
             ed25519_verify(identity_pub, signature, LABEL_DESCRIPTOR + data[:body_len])
         except AuthFailure:
@@ -228,26 +231,27 @@ def encode_directory(descriptors: list[Descriptor]) -> str:
 def decode_directory(text: str, wall: float) -> tuple[list[Descriptor], list[str]]:
     """Return (usable descriptors, problems).  Raises DescriptorError if the file is not a directory or
     holds no usable descriptor at all; otherwise individual bad entries are skipped and reported."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not lines or lines[0] != DIRECTORY_HEADER:
+    lines = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1)
+             if ln.strip() and not ln.strip().startswith("#")]
+    if not lines or lines[0][1] != DIRECTORY_HEADER:
         raise DescriptorError(f"not a Shallot directory file (first line must be {DIRECTORY_HEADER!r})")
     good: list[Descriptor] = []
     problems: list[str] = []
     seen: set[bytes] = set()
-    for n, line in enumerate(lines[1:], start=2):
+    for n, line in lines[1:]:
         try:
             raw = base64.b64decode(line, validate=True)
         except ValueError:
-            problems.append(f"entry {n}: not base64")
+            problems.append(f"line {n}: not base64")
             continue
         try:
             desc = Descriptor.decode(raw)
             desc.check_valid(wall)
         except DescriptorError as exc:
-            problems.append(f"entry {n}: {exc}")
+            problems.append(f"line {n}: {exc}")
             continue
         if desc.relay_id in seen:
-            problems.append(f"entry {n}: duplicate relay {desc.id_hex[:8]}")
+            problems.append(f"line {n}: duplicate relay {desc.id_hex[:8]}")
             continue
         seen.add(desc.relay_id)
         good.append(desc)

@@ -7,6 +7,7 @@ circuit id) and its own hop keys.  It never learns the rest of the path.
 from __future__ import annotations
 
 import enum
+import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,16 @@ from shallot.core.cells import (
     encode_cell,
     encode_message,
 )
-from shallot.core.link import Address, Link, LinkConfig, LinkDown, LinkLayer, PeerKind
+from shallot.core.link import (
+    Address,
+    Link,
+    LinkConfig,
+    LinkDown,
+    LinkLayer,
+    PeerKind,
+    new_circuit_id,
+    peer_may_create,
+)
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.keys import RelayKeys
@@ -43,6 +53,7 @@ from shallot.crypto.params import (
 from shallot.crypto.primitives import AuthFailure, RandomBytes, X25519Key
 from shallot.exit.echo import DiscardService, EchoService
 
+log = logging.getLogger("shallot.relay")
 _RELAY = bytes((CMD_RELAY,))
 _NONCE_PREFIX = bytes(4)
 _HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
@@ -57,8 +68,10 @@ class CircState(enum.Enum):
 class RelayConfig:
     is_exit: bool = False
     max_circuits: int = 20000
-    creates_per_second: float = 50.0  # per source IP: each CREATE costs us three X25519 operations
+    creates_per_second: float = 50.0  # per client source IP: each CREATE costs us three X25519 operations
     creates_burst: float = 200.0
+    relay_creates_per_second: float = 500.0  # per relay link: a guard carries many clients' builds
+    relay_creates_burst: float = 2000.0
     max_replay_entries: int = 500_000
 
 
@@ -84,6 +97,28 @@ def _key(link_id: int, cid: int) -> int:
     return (link_id << 32) | cid
 
 
+def extend_target_allowed(own_host: str, target_host: str) -> bool:
+    """A relay extends only to addresses in its own scope: a public relay never to loopback, private or
+    link-local addresses (a client could otherwise aim it at services behind it), a relay on a private
+    network also to private addresses, a loopback test relay also to loopback.  Never to multicast,
+    broadcast or unspecified addresses."""
+    import ipaddress
+    try:
+        target = ipaddress.ip_address(target_host)
+        own = ipaddress.ip_address(own_host)
+    except ValueError:
+        return False
+    if target.is_multicast or target.is_unspecified or target == ipaddress.IPv4Address("255.255.255.255"):
+        return False
+    if target.is_loopback:
+        return own.is_loopback
+    if target.is_link_local:
+        return own.is_link_local or own.is_loopback
+    if target.is_private:
+        return own.is_private or own.is_unspecified
+    return True
+
+
 @dataclass
 class OnionKeyRing:
     """Onion keys we accept (current and overlapping) and their per-key build replay caches."""
@@ -102,8 +137,9 @@ class OnionKeyRing:
 
 class RelayNode:
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
-                 cert_lifetime_s: int = 7 * 86400) -> None:
+                 cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0") -> None:
         self.keys = keys
+        self.own_host = own_host
         self.config = config or RelayConfig()
         self._rng = rng
         cert_expires = int(wall) + cert_lifetime_s
@@ -118,6 +154,7 @@ class RelayNode:
         self.echo = EchoService()
         self.discard = DiscardService()
         self.open_circuits = 0
+        self._last_integrity_log = float("-inf")
         # hot-path table for open forwarding circuits: key -> (out link, cell prefix, header cipher context,
         # body stream context, forward?, circuit)
         self._routes: dict[int, tuple[Link, bytes, Any, Any, bool, RelayCircuit]] = {}
@@ -159,6 +196,15 @@ class RelayNode:
 
     def timer(self) -> float | None:
         return self.link.timer()
+
+    def renew_link_cert(self, wall: float, lifetime_s: int = 7 * 86400) -> bool:
+        """Re-sign our link certificate once less than half its lifetime is left.  Returns True if renewed."""
+        cfg = self.link.config
+        if cfg.cert_expires - wall > lifetime_s / 2:
+            return False
+        cfg.cert_expires = int(wall) + lifetime_s
+        cfg.cert_sig = self.keys.link_cert(cfg.cert_expires)
+        return True
 
     def rotate_onion_keys(self, wall: float) -> bool:
         changed = self.keys.rotate_onion_keys(self._rng, wall)
@@ -255,12 +301,16 @@ class RelayNode:
             return
         self.counters["drop_unknown_command"] += 1
 
-    def _allow_create(self, addr: str) -> bool:
+    def _allow_create(self, link: Link) -> bool:
         cfg = self.config
-        tokens, last = self._create_buckets.pop(addr, (cfg.creates_burst, self._now))
-        tokens = min(cfg.creates_burst, tokens + (self._now - last) * cfg.creates_per_second)
+        if link.kind is PeerKind.RELAY:
+            key, rate, burst = f"link {link.link_id}", cfg.relay_creates_per_second, cfg.relay_creates_burst
+        else:
+            key, rate, burst = link.addr[0], cfg.creates_per_second, cfg.creates_burst
+        tokens, last = self._create_buckets.pop(key, (burst, self._now))
+        tokens = min(burst, tokens + (self._now - last) * rate)
         ok = tokens >= 1.0
-        self._create_buckets[addr] = (tokens - 1.0 if ok else tokens, self._now)
+        self._create_buckets[key] = (tokens - 1.0 if ok else tokens, self._now)
         if len(self._create_buckets) > 65536:
             del self._create_buckets[next(iter(self._create_buckets))]
         return ok
@@ -270,10 +320,13 @@ class RelayNode:
         self.link.send_cell(link, encode_cell(cid, CMD_DESTROY, bytes((reason,))), self._now)
 
     def _handle_create(self, link: Link, cid: int, payload: bytes) -> None:
+        if not peer_may_create(link, cid):
+            self.counters["drop_create_bad_circuit_id"] += 1
+            return
         if self.open_circuits >= self.config.max_circuits:
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_max_circuits")
             return
-        if not self._allow_create(link.addr[0]):
+        if not self._allow_create(link):
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_rate")
             return
         try:
@@ -302,6 +355,11 @@ class RelayNode:
             if not self.config.is_exit:
                 self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_not_exit")
                 return
+            if link.kind is PeerKind.CLIENT:
+                # a one-hop circuit would make the exit a plain proxy for whoever connects (Tor refuses
+                # these too): the exit must never be the first hop of a client's circuit
+                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
+                return
             circ.endpoint = EndpointLayer(keys)
             circ.service = self.echo if instruction.service == ch.SERVICE_ECHO else self.discard
             circ.state = CircState.OPEN
@@ -313,6 +371,9 @@ class RelayNode:
             return
         if instruction.relay_id == self.keys.relay_id or instruction.link_pub == self.keys.link_pub:
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_to_self")
+            return
+        if not extend_target_allowed(self.own_host, instruction.host):
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_address")
             return
         nxt = self.link.open_link((instruction.host, instruction.port), instruction.link_pub, self._now, self._wall,
                                   peer_relay_id=instruction.relay_id)
@@ -352,6 +413,10 @@ class RelayNode:
             msg_type, data = decode_message(inner)
         except (IntegrityError, DecodeError):
             self.counters["circuit_integrity_failure"] += 1
+            if self._now - self._last_integrity_log >= 10.0:  # tagging attempts are rare: say so, but
+                self._last_integrity_log = self._now      # never let a flood of them flood the log
+                log.warning("a circuit failed its end-to-end integrity check and was torn down (%d so far)",
+                            self.counters["circuit_integrity_failure"])
             self._destroy(circ, DestroyReason.INTEGRITY)
             return
         if msg_type == MSG_DATA:
@@ -369,10 +434,7 @@ class RelayNode:
 
     # ------------------------------------------------------------------ bookkeeping
     def _new_cid(self, link: Link) -> int:
-        while True:
-            cid = int.from_bytes(self._rng(4), "big")
-            if cid and _key(link.link_id, cid) not in self.circuits:
-                return cid
+        return new_circuit_id(link, self._rng, lambda cid: _key(link.link_id, cid) in self.circuits)
 
     def _register(self, circ: RelayCircuit) -> None:
         self.circuits[_key(circ.prev_link.link_id, circ.prev_cid)] = (circ, True)

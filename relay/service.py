@@ -43,7 +43,7 @@ class RelayService:
             state_dir.save_keys(self.state, self.keys)
         desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
-                              config=RelayConfig(is_exit=self.settings.exit))
+                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0])
         host, port = self.settings.address
         try:
             self.endpoint = await open_endpoint(self.node, (host, port))
@@ -75,6 +75,8 @@ class RelayService:
             await asyncio.sleep(ROTATE_CHECK_S)
             assert self.node is not None
             wall = time.time()
+            if self.node.renew_link_cert(wall):
+                log.info("link certificate renewed")
             if self.node.rotate_onion_keys(wall):
                 state_dir.save_keys(self.state, self.keys)
                 state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
