@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -61,10 +62,12 @@ class ControlServer:
         self.bad_requests = 0
 
     async def start(self) -> None:
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise ShallotError(f"{self.path} exists and is not a socket; refusing to replace it")
             if await _is_live(self.path):
                 raise ShallotError(f"another process already serves {self.path}")
-            self.path.unlink()
+            self.path.unlink()  # a stale socket left by a process that died
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)

@@ -31,6 +31,7 @@ PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 3.0
 MAX_MISSED_PINGS = 3
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BUILD_TIMEOUT_S = 10.0
 
 
 class EngineState(enum.Enum):
@@ -61,6 +62,8 @@ class ClientEngine:
         self.rtt_ms: float | None = None
         self.hop_rtt_ms: list[float | None] = []
         self.connected_since: float | None = None
+        self.circuit_since: float | None = None
+        self.circuits_built = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.exit_choice: str | None = None
@@ -70,6 +73,9 @@ class ClientEngine:
         self._supervisor: asyncio.Task[None] | None = None
         self._want_connected = False
         self._circuit_dead = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._rotate = False
+        self._path_spec: str | None = None
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> dict[str, Any]:
@@ -80,7 +86,9 @@ class ClientEngine:
             "circuit": [{"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}",
                          "exit": d.is_exit} for d in self.path] if self.state is EngineState.CONNECTED else [],
             "build_ms": self.build_ms, "rtt_ms": self.rtt_ms,
-            "connected_since": self.connected_since,
+            "connected_since": self.connected_since,  # kept across circuit switches
+            "circuit_since": self.circuit_since,  # when the current circuit was built
+            "circuits_built": self.circuits_built,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
 
@@ -91,6 +99,7 @@ class ClientEngine:
         self._path_spec = path_spec
         self._want_connected = True
         self.avoid.clear()
+        self._rotate = False
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.create_task(self._supervise())
         return self.snapshot()
@@ -107,11 +116,12 @@ class ClientEngine:
         return self.snapshot()
 
     async def new_circuit(self) -> dict[str, Any]:
+        """Switch to a fresh circuit through other relays; the old one carries traffic until the new
+        one is up, so the user sees no gap and no error."""
         if not self._want_connected:
             raise ControlError("not-connected", "not connected")
-        if self.circuit is not None:
-            self.avoid = set()
-            self._circuit_dead.set()
+        self._rotate = True
+        self._wake.set()
         return self.snapshot()
 
     def set_directory(self, path: Path) -> None:
@@ -136,65 +146,102 @@ class ClientEngine:
             with contextlib.suppress(Exception):
                 self.client.close_circuit(self.circuit)
         self.circuit = None
-        self.connected_since = None
+        self.path = []
+        self.connected_since = self.circuit_since = None
 
     async def _supervise(self) -> None:
         attempt = 0
         while self._want_connected:
             try:
-                await self._build_once(reconnect=attempt > 0)
-                attempt = 0
+                if self.circuit is None:
+                    await self._build(reconnect=attempt > 0)
+                    attempt = 0
+                elif self._rotate:
+                    await self._switch_circuit()
                 await self._keep_alive()
             except ShallotError as exc:
                 if not self._want_connected:
                     return
+                self._drop_circuit()
                 delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
                 attempt += 1
                 log.warning("circuit problem: %s (retrying in %.1f s)", exc, delay)
                 self._set(EngineState.ERROR if attempt >= 3 else EngineState.RECONNECTING,
-                          f"retrying in {delay:.0f} s", str(exc))
+                          f"retrying in {delay:g} s", str(exc))
                 await asyncio.sleep(delay)
-            self._drop_circuit()
 
-    async def _build_once(self, *, reconnect: bool) -> None:
-        self._set(EngineState.RECONNECTING if reconnect else EngineState.CONNECTING, "reading the directory")
+    async def _new_path(self, avoid: set[bytes]) -> list[Descriptor]:
         assert self.directory_path is not None
         relays = load_directory(self.directory_path)
-        usable = [d for d in relays if d.relay_id not in self.avoid] or relays
-        self._set(self.state, "choosing a path")
-        path = choose_path(usable, path_spec=getattr(self, "_path_spec", None), exit_spec=self.exit_choice)
+        usable = [d for d in relays if d.relay_id not in avoid]
+        try:
+            return choose_path(usable, path_spec=self._path_spec, exit_spec=self.exit_choice)
+        except ShallotError:
+            if not avoid:
+                raise
+            return choose_path(relays, path_spec=self._path_spec, exit_spec=self.exit_choice)
+
+    async def _open(self, path: list[Descriptor]) -> ClientCircuit:
         if self.client is None:
             self.client = CircuitClient()
             await self.client.start(path[0].address[0])
             self.client.on_event = self._on_event
+        return await self.client.build(path, timeout=BUILD_TIMEOUT_S)
+
+    def _adopt(self, circ: ClientCircuit, path: list[Descriptor]) -> None:
+        self.circuit, self.path = circ, path
+        self.build_ms = round(circ.build_s * 1000, 3)
+        self.connected_since = self.connected_since or time.time()
+        self.circuit_since = time.time()
+        self.circuits_built += 1
+        self._circuit_dead.clear()
+        self._set(EngineState.CONNECTED, "", "")
+        log.info("circuit built in %.1f ms: %s", self.build_ms, " -> ".join(d.nickname for d in path))
+
+    async def _build(self, *, reconnect: bool) -> None:
+        self._set(EngineState.RECONNECTING if reconnect else EngineState.CONNECTING, "choosing a path")
+        path = await self._new_path(self.avoid)
         self._set(self.state, f"building a circuit through {path[0].nickname}, {path[1].nickname}, "
                               f"{path[2].nickname}")
-        self._circuit_dead.clear()
         try:
-            circ = await self.client.build(path, timeout=10.0)
+            circ = await self._open(path)
         except ShallotError:
             self.avoid.add(path[0].relay_id)  # most build failures are the guard's link; try another
             raise
-        self.circuit, self.path = circ, path
-        self.build_ms = round(circ.build_s * 1000, 3)
-        self.connected_since = time.time()
-        self._set(EngineState.CONNECTED, "")
-        log.info("circuit built in %.1f ms: %s", self.build_ms, " -> ".join(d.nickname for d in path))
+        self._adopt(circ, path)
+
+    async def _switch_circuit(self) -> None:
+        self._rotate = False
+        old = self.circuit
+        self._set(EngineState.CONNECTED, "building a new circuit")
+        try:
+            path = await self._new_path({d.relay_id for d in self.path})
+            circ = await self._open(path)
+        except ShallotError as exc:
+            log.warning("could not build a new circuit: %s; keeping the current one", exc)
+            self._set(EngineState.CONNECTED, "", f"could not build a new circuit: {exc}")
+            return
+        self._adopt(circ, path)
+        if old is not None and self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close_circuit(old)
 
     async def _keep_alive(self) -> None:
-        """Ping through the circuit: keeps it from idling out and measures the round trip."""
+        """Ping through the circuit: keeps it from idling out and measures the round trip.  Returns when
+        a new circuit is requested; raises ShallotError when the circuit dies."""
         assert self.client is not None and self.circuit is not None
         missed = 0
         seq = 0
-        inbox = self.client.inbox[self.circuit.circuit_id]
-        while True:
+        circ = self.circuit
+        inbox = self.client.inbox[circ.circuit_id]
+        while not self._rotate:
             seq += 1
             payload = b"shallot-ping" + seq.to_bytes(8, "big")
             sent_at = time.monotonic()
             try:
-                self.client.send(self.circuit, payload)
+                self.client.send(circ, payload)
             except ValueError:
-                raise ShallotError("the circuit closed") from None
+                raise ShallotError(self.error or "the circuit closed") from None
             self.bytes_sent += len(payload)
             got = False
             deadline = sent_at + PING_TIMEOUT_S
@@ -220,15 +267,23 @@ class ClientEngine:
             missed = 0 if got else missed + 1
             if missed >= MAX_MISSED_PINGS:
                 raise ShallotError("the circuit stopped answering")
-            self._set(EngineState.CONNECTED, "")
+            if self.error and got:
+                self._set(EngineState.CONNECTED, "", "")
+            else:
+                self._set(EngineState.CONNECTED, self.step)
+            self._wake.clear()
+            waiters = {asyncio.ensure_future(self._circuit_dead.wait()), asyncio.ensure_future(self._wake.wait())}
             try:
-                await asyncio.wait_for(self._circuit_dead.wait(), PING_INTERVAL_S)
-                raise ShallotError(self.error or "new circuit requested")
-            except TimeoutError:
-                pass
+                await asyncio.wait(waiters, timeout=PING_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if self._circuit_dead.is_set():
+                raise ShallotError(self.error or "the circuit closed")
 
     def _on_event(self, event: Any) -> None:
-        if isinstance(event, CircuitClosed | CircuitFailed) and event.circuit is self.circuit:
+        if isinstance(event, CircuitClosed | CircuitFailed) and event.circuit is self.circuit \
+                and self.circuit is not None:
             self.error = event.reason
             self._circuit_dead.set()
 

@@ -499,6 +499,7 @@ class LinkLayer:
             link.next_session = None
         link.previous = link.session
         link.session = session
+        link.last_send = now  # the handshake message itself counts: no keepalive right behind it
         self._by_index[session.local_index.to_bytes(4, "big")] = (link, session)
         if link.kind is PeerKind.CLIENT and not link.initiator:
             if link.previous is not None:

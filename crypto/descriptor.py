@@ -115,8 +115,18 @@ class Descriptor:
                exit_policy: ExitPolicySummary | None = None) -> Descriptor:
         if not NICKNAME_RE.fullmatch(nickname):
             raise DescriptorError("nickname must be 1-32 characters of A-Z a-z 0-9 _ -")
+        # refuse to sign anything decode() would reject
+        if not 1 <= len(addresses) <= MAX_ADDRESSES:
+            raise DescriptorError(f"a descriptor has 1..{MAX_ADDRESSES} addresses")
         for host, port in addresses:
             encode_address(host, port)  # validates
+        if len(family) > MAX_FAMILY or any(len(m) != RELAY_ID_LEN for m in family):
+            raise DescriptorError(f"a family has at most {MAX_FAMILY} relay ids of {RELAY_ID_LEN} bytes")
+        if exit_policy is not None and (len(exit_policy.ranges) > MAX_POLICY_RANGES or any(
+                not 0 <= lo <= hi <= 65535 for lo, hi in exit_policy.ranges)):
+            raise DescriptorError(f"an exit policy has at most {MAX_POLICY_RANGES} port ranges lo..hi")
+        if not 0 < lifetime_s <= MAX_LIFETIME_S:
+            raise DescriptorError(f"descriptor lifetime must be 1 s .. {MAX_LIFETIME_S // 86400} days")
         unsigned = cls(identity_pub=keys.identity_pub, link_pub=keys.link_pub, onion_pub=keys.current_onion.public,
                        published=published, expires=published + lifetime_s, flags=FLAG_EXIT if exit_node else 0,
                        nickname=nickname, addresses=addresses, version_min=min(SUPPORTED_VERSIONS),

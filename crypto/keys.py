@@ -140,11 +140,13 @@ class RelayKeys:
     def from_json(cls, text: str) -> RelayKeys:
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
             if d.get("format") != "shallot-relay-keys-1":
                 raise ValueError("unknown key file format")
             keys = cls(identity_seed=_unb64(d["identity_seed"], 32), link_private=_unb64(d["link_private"], 32),
                        onion_keys=[OnionKey(_unb64(k["private"], 32), int(k["created"])) for k in d["onion_keys"]])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"corrupt key file: {exc}") from None
         if not keys.onion_keys:
             raise ValueError("corrupt key file: no onion key")

@@ -149,7 +149,17 @@ class NoiseHandshake:
         return bytes(out)
 
     def read_message(self, message: bytes) -> bytes:
-        message = bytes(message)
+        """Process one handshake message.  On failure the state is left exactly as before, so a forged
+        message cannot spoil the handshake for the genuine one that follows."""
+        sym = self.sym
+        saved = (sym.h, sym.ck, sym.k, sym.n, self.re, self.rs, self._index)
+        try:
+            return self._read_message(bytes(message))
+        except Exception:
+            sym.h, sym.ck, sym.k, sym.n, self.re, self.rs, self._index = saved
+            raise
+
+    def _read_message(self, message: bytes) -> bytes:
         pos = 0
         for token in self._messages[self._index]:
             if token == "e":

@@ -88,7 +88,30 @@ def ed25519_sign(seed: bytes, message: bytes) -> bytes:
     return Ed25519PrivateKey.from_private_bytes(seed).sign(message)
 
 
+_P25519 = 2**255 - 19
+# The eight small-order points of edwards25519 (the torsion subgroup), with the sign bit cleared, as in
+# "Taming the many EdDSAs" (ePrint 2020/1244) and libsodium's blocklist.  A small-order public key
+# verifies forged signatures (A = identity accepts R = identity, S = 0 for every message).
+_SMALL_ORDER_Y = frozenset(bytes.fromhex(h) for h in (
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+))
+
+
+def ed25519_key_acceptable(public: bytes) -> bool:
+    """False for non-canonical encodings and small-order points, which OpenSSL would still accept."""
+    if len(public) != 32:
+        return False
+    y = public[:31] + bytes((public[31] & 0x7F,))
+    return int.from_bytes(y, "little") < _P25519 and y not in _SMALL_ORDER_Y
+
+
 def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> None:
+    if not ed25519_key_acceptable(public):
+        raise AuthFailure("unacceptable Ed25519 public key (small order or non-canonical)")
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
     except (InvalidSignature, ValueError) as exc:

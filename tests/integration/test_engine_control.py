@@ -1,0 +1,350 @@
+"""The control API of a real ``shallot engine`` process, driven over its Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shallot.core import state as state_dir
+from shallot.core.control import ControlClient, ControlError
+from shallot.core.demo import free_udp_ports
+from shallot.crypto.descriptor import encode_directory
+from tests.integration.conftest import Proc, ProcGroup, RunningNetwork, wait_until
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+NOBODY = 65534
+
+
+@dataclass
+class Engine:
+    proc: Proc
+    sock: Path
+
+
+@pytest.fixture
+def engine(procs: ProcGroup, short_tmp: Path, network: RunningNetwork) -> Engine:
+    sock = short_tmp / "engine.sock"
+    proc = procs.start("engine", "--socket", sock, "--directory", network.directory)
+    line = proc.wait_line("listening")
+    assert str(sock) in line
+    return Engine(proc, sock)
+
+
+@contextlib.asynccontextmanager
+async def control(sock: Path) -> AsyncIterator[ControlClient]:
+    client = await ControlClient.connect(sock)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def wait_state(c: ControlClient, pred: Any, timeout: float, what: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        snap = await c.call("status")
+        return snap if pred(snap) else None
+
+    return await wait_until(check, timeout, interval=0.05, what=what)
+
+
+def _connected_with_rtt(snap: dict[str, Any]) -> bool:
+    return snap["state"] == "connected" and isinstance(snap["rtt_ms"], int | float) and bool(snap["circuit"])
+
+
+# ---------------------------------------------------------------------------------------------- happy path
+
+
+async def test_socket_mode_and_hello(engine: Engine, network: RunningNetwork) -> None:
+    assert stat.S_ISSOCK(engine.sock.stat().st_mode)
+    assert stat.S_IMODE(engine.sock.stat().st_mode) == 0o600
+    async with control(engine.sock) as c:
+        assert c.hello == {"shallot": "control", "version": 1, "role": "client"}
+        snap = await c.call("status")
+        assert snap["state"] == "disconnected"
+        assert snap["circuit"] == []
+        assert snap["directory"] == str(network.directory)
+
+
+async def test_connect_new_circuit_disconnect(engine: Engine, network: RunningNetwork) -> None:
+    by_id = {d.id_hex: d for d in network.descriptors}
+    events: list[dict[str, Any]] = []
+
+    async with control(engine.sock) as c, control(engine.sock) as watcher:
+        async def collect() -> None:
+            async for ev in watcher.events():
+                events.append(ev)
+
+        async def saw_disconnected() -> bool:
+            return any(ev.get("data", {}).get("state") == "disconnected" for ev in events)
+
+        collector = asyncio.create_task(collect())
+        await asyncio.sleep(0)  # the collector writes its "subscribe" line ...
+        await watcher.call("status")  # ... and once this is answered, the subscription is in place
+        try:
+            await c.call("connect")
+            snap = await wait_state(c, _connected_with_rtt, 20, "state connected with an rtt")
+            circuit = snap["circuit"]
+            assert len(circuit) == 3 and len({h["id"] for h in circuit}) == 3
+            for hop in circuit:
+                desc = by_id[hop["id"]]  # KeyError: a relay that is not in the directory
+                assert hop["nickname"] == desc.nickname
+                assert hop["address"] == f"{desc.address[0]}:{desc.address[1]}"
+                assert hop["exit"] == desc.is_exit
+            assert circuit[-1]["exit"] is True
+            assert snap["rtt_ms"] > 0 and snap["build_ms"] > 0
+            assert snap["error"] == ""
+            first_since = snap["connected_since"]
+            assert isinstance(first_since, float) and isinstance(snap["circuit_since"], float)
+            first_path = [h["id"] for h in circuit]
+
+            await c.call("new_circuit")
+            built = snap["circuits_built"]
+            snap2 = await wait_state(c, lambda s: _connected_with_rtt(s) and s["circuits_built"] > built,
+                                     20, "a new circuit")
+            assert snap2["circuit_since"] > snap["circuit_since"]
+            assert snap2["connected_since"] == first_since  # the connection did not drop
+            assert len(snap2["circuit"]) == 3 and snap2["circuit"][-1]["exit"] is True
+            # six relays, two exits: the new circuit avoids every relay of the old one
+            assert not set(first_path) & {h["id"] for h in snap2["circuit"]}
+
+            result = await c.call("disconnect")
+            assert result["state"] == "disconnected"
+            snap3 = await c.call("status")
+            assert snap3["state"] == "disconnected" and snap3["circuit"] == []
+            await wait_until(saw_disconnected, 5, what="the disconnected event")
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+    states = [ev["data"]["state"] for ev in events if ev.get("event") == "state"]
+    assert "connecting" in states and "connected" in states and states[-1] == "disconnected", states
+    assert states.index("connecting") < states.index("connected")
+
+
+async def test_new_circuit_is_not_reported_as_an_error(engine: Engine) -> None:
+    events: list[dict[str, Any]] = []
+    async with control(engine.sock) as c, control(engine.sock) as watcher:
+        async def collect() -> None:
+            async for ev in watcher.events():
+                events.append(ev["data"])
+
+        await c.call("connect")
+        first = await wait_state(c, _connected_with_rtt, 20, "state connected")
+        collector = asyncio.create_task(collect())
+        await asyncio.sleep(0)
+        await watcher.call("status")  # subscribed from here on
+        try:
+            await c.call("new_circuit")
+            await wait_state(c, lambda s: _connected_with_rtt(s) and s["circuits_built"] > first["circuits_built"],
+                             20, "a new circuit")
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+    problems = [(e["state"], e["error"]) for e in events if e["error"] or e["state"] in ("reconnecting", "error")]
+    assert problems == [], f"a requested new circuit was reported as a problem: {problems}"
+    assert "circuit problem" not in engine.proc.stderr()
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+
+
+async def test_malformed_lines_get_errors_and_the_engine_keeps_serving(engine: Engine) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(engine.sock))
+    try:
+        hello = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        assert hello["shallot"] == "control"
+
+        async def ask(raw: bytes) -> dict[str, Any]:
+            writer.write(raw)
+            await writer.drain()
+            return json.loads(await asyncio.wait_for(reader.readline(), 5))
+
+        for raw in (b"not json\n", b"[1, 2]\n", b'{"id": 3}\n', b'{"id": 4, "cmd": 5}\n',
+                    b'{"id": 5, "cmd": "status", "args": [1]}\n', b"\xff\xfe\n"):
+            reply = await ask(raw)
+            assert reply["ok"] is False, (raw, reply)
+            assert reply["error"]["kind"] == "bad-request", (raw, reply)
+            assert reply["error"]["message"]
+        reply = await ask(b'{"id": 7, "cmd": "status"}\n')
+        assert reply["id"] == 7 and reply["ok"] is True and reply["result"]["state"] == "disconnected"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+    # an over-long line: an error, the connection ends, the server goes on
+    reader, writer = await asyncio.open_unix_connection(str(engine.sock))
+    try:
+        await asyncio.wait_for(reader.readline(), 5)
+        writer.write(b"x" * (200 * 1024) + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        assert reply["ok"] is False and reply["error"]["kind"] == "bad-request"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    async with control(engine.sock) as c:
+        assert (await c.call("status"))["state"] == "disconnected"
+    assert engine.proc.popen.poll() is None
+
+
+async def test_unknown_command_and_bad_arguments(engine: Engine, tmp_path: Path) -> None:
+    async with control(engine.sock) as c:
+        with pytest.raises(ControlError) as err:
+            await c.call("make_coffee")
+        assert err.value.kind == "unknown-command"
+
+        missing = tmp_path / "no-such-directory-file"
+        with pytest.raises(ControlError) as err:
+            await c.call("set_directory", path=str(missing))
+        assert str(missing) in str(err.value)
+        assert "Traceback" not in str(err.value)
+
+        with pytest.raises(ControlError) as err:
+            await c.call("set_directory")
+        assert err.value.kind == "bad-request"
+
+        with pytest.raises(ControlError) as err:
+            await c.call("new_circuit")
+        assert err.value.kind == "not-connected"
+
+        snap = await c.call("status")  # a failed set_directory leaves the old one in place
+        assert snap["directory"] and snap["directory"] != str(missing)
+
+
+async def test_connect_with_only_unreachable_relays(engine: Engine, tmp_path: Path) -> None:
+    # relays that were keygen'd but nobody runs: their ports are free and stay silent
+    ports = free_udp_ports(3)
+    descs = [state_dir.keygen(tmp_path / f"ghost{i}", ("127.0.0.1", p), f"ghost{i}", i == 2)
+             for i, p in enumerate(ports)]
+    directory = tmp_path / "ghosts"
+    directory.write_text(encode_directory(descs))
+    async with control(engine.sock) as c:
+        snap = await c.call("set_directory", path=str(directory))
+        assert snap["directory"] == str(directory)
+        await c.call("connect")
+        snap = await wait_state(c, lambda s: s["state"] in ("reconnecting", "error"), 25,
+                                "the engine to give up on the unreachable relays")
+        error = snap["error"]
+        assert isinstance(error, str) and error.strip(), snap
+        assert "\n" not in error and "Traceback" not in error, error
+        assert snap["circuit"] == []
+        result = await c.call("disconnect")
+        assert result["state"] == "disconnected"
+    assert "Traceback" not in engine.proc.stderr()
+
+
+async def test_engine_does_not_delete_a_regular_file_at_its_socket_path(procs: ProcGroup, short_tmp: Path) -> None:
+    precious = short_tmp / "notes.txt"
+    precious.write_text("precious\n")
+    proc = procs.start("engine", "--socket", precious)
+    deadline = time.monotonic() + 15
+    while proc.popen.poll() is None and not any("listening" in ln for ln in proc.stdout_lines):
+        if time.monotonic() > deadline:
+            pytest.fail("the engine neither started nor failed")
+        await asyncio.sleep(0.05)
+    assert precious.is_file() and precious.read_text() == "precious\n", "the engine deleted a regular file"
+    assert await asyncio.to_thread(proc.wait, 15) != 0
+    lines = proc.stderr().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shallot: error:"), lines
+
+
+# ---------------------------------------------------------------------------------------------- other users
+
+
+def _try_as_nobody(sock: Path) -> bytes:
+    """In a forked child running as nobody: connect and read the hello.  Returns what happened."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest, no asyncio; always leaves through os._exit
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            try:
+                s.connect(str(sock))
+                data = s.recv(4096)
+                msg = b"hello:" + data if data else b"closed"
+            except PermissionError:
+                msg = b"EACCES"
+            except OSError as exc:
+                msg = f"oserror:{exc.errno}".encode()
+            os.write(w, msg)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the child running as nobody hung")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with os.fdopen(r, "rb") as f:
+            r = -1
+            return f.read()
+    finally:
+        if r != -1:
+            os.close(r)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+async def test_other_uid_is_refused(engine: Engine) -> None:
+    # the socket is 0600 in a directory anybody may enter: the kernel refuses the connect
+    assert stat.S_IMODE(engine.sock.parent.stat().st_mode) == 0o755
+    outcome = await asyncio.to_thread(_try_as_nobody, engine.sock)
+    assert outcome == b"EACCES", outcome
+
+    # even with the file mode opened up, the engine checks the peer's uid and says nothing
+    os.chmod(engine.sock, 0o666)
+    outcome = await asyncio.to_thread(_try_as_nobody, engine.sock)
+    assert not outcome.startswith(b"hello:"), outcome
+    assert outcome in (b"closed", b"oserror:104"), outcome  # closed (or reset) without a hello
+
+    async with control(engine.sock) as c:  # and keeps serving its owner
+        assert (await c.call("status"))["state"] == "disconnected"
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigterm", "sigint"])
+async def test_shutdown_ends_the_engine(engine: Engine, how: str) -> None:
+    async with control(engine.sock) as c:
+        await c.call("connect")
+        await wait_state(c, _connected_with_rtt, 20, "state connected")
+        if how == "shutdown":
+            with contextlib.suppress(Exception):  # the reply may or may not beat the close
+                await c.call("shutdown", timeout=5)
+        else:
+            engine.proc.signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+        code = await asyncio.to_thread(engine.proc.wait, 15)
+    assert code == 0, engine.proc.stderr()
+    assert not engine.sock.exists(), "the engine left its socket behind"
+    assert "Traceback" not in engine.proc.stderr()
