@@ -56,8 +56,13 @@ def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: by
     rng.shuffle(exits)
     for exit_relay in exits:
         chosen = [exit_relay]
-        others = [d for d in pool if d.relay_id != exit_relay.relay_id]
-        rng.shuffle(others)
+        # guard and middle come from non-exits first: exit capacity is the scarce kind (Tor weights the
+        # same way); exits fill those positions only when there are not enough other relays
+        plain = [d for d in pool if d.relay_id != exit_relay.relay_id and not d.is_exit]
+        spare_exits = [d for d in pool if d.relay_id != exit_relay.relay_id and d.is_exit]
+        rng.shuffle(plain)
+        rng.shuffle(spare_exits)
+        others = plain + spare_exits
         for cand in others:
             if len(chosen) == hops:
                 break
