@@ -32,7 +32,7 @@ from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.onion import ClientLayers, IntegrityError
 from shallot.crypto.params import CELL_HEADER_LEN, CREATE_TIMEOUT_S, ONION_HEADER_LEN
-from shallot.crypto.primitives import AuthFailure, RandomBytes, x25519_keypair
+from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, x25519_keypair
 
 _RELAY = bytes((CMD_RELAY,))
 _HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
@@ -117,6 +117,7 @@ class ClientNode:
         priv, pub = x25519_keypair(rng)  # unused static: clients are anonymous (Noise NK)
         self.link = LinkLayer(LinkConfig(link_private=priv, link_pub=pub), rng=rng)
         self.link.on_cell = self._on_cell
+        self.keys = KeyPool(rng, size=6)  # two builds' worth of ephemerals, made while idle
         self.events: deque[ClientEvent] = deque()
         self.counters: Counter[str] = Counter()
         self.circuits: dict[int, ClientCircuit] = {}
@@ -177,6 +178,7 @@ class ClientNode:
         self._now, self._wall = now, wall
         self.link.handle_timer(now, wall)
         self._drain_link_events()
+        self.keys.refill()
         for circ in list(self.circuits.values()):
             if circ.state in (CircuitState.WAITING_LINK, CircuitState.BUILDING) and \
                     now - circ.started_at > CREATE_TIMEOUT_S:
@@ -197,7 +199,8 @@ class ClientNode:
             else:
                 instruction = ch.Terminate(circ.service)
             targets.append(ch.HopTarget(hop.onion_pub, instruction))
-        circ.pending, slots = ch.client_create(targets, minutes=int(self._wall // 60), rng=self._rng)
+        circ.pending, slots = ch.client_create(targets, minutes=int(self._wall // 60), rng=self._rng,
+                                               ephemerals=[self.keys.take() for _ in targets])
         link_id = circ.link.link_id
         cid = new_circuit_id(circ.link, self._rng, lambda c: ((link_id << 32) | c) in self._by_wire)
         key = (link_id << 32) | cid

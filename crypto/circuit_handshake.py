@@ -165,7 +165,7 @@ def decode_payload(payload: bytes) -> tuple[Instruction, int]:
 
 
 def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
-                  ephemerals: list[bytes] | None = None) -> tuple[list[PendingHop], bytes]:
+                  ephemerals: list[bytes] | list[X25519Key] | None = None) -> tuple[list[PendingHop], bytes]:
     """Return per-hop state and the CREATE slots region (CREATE_SLOTS_LEN bytes)."""
     if not 1 <= len(hops) <= N_SLOTS:
         raise ValueError(f"a circuit has 1..{N_SLOTS} hops")
@@ -173,7 +173,8 @@ def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
     records: list[bytes] = []
     layers: list[bytes] = []
     for i, hop in enumerate(hops):
-        x_priv = X25519Key(ephemerals[i] if ephemerals is not None else rng(32))
+        given = ephemerals[i] if ephemerals is not None else None
+        x_priv = given if isinstance(given, X25519Key) else X25519Key(given if given is not None else rng(32))
         x_pub = x_priv.public
         dh_onion = x_priv.exchange(hop.onion_pub)
         k_rec, k_layer = _record_keys(dh_onion, x_pub, hop.onion_pub)
@@ -186,11 +187,11 @@ def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
     # hop k's record sits in slot k, XORed with the layer of every earlier hop at the offset it sees.
     slots = [bytearray(rng(RECORD_LEN)) for _ in range(N_SLOTS)]
     for k, record in enumerate(records):
-        data = bytearray(record)
+        data = int.from_bytes(record, "big")
         for i in range(k - 1, -1, -1):  # hop i sees hop k's record at its slot k - i, i.e. layer offset k-i-1
             off = (k - i - 1) * RECORD_LEN
-            data = bytearray(a ^ b for a, b in zip(data, layers[i][off:off + RECORD_LEN]))
-        slots[k] = data
+            data ^= int.from_bytes(layers[i][off:off + RECORD_LEN], "big")
+        slots[k] = bytearray(data.to_bytes(RECORD_LEN, "big"))
     return pending, b"".join(bytes(s) for s in slots)
 
 
@@ -223,9 +224,10 @@ def relay_open(slots: bytes, onion_keys: dict[bytes, X25519Key], *, rng: RandomB
     return RecordOpened(instruction, minutes, x_pub, dh_onion, public, rest + rng(RECORD_LEN))
 
 
-def relay_reply(opened: RecordOpened, *, rng: RandomBytes, y_private: bytes | None = None) -> tuple[HopKeys, bytes]:
+def relay_reply(opened: RecordOpened, *, rng: RandomBytes,
+                y_private: bytes | X25519Key | None = None) -> tuple[HopKeys, bytes]:
     """Return our circuit keys and our 48-byte reply."""
-    y = X25519Key(y_private if y_private is not None else rng(32))
+    y = y_private if isinstance(y_private, X25519Key) else X25519Key(y_private if y_private is not None else rng(32))
     y_pub = y.public
     keys = HopKeys.derive(y.exchange(opened.x_pub), opened.dh_onion, opened.x_pub, opened.onion_pub, y_pub)
     return keys, y_pub + _auth(keys, opened.x_pub, y_pub, opened.onion_pub)

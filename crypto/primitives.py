@@ -65,6 +65,24 @@ class X25519Key:
         return "X25519Key(<secret>)"
 
 
+class KeyPool:
+    """Fresh X25519 keys made ahead of time (each costs a scalar multiplication), so a circuit build does
+    not wait for them.  Every key is handed out once and then forgotten: forward secrecy is unchanged."""
+
+    def __init__(self, rng: RandomBytes, size: int) -> None:
+        self._rng = rng
+        self.size = size
+        self._keys: list[X25519Key] = []
+
+    def take(self) -> X25519Key:
+        return self._keys.pop() if self._keys else X25519Key(self._rng(32))
+
+    def refill(self) -> None:
+        """Top the pool up; call when idle (a timer tick), never on the packet path."""
+        while len(self._keys) < self.size:
+            self._keys.append(X25519Key(self._rng(32)))
+
+
 def x25519_keypair(rng: RandomBytes) -> tuple[bytes, bytes]:
     """Return (private, public) raw 32-byte keys; the private key is ``rng(32)`` (clamped by X25519)."""
     private = rng(32)

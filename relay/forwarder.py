@@ -50,7 +50,7 @@ from shallot.crypto.params import (
     ONION_HEADER_LEN,
     RECORD_SKEW_MIN,
 )
-from shallot.crypto.primitives import AuthFailure, RandomBytes, X25519Key
+from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key
 from shallot.exit.echo import DiscardService, EchoService
 
 log = logging.getLogger("shallot.relay")
@@ -154,6 +154,7 @@ class RelayNode:
         self.echo = EchoService()
         self.discard = DiscardService()
         self.open_circuits = 0
+        self.reply_keys = KeyPool(rng, size=16)  # our build-reply ephemerals, made while idle
         self._last_integrity_log = float("-inf")
         # hot-path table for open forwarding circuits: key -> (out link, cell prefix, header cipher context,
         # body stream context, forward?, circuit)
@@ -180,6 +181,7 @@ class RelayNode:
         self._now, self._wall = now, wall
         self.link.handle_timer(now, wall)
         self._drain_link_events()
+        self.reply_keys.refill()
         for circ, from_prev in list(self.circuits.values()):
             if not from_prev:
                 continue
@@ -347,7 +349,7 @@ class RelayNode:
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_replay_cache_full")
             return
         cache[opened.x_pub] = self._wall + 2 * RECORD_SKEW_MIN * 60 + 60
-        keys, reply = ch.relay_reply(opened, rng=self._rng)
+        keys, reply = ch.relay_reply(opened, rng=self._rng, y_private=self.reply_keys.take())
         circ = RelayCircuit(prev_link=link, prev_cid=cid, created_at=self._now, last_active=self._now,
                             keys=keys, reply=reply, prev_prefix=cid.to_bytes(4, "big") + _RELAY)
         instruction = opened.instruction
