@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-class EchoService:
-    """Answers every datagram with the same bytes.  Stateless; counts what it served."""
+class DatagramService:
+    """Counts what it served; subclasses decide what goes back."""
 
-    name = "echo"
+    name = "service"
 
     def __init__(self) -> None:
         self.datagrams = 0
@@ -15,19 +15,25 @@ class EchoService:
     def on_datagram(self, data: bytes) -> list[bytes]:
         self.datagrams += 1
         self.bytes += len(data)
+        return self.reply(data)
+
+    def reply(self, data: bytes) -> list[bytes]:
+        raise NotImplementedError
+
+
+class EchoService(DatagramService):
+    """Answers every datagram with the same bytes."""
+
+    name = "echo"
+
+    def reply(self, data: bytes) -> list[bytes]:
         return [data]
 
 
-class DiscardService:
+class DiscardService(DatagramService):
     """Counts and drops every datagram (like RFC 863's discard service); used for one-way measurements."""
 
     name = "discard"
 
-    def __init__(self) -> None:
-        self.datagrams = 0
-        self.bytes = 0
-
-    def on_datagram(self, data: bytes) -> list[bytes]:
-        self.datagrams += 1
-        self.bytes += len(data)
+    def reply(self, data: bytes) -> list[bytes]:
         return []

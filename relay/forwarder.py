@@ -51,7 +51,7 @@ from shallot.crypto.params import (
     RECORD_SKEW_MIN,
 )
 from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key
-from shallot.exit.echo import DiscardService, EchoService
+from shallot.exit.echo import DatagramService, DiscardService, EchoService
 
 log = logging.getLogger("shallot.relay")
 _RELAY = bytes((CMD_RELAY,))
@@ -88,7 +88,7 @@ class RelayCircuit:
     endpoint: EndpointLayer | None = None
     reply: bytes = b""
     keys: ch.HopKeys | None = None
-    service: EchoService | DiscardService | None = None
+    service: DatagramService | None = None
     prev_prefix: bytes = b""  # circ id bytes on the previous link, precomputed for the hot path
     next_prefix: bytes = b""
 
