@@ -36,18 +36,19 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("directory", help="bundle relays' descriptors into a directory file",
                        description="Write the signed descriptors of the given state directories into FILE.")
-    d.add_argument("--out", required=True, type=Path, metavar="FILE")
-    d.add_argument("states", nargs="+", type=Path, metavar="DIR")
+    d.add_argument("--out", required=True, type=Path, metavar="FILE", help="directory file to write")
+    d.add_argument("states", nargs="+", type=Path, metavar="DIR", help="relay state directories")
 
     for name, text in (("relay", "run relay-server mode (exit-node mode if keygen had --exit)"),
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
-        r.add_argument("--state", required=True, type=Path, metavar="DIR")
+        r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
 
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
                                     "datagrams through it to the exit's echo service.")
-    pr.add_argument("--directory", required=True, type=Path, metavar="FILE")
+    pr.add_argument("--directory", required=True, type=Path, metavar="FILE",
+                    help="directory file of signed relay descriptors (made by 'shallot directory')")
     pr.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit (ids, id prefixes or nicknames)")
     pr.add_argument("--exit", metavar="ID", help="use this exit")
     pr.add_argument("--count", type=int, default=10, metavar="N", help="datagrams to send (default 10)")
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
     g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -143,7 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_engine(args: argparse.Namespace) -> int:
     from shallot.core.engine import default_socket, run_engine
     from shallot.core.udp import run
-    run(run_engine(args.socket or default_socket(), directory=args.directory))
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory))
     return 0
 
 
