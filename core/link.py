@@ -279,8 +279,9 @@ class LinkLayer:
             return
         link, session = entry
         counter = data[5:13]
+        view = memoryview(data)  # no copy of the 1416-byte ciphertext before the AEAD reads it
         try:
-            cell = session.recv_aead.decrypt(_NONCE_PREFIX + counter, data[LINK_HEADER_LEN:], data[:LINK_HEADER_LEN])
+            cell = session.recv_aead.decrypt(_NONCE_PREFIX + counter, view[LINK_HEADER_LEN:], view[:LINK_HEADER_LEN])
         except InvalidTag:
             self.counters["drop_bad_tag"] += 1
             return
