@@ -8,10 +8,13 @@ family; the last one is an exit whose policy allows the requested port.  Randomn
 from __future__ import annotations
 
 import ipaddress
-import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shallot.crypto.descriptor import Descriptor
+
+if TYPE_CHECKING:  # the caller passes its Random in; this module draws no randomness of its own
+    import random
 
 
 class PathError(ValueError):
