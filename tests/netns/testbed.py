@@ -1,0 +1,221 @@
+"""A scriptable testbed of Linux network namespaces (docs/TESTBED.md).
+
+Every namespace is named ``shtb<pid>-<role>`` after the process that made it, recorded, and removed by
+``close()`` (which a fixture always calls); ``remove_stale()`` clears namespaces of dead test
+processes.  Traffic stays inside these namespaces: nothing here touches the root namespace's routes
+or firewall.
+
+Standard topology (``StandardTopology``)::
+
+    client 10.10.0.2 ── natgw 10.10.0.1 | 203.0.113.10 ──┐
+                                                        │  "internet": bridge br0 in ns "inet"
+    guard 192.0.2.21, middle 198.51.100.22, exit 203.0.113.23, web 198.51.100.80
+                                           exit 10.99.0.1 ── lan 10.99.0.10   (the exit's private network)
+
+The "internet" hosts sit in the three documentation networks (192.0.2/24, 198.51.100/24, 203.0.113/24),
+so guard, middle and exit are in different /16s as path selection demands; one flat bridge with
+on-link routes joins them.
+
+natgw masquerades the client (nftables, endpoint-independent mapping as Linux does by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX_RE = re.compile(r"^shtb(\d+)-")
+
+
+class TestbedError(RuntimeError):
+    pass
+
+
+def available() -> str | None:
+    """None if namespaces can be made here, else the reason they cannot."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"the '{tool}' command is missing (apt-get install iproute2 nftables)"
+    return None
+
+
+def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 20,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=stdin)
+    if check and res.returncode != 0:
+        raise TestbedError(f"{' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def remove_stale() -> list[str]:
+    """Delete testbed namespaces whose creating process is gone (a test run that was killed)."""
+    removed = []
+    for line in _sh(["ip", "netns", "list"], check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = PREFIX_RE.match(name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            _sh(["ip", "netns", "del", name], check=False)
+            removed.append(name)
+    return removed
+
+
+@dataclass
+class Testbed:
+    prefix: str = field(default_factory=lambda: f"shtb{os.getpid()}")
+    namespaces: list[str] = field(default_factory=list)
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    _veths: int = 0
+
+    def name(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+    def add_ns(self, role: str) -> str:
+        ns = self.name(role)
+        _sh(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        self.ip(ns, "link", "set", "lo", "up")
+        return ns
+
+    def exec(self, ns: str, *argv: str, check: bool = True, timeout: float = 20,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return _sh(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout, stdin=stdin)
+
+    def ip(self, ns: str, *args: str) -> None:
+        self.exec(ns, "ip", *args)
+
+    def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        self._veths += 1  # temporary names in the root namespace: unique per process and call, <= 15 chars
+        tag = f"tb{os.getpid() % 100000}{self._veths}"
+        tmp_a, tmp_b = f"{tag}a", f"{tag}b"
+        _sh(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+        try:
+            _sh(["ip", "link", "set", tmp_a, "netns", ns_a, "name", if_a])
+            _sh(["ip", "link", "set", tmp_b, "netns", ns_b, "name", if_b])
+        except TestbedError:
+            _sh(["ip", "link", "del", tmp_a], check=False)  # never leave a veth in the root namespace
+            raise
+        self.ip(ns_a, "link", "set", if_a, "up")
+        self.ip(ns_b, "link", "set", if_b, "up")
+
+    def address(self, ns: str, ifname: str, cidr: str) -> None:
+        self.ip(ns, "addr", "add", cidr, "dev", ifname)
+
+    def forwarding(self, ns: str) -> None:
+        self.exec(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+
+    def masquerade(self, ns: str, out_if: str) -> None:
+        rules = (f"table ip testbed_nat {{\n chain post {{\n  type nat hook postrouting priority srcnat;\n"
+                 f'  oifname "{out_if}" masquerade\n }}\n}}\n')
+        self.exec(ns, "nft", "-f", "-", stdin=rules)
+
+    def spawn(self, ns: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        """Stop every process we started (by PID), then delete every namespace (which removes their
+        veths, bridges, routes and nftables tables with them)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        self.procs.clear()
+        for ns in reversed(self.namespaces):
+            _sh(["ip", "netns", "del", ns], check=False)
+        self.namespaces.clear()
+
+
+@dataclass
+class StandardTopology:
+    """The namespaces and addresses of the standard testbed (see the module docstring)."""
+
+    tb: Testbed
+    ns: dict[str, str] = field(default_factory=dict)
+    internet: tuple[str, ...] = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+    addr: dict[str, str] = field(default_factory=lambda: {
+        "client": "10.10.0.2", "natgw_inside": "10.10.0.1", "natgw": "203.0.113.10",
+        "guard": "192.0.2.21", "middle": "198.51.100.22", "exit": "203.0.113.23", "web": "198.51.100.80",
+        "exit_lan": "10.99.0.1", "lan": "10.99.0.10"})
+
+    def build(self) -> StandardTopology:
+        tb, a = self.tb, self.addr
+        inet = self.ns["inet"] = tb.add_ns("inet")
+        tb.ip(inet, "link", "add", "br0", "type", "bridge")
+        tb.ip(inet, "link", "set", "br0", "up")
+        for i, role in enumerate(("natgw", "guard", "middle", "exit", "web")):
+            ns = self.ns[role] = tb.add_ns(role)
+            port = f"p{i}"
+            tb.veth(ns, "eth0", inet, port)
+            tb.ip(inet, "link", "set", port, "master", "br0")
+            tb.address(ns, "eth0", f"{a[role]}/24")
+            for net in self.internet:  # the other documentation networks are on the same wire
+                tb.exec(ns, "ip", "route", "replace", net, "dev", "eth0")
+        client = self.ns["client"] = tb.add_ns("client")
+        tb.veth(client, "eth0", self.ns["natgw"], "lan0")
+        tb.address(client, "eth0", f"{a['client']}/24")
+        tb.address(self.ns["natgw"], "lan0", f"{a['natgw_inside']}/24")
+        tb.ip(client, "route", "add", "default", "via", a["natgw_inside"])
+        tb.forwarding(self.ns["natgw"])
+        tb.masquerade(self.ns["natgw"], "eth0")
+        lan = self.ns["lan"] = tb.add_ns("lan")
+        tb.veth(self.ns["exit"], "lan0", lan, "eth0")
+        tb.address(self.ns["exit"], "lan0", f"{a['exit_lan']}/24")
+        tb.address(lan, "eth0", f"{a['lan']}/24")
+        tb.ip(lan, "route", "add", "default", "via", a["exit_lan"])
+        return self
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.netns.testbed up`` builds the standard topology and waits (Ctrl-C tears it
+    down); ``clean`` removes namespaces left by killed runs."""
+    args = argv if argv is not None else sys.argv[1:]
+    reason = available()
+    if reason:
+        print(f"testbed: {reason}", file=sys.stderr)
+        return 1
+    if args[:1] == ["clean"]:
+        print("\n".join(remove_stale()) or "nothing to clean")
+        return 0
+    if args[:1] != ["up"]:
+        print("usage: python -m tests.netns.testbed up|clean", file=sys.stderr)
+        return 2
+    tb = Testbed()
+    try:
+        topo = StandardTopology(tb).build()
+        for role, ns in topo.ns.items():
+            print(f"{role:8} {ns:24} {topo.addr.get(role, '')}")
+        print("up; Ctrl-C tears it down", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        tb.close()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())
