@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PURE = sorted([*ROOT.glob("crypto/*.py"), ROOT / "core/cells.py", ROOT / "core/link.py", ROOT / "core/circuit.py",
+PURE = sorted([*ROOT.glob("crypto/*.py"), ROOT / "core/cells.py", ROOT / "core/ippacket.py", ROOT / "exit/policy.py", ROOT / "core/link.py", ROOT / "core/circuit.py",
                ROOT / "core/path.py", ROOT / "relay/forwarder.py", ROOT / "exit/echo.py"])
 FORBIDDEN = {"asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
              "random", "uvloop", "qasync", "PySide6", "shallot.core.udp", "shallot.core.engine",
