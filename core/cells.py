@@ -22,7 +22,6 @@ from shallot.crypto.params import (
     CREATED_SLOTS_LEN,
     INNER_LEN,
     MAX_DATA_LEN,
-    ONION_HEADER_LEN,
 )
 
 CMD_CREATE = 1
@@ -74,14 +73,6 @@ def decode_cell(cell: bytes) -> tuple[int, int, bytes]:
     if circ_id == 0 and command != CMD_PADDING:
         raise DecodeError("circuit id 0 is reserved for link padding")
     return circ_id, command, cell[CELL_HEADER_LEN:]
-
-
-def relay_cell(circ_id: int, header: bytes, body: bytes) -> bytes:
-    return circ_id.to_bytes(4, "big") + b"\x03" + header + body
-
-
-def split_relay_payload(payload: bytes) -> tuple[bytes, bytes]:
-    return payload[:ONION_HEADER_LEN], payload[ONION_HEADER_LEN:]
 
 
 def create_slots(payload: bytes) -> bytes:

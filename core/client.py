@@ -99,6 +99,8 @@ class CircuitClient:
                     fut.set_result(circ)
             elif isinstance(event, CircuitFailed | CircuitClosed):
                 self._marks.pop(circ.circuit_id, None)
+                self.build_datagrams.pop(circ.circuit_id, None)
+                self.inbox.pop(circ.circuit_id, None)  # whoever still reads it holds its own reference
                 fut = self._waiters.get(circ.circuit_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(ShallotError(f"circuit failed: {event.reason}"))

@@ -184,9 +184,12 @@ class ClientEngine:
                 elif self._rotate:
                     await self._switch_circuit()
                 await self._keep_alive()
-            except ShallotError as exc:
+            except Exception as exc:  # ShallotError is the expected kind; anything else is logged as a bug
                 if not self._want_connected:
                     return
+                if not isinstance(exc, ShallotError):
+                    log.exception("unexpected error while keeping the circuit")
+                    exc = ShallotError(f"internal error: {exc!r}")
                 self._drop_circuit()
                 delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
                 attempt += 1

@@ -49,6 +49,10 @@ _TRANSPORT = bytes((MSG_TRANSPORT,))
 PADDING_CELL = bytes(4) + bytes((5,)) + bytes(CELL_LEN - 5)  # circ id 0, command PADDING
 
 
+class LinkError(Exception):
+    """A link cannot be opened (bad peer key, too many links); the caller refuses what needed it."""
+
+
 class PeerKind(enum.Enum):
     CLIENT = "client"  # anonymous (Noise NK); we are its guard
     RELAY = "relay"  # authenticated by identity key (Noise IK)
@@ -134,7 +138,6 @@ class Link:
     pending: lh.InitiatorState | None = None
     attempts: int = 0
     retry_at: float | None = None
-    last_initiation: bytes = b""
     last_rx_timestamp: int = 0
     next_session: Session | None = None  # responder side: a rekeyed session not yet used by the peer
 
@@ -209,13 +212,19 @@ class LinkLayer:
                 existing = table.get(peer_link_pub)
                 if existing is not None and existing.state is not LinkState.CLOSED:
                     return existing
-        link = self._new_link(addr, PeerKind.RELAY, initiator=True)
+        if len(self.links) >= self.config.max_links:
+            raise LinkError("too many links")
+        link = self._new_link(addr, PeerKind.RELAY, initiator=True, now=now)
         link.peer_link_pub = peer_link_pub
         link.peer_relay_id = peer_relay_id  # informational only (unauthenticated on the dialing side)
         if reuse:
             self._dialed[peer_link_pub] = link
         link.last_recv = now
-        self._start_handshake(link, now, wall)
+        try:
+            self._start_handshake(link, now, wall)
+        except AuthFailure:  # a low-order key: no handshake can ever complete
+            self.close_link(link, "unusable peer key")
+            raise LinkError("unusable peer link key") from None
         return link
 
     def send_cell(self, link: Link, cell: bytes, now: float) -> None:
@@ -342,7 +351,7 @@ class LinkLayer:
                 if len(self.links) >= cfg.max_links:
                     self.counters["drop_too_many_links"] += 1
                     return
-                link = self._new_link(addr, PeerKind.CLIENT, initiator=False)
+                link = self._new_link(addr, PeerKind.CLIENT, initiator=False, now=now)
             else:
                 self.counters["link_resumed"] += 1
         else:
@@ -356,7 +365,7 @@ class LinkLayer:
                 if len(self.links) >= cfg.max_links:
                     self.counters["drop_too_many_links"] += 1
                     return
-                link = self._new_link(addr, PeerKind.RELAY, initiator=False)
+                link = self._new_link(addr, PeerKind.RELAY, initiator=False, now=now)
                 link.peer_link_pub = peer_pub
                 self._accepted[peer_pub] = link
             link.peer_relay_id = init.relay.relay_id  # authenticated by the link certificate
@@ -364,8 +373,8 @@ class LinkLayer:
         local_index = self._new_index()
         keys, response = lh.write_response(init, sender_index=local_index, rng=self._rng)
         session = Session(keys, local_index, init.sender_index, now, self._first_counter())
-        link.addr = addr
         if link.session is None:
+            link.addr = addr  # a new link; an existing one moves only on an authenticated transport packet
             self._install_session(link, session, now)
         else:
             # a rekey: keep sending on the current session until the initiator uses the new one (its
@@ -408,11 +417,19 @@ class LinkLayer:
             if link.pending is not None and link.retry_at is not None and now >= link.retry_at:
                 if link.attempts >= HANDSHAKE_ATTEMPTS:
                     self.counters["handshake_timeout"] += 1
-                    self.close_link(link, "handshake timed out")
-                    continue
-                self._send_initiation(link, now, wall)
+                    if link.session is None:
+                        self.close_link(link, "handshake timed out")
+                        continue
+                    # a rekey that got no answer: the current session stays usable until it expires
+                    self._pending_by_index.pop(link.pending.sender_index, None)
+                    link.pending = None
+                    link.retry_at = None
+                else:
+                    self._send_initiation(link, now, wall)
             session = link.session
             if session is None:
+                if link.pending is None:  # nothing will ever bring this link up
+                    self.close_link(link, "no handshake")
                 continue
             age = now - session.created
             if link.initiator and link.pending is None and (
@@ -443,14 +460,18 @@ class LinkLayer:
         self._next_tick = now + 1.0
 
     def timer(self) -> float | None:
-        deadline = self._next_tick
+        # housekeeping ticks once a second while any link exists (keepalives, rekeys, silence checks,
+        # the owner's own timeouts); a node with no links sleeps
+        deadline = self._next_tick if self.links else None
         for link in self._pending_by_index.values():
             if link.retry_at is not None and (deadline is None or link.retry_at < deadline):
                 deadline = link.retry_at
         return deadline
 
     # ------------------------------------------------------------------ internals
-    def _new_link(self, addr: Address, kind: PeerKind, *, initiator: bool) -> Link:
+    def _new_link(self, addr: Address, kind: PeerKind, *, initiator: bool, now: float) -> Link:
+        if self._next_tick is None or self._next_tick > now + 1.0:
+            self._next_tick = now + 1.0
         link = Link(self._next_link_id, addr, kind, initiator)
         self._next_link_id += 1
         self.links[link.link_id] = link

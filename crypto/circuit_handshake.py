@@ -18,7 +18,7 @@ adds a ChaCha20 layer (keyed by its circuit keys) over the reply slots and prepe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
@@ -108,7 +108,7 @@ class PendingHop:
     x_private: X25519Key
     x_pub: bytes
     onion_pub: bytes
-    dh_onion: bytes
+    dh_onion: bytes = field(repr=False)
 
 
 def _xor_stream(key: bytes, data: bytes) -> bytes:
@@ -200,9 +200,9 @@ class RecordOpened:
     instruction: Instruction
     minutes: int
     x_pub: bytes
-    dh_onion: bytes
-    onion_pub: bytes
-    forward_slots: bytes  # what to send to the next hop (meaningless for TERMINATE)
+    dh_onion: bytes = field(repr=False)
+    onion_pub: bytes = b""
+    forward_slots: bytes = field(default=b"", repr=False)  # what to send to the next hop (meaningless for TERMINATE)
 
 
 def relay_open(slots: bytes, onion_keys: dict[bytes, X25519Key], *, rng: RandomBytes) -> RecordOpened:

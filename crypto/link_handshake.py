@@ -12,7 +12,8 @@ The Noise prologue binds the label, the message type, the version and the sender
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hmac
+from dataclasses import dataclass, field
 
 from shallot.crypto.codec import DecodeError, Reader
 from shallot.crypto.keys import relay_id_of, verify_link_cert
@@ -69,7 +70,7 @@ class Initiation:
     sender_index: int
     timestamp_ns: int
     ephemeral: bytes
-    resume: bytes  # NO_RESUME for a fresh client link or for a relay
+    resume: bytes = field(repr=False)  # NO_RESUME for a fresh client link or for a relay
     relay: RelayPeer | None  # None: anonymous client
 
 
@@ -109,7 +110,7 @@ def relay_initiation(*, link_private: bytes, identity_pub: bytes, cert_expires: 
 
 def check_mac1(link_pub: bytes, packet: bytes) -> bool:
     """Cheap pre-DH filter: only someone who knows our link key can make us do a DH."""
-    return len(packet) > MAC_LEN and mac1(link_pub, packet[:-MAC_LEN]) == packet[-MAC_LEN:]
+    return len(packet) > MAC_LEN and hmac.compare_digest(mac1(link_pub, packet[:-MAC_LEN]), packet[-MAC_LEN:])
 
 
 def read_initiation(*, link_private: bytes, link_pub: bytes, packet: bytes, wall: float) -> Initiation:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from shallot.crypto.circuit_handshake import HopKeys
-from shallot.crypto.params import BODY_LEN, INNER_LEN, ONION_HEADER_LEN
+from shallot.crypto.params import BODY_LEN, INNER_LEN, ONION_HEADER_LEN, REPLAY_WINDOW
 
 _ZERO8 = bytes(8)
 _ZERO4 = bytes(4)
@@ -116,7 +116,7 @@ class EndpointLayer:
 
     __slots__ = ("_bwd_aead", "_bwd_hdr", "_fwd_aead", "_fwd_hdr", "_send_seq", "replay")
 
-    def __init__(self, keys: HopKeys, window: int = 2048) -> None:
+    def __init__(self, keys: HopKeys, window: int = REPLAY_WINDOW) -> None:
         self._fwd_hdr = Cipher(algorithms.AES(keys.fwd_hdr), modes.ECB()).decryptor()
         self._fwd_aead = ChaCha20Poly1305(keys.fwd_e2e)
         self._bwd_hdr = Cipher(algorithms.AES(keys.bwd_hdr), modes.ECB()).encryptor()
@@ -152,7 +152,7 @@ class ClientLayers:
     __slots__ = ("_bwd_aead", "_bwd_hdr_dec", "_bwd_streams", "_fwd_aead", "_fwd_hdr_enc", "_fwd_streams",
                  "_send_seq", "replay")
 
-    def __init__(self, hops: list[HopKeys], window: int = 2048) -> None:
+    def __init__(self, hops: list[HopKeys], window: int = REPLAY_WINDOW) -> None:
         last = hops[-1]
         self._fwd_hdr_enc = [Cipher(algorithms.AES(h.fwd_hdr), modes.ECB()).encryptor() for h in hops]
         self._fwd_streams = [_Stream(h.fwd_body) for h in hops[:-1]]

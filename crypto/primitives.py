@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 RandomBytes = Callable[[int], bytes]
 
@@ -169,6 +169,3 @@ def aead_open(key: bytes, nonce: bytes, ciphertext: bytes, ad: bytes = b"") -> b
     except InvalidTag as exc:
         raise AuthFailure("AEAD tag mismatch") from exc
 
-
-def private_bytes_ed25519(key: Ed25519PrivateKey) -> bytes:  # pragma: no cover - helper for key import
-    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())

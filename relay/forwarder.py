@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +34,10 @@ from shallot.core.link import (
     Link,
     LinkConfig,
     LinkDown,
+    LinkError,
     LinkLayer,
     PeerKind,
+    TokenBuckets,
     new_circuit_id,
     peer_may_create,
 )
@@ -97,26 +99,46 @@ def _key(link_id: int, cid: int) -> int:
     return (link_id << 32) | cid
 
 
-def extend_target_allowed(own_host: str, target_host: str) -> bool:
-    """A relay extends only to addresses in its own scope: a public relay never to loopback, private or
-    link-local addresses (a client could otherwise aim it at services behind it), a relay on a private
-    network also to private addresses, a loopback test relay also to loopback.  Never to multicast,
-    broadcast or unspecified addresses."""
+def _scope(host: str) -> str | None:
+    """'global', 'private', 'link-local', 'loopback', or None for addresses nobody may extend to.
+    IPv4-mapped and 6to4 IPv6 addresses are judged as the IPv4 address they carry."""
     import ipaddress
     try:
-        target = ipaddress.ip_address(target_host)
-        own = ipaddress.ip_address(own_host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            ip = embedded
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return None
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    return "global" if ip.is_global else "private"  # CGNAT, RFC 1918, ULA, documentation: not global
+
+
+def extend_target_allowed(own_host: str, target_host: str) -> bool:
+    """A relay extends only to addresses in its own scope: a public relay only to global addresses (a
+    client could otherwise aim it at services behind it, e.g. 169.254.169.254), a relay on a private
+    network also to private ones, a loopback test relay only to loopback.  Never to multicast,
+    broadcast or unspecified addresses."""
+    target, own = _scope(target_host), _scope(own_host)
+    if target is None or target == "unspecified" or own is None:
         return False
-    if target.is_multicast or target.is_unspecified or target == ipaddress.IPv4Address("255.255.255.255"):
-        return False
-    if target.is_loopback:
-        return own.is_loopback
-    if target.is_link_local:
-        return own.is_link_local or own.is_loopback
-    if target.is_private:
-        return own.is_private or own.is_unspecified
-    return True
+    if own == "loopback":
+        return target == "loopback"
+    if target == "global":
+        return True
+    if target == "private":
+        return own in ("private", "unspecified")
+    if target == "link-local":
+        return own == "link-local"
+    return False
 
 
 @dataclass
@@ -161,8 +183,9 @@ class RelayNode:
         self._routes: dict[int, tuple[Link, bytes, Any, Any, bool, RelayCircuit]] = {}
         self._now = 0.0
         self._wall = wall
-        self._create_buckets: dict[str, tuple[float, float]] = {}
-        self.events: deque[object] = deque()
+        cfg = self.config
+        self._client_creates = TokenBuckets(cfg.creates_per_second, cfg.creates_burst)
+        self._relay_creates = TokenBuckets(cfg.relay_creates_per_second, cfg.relay_creates_burst)
         self.on_destroyed: Callable[[RelayCircuit], None] | None = None
 
     # ------------------------------------------------------------------ I/O entry points
@@ -304,18 +327,9 @@ class RelayNode:
         self.counters["drop_unknown_command"] += 1
 
     def _allow_create(self, link: Link) -> bool:
-        cfg = self.config
         if link.kind is PeerKind.RELAY:
-            key, rate, burst = f"link {link.link_id}", cfg.relay_creates_per_second, cfg.relay_creates_burst
-        else:
-            key, rate, burst = link.addr[0], cfg.creates_per_second, cfg.creates_burst
-        tokens, last = self._create_buckets.pop(key, (burst, self._now))
-        tokens = min(burst, tokens + (self._now - last) * rate)
-        ok = tokens >= 1.0
-        self._create_buckets[key] = (tokens - 1.0 if ok else tokens, self._now)
-        if len(self._create_buckets) > 65536:
-            del self._create_buckets[next(iter(self._create_buckets))]
-        return ok
+            return self._relay_creates.allow(f"link {link.link_id}", self._now)
+        return self._client_creates.allow(link.addr[0], self._now)
 
     def _reject_create(self, link: Link, cid: int, reason: DestroyReason, counter: str) -> None:
         self.counters[counter] += 1
@@ -377,8 +391,12 @@ class RelayNode:
         if not extend_target_allowed(self.own_host, instruction.host):
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_address")
             return
-        nxt = self.link.open_link((instruction.host, instruction.port), instruction.link_pub, self._now, self._wall,
-                                  peer_relay_id=instruction.relay_id)
+        try:
+            nxt = self.link.open_link((instruction.host, instruction.port), instruction.link_pub, self._now,
+                                      self._wall, peer_relay_id=instruction.relay_id)
+        except LinkError:
+            self._reject_create(link, cid, DestroyReason.CONNECT_FAILED, "reject_create_cannot_dial")
+            return
         circ.next_link = nxt
         circ.next_cid = self._new_cid(nxt)
         circ.next_prefix = circ.next_cid.to_bytes(4, "big") + _RELAY
@@ -475,7 +493,6 @@ class RelayNode:
                         reason = (DestroyReason.CONNECT_FAILED if circ.state is CircState.BUILDING
                                   else DestroyReason.LINK_DOWN)
                         self._destroy(circ, reason, skip=dead)
-            self.events.append(event)
 
     def neighbours_of(self, circ: RelayCircuit) -> tuple[Address, Address | None]:
         """For tests: the only addresses a relay knows about a circuit are its two neighbours."""

@@ -73,14 +73,20 @@ class RelayService:
     async def _rotate_loop(self) -> None:
         while True:
             await asyncio.sleep(ROTATE_CHECK_S)
-            assert self.node is not None
-            wall = time.time()
-            if self.node.renew_link_cert(wall):
-                log.info("link certificate renewed")
-            if self.node.rotate_onion_keys(wall):
-                state_dir.save_keys(self.state, self.keys)
-                state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
-                log.info("onion key rotated; descriptor re-signed")
+            try:
+                self._rotate_once()
+            except Exception:  # a full disk must not end key and certificate renewal for good
+                log.exception("key rotation failed; trying again in %.0f s", ROTATE_CHECK_S)
+
+    def _rotate_once(self) -> None:
+        assert self.node is not None
+        wall = time.time()
+        if self.node.renew_link_cert(wall):
+            log.info("link certificate renewed")
+        if self.node.rotate_onion_keys(wall):
+            state_dir.save_keys(self.state, self.keys)
+            state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+            log.info("onion key rotated; descriptor re-signed")
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.node is not None

@@ -359,7 +359,7 @@ def link_targets() -> tuple[Target, ...]:
         layer.open_link(("10.99.0.1", 9), absent, net.now, net.wall)
         layer.outbox.clear()
         layer.events.clear()
-    relay.events.clear()
+
     client.events.clear()
     out = []
     for name, node, layer, pub in (("LinkLayer", bare, bare, keys.link_pub),
