@@ -34,7 +34,8 @@ COMMANDS = frozenset({CMD_CREATE, CMD_CREATED, CMD_RELAY, CMD_DESTROY, CMD_PADDI
 MSG_DATA = 1
 MSG_END = 2
 MSG_DROP = 3
-MESSAGE_TYPES = frozenset({MSG_DATA, MSG_END, MSG_DROP})
+MSG_CONFIG = 4  # IP service: empty request from the client, address/resolver/MTU answer from the exit
+MESSAGE_TYPES = frozenset({MSG_DATA, MSG_END, MSG_DROP, MSG_CONFIG})
 
 _PAYLOAD_LEN = CELL_LEN - CELL_HEADER_LEN
 _ZERO_PAYLOAD = bytes(_PAYLOAD_LEN)

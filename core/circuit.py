@@ -16,6 +16,7 @@ from shallot.core.cells import (
     CMD_CREATED,
     CMD_DESTROY,
     CMD_RELAY,
+    MSG_CONFIG,
     MSG_DATA,
     MSG_DROP,
     MSG_END,
@@ -91,7 +92,16 @@ class DatagramReceived:
     data: bytes
 
 
-ClientEvent = CircuitBuilt | CircuitFailed | CircuitClosed | DatagramReceived
+@dataclass(frozen=True)
+class ConfigReceived:
+    """The exit's answer on a SERVICE_IP circuit: our tunnel address, resolver and MTU (raw payload,
+    decoded by shallot.exit.ipservice.decode_config)."""
+
+    circuit: ClientCircuit
+    data: bytes
+
+
+ClientEvent = CircuitBuilt | CircuitFailed | CircuitClosed | DatagramReceived | ConfigReceived
 
 _DESTROY_TEXT = {
     DestroyReason.REQUESTED: "closed by the exit",
@@ -157,6 +167,14 @@ class ClientNode:
         assert circ.layers is not None and circ.link is not None
         header, body = circ.layers.wrap(encode_message(MSG_DATA, data))
         circ.sent += 1
+        self.link.send_cell(circ.link, circ.prefix + header + body, now)
+
+    def request_config(self, circ: ClientCircuit, now: float) -> None:
+        """Ask the exit of a SERVICE_IP circuit for our tunnel address (answered with ConfigReceived)."""
+        if circ.state is not CircuitState.OPEN:
+            raise ValueError("circuit is not open")
+        assert circ.layers is not None and circ.link is not None
+        header, body = circ.layers.wrap(encode_message(MSG_CONFIG))
         self.link.send_cell(circ.link, circ.prefix + header + body, now)
 
     def close(self, circ: ClientCircuit, now: float, reason: str = "closed by you",
@@ -237,6 +255,8 @@ class ClientNode:
                 self._tear_down(circ, DestroyReason.REQUESTED, "closed by the exit")
             elif msg_type == MSG_DROP:
                 self.counters["e2e_padding_received"] += 1
+            elif msg_type == MSG_CONFIG:
+                self.events.append(ConfigReceived(circ, data))
         elif cmd == CMD_CREATED:
             if circ.state is not CircuitState.BUILDING:
                 self.counters["drop_created_unexpected"] += 1

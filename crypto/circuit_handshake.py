@@ -50,9 +50,9 @@ from shallot.crypto.primitives import (
 KIND_EXTEND = 1
 KIND_TERMINATE = 2
 SERVICE_ECHO = 1  # answer every datagram with the same bytes
-SERVICE_IP = 2  # reserved for the IP exit
+SERVICE_IP = 2  # whole IP packets to and from the internet (exit/ipservice.py)
 SERVICE_DISCARD = 3  # count and drop (RFC 863 style): one-way measurements
-SERVICES = {SERVICE_ECHO: "echo", SERVICE_DISCARD: "discard"}
+SERVICES = {SERVICE_ECHO: "echo", SERVICE_IP: "ip", SERVICE_DISCARD: "discard"}
 ADDRESS_LEN = 19
 ZERO_NONCE = bytes(12)
 

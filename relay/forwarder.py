@@ -54,6 +54,7 @@ from shallot.crypto.params import (
 )
 from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key
 from shallot.exit.echo import DatagramService, DiscardService, EchoService
+from shallot.exit.ipservice import IpExitService
 
 log = logging.getLogger("shallot.relay")
 _RELAY = bytes((CMD_RELAY,))
@@ -91,6 +92,7 @@ class RelayCircuit:
     reply: bytes = b""
     keys: ch.HopKeys | None = None
     service: DatagramService | None = None
+    ip: bool = False  # a SERVICE_IP circuit, served by the node's IpExitService
     prev_prefix: bytes = b""  # circ id bytes on the previous link, precomputed for the hot path
     next_prefix: bytes = b""
 
@@ -159,9 +161,11 @@ class OnionKeyRing:
 
 class RelayNode:
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
-                 cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0") -> None:
+                 cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
+                 ip_service: IpExitService | None = None) -> None:
         self.keys = keys
         self.own_host = own_host
+        self.ip_service = ip_service  # only an exit with a TUN serves SERVICE_IP circuits
         self.config = config or RelayConfig()
         self._rng = rng
         cert_expires = int(wall) + cert_lifetime_s
@@ -376,8 +380,17 @@ class RelayNode:
                 # these too): the exit must never be the first hop of a client's circuit
                 self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
                 return
+            if instruction.service == ch.SERVICE_IP:
+                if self.ip_service is None:
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_no_ip_service")
+                    return
+                if self.ip_service.attach(circ) is None:
+                    self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_ip_full")
+                    return
+                circ.ip = True
+            else:
+                circ.service = self.echo if instruction.service == ch.SERVICE_ECHO else self.discard
             circ.endpoint = EndpointLayer(keys)
-            circ.service = self.echo if instruction.service == ch.SERVICE_ECHO else self.discard
             circ.state = CircState.OPEN
             self._register(circ)
             link.users += 1
@@ -439,14 +452,31 @@ class RelayNode:
                             self.counters["circuit_integrity_failure"])
             self._destroy(circ, DestroyReason.INTEGRITY)
             return
-        if msg_type == MSG_DATA:
-            assert circ.service is not None
-            for reply in circ.service.on_datagram(data):
-                self._endpoint_send(circ, encode_message(MSG_DATA, reply))
-        elif msg_type == MSG_END:
+        if msg_type == MSG_END:
             self._destroy(circ, DestroyReason.REQUESTED)
         elif msg_type == MSG_DROP:
             self.counters["e2e_padding_received"] += 1
+        elif circ.ip:
+            assert self.ip_service is not None
+            for inner in self.ip_service.on_message(circ, msg_type, data, self._now):
+                self._endpoint_send(circ, inner)
+        elif msg_type == MSG_DATA:
+            assert circ.service is not None
+            for reply in circ.service.on_datagram(data):
+                self._endpoint_send(circ, encode_message(MSG_DATA, reply))
+        else:
+            self.counters["e2e_unexpected_message"] += 1
+
+    def receive_from_tun(self, packet: bytes, now: float) -> None:
+        """An IP packet the exit's TUN delivered: send it to the client whose address it is for."""
+        self._now = now
+        if self.ip_service is None:
+            return
+        routed = self.ip_service.route_back(packet)
+        if routed is not None:
+            circ, inner = routed
+            circ.last_active = now
+            self._endpoint_send(circ, inner)
 
     def _endpoint_send(self, circ: RelayCircuit, inner: bytes) -> None:
         header, body = circ.endpoint.seal_backward(inner)  # type: ignore[union-attr]
@@ -470,6 +500,8 @@ class RelayNode:
         if circ.next_link is not None:
             self._routes.pop(_key(circ.next_link.link_id, circ.next_cid), None)
         self.open_circuits -= 1
+        if circ.ip and self.ip_service is not None:
+            self.ip_service.detach(circ)  # the address is free again
         circ.prev_link.users -= 1
         if circ.prev_link is not skip:
             self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_DESTROY, bytes((reason,))), self._now)

@@ -1,0 +1,134 @@
+"""The IP exit service (sans-I/O): circuits that ask for SERVICE_IP send and receive whole IP packets.
+
+Groundwork for the VPN issue: this is the exit's per-packet logic, with no TUN or NAT of its own.
+An adapter writes ``tun_outbox`` to the exit's TUN device (whose kernel masquerades onto the
+uplink) and hands every packet read from the TUN to ``route_back``.
+
+* On attach, a circuit gets a virtual IPv4 address from 100.64.0.0/10 (drawn at random so it says
+  nothing about how many clients there are); the exit's own TUN address, 100.64.0.1, is also the
+  DNS resolver it offers.  The client asks with an empty CONFIG message and gets
+  ``version u8 | address[4] | resolver[4] | mtu u16``.
+* Client -> internet: the packet must parse, come from the circuit's own address (no spoofing),
+  pass the exit policy (which also keeps clients from reaching each other: 100.64/10 is rejected)
+  and the circuit's rate limit; then it goes to the TUN.  IPv6 is not offered yet: dropped, counted.
+* Internet -> client: the destination address picks the circuit; anything else is dropped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from typing import Any
+
+from shallot.core.cells import MSG_CONFIG, MSG_DATA, encode_message
+from shallot.core.ippacket import parse_packet
+from shallot.core.link import TokenBuckets
+from shallot.crypto.codec import DecodeError, Reader
+from shallot.crypto.params import MAX_DATA_LEN
+from shallot.crypto.primitives import RandomBytes
+from shallot.exit.policy import ExitPolicy
+
+POOL = ipaddress.IPv4Network("100.64.0.0/10")
+GATEWAY = ipaddress.IPv4Address("100.64.0.1")
+CONFIG_VERSION = 1
+TUNNEL_MTU = MAX_DATA_LEN  # one IP packet per cell
+
+
+def encode_config(address: ipaddress.IPv4Address, resolver: ipaddress.IPv4Address, mtu: int) -> bytes:
+    return bytes((CONFIG_VERSION,)) + address.packed + resolver.packed + mtu.to_bytes(2, "big")
+
+
+def decode_config(data: bytes) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, int]:
+    r = Reader(data)
+    if r.u8() != CONFIG_VERSION:
+        raise DecodeError("unsupported config version")
+    address, resolver, mtu = ipaddress.IPv4Address(r.take(4)), ipaddress.IPv4Address(r.take(4)), r.u16()
+    r.end()
+    if address not in POOL or not 576 <= mtu <= MAX_DATA_LEN:
+        raise DecodeError("implausible config")
+    return address, resolver, mtu
+
+
+class IpExitService:
+    def __init__(self, *, rng: RandomBytes, policy: ExitPolicy | None = None, max_circuits: int = 4096,
+                 packets_per_second: float = 20000.0, burst: float = 4000.0) -> None:
+        self._rng = rng
+        self.policy = policy or ExitPolicy()
+        self.max_circuits = max_circuits
+        self.counters: Counter[str] = Counter()
+        self.tun_outbox: list[bytes] = []
+        self._by_address: dict[ipaddress.IPv4Address, Any] = {}
+        self._address_of: dict[int, ipaddress.IPv4Address] = {}  # id(circuit) -> address
+        self._buckets = TokenBuckets(packets_per_second, burst, max_keys=max_circuits * 2)
+
+    def attach(self, circ: Any) -> ipaddress.IPv4Address | None:
+        """Give the circuit an address; None when the exit is full."""
+        if len(self._by_address) >= self.max_circuits:
+            self.counters["ip_refused_full"] += 1
+            return None
+        span = POOL.num_addresses - 3  # not the network, the gateway or the broadcast address
+        while True:
+            address = POOL.network_address + 2 + int.from_bytes(self._rng(4), "big") % span
+            if address not in self._by_address:
+                break
+        self._by_address[address] = circ
+        self._address_of[id(circ)] = address
+        self.counters["ip_circuits_attached"] += 1
+        return address
+
+    def detach(self, circ: Any) -> None:
+        address = self._address_of.pop(id(circ), None)
+        if address is not None:
+            del self._by_address[address]
+
+    def address_of(self, circ: Any) -> ipaddress.IPv4Address | None:
+        return self._address_of.get(id(circ))
+
+    def on_message(self, circ: Any, msg_type: int, data: bytes, now: float) -> list[bytes]:
+        """A message from the client; returns inner messages to send back."""
+        address = self._address_of.get(id(circ))
+        if address is None:
+            self.counters["ip_drop_not_attached"] += 1
+            return []
+        if msg_type == MSG_CONFIG:
+            return [encode_message(MSG_CONFIG, encode_config(address, GATEWAY, TUNNEL_MTU))]
+        if msg_type != MSG_DATA:
+            self.counters["ip_drop_unexpected_message"] += 1
+            return []
+        try:
+            info = parse_packet(data)
+        except DecodeError:
+            self.counters["ip_drop_malformed"] += 1
+            return []
+        if info.version != 4:
+            self.counters["ip_drop_ipv6_not_offered"] += 1
+            return []
+        if info.src != address:
+            self.counters["ip_drop_spoofed_source"] += 1
+            return []
+        if not self.policy.allows(info):
+            self.counters["ip_drop_policy"] += 1
+            return []
+        if not self._buckets.allow(str(address), now):
+            self.counters["ip_drop_rate_limited"] += 1
+            return []
+        self.counters["ip_to_tun"] += 1
+        self.tun_outbox.append(data[:info.length])
+        return []
+
+    def route_back(self, packet: bytes) -> tuple[Any, bytes] | None:
+        """A packet read from the TUN: (circuit, inner DATA message) for its client, or None (dropped)."""
+        try:
+            info = parse_packet(packet)
+        except DecodeError:
+            self.counters["ip_from_tun_malformed"] += 1
+            return None
+        circ = self._by_address.get(info.dst) if info.version == 4 else None
+        if circ is None:
+            self.counters["ip_from_tun_no_circuit"] += 1
+            return None
+        if info.length > MAX_DATA_LEN:
+            self.counters["ip_from_tun_too_big"] += 1  # the TUN's MTU should prevent this
+            return None
+        self.counters["ip_from_tun"] += 1
+        return circ, encode_message(MSG_DATA, packet[:info.length])
