@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
         r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
+        if name == "exit":
+            r.add_argument("--ip", action="store_true",
+                           help="also carry clients' IP packets to the internet: creates a TUN device and an "
+                                "nftables NAT table (needs root); without it the exit offers echo and discard")
+            r.add_argument("--uplink", metavar="IFACE", help="with --ip: interface to the internet (default: "
+                                                               "the one of the default route)")
+            r.add_argument("--policy", type=Path, metavar="FILE", help="with --ip: exit policy rules file")
 
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
@@ -111,10 +118,11 @@ def _cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool) -> int:
+def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
-    run(run_relay(args.state, expect_exit=expect_exit))
+    run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
+                  uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None)))
     return 0
 
 

@@ -18,6 +18,7 @@ from shallot.core.circuit import (
 )
 from shallot.core.errors import ShallotError
 from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.crypto.circuit_handshake import SERVICE_ECHO
 from shallot.crypto.descriptor import Descriptor
 
 
@@ -39,10 +40,11 @@ class CircuitClient:
         if self.endpoint is not None:
             self.endpoint.close()
 
-    async def build(self, path: list[Descriptor], timeout: float = 15.0) -> ClientCircuit:
+    async def build(self, path: list[Descriptor], timeout: float = 15.0, *,
+                    service: int = SERVICE_ECHO) -> ClientCircuit:
         assert self.endpoint is not None
         loop = asyncio.get_running_loop()
-        circ = self.node.build(path, time.monotonic(), time.time())
+        circ = self.node.build(path, time.monotonic(), time.time(), service=service)
         fut: asyncio.Future[ClientCircuit] = loop.create_future()
         self._waiters[circ.circuit_id] = fut
         self.inbox[circ.circuit_id] = asyncio.Queue()

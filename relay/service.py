@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import ipaddress
 import logging
 import secrets
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,18 +18,30 @@ from shallot.core import state as state_dir
 from shallot.core.control import ControlServer
 from shallot.core.errors import ShallotError
 from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.exit.ipservice import IpExitService
+from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
+from shallot.exit.tun import ExitTun, default_uplink
 from shallot.relay.forwarder import RelayConfig, RelayNode
 
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
+OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
 
 
 class RelayService:
-    def __init__(self, state: Path, *, expect_exit: bool | None = None) -> None:
+    def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
+                 uplink: str | None = None, policy_file: Path | None = None) -> None:
         self.state = state
         self.keys, self.settings = state_dir.load(state)
         if expect_exit and not self.settings.exit:
             raise ShallotError(f"{state} was not created with --exit; run it with 'shallot relay'")
+        if ip_exit and not self.settings.exit:
+            raise ShallotError("--ip needs an exit (keygen --exit)")
+        self.ip_exit = ip_exit
+        self.uplink = uplink
+        self.policy_file = policy_file
+        self.ip_service: IpExitService | None = None
+        self.tun: ExitTun | None = None
         self.node: RelayNode | None = None
         self.endpoint: NodeEndpoint | None = None
         self.control: ControlServer | None = None
@@ -42,15 +57,27 @@ class RelayService:
         if self.keys.rotate_onion_keys(secrets.token_bytes, wall):
             state_dir.save_keys(self.state, self.keys)
         desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+        if self.ip_exit:
+            self.ip_service = IpExitService(rng=secrets.token_bytes, policy=self._load_policy())
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
-                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0])
+                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
+                              ip_service=self.ip_service)
         host, port = self.settings.address
         try:
-            self.endpoint = await open_endpoint(self.node, (host, port))
+            self.endpoint = await open_endpoint(self.node, (host, port), after=self._after_datagrams)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
             raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if self.ip_service is not None:
+            self.tun = ExitTun(self.uplink or default_uplink(), self._from_tun)
+            try:
+                self.tun.open()
+            except ShallotError:
+                self.endpoint.close()
+                self.tun.close()
+                raise
+            self._refresh_own_networks()
         self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
                                      {"status": self._status, "circuits": self._circuits})
         await self.control.start()
@@ -60,15 +87,59 @@ class RelayService:
         log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
         print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
         rotate = asyncio.create_task(self._rotate_loop())
+        watch = asyncio.create_task(self._watch_own_networks()) if self.tun is not None else None
         try:
             await self._stop.wait()
         finally:
             rotate.cancel()
+            if watch is not None:
+                watch.cancel()
+            if self.tun is not None:
+                self.tun.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.control.close()
             self.endpoint.close()
             log.info("%s stopped", self.role)
+
+    def _load_policy(self) -> ExitPolicy:
+        if self.policy_file is None:
+            return ExitPolicy()
+        try:
+            return ExitPolicy(parse_policy(self.policy_file.read_text()))
+        except OSError as exc:
+            raise ShallotError(f"cannot read exit policy {self.policy_file}: {exc.strerror}") from None
+        except PolicyError as exc:
+            raise ShallotError(f"{self.policy_file}: {exc}") from None
+
+    def _after_datagrams(self) -> None:
+        if self.tun is not None and self.ip_service is not None and self.ip_service.tun_outbox:
+            self.tun.write(self.ip_service.tun_outbox)
+
+    def _from_tun(self, packet: bytes) -> None:
+        assert self.node is not None and self.endpoint is not None
+        self.node.receive_from_tun(packet, time.monotonic())
+        self.endpoint.flush()
+
+    def _refresh_own_networks(self) -> None:
+        """The exit never sends clients to its own addresses or networks, whatever interfaces it has now."""
+        assert self.ip_service is not None
+        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
+        networks = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[2] in ("inet", "inet6"):
+                with contextlib.suppress(ValueError):
+                    networks.append(ipaddress.ip_network(parts[3], strict=False))
+        self.ip_service.policy.set_own_networks(networks)
+
+    async def _watch_own_networks(self) -> None:
+        while True:
+            await asyncio.sleep(OWN_NETWORKS_REFRESH_S)
+            try:
+                self._refresh_own_networks()
+            except Exception:
+                log.exception("could not refresh the exit's own networks")
 
     async def _rotate_loop(self) -> None:
         while True:
@@ -92,7 +163,12 @@ class RelayService:
         assert self.node is not None
         return {"role": self.role, "id": self.keys.relay_id.hex(), "nickname": self.settings.nickname,
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
-                **self.node.stats(), "io": self._io_stats()}
+                **self.node.stats(), "io": self._io_stats(),
+                "ip": ({**self.ip_service.counters, **self.ip_service.policy.counters,
+                        "tun_read": self.tun.read_packets if self.tun else 0,
+                        "tun_written": self.tun.written_packets if self.tun else 0,
+                        "tun_write_errors": self.tun.write_errors if self.tun else 0}
+                       if self.ip_service is not None else None)}
 
     def _io_stats(self) -> dict[str, Any]:
         ep = self.endpoint
@@ -115,5 +191,6 @@ class RelayService:
         return out
 
 
-async def run_relay(state: Path, *, expect_exit: bool | None = None) -> None:
-    await RelayService(state, expect_exit=expect_exit).run()
+async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
+                    uplink: str | None = None, policy_file: Path | None = None) -> None:
+    await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file).run()

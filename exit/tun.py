@@ -1,0 +1,117 @@
+"""The exit's TUN device and NAT (I/O adapter for exit/ipservice.py; Linux, needs root or CAP_NET_ADMIN).
+
+Creates TUN ``shallot-x<pid>`` with 100.64.0.1/10 and the tunnel MTU, turns on IPv4 forwarding and
+puts one nftables table, ``ip shallot_exit``, in place: masquerade of 100.64.0.0/10 out of the uplink
+and no forwarding between clients.  ``close()`` removes the table; the TUN disappears with its fd.
+Packet I/O is os.read/os.write on the device fd (pytun only creates and configures it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import Callable
+
+from shallot.core.errors import ShallotError
+from shallot.exit.ipservice import GATEWAY, POOL, TUNNEL_MTU
+
+log = logging.getLogger("shallot.exit")
+NFT_TABLE = "shallot_exit"
+READ_BUDGET = 64
+
+
+def default_uplink() -> str:
+    """The interface of the IPv4 default route."""
+    out = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True).stdout.split()
+    if "dev" not in out:
+        raise ShallotError("no IPv4 default route: pass --uplink IFACE")
+    return out[out.index("dev") + 1]
+
+
+def _nft(ruleset: str) -> None:
+    res = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ShallotError(f"nftables refused the exit's rules: {res.stderr.strip()}")
+
+
+class ExitTun:
+    def __init__(self, uplink: str, on_packet: Callable[[bytes], None]) -> None:
+        self.uplink = uplink
+        self.on_packet = on_packet
+        self.name = f"shallot-x{os.getpid() % 100000}"
+        self._dev = None
+        self._fd = -1
+        self.write_errors = 0
+        self.read_packets = 0
+        self.written_packets = 0
+
+    def open(self) -> None:
+        try:
+            from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
+        except ImportError:
+            raise ShallotError("python-pytun is not installed (the IP exit needs it)") from None
+        try:
+            dev = TunTapDevice(name=self.name, flags=IFF_TUN | IFF_NO_PI)
+        except Exception as exc:  # pytun.Error: no /dev/net/tun or no permission
+            raise ShallotError(f"cannot create the exit's TUN device: {exc}") from None
+        self._dev = dev
+        dev.addr, dev.netmask, dev.mtu = str(GATEWAY), str(POOL.netmask), TUNNEL_MTU
+        dev.up()
+        self._fd = dev.fileno()
+        os.set_blocking(self._fd, False)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+        _nft(f"""table ip {NFT_TABLE}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {POOL} oifname "{self.uplink}" masquerade
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "{self.name}" oifname "{self.name}" drop
+    iifname "{self.name}" oifname != "{self.uplink}" drop
+  }}
+}}
+""")
+        asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
+        log.info("IP exit on %s (%s/%d) via %s", self.name, GATEWAY, POOL.prefixlen, self.uplink)
+
+    def _on_readable(self) -> None:
+        for _ in range(READ_BUDGET):
+            try:
+                packet = os.read(self._fd, 65535)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return
+                log.warning("TUN read failed: %s", exc.strerror)
+                return
+            self.read_packets += 1
+            self.on_packet(packet)
+
+    def write(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            try:
+                os.write(self._fd, packet)
+                self.written_packets += 1
+            except OSError:
+                self.write_errors += 1  # the kernel refused it (e.g. no route): like a drop on the wire
+        packets.clear()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._fd)
+        if self._dev is not None:
+            with contextlib.suppress(Exception):
+                self._dev.close()
+            self._dev = None
+            self._fd = -1
+        subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
