@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--uplink", metavar="IFACE", help="with --ip: interface to the internet (default: "
                                                                "the one of the default route)")
             r.add_argument("--policy", type=Path, metavar="FILE", help="with --ip: exit policy rules file")
+            r.add_argument("--resolver", metavar="ADDRESS", help="with --ip: DNS resolver the exit forwards clients' "
+                                                                "queries to (default: the first in /etc/resolv.conf)")
 
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
@@ -122,7 +124,8 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
     run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
-                  uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None)))
+                  uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None),
+                  resolver=getattr(args, "resolver", None)))
     return 0
 
 

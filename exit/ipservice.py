@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from shallot.core.cells import MSG_CONFIG, MSG_DATA, encode_message
-from shallot.core.ippacket import parse_packet
+from shallot.core.ippacket import PROTO_UDP, parse_packet
 from shallot.core.link import TokenBuckets
 from shallot.crypto.codec import DecodeError, Reader
 from shallot.crypto.params import MAX_DATA_LEN
@@ -106,7 +106,12 @@ class IpExitService:
         if info.src != address:
             self.counters["ip_drop_spoofed_source"] += 1
             return []
-        if not self.policy.allows(info):
+        if info.dst == GATEWAY:
+            # the exit itself: only its DNS forwarder (UDP 53) is offered there
+            if info.dst_port != 53 or info.proto != PROTO_UDP:
+                self.counters["ip_drop_to_exit"] += 1
+                return []
+        elif not self.policy.allows(info):
             self.counters["ip_drop_policy"] += 1
             return []
         if not self._buckets.allow(str(address), now):

@@ -18,7 +18,8 @@ from shallot.core import state as state_dir
 from shallot.core.control import ControlServer
 from shallot.core.errors import ShallotError
 from shallot.core.udp import NodeEndpoint, open_endpoint
-from shallot.exit.ipservice import IpExitService
+from shallot.exit.dns import DnsForwarder, system_resolver
+from shallot.exit.ipservice import GATEWAY, IpExitService
 from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
 from shallot.exit.tun import ExitTun, default_uplink
 from shallot.relay.forwarder import RelayConfig, RelayNode
@@ -30,8 +31,10 @@ OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clien
 
 class RelayService:
     def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                 uplink: str | None = None, policy_file: Path | None = None) -> None:
+                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
         self.state = state
+        self.resolver = resolver
+        self.dns: DnsForwarder | None = None
         self.keys, self.settings = state_dir.load(state)
         if expect_exit and not self.settings.exit:
             raise ShallotError(f"{state} was not created with --exit; run it with 'shallot relay'")
@@ -78,6 +81,13 @@ class RelayService:
                 self.tun.close()
                 raise
             self._refresh_own_networks()
+            self.dns = DnsForwarder(str(GATEWAY), self.resolver or system_resolver())
+            try:
+                await self.dns.start()
+            except ShallotError:
+                self.endpoint.close()
+                self.tun.close()
+                raise
         self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
                                      {"status": self._status, "circuits": self._circuits})
         await self.control.start()
@@ -94,6 +104,8 @@ class RelayService:
             rotate.cancel()
             if watch is not None:
                 watch.cancel()
+            if self.dns is not None:
+                self.dns.close()
             if self.tun is not None:
                 self.tun.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,6 +177,7 @@ class RelayService:
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
                 **self.node.stats(), "io": self._io_stats(),
                 "ip": ({**self.ip_service.counters, **self.ip_service.policy.counters,
+                        **(self.dns.counters if self.dns else {}),
                         "tun_read": self.tun.read_packets if self.tun else 0,
                         "tun_written": self.tun.written_packets if self.tun else 0,
                         "tun_write_errors": self.tun.write_errors if self.tun else 0}
@@ -192,5 +205,6 @@ class RelayService:
 
 
 async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                    uplink: str | None = None, policy_file: Path | None = None) -> None:
-    await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file).run()
+                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
+    await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file,
+                       resolver=resolver).run()

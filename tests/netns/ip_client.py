@@ -34,6 +34,11 @@ def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> by
     return header + udp
 
 
+def dns_query(name: str, txid: int = 0x4242) -> bytes:
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")) + b"\x00"
+    return struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01"
+
+
 async def main(directory: Path, targets: list[str]) -> dict:
     relays = load_directory(directory)
     path = [resolve_relay(n, relays) for n in ("guard", "middle", "exit")]
@@ -49,6 +54,17 @@ async def main(directory: Path, targets: list[str]) -> dict:
     inbox = client.inbox[circ.circuit_id]
     results = {"address": str(address), "resolver": str(resolver), "mtu": mtu, "replies": {}}
     for target in targets:
+        if target.startswith("dns:"):  # ask the exit's resolver for a name
+            client.send(circ, udp_packet(str(address), str(resolver), 40001, 53, dns_query(target[4:])))
+            try:
+                packet = await asyncio.wait_for(inbox.get(), 3)
+            except TimeoutError:
+                results["replies"][target] = None
+                continue
+            answer = packet[28:]
+            ok = len(answer) >= 16 and answer[:2] == b"\x42\x42" and int.from_bytes(answer[6:8], "big") >= 1
+            results["replies"][target] = str(ipaddress.IPv4Address(answer[-4:])) if ok else "no answer"
+            continue
         host, port = target.rsplit(":", 1)
         payload = f"hello {target}".encode()
         client.send(circ, udp_packet(str(address), host, 40000, int(port), payload))

@@ -32,8 +32,11 @@ def ip_network(topology: StandardTopology, tmp_path_factory: pytest.TempPathFact
     for role in ("guard", "middle"):
         _wait_line(tb.spawn(topology.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
                                                  str(states[role])]), "listening")
+    _wait_line(tb.spawn(topology.ns["web"], [sys.executable, str(HERE / "dns_server.py"),
+                                              f"web.shallot.test={topology.addr['web']}"]), "listening")
     _wait_line(tb.spawn(topology.ns["exit"], [sys.executable, "-m", "shallot.core", "exit", "--state",
-                                               str(states["exit"]), "--ip", "--uplink", "eth0"]), "listening")
+                                               str(states["exit"]), "--ip", "--uplink", "eth0",
+                                               "--resolver", topology.addr["web"]]), "listening")
     for role in ("web", "lan"):  # lan is the exit's private network: its server must never hear from us
         _wait_line(tb.spawn(topology.ns[role], [sys.executable, str(HERE / "udp_echo_server.py"), str(ECHO_PORT)]),
                    "listening")
@@ -47,7 +50,8 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     web = f"{topology.addr['web']}:{ECHO_PORT}"
     lan = f"{topology.addr['lan']}:{ECHO_PORT}"
     res = topology.tb.exec(topology.ns["client"], sys.executable, str(HERE / "ip_client.py"),
-                           str(ip_network["directory"]), web, lan, check=False, timeout=60)
+                           str(ip_network["directory"]), web, lan, "dns:web.shallot.test", "dns:nothing.test",
+                           check=False, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["address"].startswith("100.") and out["mtu"] == 1360
@@ -57,6 +61,9 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     # the web host saw the exit's public address, not the client's, not its tunnel address
     assert reply["data"] == f"{topology.addr['exit']} hello {web}"
     assert out["replies"][lan] is None  # the exit's private network is off limits
+    # names resolve through the exit's forwarder (the testbed's resolver sits in the web namespace)
+    assert out["replies"]["dns:web.shallot.test"] == topology.addr["web"]
+    assert out["replies"]["dns:nothing.test"] == "no answer"
 
     async def exit_status() -> dict:
         client = await ControlClient.connect(ip_network["exit"] / state_dir.CONTROL_SOCKET)
@@ -68,3 +75,4 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     status = asyncio.run(exit_status())
     assert status["ip"]["ip_drop_policy"] >= 1 and status["ip"]["reject_private"] >= 1
     assert status["ip"]["tun_written"] >= 1 and status["ip"]["ip_from_tun"] >= 1
+    assert status["ip"]["dns_queries"] == 2 and status["ip"]["dns_answers"] == 2
