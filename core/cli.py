@@ -78,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
     e.add_argument("--directory", type=Path, metavar="FILE", help="directory file to use")
 
+    c = sub.add_parser("connect", help="connect this machine through a circuit (VPN; needs root for now)",
+                       description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
+                                   "with a kill switch (nftables) that lets nothing else out while connected or "
+                                   "reconnecting.  Serves the control API like 'shallot engine'.  SIGINT/SIGTERM "
+                                   "restore the routes and firewall.")
+    c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
+    c.add_argument("--exit", metavar="ID", help="use this exit")
+    c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
+    c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
+    c.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
+    c.add_argument("--cleanup", action="store_true",
+                   help="remove the routes, firewall table and device a crashed client left, then exit")
+
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
@@ -159,6 +172,23 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_connect(args: argparse.Namespace) -> int:
+    from shallot.core.connect import Tunnel
+    from shallot.core.engine import default_socket, run_engine
+    from shallot.core.netconfig import cleanup
+    from shallot.core.udp import run
+    if args.cleanup:
+        for line in cleanup() or ["nothing to clean up"]:
+            print(line)
+        return 0
+    if args.directory is None:
+        raise ShallotError("connect needs --directory FILE (or --cleanup)")
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory,
+                   tunnel=Tunnel(kill_switch=not args.no_kill_switch), autoconnect=True, path=args.path,
+                   exit_spec=args.exit))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from shallot.core.control import ControlClient
     from shallot.core.engine import default_socket
@@ -199,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status,
+        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }

@@ -29,6 +29,8 @@ class CircuitClient:
         self._waiters: dict[int, asyncio.Future[ClientCircuit]] = {}
         self.inbox: dict[int, asyncio.Queue[bytes]] = {}
         self.on_event: Callable[[Any], None] | None = None
+        # set to take every received datagram directly (the VPN's TUN pump) instead of the inboxes
+        self.on_datagram: Callable[[ClientCircuit, bytes], None] | None = None
         self.build_datagrams: dict[int, tuple[int, int]] = {}  # circuit -> (sent, received) during build
         self._marks: dict[int, tuple[int, int]] = {}
 
@@ -88,6 +90,9 @@ class CircuitClient:
         while events:
             event = events.popleft()
             if isinstance(event, DatagramReceived):
+                if self.on_datagram is not None:
+                    self.on_datagram(event.circuit, event.data)
+                    continue
                 queue = self.inbox.get(event.circuit.circuit_id)
                 if queue is not None and queue.qsize() < 10000:
                     queue.put_nowait(event.data)

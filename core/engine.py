@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit
+from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit, ConfigReceived
 from shallot.core.client import CircuitClient
 from shallot.core.control import ControlError, ControlServer
 from shallot.core.directory import load_directory
 from shallot.core.errors import ShallotError
 from shallot.core.probe import choose_path
+from shallot.crypto.circuit_handshake import SERVICE_ECHO, SERVICE_IP
 from shallot.crypto.descriptor import Descriptor
 
 log = logging.getLogger("shallot.engine")
@@ -76,7 +77,11 @@ def default_socket(*, create: bool = False) -> Path:
 
 
 class ClientEngine:
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, tunnel: Any = None) -> None:
+        """``tunnel``: a core.connect.Tunnel for VPN mode (IP circuits through a TUN device); without it
+        the engine keeps an echo circuit (probe mode: no system routes)."""
+        self.tunnel = tunnel
+        self._configs: asyncio.Queue[bytes] = asyncio.Queue()
         self.directory_path = directory
         self.state = EngineState.DISCONNECTED
         self.step = ""
@@ -137,6 +142,8 @@ class ClientEngine:
                 await self._supervisor
             self._supervisor = None
         self._drop_circuit()
+        if self.tunnel is not None:
+            self.tunnel.close()  # routes, kill switch and TUN go with an explicit disconnect
         self._set(EngineState.DISCONNECTED, "", "")
         return self.snapshot()
 
@@ -214,7 +221,37 @@ class ClientEngine:
             self.client = CircuitClient()
             await self.client.start(path[0].address[0])
             self.client.on_event = self._on_event
-        return await self.client.build(path, timeout=BUILD_TIMEOUT_S)
+            if self.tunnel is not None:
+                self.client.on_datagram = self.tunnel.deliver
+                self.tunnel.client = self.client
+        service = SERVICE_IP if self.tunnel is not None else SERVICE_ECHO
+        circ = await self.client.build(path, timeout=BUILD_TIMEOUT_S, service=service)
+        if self.tunnel is not None:
+            try:
+                await self._configure_tunnel(circ, path)
+            except ShallotError:
+                self.client.close_circuit(circ)
+                raise
+        return circ
+
+    async def _ask_config(self, circ: ClientCircuit, timeout: float) -> bytes | None:
+        assert self.client is not None and self.client.endpoint is not None
+        while not self._configs.empty():
+            self._configs.get_nowait()
+        self.client.node.request_config(circ, time.monotonic())
+        self.client.endpoint.poke()
+        try:
+            return await asyncio.wait_for(self._configs.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _configure_tunnel(self, circ: ClientCircuit, path: list[Descriptor]) -> None:
+        for _ in range(3):
+            data = await self._ask_config(circ, 1.0)
+            if data is not None:
+                self.tunnel.configure(data, path[0].address, circ)
+                return
+        raise ShallotError("the exit did not give us a tunnel address (is it running with --ip?)")
 
     def _adopt(self, circ: ClientCircuit, path: list[Descriptor]) -> None:
         self.circuit, self.path = circ, path
@@ -261,16 +298,22 @@ class ClientEngine:
         missed = 0
         seq = 0
         circ = self.circuit
-        inbox = self.client.inbox[circ.circuit_id]
+        tunnel = self.tunnel is not None
+        inbox = self._configs if tunnel else self.client.inbox[circ.circuit_id]
         while not self._rotate:
             seq += 1
             payload = b"shallot-ping" + seq.to_bytes(8, "big")
             sent_at = time.monotonic()
             try:
-                self.client.send(circ, payload)
+                if tunnel:  # an IP circuit carries only IP packets: its ping is a CONFIG request
+                    self.client.node.request_config(circ, time.monotonic())
+                    assert self.client.endpoint is not None
+                    self.client.endpoint.poke()
+                else:
+                    self.client.send(circ, payload)
+                    self.bytes_sent += len(payload)
             except ValueError:
                 raise ShallotError(self.error or "the circuit closed") from None
-            self.bytes_sent += len(payload)
             got = False
             deadline = sent_at + PING_TIMEOUT_S
             dead = asyncio.ensure_future(self._circuit_dead.wait())
@@ -285,7 +328,11 @@ class ClientEngine:
                         raise ShallotError(self.error or "the circuit closed")
                     if getter in done:
                         data = getter.result()
-                        self.bytes_received += len(data)
+                        if tunnel:
+                            self.tunnel.configure(data, self.path[0].address, circ)
+                            data = payload
+                        else:
+                            self.bytes_received += len(data)
                         if data == payload:
                             got = True
                             self.rtt_ms = round((time.monotonic() - sent_at) * 1000, 3)
@@ -310,14 +357,18 @@ class ClientEngine:
                 raise ShallotError(self.error or "the circuit closed")
 
     def _on_event(self, event: Any) -> None:
+        if isinstance(event, ConfigReceived):
+            self._configs.put_nowait(event.data)
+            return
         if isinstance(event, CircuitClosed | CircuitFailed) and event.circuit is self.circuit \
                 and self.circuit is not None:
             self.error = event.reason
             self._circuit_dead.set()
 
 
-async def run_engine(socket_path: Path, *, directory: Path | None = None) -> None:
-    engine = ClientEngine(directory)
+async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel: Any = None,
+                     autoconnect: bool = False, path: str | None = None, exit_spec: str | None = None) -> None:
+    engine = ClientEngine(directory, tunnel=tunnel)
     stop = asyncio.Event()
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
@@ -346,11 +397,23 @@ async def run_engine(socket_path: Path, *, directory: Path | None = None) -> Non
         "status": status, "connect": connect, "disconnect": disconnect, "new_circuit": new_circuit,
         "set_directory": set_directory, "shutdown": shutdown})
     engine.listeners.append(lambda snap: server.publish("state", snap))
+    last_state: list[str] = [""]
+
+    def say(snap: dict[str, Any]) -> None:  # one line per state change, for people and scripts
+        if snap["state"] != last_state[0]:
+            last_state[0] = snap["state"]
+            hops = " -> ".join(h["nickname"] for h in snap["circuit"])
+            detail = hops or snap["error"] or snap["step"]
+            print(f"shallot: {snap['state']}{': ' + detail if detail else ''}", flush=True)
+
+    engine.listeners.append(say)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
+    if autoconnect:
+        await engine.connect(exit_spec=exit_spec, path_spec=path)
     try:
         await stop.wait()
     finally:

@@ -76,3 +76,38 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     assert status["ip"]["ip_drop_policy"] >= 1 and status["ip"]["reject_private"] >= 1
     assert status["ip"]["tun_written"] >= 1 and status["ip"]["ip_from_tun"] >= 1
     assert status["ip"]["dns_queries"] == 2 and status["ip"]["dns_answers"] == 2
+
+
+UDP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"through the tunnel", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(2048)[0].decode())
+"""
+
+
+def test_connect_routes_the_client_namespace_through_the_circuit(topology: StandardTopology,
+                                                                 ip_network: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    tb, client_ns = topology.tb, topology.ns["client"]
+    routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
+    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory",
+                                   str(ip_network["directory"]), "--path", "guard,middle,exit",
+                                   "--socket", str(tmp_path / "engine.sock")])
+    _wait_line(connect, "shallot: connected", timeout=30)
+    # an ordinary program in the client namespace now reaches the web host as the exit
+    res = tb.exec(client_ns, sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT), check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{topology.addr['exit']} through the tunnel"
+    assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
+    assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch is on
+    routes = tb.exec(client_ns, "ip", "route", "show").stdout
+    assert "0.0.0.0/1 dev shallot0" in routes and "128.0.0.0/1 dev shallot0" in routes
+    assert f"{topology.addr['guard']} via" in routes  # the encrypted UDP to the guard still goes out directly
+    connect.terminate()
+    assert connect.wait(15) == 0
+    # everything is put back
+    assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
+    assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
+    assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout

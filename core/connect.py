@@ -1,0 +1,89 @@
+"""``shallot connect``: the engine in VPN mode.  The system's IPv4 goes into TUN ``shallot0`` and
+through an IP circuit; the kill switch lets nothing else out while connected or reconnecting.
+
+``Tunnel`` is the engine's TUN side: it configures the device from the exit's CONFIG answer (address,
+MTU), keeps the routes and kill switch pointed at the current guard, and pumps packets between the
+device and the circuit.  The privileged work is in core/netconfig.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from typing import Any
+
+from shallot.core.circuit import CircuitState, ClientCircuit
+from shallot.core.netconfig import TUN_NAME, NetConfig
+from shallot.exit.ipservice import decode_config
+
+log = logging.getLogger("shallot.connect")
+READ_BUDGET = 64
+
+
+class Tunnel:
+    def __init__(self, *, kill_switch: bool = True) -> None:
+        self.net = NetConfig(kill_switch=kill_switch)
+        self.client: Any = None  # the engine's CircuitClient, set when it exists
+        self.circuit: ClientCircuit | None = None
+        self.address: str | None = None
+        self.packets_out = 0
+        self.packets_in = 0
+        self.dropped = 0
+
+    def configure(self, config: bytes, guard: tuple[str, int], circuit: ClientCircuit) -> None:
+        address, _resolver, mtu = decode_config(config)
+        if self.net.fd < 0:
+            fd = self.net.open_tun(mtu)
+            asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        self.net.set_address(str(address))
+        if self.net.guard != guard:
+            self.net.route_through_tunnel(guard)
+        if self.circuit is not circuit:
+            log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, guard[0])
+        self.circuit, self.address = circuit, str(address)
+
+    def deliver(self, circuit: ClientCircuit, packet: bytes) -> None:
+        """A packet from the exit: into the TUN, if it belongs to the current circuit."""
+        if circuit is not self.circuit or self.net.fd < 0:
+            self.dropped += 1
+            return
+        try:
+            os.write(self.net.fd, packet)
+            self.packets_in += 1
+        except OSError:
+            self.dropped += 1
+
+    def _on_readable(self) -> None:
+        sent = False
+        for _ in range(READ_BUDGET):
+            try:
+                packet = os.read(self.net.fd, 65535)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    log.warning("TUN read failed: %s", exc.strerror)
+                break
+            circ = self.circuit
+            if circ is None or circ.state is not CircuitState.OPEN or self.client is None:
+                self.dropped += 1  # no circuit: the packet dies here (fail closed), it never leaks
+                continue
+            try:
+                self.client.node.send(circ, packet, time.monotonic())
+                self.packets_out += 1
+                sent = True
+            except ValueError:
+                self.dropped += 1  # too big for a cell or the circuit just closed
+        if sent and self.client.endpoint is not None:
+            self.client.endpoint.flush()
+
+    def close(self) -> None:
+        if self.net.fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.net.fd)
+        self.net.restore()
+        self.circuit = None

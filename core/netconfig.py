@@ -1,0 +1,137 @@
+"""The privileged part of the client (Linux): TUN device, routes, kill switch.  Narrow on
+purpose: the engine asks for exactly these operations and nothing else, so it can later move into a
+separate helper process run through pkexec (desktops) or as root (servers) while the engine and the
+app run as an ordinary user.  Today ``shallot connect`` calls it in-process and must run as root.
+
+Everything it changes is undone by ``restore()`` and, after a crash, by ``cleanup()``
+(``shallot connect --cleanup``): routes and the nftables table carry Shallot's names.
+
+Not here yet (the VPN issue): pointing the system's DNS at the exit's resolver.  It needs care per
+system (resolv.conf, systemd-resolved, NetworkManager), and a network namespace shares /etc with its
+host, so a careless write would change the host's resolver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from shallot.core.errors import ShallotError
+
+log = logging.getLogger("shallot.netconfig")
+TUN_NAME = "shallot0"
+NFT_TABLE = "shallot_client"
+SPLIT_ROUTES = ("0.0.0.0/1", "128.0.0.0/1")
+
+
+def _run(*argv: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(argv), capture_output=True, text=True, input=stdin)
+    if check and res.returncode != 0:
+        raise ShallotError(f"{' '.join(argv[:4])}... failed: {res.stderr.strip()}")
+    return res
+
+
+def default_route() -> tuple[str | None, str]:
+    """(gateway or None, device) of the IPv4 default route."""
+    words = _run("ip", "-4", "route", "show", "default").stdout.split()
+    if "dev" not in words:
+        raise ShallotError("no IPv4 default route: connect to a network first")
+    gateway = words[words.index("via") + 1] if "via" in words else None
+    return gateway, words[words.index("dev") + 1]
+
+
+@dataclass
+class NetConfig:
+    kill_switch: bool = True
+    fd: int = -1
+    _dev: object | None = None
+    guard: tuple[str, int] | None = None
+    address: str | None = None
+    _routes: list[list[str]] = field(default_factory=list)
+
+    def open_tun(self, mtu: int) -> int:
+        """Create the TUN device and return its non-blocking fd."""
+        try:
+            from pytun import IFF_NO_PI, IFF_TUN, TunTapDevice
+            dev = TunTapDevice(name=TUN_NAME, flags=IFF_TUN | IFF_NO_PI)
+        except Exception as exc:
+            raise ShallotError(f"cannot create {TUN_NAME}: {exc} (run as root, or install the helper)") from None
+        dev.mtu = mtu
+        dev.up()
+        self._dev = dev
+        self.fd = dev.fileno()
+        os.set_blocking(self.fd, False)
+        return self.fd
+
+    def set_address(self, address: str) -> None:
+        if self.address == address:
+            return
+        if self.address is not None:
+            _run("ip", "addr", "del", f"{self.address}/32", "dev", TUN_NAME, check=False)
+        _run("ip", "addr", "add", f"{address}/32", "dev", TUN_NAME)
+        self.address = address
+
+    def route_through_tunnel(self, guard: tuple[str, int]) -> None:
+        """All IPv4 into the TUN, except the path to the guard; IPv6 blocked by the kill switch."""
+        gateway, device = default_route()
+        if self.guard is not None and self.guard[0] != guard[0]:
+            self._del_route(["ip", "route", "del", f"{self.guard[0]}/32"])
+        via = ["via", gateway] if gateway else []
+        self._add_route(["ip", "route", "replace", f"{guard[0]}/32", *via, "dev", device])
+        for prefix in SPLIT_ROUTES:
+            self._add_route(["ip", "route", "replace", prefix, "dev", TUN_NAME])
+        self.guard = guard
+        if self.kill_switch:
+            self.apply_kill_switch()
+
+    def apply_kill_switch(self) -> None:
+        """Nothing leaves but loopback, the tunnel and the encrypted UDP to the guard; no IPv6 at all."""
+        assert self.guard is not None
+        host, port = self.guard
+        _run("nft", "-f", "-", stdin=f"""table inet {NFT_TABLE}
+delete table inet {NFT_TABLE}
+table inet {NFT_TABLE} {{
+  chain output {{
+    type filter hook output priority filter; policy drop;
+    oifname "lo" accept
+    oifname "{TUN_NAME}" meta nfproto ipv4 accept
+    ip daddr {host} udp dport {port} accept
+  }}
+}}
+""")
+
+    def restore(self) -> None:
+        for argv in reversed(self._routes):
+            _run(*argv, check=False)
+        self._routes.clear()
+        cleanup(quiet=True)
+        if self._dev is not None:
+            with contextlib.suppress(Exception):
+                self._dev.close()  # the TUN device disappears with its last fd
+            self._dev = None
+            self.fd = -1
+
+    def _add_route(self, argv: list[str]) -> None:
+        _run(*argv)
+        self._routes.append(["ip", "route", "del", *argv[3:]])
+
+    def _del_route(self, argv: list[str]) -> None:
+        _run(*argv, check=False)
+
+
+def cleanup(*, quiet: bool = False) -> list[str]:
+    """Remove whatever a (crashed) client left: kill switch, split routes, the TUN."""
+    done = []
+    if _run("nft", "delete", "table", "inet", NFT_TABLE, check=False).returncode == 0:
+        done.append(f"removed nftables table inet {NFT_TABLE}")
+    for prefix in SPLIT_ROUTES:
+        if _run("ip", "route", "del", prefix, "dev", TUN_NAME, check=False).returncode == 0:
+            done.append(f"removed route {prefix}")
+    if _run("ip", "link", "del", TUN_NAME, check=False).returncode == 0:
+        done.append(f"removed device {TUN_NAME}")
+    if not quiet:
+        log.info("cleanup: %s", ", ".join(done) or "nothing to do")
+    return done
