@@ -5,8 +5,11 @@ address, replies come back through the circuit, and the exit's private network s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,16 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     assert status["ip"]["dns_queries"] == 2 and status["ip"]["dns_answers"] == 2
 
 
+def _wait_for_tcp_port(topology: StandardTopology, port: int, timeout: float = 10) -> None:
+    """Wait until something listens on TCP ``port`` in the web namespace."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f":{port}" in topology.tb.exec(topology.ns["web"], "ss", "-ltn").stdout:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"nothing listens on {port} in the web namespace")
+
+
 UDP_ASK = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -102,6 +115,22 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     assert res.stdout.strip() == f"{topology.addr['exit']} through the tunnel"
     assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
     assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch is on
+    # TCP: a 100 MB download over HTTP arrives whole
+    site = tmp_path / "site"
+    site.mkdir()
+    blob = os.urandom(100 * 1024 * 1024)
+    (site / "big").write_bytes(blob)
+    web = tb.spawn(topology.ns["web"], [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0",
+                                        "--directory", str(site)])
+    _wait_for_tcp_port(topology, 8080)
+    started = time.monotonic()
+    got = tb.exec(client_ns, "curl", "-sS", "--max-time", "150", "-o", str(tmp_path / "got"),
+                  f"http://{topology.addr['web']}:8080/big", check=False, timeout=160)
+    seconds = time.monotonic() - started
+    assert got.returncode == 0, got.stderr
+    assert hashlib.sha256((tmp_path / "got").read_bytes()).hexdigest() == hashlib.sha256(blob).hexdigest()
+    print(f"100 MB through the circuit in {seconds:.1f} s ({800 / seconds:.0f} Mbit/s)")
+    web.terminate()
     routes = tb.exec(client_ns, "ip", "route", "show").stdout
     assert "0.0.0.0/1 dev shallot0" in routes and "128.0.0.0/1 dev shallot0" in routes
     assert f"{topology.addr['guard']} via" in routes  # the encrypted UDP to the guard still goes out directly
