@@ -39,12 +39,19 @@ class Tunnel:
         if self.net.fd < 0:
             fd = self.net.open_tun(mtu)
             asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        changed = self.net.address != str(address)
         self.net.set_address(str(address))
-        if self.net.guard != guard:
-            self.net.route_through_tunnel(guard)
+        if changed or self.net.guards != [guard]:
+            self.net.route_through_tunnel([guard])  # only the guard of the circuit in use from now on
         if self.circuit is not circuit:
             log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, guard[0])
         self.circuit, self.address = circuit, str(address)
+
+    def prepare(self, guard: tuple[str, int]) -> None:
+        """A circuit through ``guard`` is about to be built: let its link out (kill switch) and route it
+        around the tunnel, keeping the current guard open until the new circuit takes over."""
+        if self.net.fd >= 0 and guard not in self.net.guards:
+            self.net.route_through_tunnel([*self.net.guards, guard])
 
     def deliver(self, circuit: ClientCircuit, packet: bytes) -> None:
         """A packet from the exit: into the TUN, if it belongs to the current circuit."""

@@ -197,6 +197,8 @@ class ClientEngine:
                 if not isinstance(exc, ShallotError):
                     log.exception("unexpected error while keeping the circuit")
                     exc = ShallotError(f"internal error: {exc!r}")
+                if self.path:  # the next circuit avoids the guard of the one that died (most failures are there)
+                    self.avoid.add(self.path[0].relay_id)
                 self._drop_circuit()
                 delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
                 attempt += 1
@@ -224,6 +226,8 @@ class ClientEngine:
             if self.tunnel is not None:
                 self.client.on_datagram = self.tunnel.deliver
                 self.tunnel.client = self.client
+        if self.tunnel is not None:
+            self.tunnel.prepare(path[0].address)
         service = SERVICE_IP if self.tunnel is not None else SERVICE_ECHO
         circ = await self.client.build(path, timeout=BUILD_TIMEOUT_S, service=service)
         if self.tunnel is not None:

@@ -48,9 +48,9 @@ class NetConfig:
     kill_switch: bool = True
     fd: int = -1
     _dev: object | None = None
-    guard: tuple[str, int] | None = None
+    guards: list[tuple[str, int]] = field(default_factory=list)
     address: str | None = None
-    _routes: list[list[str]] = field(default_factory=list)
+    _guard_routes: set[str] = field(default_factory=set)
 
     def open_tun(self, mtu: int) -> int:
         """Create the TUN device and return its non-blocking fd."""
@@ -69,28 +69,35 @@ class NetConfig:
     def set_address(self, address: str) -> None:
         if self.address == address:
             return
+        # add the new address before removing the old: a device left without an IPv4 address loses its
+        # routes, and the split routes must never disappear (the kill switch would catch the traffic,
+        # but nothing would flow)
+        _run("ip", "addr", "add", f"{address}/32", "dev", TUN_NAME)
         if self.address is not None:
             _run("ip", "addr", "del", f"{self.address}/32", "dev", TUN_NAME, check=False)
-        _run("ip", "addr", "add", f"{address}/32", "dev", TUN_NAME)
         self.address = address
 
-    def route_through_tunnel(self, guard: tuple[str, int]) -> None:
-        """All IPv4 into the TUN, except the path to the guard; IPv6 blocked by the kill switch."""
+    def route_through_tunnel(self, guards: list[tuple[str, int]]) -> None:
+        """All IPv4 into the TUN, except the paths to ``guards`` (the current one and, while switching,
+        the next); IPv6 blocked by the kill switch, which lets out only UDP to these guards."""
         gateway, device = default_route()
-        if self.guard is not None and self.guard[0] != guard[0]:
-            self._del_route(["ip", "route", "del", f"{self.guard[0]}/32"])
         via = ["via", gateway] if gateway else []
-        self._add_route(["ip", "route", "replace", f"{guard[0]}/32", *via, "dev", device])
-        for prefix in SPLIT_ROUTES:
-            self._add_route(["ip", "route", "replace", prefix, "dev", TUN_NAME])
-        self.guard = guard
+        wanted = {host for host, _ in guards}
+        for host in [h for h in self._guard_routes if h not in wanted]:
+            _run("ip", "route", "del", f"{host}/32", check=False)
+            self._guard_routes.discard(host)
+        for host in wanted - self._guard_routes:
+            _run("ip", "route", "replace", f"{host}/32", *via, "dev", device)
+            self._guard_routes.add(host)
+        for prefix in SPLIT_ROUTES:  # idempotent: re-asserted whenever the guards or the address change
+            _run("ip", "route", "replace", prefix, "dev", TUN_NAME)
+        self.guards = list(guards)
         if self.kill_switch:
             self.apply_kill_switch()
 
     def apply_kill_switch(self) -> None:
-        """Nothing leaves but loopback, the tunnel and the encrypted UDP to the guard; no IPv6 at all."""
-        assert self.guard is not None
-        host, port = self.guard
+        """Nothing leaves but loopback, the tunnel and the encrypted UDP to the guards; no IPv6 at all."""
+        allow = "\n".join(f"    ip daddr {host} udp dport {port} accept" for host, port in self.guards)
         _run("nft", "-f", "-", stdin=f"""table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
 table inet {NFT_TABLE} {{
@@ -98,15 +105,16 @@ table inet {NFT_TABLE} {{
     type filter hook output priority filter; policy drop;
     oifname "lo" accept
     oifname "{TUN_NAME}" meta nfproto ipv4 accept
-    ip daddr {host} udp dport {port} accept
+{allow}
   }}
 }}
 """)
 
     def restore(self) -> None:
-        for argv in reversed(self._routes):
-            _run(*argv, check=False)
-        self._routes.clear()
+        for host in self._guard_routes:
+            _run("ip", "route", "del", f"{host}/32", check=False)
+        self._guard_routes.clear()
+        self.guards = []
         cleanup(quiet=True)
         if self._dev is not None:
             with contextlib.suppress(Exception):
@@ -114,12 +122,6 @@ table inet {NFT_TABLE} {{
             self._dev = None
             self.fd = -1
 
-    def _add_route(self, argv: list[str]) -> None:
-        _run(*argv)
-        self._routes.append(["ip", "route", "del", *argv[3:]])
-
-    def _del_route(self, argv: list[str]) -> None:
-        _run(*argv, check=False)
 
 
 def cleanup(*, quiet: bool = False) -> list[str]:

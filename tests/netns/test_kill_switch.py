@@ -1,0 +1,101 @@
+"""Kill switch and recovery: the guard dies under a running `shallot connect`; while there is no
+circuit, a capture on the client's uplink shows nothing but UDP to the guard; then traffic resumes
+on a new circuit through the other guard, without anyone doing anything."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shallot.core import state as state_dir
+from shallot.core.control import ControlClient
+from shallot.crypto.descriptor import encode_directory
+from tests.netns.test_circuit_through_nat import PORT, _wait_line
+from tests.netns.test_ip_exit import ECHO_PORT, HERE, UDP_ASK
+from tests.netns.testbed import StandardTopology
+
+GUARD2 = "198.18.0.31"  # a fourth /16, so any one relay can die and a path remains
+
+
+def _status(sock: Path) -> dict:
+    async def ask() -> dict:
+        client = await ControlClient.connect(sock)
+        try:
+            return await client.call("status")
+        finally:
+            await client.close()
+    return asyncio.run(ask())
+
+
+def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology, tmp_path: Path) -> None:
+    tb = topology.tb
+    # a fourth relay on the same wire, in its own /16
+    g2 = tb.add_ns("guard2")
+    tb.veth(g2, "eth0", topology.ns["inet"], "p9")
+    tb.ip(topology.ns["inet"], "link", "set", "p9", "master", "br0")
+    tb.address(g2, "eth0", f"{GUARD2}/24")
+    for net in topology.internet:
+        tb.exec(g2, "ip", "route", "replace", net, "dev", "eth0")
+    for role in ("natgw", "guard", "middle", "exit", "web"):
+        tb.exec(topology.ns[role], "ip", "route", "replace", "198.18.0.0/24", "dev", "eth0")
+    addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
+             "exit": topology.addr["exit"]}
+    nss = {"guard": topology.ns["guard"], "guard2": g2, "middle": topology.ns["middle"], "exit": topology.ns["exit"]}
+    states, procs = {}, {}
+    for role, addr in addrs.items():
+        states[role] = tmp_path / role
+        state_dir.keygen(states[role], (addr, PORT + 2), role, role == "exit")
+        argv = [sys.executable, "-m", "shallot.core", "exit" if role == "exit" else "relay", "--state",
+                str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
+        procs[role] = tb.spawn(nss[role], argv)
+        _wait_line(procs[role], "listening")
+    _wait_line(tb.spawn(topology.ns["web"], [sys.executable, str(HERE / "udp_echo_server.py"), str(ECHO_PORT)]),
+               "listening")
+    directory = tmp_path / "directory"
+    directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
+    sock = tmp_path / "engine.sock"
+    client_ns = topology.ns["client"]
+    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory),
+                                   "--exit", "exit", "--socket", str(sock)])
+    _wait_line(connect, "shallot: connected", timeout=30)
+    ask = [sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT)]
+    assert tb.exec(client_ns, *ask, check=False).returncode == 0
+    first = _status(sock)
+    guard = first["circuit"][0]["nickname"]
+    assert guard != "exit"
+
+    capture = tmp_path / "uplink.txt"
+    dump = subprocess.Popen(["ip", "netns", "exec", client_ns, "tcpdump", "-l", "-n", "-i", "eth0", "-Q", "out",
+                             "not arp"], stdout=capture.open("w"), stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        procs[guard].kill()  # the guard vanishes without a word
+        procs[guard].wait()
+        # the application keeps trying while the circuit is dead: nothing may leak
+        for _ in range(6):
+            tb.exec(client_ns, *ask, check=False, timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the engine notices and builds a new circuit by itself
+            snap = _status(sock)
+            if snap["state"] == "connected" and snap["circuit"] and snap["circuit"][0]["nickname"] != guard:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no new circuit: {snap}")
+    finally:
+        dump.terminate()
+        dump.wait(5)
+    lines = [ln for ln in capture.read_text().splitlines() if ln.strip()]
+    relay_udp = tuple(f"> {addr}.{PORT + 2}: UDP" for addr in addrs.values())
+    leaks = [ln for ln in lines if not any(r in ln for r in relay_udp)]
+    assert lines, "the capture saw nothing at all (is tcpdump working?)"
+    assert not leaks, f"packets left outside the tunnel: {leaks[:5]}"
+    res = tb.exec(client_ns, *ask, check=False)  # and traffic flows again, through the new guard
+    assert res.returncode == 0 and res.stdout.strip().endswith("through the tunnel"), res.stderr
+    connect.terminate()
+    assert connect.wait(15) == 0
