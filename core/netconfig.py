@@ -25,6 +25,7 @@ log = logging.getLogger("shallot.netconfig")
 TUN_NAME = "shallot0"
 NFT_TABLE = "shallot_client"
 SPLIT_ROUTES = ("0.0.0.0/1", "128.0.0.0/1")
+RT_PROTO = "147"  # every route we add carries this routing-protocol tag, so cleanup finds them without a state file
 
 
 def _run(*argv: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -87,10 +88,10 @@ class NetConfig:
             _run("ip", "route", "del", f"{host}/32", check=False)
             self._guard_routes.discard(host)
         for host in wanted - self._guard_routes:
-            _run("ip", "route", "replace", f"{host}/32", *via, "dev", device)
+            _run("ip", "route", "replace", f"{host}/32", *via, "dev", device, "proto", RT_PROTO)
             self._guard_routes.add(host)
         for prefix in SPLIT_ROUTES:  # idempotent: re-asserted whenever the guards or the address change
-            _run("ip", "route", "replace", prefix, "dev", TUN_NAME)
+            _run("ip", "route", "replace", prefix, "dev", TUN_NAME, "proto", RT_PROTO)
         self.guards = list(guards)
         if self.kill_switch:
             self.apply_kill_switch()
@@ -129,9 +130,10 @@ def cleanup(*, quiet: bool = False) -> list[str]:
     done = []
     if _run("nft", "delete", "table", "inet", NFT_TABLE, check=False).returncode == 0:
         done.append(f"removed nftables table inet {NFT_TABLE}")
-    for prefix in SPLIT_ROUTES:
-        if _run("ip", "route", "del", prefix, "dev", TUN_NAME, check=False).returncode == 0:
-            done.append(f"removed route {prefix}")
+    ours = _run("ip", "-4", "route", "show", "proto", RT_PROTO, check=False).stdout.strip()
+    if ours:
+        _run("ip", "-4", "route", "flush", "proto", RT_PROTO, check=False)
+        done.extend(f"removed route {line}" for line in ours.splitlines())
     if _run("ip", "link", "del", TUN_NAME, check=False).returncode == 0:
         done.append(f"removed device {TUN_NAME}")
     if not quiet:

@@ -140,3 +140,23 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
     assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
     assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
+
+
+def test_cleanup_after_a_crashed_connect_leaves_nothing(topology: StandardTopology, ip_network: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    tb, client_ns = topology.tb, topology.ns["client"]
+    routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
+    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory",
+                                   str(ip_network["directory"]), "--path", "guard,middle,exit",
+                                   "--socket", str(tmp_path / "engine.sock")])
+    _wait_line(connect, "shallot: connected", timeout=30)
+    connect.kill()  # no chance to clean up
+    connect.wait()
+    assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch stays
+    res = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
+    assert "removed nftables table" in res.stdout
+    assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
+    assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
+    assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
+    again = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
+    assert again.stdout.strip() == "nothing to clean up"
