@@ -1,0 +1,93 @@
+"""Benchmark: TCP throughput (iperf3, one stream) and ping RTT through `shallot connect` in the
+network-namespace testbed, beside the same traffic over the raw path (client -> NAT -> web) in the
+same run.  Needs root, iproute2, nftables and iperf3.  Prints one JSON object.
+
+    sudo .venv/bin/python bench/vpn_bench.py [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shallot.core import state as state_dir  # noqa: E402
+from shallot.crypto.descriptor import encode_directory  # noqa: E402
+from tests.netns.testbed import StandardTopology, Testbed, available  # noqa: E402
+
+PORT = 9100
+
+
+def wait_line(proc: subprocess.Popen[str], word: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if word in line:
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"process died before {word!r}: {proc.stderr.read() if proc.stderr else ''}")
+    raise SystemExit(f"no {word!r} within {timeout} s")
+
+
+def iperf(tb: Testbed, ns: str, server: str, seconds: float) -> float:
+    out = tb.exec(ns, "iperf3", "-c", server, "-t", str(seconds), "-J", timeout=seconds + 30).stdout
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def ping_ms(tb: Testbed, ns: str, target: str, count: int = 20) -> float:
+    out = tb.exec(ns, "ping", "-c", str(count), "-i", "0.05", "-q", target, timeout=30).stdout
+    return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))  # type: ignore[union-attr]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    reason = available()
+    if reason:
+        raise SystemExit(f"vpn_bench: {reason}")
+    tb = Testbed()
+    try:
+        topo = StandardTopology(tb).build()
+        web, client = topo.addr["web"], topo.ns["client"]
+        tb.spawn(topo.ns["web"], ["iperf3", "-s"])
+        time.sleep(0.5)
+        raw = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1), "ping_ms": ping_ms(tb, client, web)}
+        with tempfile.TemporaryDirectory() as tmp:
+            states = {}
+            for role in ("guard", "middle", "exit"):
+                states[role] = Path(tmp) / role
+                state_dir.keygen(states[role], (topo.addr[role], PORT), role, role == "exit")
+                argv = [sys.executable, "-m", "shallot.core", "exit" if role == "exit" else "relay", "--state",
+                        str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
+                wait_line(tb.spawn(topo.ns[role], argv), "listening")
+            directory = Path(tmp) / "directory"
+            directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
+            connect = tb.spawn(client, [sys.executable, "-m", "shallot.core", "connect", "--directory",
+                                        str(directory), "--path", "guard,middle,exit", "--socket",
+                                        str(Path(tmp) / "engine.sock")])
+            wait_line(connect, "shallot: connected")
+            tunnel = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1),
+                      "ping_ms": ping_ms(tb, client, web)}
+        print(json.dumps({
+            "benchmark": "vpn_bench", "seconds": args.seconds,
+            "raw_path": raw, "through_circuit": tunnel,
+            "throughput_ratio": round(tunnel["iperf3_mbit_s"] / raw["iperf3_mbit_s"], 3),
+            "ping_ratio": round(tunnel["ping_ms"] / raw["ping_ms"], 2),
+            "target_mbit_s": 100,
+        }, indent=1))
+    finally:
+        tb.close()
+
+
+if __name__ == "__main__":
+    main()
