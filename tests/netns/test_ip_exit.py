@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,15 @@ def _wait_for_tcp_port(topology: StandardTopology, port: int, timeout: float = 1
     pytest.fail(f"nothing listens on {port} in the web namespace")
 
 
+def _start_connect(topology: StandardTopology, directory: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    """`shallot connect` in the client namespace, waited for until it says it is connected."""
+    connect = topology.tb.spawn(topology.ns["client"], [
+        sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory), "--path",
+        "guard,middle,exit", "--socket", str(tmp_path / "engine.sock")])
+    _wait_line(connect, "shallot: connected", timeout=30)
+    return connect
+
+
 UDP_ASK = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -105,10 +115,7 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
                                                                  tmp_path: Path) -> None:
     tb, client_ns = topology.tb, topology.ns["client"]
     routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
-    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory",
-                                   str(ip_network["directory"]), "--path", "guard,middle,exit",
-                                   "--socket", str(tmp_path / "engine.sock")])
-    _wait_line(connect, "shallot: connected", timeout=30)
+    connect = _start_connect(topology, ip_network["directory"], tmp_path)
     # an ordinary program in the client namespace now reaches the web host as the exit
     res = tb.exec(client_ns, sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT), check=False)
     assert res.returncode == 0, res.stderr
@@ -146,10 +153,7 @@ def test_cleanup_after_a_crashed_connect_leaves_nothing(topology: StandardTopolo
                                                         tmp_path: Path) -> None:
     tb, client_ns = topology.tb, topology.ns["client"]
     routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
-    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory",
-                                   str(ip_network["directory"]), "--path", "guard,middle,exit",
-                                   "--socket", str(tmp_path / "engine.sock")])
-    _wait_line(connect, "shallot: connected", timeout=30)
+    connect = _start_connect(topology, ip_network["directory"], tmp_path)
     connect.kill()  # no chance to clean up
     connect.wait()
     assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch stays
