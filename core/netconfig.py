@@ -62,6 +62,7 @@ class NetConfig:
             raise ShallotError(f"cannot create {TUN_NAME}: {exc} (run as root, or install the helper)") from None
         dev.mtu = mtu
         dev.up()
+        _run("ip", "link", "set", TUN_NAME, "txqueuelen", "4096", check=False)  # absorb TCP bursts
         self._dev = dev
         self.fd = dev.fileno()
         os.set_blocking(self.fd, False)

@@ -61,6 +61,8 @@ class ExitTun:
         self._dev = dev
         dev.addr, dev.netmask, dev.mtu = str(GATEWAY), str(POOL.netmask), TUNNEL_MTU
         dev.up()
+        # a longer queue absorbs TCP bursts from the internet while the exit catches up
+        subprocess.run(["ip", "link", "set", self.name, "txqueuelen", "4096"], capture_output=True)
         self._fd = dev.fileno()
         os.set_blocking(self._fd, False)
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
