@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,20 +21,9 @@ sys.path.insert(0, str(ROOT))
 from shallot.core import state as state_dir  # noqa: E402
 from shallot.crypto.descriptor import encode_directory  # noqa: E402
 from tests.netns.testbed import StandardTopology, Testbed, available  # noqa: E402
+from tests.netns.testbed import wait_for_line as wait_line  # noqa: E402
 
 PORT = 9100
-
-
-def wait_line(proc: subprocess.Popen[str], word: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if word in line:
-            return
-        if proc.poll() is not None:
-            raise SystemExit(f"process died before {word!r}: {proc.stderr.read() if proc.stderr else ''}")
-    raise SystemExit(f"no {word!r} within {timeout} s")
 
 
 def iperf(tb: Testbed, ns: str, server: str, seconds: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -61,7 +62,7 @@ class DnsForwarder:
         loop = asyncio.get_running_loop()
         try:
             self._down, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), local_addr=(self.listen, 53))
-            family = 10 if ":" in self.resolver[0] else 2  # AF_INET6 / AF_INET
+            family = socket.AF_INET6 if ":" in self.resolver[0] else socket.AF_INET
             self._up, _ = await loop.create_datagram_endpoint(lambda: _Upstream(self), family=family)
         except OSError as exc:
             raise ShallotError(f"cannot start the exit's DNS forwarder: {exc.strerror}") from None

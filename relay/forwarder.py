@@ -274,14 +274,7 @@ class RelayNode:
                         stream.reset_nonce(_NONCE_PREFIX + header[:12])
                     body = stream.update(memoryview(cell)[_HDR_END:])
                     circ.last_active = now
-                    counter = session.send_counter
-                    session.send_counter = counter + 1
-                    session.sent += 1
-                    ctr = counter.to_bytes(8, "little")
-                    head = session.header_prefix + ctr
-                    self.link.outbox.append(
-                        (head + session.send_aead.encrypt(_NONCE_PREFIX + ctr, prefix + header + body, head),
-                         out_link.addr))
+                    self.link.outbox.append((session.seal(prefix + header + body), out_link.addr))
                     out_link.last_send = now
                     return
         entry = self.circuits.get(key)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,23 +15,9 @@ from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from tests.netns.testbed import StandardTopology
+from tests.netns.testbed import wait_for_line as _wait_line
 
 PORT = 9000
-
-
-def _wait_line(proc: subprocess.Popen[str], word: str, timeout: float = 20) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if word in line:
-                return line
-        if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
-            pytest.fail(f"process exited ({proc.returncode}) before printing {word!r}: {err}")
-    pytest.fail(f"no {word!r} line within {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,22 @@ def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 20,
     if check and res.returncode != 0:
         raise TestbedError(f"{' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
     return res
+
+
+def wait_for_line(proc: subprocess.Popen[str], word: str, timeout: float = 20) -> str:
+    """Read ``proc``'s stdout until a line contains ``word``; TestbedError if it exits or times out first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if word in line:
+                return line
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise TestbedError(f"process exited ({proc.returncode}) before printing {word!r}: {err}")
+    raise TestbedError(f"no {word!r} line within {timeout} s")
 
 
 def remove_stale() -> list[str]:
