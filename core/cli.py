@@ -77,20 +77,33 @@ def _parser() -> argparse.ArgumentParser:
                                    "event loop and serve the control API on a 0600 Unix socket.")
     e.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
     e.add_argument("--directory", type=Path, metavar="FILE", help="directory file to use")
+    e.add_argument("--vpn", action="store_true", help="route the system through the circuit when connected "
+                   "(as an ordinary user: through the privileged helper, see docs/PRIVILEGES.md)")
+    e.add_argument("--no-kill-switch", action="store_true", help="with --vpn: do not block traffic outside the tunnel")
+    e.add_argument("--no-dns", action="store_true", help="with --vpn: leave the system's DNS settings alone")
+    e.add_argument("--helper-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
 
-    c = sub.add_parser("connect", help="connect this machine through a circuit (VPN; needs root for now)",
+    c = sub.add_parser("connect", help="connect this machine through a circuit (VPN)",
                        description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
                                    "with a kill switch (nftables) that lets nothing else out while connected or "
-                                   "reconnecting.  Serves the control API like 'shallot engine'.  SIGINT/SIGTERM "
-                                   "restore the routes and firewall.")
+                                   "reconnecting, and DNS through the exit.  As an ordinary user the privileged "
+                                   "part goes through the helper (pkexec; docs/PRIVILEGES.md).  Serves the control "
+                                   "API like 'shallot engine'.  SIGINT/SIGTERM restore routes, firewall and DNS.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
     c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
+    c.add_argument("--no-dns", action="store_true", help="leave the system's DNS settings alone")
+    c.add_argument("--helper-fd", type=int, metavar="FD",
+                   help="a socket to an already running privileged helper (tests, service managers)")
     c.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
     c.add_argument("--cleanup", action="store_true",
                    help="remove the routes, firewall table and device a crashed client left, then exit")
 
+    sub.add_parser("helper", help="the privileged helper (root; started by the engine through pkexec)",
+                   description="The privileged helper: configures the TUN device, routes, kill switch and DNS for "
+                               "an engine running as an ordinary user.  It speaks on a Unix socket given as stdin "
+                               "and is started by the engine (pkexec), never by hand.  See docs/PRIVILEGES.md.")
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
@@ -166,10 +179,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
+    from shallot.core.connect import Tunnel
     from shallot.core.engine import default_socket, run_engine
     from shallot.core.udp import run
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory))
+    tunnel = Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd) \
+        if args.vpn else None
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, tunnel=tunnel))
     return 0
+
+
+def _cmd_helper(args: argparse.Namespace) -> int:
+    import socket
+
+    from shallot.core.privhelper import serve
+    try:
+        sock = socket.socket(fileno=0)
+    except OSError:
+        raise ShallotError("the helper talks to the engine on a Unix socket as stdin; "
+                           "it is started by the engine, not by hand") from None
+    if sock.family != socket.AF_UNIX:
+        raise ShallotError("stdin must be a Unix socket (the helper is started by the engine)")
+    return serve(sock)
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
@@ -178,13 +208,18 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     from shallot.core.netconfig import cleanup
     from shallot.core.udp import run
     if args.cleanup:
+        from shallot.core.privhelper import can_admin_network
+        if not can_admin_network():
+            raise ShallotError("--cleanup changes routes, firewall and DNS: run it as root "
+                               "(sudo shallot connect --cleanup); the helper also cleans up at every connect")
         for line in cleanup() or ["nothing to clean up"]:
             print(line)
         return 0
     if args.directory is None:
         raise ShallotError("connect needs --directory FILE (or --cleanup)")
     run(run_engine(args.socket or default_socket(create=True), directory=args.directory,
-                   tunnel=Tunnel(kill_switch=not args.no_kill_switch), autoconnect=True, path=args.path,
+                   tunnel=Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd),
+                   autoconnect=True, path=args.path,
                    exit_spec=args.exit))
     return 0
 
@@ -229,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect,
+        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect, "helper": _cmd_helper,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }

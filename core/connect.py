@@ -3,7 +3,8 @@ through an IP circuit; the kill switch lets nothing else out while connected or 
 
 ``Tunnel`` is the engine's TUN side: it configures the device from the exit's CONFIG answer (address,
 MTU), keeps the routes and kill switch pointed at the current guard, and pumps packets between the
-device and the circuit.  The privileged work is in core/netconfig.py.
+device and the circuit.  The privileged work is in core/netconfig.py, reached in-process (root) or
+through the privileged helper (core/privhelper.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import time
 from typing import Any
 
 from shallot.core.circuit import CircuitState, ClientCircuit
+from shallot.core.errors import ShallotError
 from shallot.core.netconfig import TUN_NAME, NetConfig
+from shallot.core.privhelper import can_admin_network, start_helper
 from shallot.exit.ipservice import decode_config
 
 log = logging.getLogger("shallot.connect")
@@ -25,8 +28,15 @@ READ_BUDGET = 64
 
 
 class Tunnel:
-    def __init__(self, *, kill_switch: bool = True) -> None:
-        self.net = NetConfig(kill_switch=kill_switch)
+    def __init__(self, *, kill_switch: bool = True, dns: bool = True, helper_fd: int | None = None) -> None:
+        """The privileged operations go to a NetConfig in-process when we are root, else to the privileged
+        helper (on ``helper_fd``, or started through pkexec).  ``dns``: point the system's DNS at the exit's
+        resolver."""
+        self.kill_switch = kill_switch
+        self.dns = dns
+        self.helper_fd = helper_fd
+        self._net: Any = None
+        self._fd = -1
         self.client: Any = None  # the engine's CircuitClient, set when it exists
         self.circuit: ClientCircuit | None = None
         self.address: str | None = None
@@ -34,15 +44,43 @@ class Tunnel:
         self.packets_in = 0
         self.dropped = 0
 
+    @property
+    def net(self) -> Any:
+        if self._net is None:
+            raise ShallotError("the tunnel is not ready")
+        return self._net
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def privileged(self) -> str:
+        """How the network is configured: "root" (in-process), "helper", or "" before the first connect."""
+        return "" if self._net is None else "root" if isinstance(self._net, NetConfig) else "helper"
+
+    def ensure_ready(self) -> None:
+        """Get the means to configure the network.  May block while polkit asks the user: run it in an
+        executor.  Raises PrivilegeError when that is impossible."""
+        if self._net is not None:
+            return
+        if self.helper_fd is None and can_admin_network():
+            self._net = NetConfig(kill_switch=self.kill_switch)
+        else:
+            self._net = start_helper(kill_switch=self.kill_switch, helper_fd=self.helper_fd)
+            self.helper_fd = None  # that socket now belongs to the HelperNetConfig
+
     def configure(self, config: bytes, guard: tuple[str, int], circuit: ClientCircuit) -> None:
-        address, _resolver, mtu = decode_config(config)
-        if self.net.fd < 0:
-            fd = self.net.open_tun(mtu)
+        address, resolver, mtu = decode_config(config)
+        if self.fd < 0:
+            fd = self._fd = self.net.open_tun(mtu)
             asyncio.get_running_loop().add_reader(fd, self._on_readable)
         changed = self.net.address != str(address)
         self.net.set_address(str(address))
         if changed or self.net.guards != [guard]:
             self.net.route_through_tunnel([guard])  # only the guard of the circuit in use from now on
+        if self.dns:
+            self.net.set_dns([str(resolver)])  # a no-op when unchanged
         if self.circuit is not circuit:
             log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, guard[0])
         self.circuit, self.address = circuit, str(address)
@@ -50,16 +88,16 @@ class Tunnel:
     def prepare(self, guard: tuple[str, int]) -> None:
         """A circuit through ``guard`` is about to be built: let its link out (kill switch) and route it
         around the tunnel, keeping the current guard open until the new circuit takes over."""
-        if self.net.fd >= 0 and guard not in self.net.guards:
+        if self.fd >= 0 and guard not in self.net.guards:
             self.net.route_through_tunnel([*self.net.guards, guard])
 
     def deliver(self, circuit: ClientCircuit, packet: bytes) -> None:
         """A packet from the exit: into the TUN, if it belongs to the current circuit."""
-        if circuit is not self.circuit or self.net.fd < 0:
+        if circuit is not self.circuit or self.fd < 0:
             self.dropped += 1
             return
         try:
-            os.write(self.net.fd, packet)
+            os.write(self._fd, packet)
             self.packets_in += 1
         except OSError:
             self.dropped += 1
@@ -68,7 +106,7 @@ class Tunnel:
         sent = False
         for _ in range(READ_BUDGET):
             try:
-                packet = os.read(self.net.fd, 65535)
+                packet = os.read(self._fd, 65535)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -89,8 +127,19 @@ class Tunnel:
             self.client.endpoint.flush()
 
     def close(self) -> None:
-        if self.net.fd >= 0:
+        """Disconnected: routes, kill switch, DNS and device go; the helper session stays for the next connect."""
+        if self.fd >= 0:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.net.fd)
-        self.net.restore()
+                asyncio.get_running_loop().remove_reader(self.fd)
+        self._fd = -1
+        if self._net is not None:
+            self._net.restore()
         self.circuit = None
+        self.address = None
+
+    def shutdown(self) -> None:
+        """The engine quits: also end the helper session (the helper restores everything and exits)."""
+        self.close()
+        if self._net is not None and hasattr(self._net, "close"):
+            self._net.close()
+        self._net = None

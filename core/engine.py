@@ -24,6 +24,7 @@ from shallot.core.client import CircuitClient
 from shallot.core.control import ControlError, ControlServer
 from shallot.core.directory import load_directory
 from shallot.core.errors import ShallotError
+from shallot.core.privhelper import PrivilegeError
 from shallot.core.probe import choose_path
 from shallot.crypto.circuit_handshake import SERVICE_ECHO, SERVICE_IP
 from shallot.crypto.descriptor import Descriptor
@@ -106,11 +107,14 @@ class ClientEngine:
         self._wake = asyncio.Event()
         self._rotate = False
         self._path_spec: str | None = None
+        self.error_code = ""  # machine-readable kind of `error` for the GUI: helper-missing, helper-denied, ...
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> dict[str, Any]:
         return {
-            "state": self.state.value, "step": self.step, "error": self.error,
+            "state": self.state.value, "step": self.step, "error": self.error, "error_code": self.error_code,
+            "mode": "vpn" if self.tunnel is not None else "probe",
+            "kill_switch": bool(self.tunnel is not None and self.tunnel.kill_switch),
             "directory": str(self.directory_path) if self.directory_path else None,
             "exit": self.exit_choice,
             "circuit": [{"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}",
@@ -162,13 +166,16 @@ class ClientEngine:
 
     async def close(self) -> None:
         await self.disconnect()
+        if self.tunnel is not None:
+            self.tunnel.shutdown()
         if self.client is not None:
             self.client.close()
             self.client = None
 
     # ------------------------------------------------------------------ supervision
-    def _set(self, state: EngineState, step: str = "", error: str = "") -> None:
+    def _set(self, state: EngineState, step: str = "", error: str = "", code: str = "") -> None:
         self.state, self.step, self.error = state, step, error
+        self.error_code = code if error else ""
         snap = self.snapshot()
         for listener in list(self.listeners):
             listener(snap)
@@ -191,6 +198,12 @@ class ClientEngine:
                 elif self._rotate:
                     await self._switch_circuit()
                 await self._keep_alive()
+            except PrivilegeError as exc:  # retrying cannot help: the user must act
+                log.warning("%s", exc)
+                self._want_connected = False
+                self._drop_circuit()
+                self._set(EngineState.ERROR, "", str(exc), exc.code)
+                return
             except Exception as exc:  # ShallotError is the expected kind; anything else is logged as a bug
                 if not self._want_connected:
                     return
@@ -268,7 +281,11 @@ class ClientEngine:
         log.info("circuit built in %.1f ms: %s", self.build_ms, " -> ".join(d.nickname for d in path))
 
     async def _build(self, *, reconnect: bool) -> None:
-        self._set(EngineState.RECONNECTING if reconnect else EngineState.CONNECTING, "choosing a path")
+        state = EngineState.RECONNECTING if reconnect else EngineState.CONNECTING
+        if self.tunnel is not None and not self.tunnel.privileged:
+            self._set(state, "asking for permission to configure the network")
+            await asyncio.get_running_loop().run_in_executor(None, self.tunnel.ensure_ready)
+        self._set(state, "choosing a path")
         path = await self._new_path(self.avoid)
         self._set(self.state, f"building a circuit through {path[0].nickname}, {path[1].nickname}, "
                               f"{path[2].nickname}")

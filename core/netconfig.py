@@ -1,14 +1,14 @@
-"""The privileged part of the client (Linux): TUN device, routes, kill switch.  Narrow on
-purpose: the engine asks for exactly these operations and nothing else, so it can later move into a
-separate helper process run through pkexec (desktops) or as root (servers) while the engine and the
-app run as an ordinary user.  Today ``shallot connect`` calls it in-process and must run as root.
+"""The privileged part of the client (Linux): TUN device, routes, kill switch, IPv6 block, DNS.  Narrow
+on purpose: the engine asks for exactly these operations and nothing else.  A client running as root
+(servers) calls it in-process; an ordinary user's engine reaches it through the privileged helper
+(core/privhelper.py, started with pkexec), which calls the same code.
 
 Everything it changes is undone by ``restore()`` and, after a crash, by ``cleanup()``
-(``shallot connect --cleanup``): routes and the nftables table carry Shallot's names.
+(``shallot connect --cleanup``): routes carry Shallot's routing-protocol tag, the nftables table and the
+device carry Shallot's names, and DNS changes are undone from the saved copy (core/dnsconfig.py).
 
-Not here yet (the VPN issue): pointing the system's DNS at the exit's resolver.  It needs care per
-system (resolv.conf, systemd-resolved, NetworkManager), and a network namespace shares /etc with its
-host, so a careless write would change the host's resolver.
+IPv6 is never tunnelled (the exits hand out IPv4 only), so it is blocked while connected, with or
+without the kill switch: a v6-capable network must not carry the user's traffic around the tunnel.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
+from shallot.core.dnsconfig import DnsConfig, restore_resolv_conf
 from shallot.core.errors import ShallotError
 
 log = logging.getLogger("shallot.netconfig")
@@ -52,6 +53,7 @@ class NetConfig:
     guards: list[tuple[str, int]] = field(default_factory=list)
     address: str | None = None
     _guard_routes: set[str] = field(default_factory=set)
+    dns: DnsConfig = field(default_factory=lambda: DnsConfig(TUN_NAME))
 
     def open_tun(self, mtu: int) -> int:
         """Create the TUN device and return its non-blocking fd."""
@@ -94,25 +96,36 @@ class NetConfig:
         for prefix in SPLIT_ROUTES:  # idempotent: re-asserted whenever the guards or the address change
             _run("ip", "route", "replace", prefix, "dev", TUN_NAME, "proto", RT_PROTO)
         self.guards = list(guards)
-        if self.kill_switch:
-            self.apply_kill_switch()
+        self.apply_firewall()
 
-    def apply_kill_switch(self) -> None:
-        """Nothing leaves but loopback, the tunnel and the encrypted UDP to the guards; no IPv6 at all."""
-        allow = "\n".join(f"    ip daddr {host} udp dport {port} accept" for host, port in self.guards)
+    def set_dns(self, servers: list[str]) -> None:
+        """Send the system's DNS to ``servers`` (the exit's resolver, reached through the tunnel)."""
+        self.dns.apply(servers)
+
+    def apply_firewall(self) -> None:
+        """Kill switch: nothing leaves but loopback, the tunnel and the encrypted UDP to the guards.
+        Without it, only IPv6 is blocked (no v6 leak around the IPv4-only tunnel)."""
+        if self.kill_switch:
+            allow = "\n".join(f"    ip daddr {host} udp dport {port} accept" for host, port in self.guards)
+            rules = f"""    type filter hook output priority filter; policy drop;
+    oifname "lo" accept
+    oifname "{TUN_NAME}" meta nfproto ipv4 accept
+{allow}"""
+        else:
+            rules = """    type filter hook output priority filter; policy accept;
+    oifname "lo" accept
+    meta nfproto ipv6 drop"""
         _run("nft", "-f", "-", stdin=f"""table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
 table inet {NFT_TABLE} {{
   chain output {{
-    type filter hook output priority filter; policy drop;
-    oifname "lo" accept
-    oifname "{TUN_NAME}" meta nfproto ipv4 accept
-{allow}
+{rules}
   }}
 }}
 """)
 
     def restore(self) -> None:
+        self.dns.restore()
         for host in self._guard_routes:
             _run("ip", "route", "del", f"{host}/32", check=False)
         self._guard_routes.clear()
@@ -127,8 +140,8 @@ table inet {NFT_TABLE} {{
 
 
 def cleanup(*, quiet: bool = False) -> list[str]:
-    """Remove whatever a (crashed) client left: kill switch, split routes, the TUN."""
-    done = []
+    """Remove whatever a (crashed) client left: kill switch, split routes, the TUN, the DNS change."""
+    done = restore_resolv_conf()
     if _run("nft", "delete", "table", "inet", NFT_TABLE, check=False).returncode == 0:
         done.append(f"removed nftables table inet {NFT_TABLE}")
     ours = _run("ip", "-4", "route", "show", "proto", RT_PROTO, check=False).stdout.strip()

@@ -44,7 +44,9 @@ def decode_config(data: bytes) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Add
         raise DecodeError("unsupported config version")
     address, resolver, mtu = ipaddress.IPv4Address(r.take(4)), ipaddress.IPv4Address(r.take(4)), r.u16()
     r.end()
-    if address not in POOL or not 576 <= mtu <= MAX_DATA_LEN:
+    # the resolver must sit behind the tunnel: one outside it (say, the guard's address, which is routed
+    # around the tunnel) would carry the user's DNS in the clear
+    if address not in POOL or resolver not in POOL or not 576 <= mtu <= MAX_DATA_LEN:
         raise DecodeError("implausible config")
     return address, resolver, mtu
 

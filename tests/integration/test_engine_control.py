@@ -350,3 +350,35 @@ async def test_shutdown_ends_the_engine(engine: Engine, how: str) -> None:
     assert code == 0, engine.proc.stderr()
     assert not engine.sock.exists(), "the engine left its socket behind"
     assert "Traceback" not in engine.proc.stderr()
+
+
+# ---------------------------------------------------------------------------------------------- VPN mode, no privileges
+
+
+async def test_vpn_mode_without_the_helper_says_what_is_missing(short_tmp: Path, network: RunningNetwork) -> None:
+    """An engine that may not configure the network (an ordinary user; here root with every capability
+    dropped when we are root) and finds no privileged helper: a clear error the app can act on, no retry loop,
+    and nothing changed."""
+    from tests.integration.conftest import ENV, SHALLOT
+    sock = short_tmp / "vpn.sock"
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"] if os.geteuid() == 0 else []
+    env = {**ENV, "SHALLOT_HELPER": str(short_tmp / "no-such-helper")}
+    proc = await asyncio.create_subprocess_exec(*prefix, *SHALLOT, "engine", "--vpn", "--socket", str(sock),
+                                                "--directory", str(network.directory), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"listening" in line
+        async with control(sock) as c:
+            snap = await c.call("connect")
+            assert snap["mode"] == "vpn" and snap["kill_switch"] is True
+            snap = await wait_state(c, lambda s: s["state"] == "error", 10, "an error state")
+            assert snap["error_code"] == "helper-missing"
+            assert "privileged helper is not installed" in snap["error"] and "probe mode" in snap["error"]
+            await asyncio.sleep(1.0)  # it does not retry on its own: the user has to act
+            snap = await c.call("status")
+            assert snap["state"] == "error" and snap["circuits_built"] == 0
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0

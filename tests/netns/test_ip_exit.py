@@ -8,8 +8,11 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
-from tests.netns.testbed import StandardTopology
+from tests.netns.testbed import TESTBED_RESOLV_MARK, StandardTopology
+from tests.netns.testbed import TestbedError as SetupFailed
 
 HERE = Path(__file__).resolve().parent
 ECHO_PORT = 7777
@@ -92,13 +96,29 @@ def _wait_for_tcp_port(topology: StandardTopology, port: int, timeout: float = 1
     pytest.fail(f"nothing listens on {port} in the web namespace")
 
 
-def _start_connect(topology: StandardTopology, directory: Path, tmp_path: Path) -> subprocess.Popen[str]:
+def _start_connect(topology: StandardTopology, directory: Path, tmp_path: Path, *extra: str,
+                   prefix: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
     """`shallot connect` in the client namespace, waited for until it says it is connected."""
-    connect = topology.tb.spawn(topology.ns["client"], [
-        sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory), "--path",
-        "guard,middle,exit", "--socket", str(tmp_path / "engine.sock")])
-    _wait_line(connect, "shallot: connected", timeout=30)
+    argv = [*prefix, sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory), "--path",
+            "guard,middle,exit", "--socket", str(tmp_path / "engine.sock"), *extra]
+    if pass_fds:
+        connect = subprocess.Popen(["ip", "netns", "exec", topology.ns["client"], *argv], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        topology.tb.procs.append(connect)
+    else:
+        connect = topology.tb.spawn(topology.ns["client"], argv)
+    try:
+        _wait_line(connect, "shallot: connected", timeout=30)
+    except SetupFailed:
+        connect.terminate()
+        _, err = connect.communicate(timeout=15)
+        raise SetupFailed(f"connect did not connect; its stderr:\n{err[-3000:]}") from None
     return connect
+
+
+def _resolv_conf(topology: StandardTopology) -> str:
+    return topology.tb.exec(topology.ns["client"], "cat", "/etc/resolv.conf").stdout
 
 
 UDP_ASK = """
@@ -115,7 +135,11 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
                                                                  tmp_path: Path) -> None:
     tb, client_ns = topology.tb, topology.ns["client"]
     routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
+    resolv_before = _resolv_conf(topology)
+    assert TESTBED_RESOLV_MARK in resolv_before
     connect = _start_connect(topology, ip_network["directory"], tmp_path)
+    # DNS goes to the exit's resolver, through the tunnel
+    assert "nameserver 100.64.0.1" in _resolv_conf(topology)
     # an ordinary program in the client namespace now reaches the web host as the exit
     res = tb.exec(client_ns, sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT), check=False)
     assert res.returncode == 0, res.stderr
@@ -127,9 +151,14 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     site.mkdir()
     blob = os.urandom(100 * 1024 * 1024)
     (site / "big").write_bytes(blob)
+    (site / "index.html").write_text("hello through shallot\n")
     web = tb.spawn(topology.ns["web"], [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0",
                                         "--directory", str(site)])
     _wait_for_tcp_port(topology, 8080)
+    # by name: the testbed's resolver (web namespace) answers through the exit's DNS forwarder
+    page = tb.exec(client_ns, "curl", "-sS", "--max-time", "10", "http://web.shallot.test:8080/", check=False)
+    assert page.returncode == 0, page.stderr
+    assert page.stdout == "hello through shallot\n"
     started = time.monotonic()
     got = tb.exec(client_ns, "curl", "-sS", "--max-time", "150", "-o", str(tmp_path / "got"),
                   f"http://{topology.addr['web']}:8080/big", check=False, timeout=160)
@@ -138,6 +167,9 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     assert hashlib.sha256((tmp_path / "got").read_bytes()).hexdigest() == hashlib.sha256(blob).hexdigest()
     print(f"100 MB through the circuit in {seconds:.1f} s ({800 / seconds:.0f} Mbit/s)")
     web.terminate()
+    _, web_log = web.communicate(timeout=10)
+    requests = [line for line in web_log.splitlines() if '"GET ' in line]
+    assert len(requests) == 2 and all(line.startswith(topology.addr["exit"] + " ") for line in requests), web_log
     routes = tb.exec(client_ns, "ip", "route", "show").stdout
     assert "0.0.0.0/1 dev shallot0" in routes and "128.0.0.0/1 dev shallot0" in routes
     assert f"{topology.addr['guard']} via" in routes  # the encrypted UDP to the guard still goes out directly
@@ -147,20 +179,118 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
     assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
     assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
+    assert _resolv_conf(topology) == resolv_before
 
 
 def test_cleanup_after_a_crashed_connect_leaves_nothing(topology: StandardTopology, ip_network: dict[str, Path],
                                                         tmp_path: Path) -> None:
     tb, client_ns = topology.tb, topology.ns["client"]
     routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
+    resolv_before = _resolv_conf(topology)
     connect = _start_connect(topology, ip_network["directory"], tmp_path)
     connect.kill()  # no chance to clean up
     connect.wait()
     assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch stays
+    assert "nameserver 100.64.0.1" in _resolv_conf(topology)
     res = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
-    assert "removed nftables table" in res.stdout
+    assert "removed nftables table" in res.stdout and "restored /etc/resolv.conf" in res.stdout
+    assert _resolv_conf(topology) == resolv_before
     assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
     assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
     assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
     again = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
     assert again.stdout.strip() == "nothing to clean up"
+
+
+def test_no_ipv6_leak_even_without_the_kill_switch(topology: StandardTopology, ip_network: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    """The tunnel is IPv4 only, so while connected IPv6 must not go out at all, kill switch or not."""
+    tb, client_ns, natgw = topology.tb, topology.ns["client"], topology.ns["natgw"]
+    tb.exec(client_ns, "ip", "-6", "addr", "add", "fd00:10::2/64", "dev", "eth0", "nodad")
+    tb.exec(natgw, "ip", "-6", "addr", "add", "fd00:10::1/64", "dev", "lan0", "nodad")
+    assert tb.exec(client_ns, "ping", "-6", "-c", "1", "-W", "2", "fd00:10::1", check=False).returncode == 0
+    connect = _start_connect(topology, ip_network["directory"], tmp_path, "--no-kill-switch")
+    capture = tb.spawn(natgw, ["tcpdump", "-n", "-l", "-i", "lan0", "ip6 and src fd00:10::2"])
+    time.sleep(1.0)  # tcpdump attaches
+    ping6 = tb.exec(client_ns, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", "fd00:10::1", check=False)
+    udp6 = tb.exec(client_ns, sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET6, "
+                   "socket.SOCK_DGRAM); s.sendto(b'leak?', ('fd00:10::1', 53))", check=False)
+    # IPv4 still flows through the tunnel (the kill switch is off, so the v4 side proves the table is the v6 block)
+    assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
+    time.sleep(0.5)
+    capture.terminate()
+    out, err = capture.communicate(timeout=10)
+    assert ping6.returncode != 0 and udp6.returncode != 0  # refused locally: EPERM from the firewall
+    assert "0 packets captured" in err, out + err
+    connect.terminate()
+    assert connect.wait(15) == 0
+    # and IPv6 works again afterwards
+    assert tb.exec(client_ns, "ping", "-6", "-c", "1", "-W", "2", "fd00:10::1", check=False).returncode == 0
+
+
+def _unprivileged_prefix() -> tuple[tuple[str, ...], str]:
+    """How to run the engine without privileges: as uid nobody when it can read our interpreter and code
+    (a world-readable checkout), else as uid 0 with every capability dropped, which takes away exactly the
+    powers the helper has (CAP_NET_ADMIN for TUN, routes and nftables; CAP_DAC_OVERRIDE for /etc)."""
+    drop = ("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            "import shallot.core.engine"], capture_output=True, cwd="/")
+    if probe.returncode == 0:
+        return (*drop, "--reuid=65534", "--regid=65534", "--clear-groups"), "nobody"
+    return drop, "root without capabilities"
+
+
+def test_an_unprivileged_engine_connects_through_the_helper(topology: StandardTopology,
+                                                            ip_network: dict[str, Path], tmp_path: Path) -> None:
+    tb, client_ns = topology.tb, topology.ns["client"]
+    routes_before = tb.exec(client_ns, "ip", "route", "show").stdout
+    resolv_before = _resolv_conf(topology)
+    prefix, who = _unprivileged_prefix()
+    sockdir = Path(tempfile.mkdtemp(prefix="shallot-unpriv-"))
+    os.chmod(sockdir, 0o700)
+    directory = sockdir / "directory"  # the pytest tmp dirs are root's alone
+    shutil.copy(ip_network["directory"], directory)
+    os.chmod(directory, 0o644)
+    if who == "nobody":
+        os.chown(sockdir, 65534, 65534)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:  # started the way pkexec starts it: as root, the socket as stdin, the user's uid in PKEXEC_UID
+        helper = subprocess.Popen(["ip", "netns", "exec", client_ns, sys.executable, "-m", "shallot.core", "-v",
+                                   "helper"], stdin=ours, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PKEXEC_UID": "65534" if who == "nobody" else "0"})
+        tb.procs.append(helper)
+        ours.close()
+        os.set_inheritable(theirs.fileno(), True)
+        connect = _start_connect(topology, directory, sockdir, "--helper-fd", str(theirs.fileno()),
+                                 prefix=prefix, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        print(f"engine runs as {who}")
+        # the engine has no network privileges; the helper did the work
+        caps = _effective_caps(connect.pid)
+        assert caps == 0, f"the engine holds capabilities {caps:#x}"
+        res = tb.exec(client_ns, sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT), check=False)
+        assert res.stdout.strip() == f"{topology.addr['exit']} through the tunnel", res.stderr
+        assert "nameserver 100.64.0.1" in _resolv_conf(topology)
+        assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout
+        tun_owner = tb.exec(client_ns, "cat", "/sys/class/net/shallot0/owner").stdout.strip()
+        assert tun_owner == ("65534" if who == "nobody" else "-1")  # the helper hands the device to the user
+        connect.terminate()
+        assert connect.wait(15) == 0
+        # the engine closed the session: the helper restored everything and exited
+        assert helper.wait(15) == 0
+        assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
+        assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
+        assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
+        assert _resolv_conf(topology) == resolv_before
+    finally:
+        ours.close()
+        theirs.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _effective_caps(pid: int) -> int:
+    """CapEff of the Python process under ``ip netns exec`` and setpriv (which exec in place)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapEff line")

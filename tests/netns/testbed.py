@@ -37,6 +37,10 @@ from pathlib import Path
 PREFIX_RE = re.compile(r"^shtb(\d+)-")
 
 
+NETNS_ETC = Path("/etc/netns")
+TESTBED_RESOLV_MARK = "# the testbed's resolv.conf for this namespace (its original)"
+
+
 class TestbedError(RuntimeError):
     pass
 
@@ -86,6 +90,10 @@ def remove_stale() -> list[str]:
         if m and not Path(f"/proc/{m.group(1)}").exists():
             _sh(["ip", "netns", "del", name], check=False)
             removed.append(name)
+    for etc in NETNS_ETC.glob("shtb*-*") if NETNS_ETC.is_dir() else []:
+        m = PREFIX_RE.match(etc.name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            shutil.rmtree(etc, ignore_errors=True)
     return removed
 
 
@@ -103,6 +111,11 @@ class Testbed:
         ns = self.name(role)
         _sh(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
+        # `ip netns exec` bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf: every namespace gets
+        # its own, so a client under test that rewrites its DNS settings can never touch the host's
+        etc = NETNS_ETC / ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"{TESTBED_RESOLV_MARK}\nnameserver 192.0.2.53\n")
         self.ip(ns, "link", "set", "lo", "up")
         return ns
 
@@ -164,6 +177,7 @@ class Testbed:
         self.procs.clear()
         for ns in reversed(self.namespaces):
             _sh(["ip", "netns", "del", ns], check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self.namespaces.clear()
 
 
