@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +37,19 @@ def ping_ms(tb: Testbed, ns: str, target: str, count: int = 20) -> float:
     return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))  # type: ignore[union-attr]
 
 
+def profile(role: str, pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)),
+                             "-f", "raw", "-o", str(out / f"{role}.txt")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="also sample every shallot process with py-spy during the circuit's iperf3 run "
+                         "(flat profiles DIR/<role>.txt; py-spy must be installed)")
     args = ap.parse_args()
     reason = available()
     if reason:
@@ -52,20 +63,28 @@ def main() -> None:
         raw = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1), "ping_ms": ping_ms(tb, client, web)}
         with tempfile.TemporaryDirectory() as tmp:
             states = {}
+            pids: dict[str, int] = {}
             for role in ("guard", "middle", "exit"):
                 states[role] = Path(tmp) / role
                 state_dir.keygen(states[role], (topo.addr[role], PORT), role, role == "exit")
                 argv = [sys.executable, "-m", "shallot.core", "exit" if role == "exit" else "relay", "--state",
                         str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
-                wait_line(tb.spawn(topo.ns[role], argv), "listening")
+                proc = tb.spawn(topo.ns[role], argv)
+                wait_line(proc, "listening")
+                pids[role] = proc.pid  # `ip netns exec` execs in place: this is the relay's pid
             directory = Path(tmp) / "directory"
             directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
             connect = tb.spawn(client, [sys.executable, "-m", "shallot.core", "connect", "--directory",
                                         str(directory), "--path", "guard,middle,exit", "--socket",
                                         str(Path(tmp) / "engine.sock")])
             wait_line(connect, "shallot: connected")
+            pids["client"] = connect.pid
+            spies = [profile(role, pid, args.profile, args.seconds) for role, pid in pids.items()] \
+                if args.profile else []
             tunnel = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1),
                       "ping_ms": ping_ms(tb, client, web)}
+            for spy in spies:
+                spy.wait(60)
         print(json.dumps({
             "benchmark": "vpn_bench", "seconds": args.seconds,
             "raw_path": raw, "through_circuit": tunnel,

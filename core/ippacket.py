@@ -1,6 +1,7 @@
 """IPv4/IPv6 header parsing for the tunnel (pure).  Only what routing and exit policy need: version,
 addresses, protocol, ports and whether the packet is a non-first fragment.  Raises only DecodeError.
-Groundwork for the VPN issue (TUN capture and the IP exit); not on any packet path yet."""
+``v4_fields`` is the exit's per-packet fast path (raw address bytes, no objects); ``parse_packet`` gives
+the same facts as a PacketInfo."""
 
 from __future__ import annotations
 
@@ -52,21 +53,28 @@ def _ports(packet: bytes, offset: int, proto: int) -> tuple[int | None, int | No
     return int.from_bytes(packet[offset:offset + 2], "big"), int.from_bytes(packet[offset + 2:offset + 4], "big")
 
 
-def _parse_v4(packet: bytes) -> PacketInfo:
-    if len(packet) < 20:
-        raise DecodeError("truncated IPv4 header")
+def v4_fields(packet: bytes) -> tuple[bytes, bytes, int, int | None, int | None, bool, int]:
+    """(src[4], dst[4], proto, src_port, dst_port, non-first fragment, total length) of an IPv4 packet."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        raise DecodeError("truncated IPv4 header" if packet[:1] and packet[0] >> 4 == 4 else "not IPv4")
     ihl = (packet[0] & 0x0F) * 4
-    total = int.from_bytes(packet[2:4], "big")
+    total = (packet[2] << 8) | packet[3]
     if ihl < 20 or total < ihl or total > len(packet):
         raise DecodeError("bad IPv4 lengths")
-    frag_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
     proto = packet[9]
-    src = ipaddress.IPv4Address(packet[12:16])
-    dst = ipaddress.IPv4Address(packet[16:20])
-    if frag_offset:
-        return PacketInfo(4, src, dst, proto, None, None, True, total)
-    sport, dport = _ports(packet[:total], ihl, proto)
-    return PacketInfo(4, src, dst, proto, sport, dport, False, total)
+    if ((packet[6] & 0x1F) << 8) | packet[7]:  # fragment offset
+        return packet[12:16], packet[16:20], proto, None, None, True, total
+    if proto not in _PORT_PROTOS:
+        return packet[12:16], packet[16:20], proto, None, None, False, total
+    if total < ihl + 4:
+        raise DecodeError("truncated transport header")
+    return (packet[12:16], packet[16:20], proto, (packet[ihl] << 8) | packet[ihl + 1],
+            (packet[ihl + 2] << 8) | packet[ihl + 3], False, total)
+
+
+def _parse_v4(packet: bytes) -> PacketInfo:
+    src, dst, proto, sport, dport, fragment, total = v4_fields(packet)
+    return PacketInfo(4, ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst), proto, sport, dport, fragment, total)
 
 
 def _parse_v6(packet: bytes) -> PacketInfo:

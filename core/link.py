@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -168,9 +168,9 @@ class TokenBuckets:
 
     def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[Hashable, tuple[float, float]] = {}
 
-    def allow(self, key: str, now: float) -> bool:
+    def allow(self, key: Hashable, now: float) -> bool:
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         ok = tokens >= 1.0

@@ -1,6 +1,6 @@
 """The IP exit service (sans-I/O): circuits that ask for SERVICE_IP send and receive whole IP packets.
 
-Groundwork for the VPN issue: this is the exit's per-packet logic, with no TUN or NAT of its own.
+This is the exit's per-packet logic, with no TUN or NAT of its own.
 An adapter writes ``tun_outbox`` to the exit's TUN device (whose kernel masquerades onto the
 uplink) and hands every packet read from the TUN to ``route_back``.
 
@@ -10,7 +10,7 @@ uplink) and hands every packet read from the TUN to ``route_back``.
   ``version u8 | address[4] | resolver[4] | mtu u16``.
 * Client -> internet: the packet must parse, come from the circuit's own address (no spoofing),
   pass the exit policy (which also keeps clients from reaching each other: 100.64/10 is rejected)
-  and the circuit's rate limit; then it goes to the TUN.  IPv6 is not offered yet: dropped, counted.
+  and the circuit's rate limit; then it goes to the TUN.  IPv6 is not offered: dropped, counted.
 * Internet -> client: the destination address picks the circuit; anything else is dropped.
 """
 
@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from shallot.core.cells import MSG_CONFIG, MSG_DATA, encode_message
-from shallot.core.ippacket import PROTO_UDP, parse_packet
+from shallot.core.ippacket import PROTO_UDP, v4_fields
 from shallot.core.link import TokenBuckets
 from shallot.crypto.codec import DecodeError, Reader
 from shallot.crypto.params import MAX_DATA_LEN
@@ -30,6 +30,7 @@ from shallot.exit.policy import ExitPolicy
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 GATEWAY = ipaddress.IPv4Address("100.64.0.1")
+GATEWAY_PACKED = GATEWAY.packed
 CONFIG_VERSION = 1
 TUNNEL_MTU = MAX_DATA_LEN  # one IP packet per cell
 
@@ -59,8 +60,9 @@ class IpExitService:
         self.max_circuits = max_circuits
         self.counters: Counter[str] = Counter()
         self.tun_outbox: list[bytes] = []
-        self._by_address: dict[ipaddress.IPv4Address, Any] = {}
+        self._by_address: dict[bytes, Any] = {}  # packed address -> circuit (the per-packet lookups use bytes)
         self._address_of: dict[int, ipaddress.IPv4Address] = {}  # id(circuit) -> address
+        self._packed_of: dict[int, bytes] = {}
         self._buckets = TokenBuckets(packets_per_second, burst, max_keys=max_circuits * 2)
 
     def attach(self, circ: Any) -> ipaddress.IPv4Address | None:
@@ -71,71 +73,74 @@ class IpExitService:
         span = POOL.num_addresses - 3  # not the network, the gateway or the broadcast address
         while True:
             address = POOL.network_address + 2 + int.from_bytes(self._rng(4), "big") % span
-            if address not in self._by_address:
+            if address.packed not in self._by_address:
                 break
-        self._by_address[address] = circ
+        self._by_address[address.packed] = circ
         self._address_of[id(circ)] = address
+        self._packed_of[id(circ)] = address.packed
         self.counters["ip_circuits_attached"] += 1
         return address
 
     def detach(self, circ: Any) -> None:
         address = self._address_of.pop(id(circ), None)
         if address is not None:
-            del self._by_address[address]
+            del self._by_address[address.packed]
+            del self._packed_of[id(circ)]
 
     def address_of(self, circ: Any) -> ipaddress.IPv4Address | None:
         return self._address_of.get(id(circ))
 
     def on_message(self, circ: Any, msg_type: int, data: bytes, now: float) -> list[bytes]:
         """A message from the client; returns inner messages to send back."""
-        address = self._address_of.get(id(circ))
-        if address is None:
+        packed = self._packed_of.get(id(circ))
+        if packed is None:
             self.counters["ip_drop_not_attached"] += 1
             return []
         if msg_type == MSG_CONFIG:
-            return [encode_message(MSG_CONFIG, encode_config(address, GATEWAY, TUNNEL_MTU))]
+            return [encode_message(MSG_CONFIG, encode_config(self._address_of[id(circ)], GATEWAY, TUNNEL_MTU))]
         if msg_type != MSG_DATA:
             self.counters["ip_drop_unexpected_message"] += 1
             return []
         try:
-            info = parse_packet(data)
+            src, dst, proto, _sport, dport, _fragment, total = v4_fields(data)
         except DecodeError:
-            self.counters["ip_drop_malformed"] += 1
+            ipv6 = bool(data) and data[0] >> 4 == 6
+            self.counters["ip_drop_ipv6_not_offered" if ipv6 else "ip_drop_malformed"] += 1
             return []
-        if info.version != 4:
-            self.counters["ip_drop_ipv6_not_offered"] += 1
-            return []
-        if info.src != address:
+        if src != packed:
             self.counters["ip_drop_spoofed_source"] += 1
             return []
-        if info.dst == GATEWAY:
+        if dst == GATEWAY_PACKED:
             # the exit itself: only its DNS forwarder (UDP 53) is offered there
-            if info.dst_port != 53 or info.proto != PROTO_UDP:
+            if dport != 53 or proto != PROTO_UDP:
                 self.counters["ip_drop_to_exit"] += 1
                 return []
-        elif not self.policy.allows(info):
-            self.counters["ip_drop_policy"] += 1
-            return []
-        if not self._buckets.allow(str(address), now):
+        else:
+            verdict = self.policy.verdict(dst, proto, dport)
+            if verdict is not None:
+                self.policy.counters[verdict] += 1
+                self.counters["ip_drop_policy"] += 1
+                return []
+        if not self._buckets.allow(packed, now):
             self.counters["ip_drop_rate_limited"] += 1
             return []
         self.counters["ip_to_tun"] += 1
-        self.tun_outbox.append(data[:info.length])
+        self.tun_outbox.append(data[:total])
         return []
 
     def route_back(self, packet: bytes) -> tuple[Any, bytes] | None:
         """A packet read from the TUN: (circuit, inner DATA message) for its client, or None (dropped)."""
         try:
-            info = parse_packet(packet)
+            _src, dst, _proto, _sport, _dport, _fragment, total = v4_fields(packet)
         except DecodeError:
             self.counters["ip_from_tun_malformed"] += 1
             return None
-        circ = self._by_address.get(info.dst) if info.version == 4 else None
+        circ = self._by_address.get(dst)
         if circ is None:
             self.counters["ip_from_tun_no_circuit"] += 1
             return None
-        if info.length > MAX_DATA_LEN:
+        if total > MAX_DATA_LEN:
             self.counters["ip_from_tun_too_big"] += 1  # the TUN's MTU should prevent this
             return None
         self.counters["ip_from_tun"] += 1
-        return circ, encode_message(MSG_DATA, packet[:info.length])
+        return circ, encode_message(MSG_DATA, packet[:total])

@@ -113,6 +113,7 @@ def parse_policy(text: str) -> list[Rule]:
     return rules
 
 
+VERDICT_CACHE = 65536
 DEFAULT_TAIL = (parse_rule("reject tcp *:25"), parse_rule("accept *"))
 
 
@@ -124,11 +125,14 @@ class ExitPolicy:
         self.counters: Counter[str] = Counter()
         self._builtin = [(ipaddress.ip_network(net), why) for net, why in BUILTIN_REJECTS]
         self.own_networks: list[Network] = []
+        self._verdicts: dict[tuple[bytes, int, int | None], str | None] = {}
         self.set_own_networks(own_networks or [])
 
     def set_own_networks(self, networks: list[Network]) -> None:
         """The exit host's own addresses and networks (refreshed when its interfaces change)."""
-        self.own_networks = list(networks)
+        if list(networks) != self.own_networks:
+            self.own_networks = list(networks)
+            self._verdicts.clear()
 
     def builtin_reason(self, dst: IPAddress) -> str | None:
         if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped is not None:
@@ -143,14 +147,35 @@ class ExitPolicy:
                 return "exit-own-network"
         return None
 
-    def allows(self, info: PacketInfo) -> bool:
+    def _judge(self, info: PacketInfo) -> str | None:
         why = self.builtin_reason(info.dst)
         if why is not None:
-            self.counters[f"reject_{why}"] += 1
-            return False
+            return f"reject_{why}"
         for rule in self.rules:
             if rule.matches(info):
-                if not rule.accept:
-                    self.counters["reject_rule"] += 1
-                return rule.accept
-        return False  # unreachable: the tail accepts
+                return None if rule.accept else "reject_rule"
+        return "reject_rule"  # unreachable: the tail accepts
+
+    def verdict(self, dst: bytes, proto: int, dst_port: int | None) -> str | None:
+        """None to accept, else the counter the rejection goes to.  A decision depends only on the
+        destination, the protocol and the destination port, so it is cached (every packet of a flow is
+        judged the same way; the cache empties when full or when the exit's own networks change)."""
+        key = (dst, proto, dst_port)
+        try:
+            return self._verdicts[key]
+        except KeyError:
+            pass
+        address = ipaddress.ip_address(dst)
+        verdict = self._judge(PacketInfo(address.version, address, address, proto, None, dst_port,
+                                         dst_port is None, 0))
+        if len(self._verdicts) >= VERDICT_CACHE:
+            self._verdicts.clear()
+        self._verdicts[key] = verdict
+        return verdict
+
+    def allows(self, info: PacketInfo) -> bool:
+        verdict = self.verdict(info.dst.packed, info.proto, info.dst_port)
+        if verdict is not None:
+            self.counters[verdict] += 1
+            return False
+        return True

@@ -39,9 +39,13 @@ def _nft(ruleset: str) -> None:
 
 
 class ExitTun:
-    def __init__(self, uplink: str, on_packet: Callable[[bytes], None]) -> None:
+    def __init__(self, uplink: str, on_packet: Callable[[bytes], None],
+                 after_batch: Callable[[], None] = lambda: None) -> None:
+        """``on_packet`` gets every packet read; ``after_batch`` runs once after each batch of reads, so the
+        cells they produce leave in one batched send."""
         self.uplink = uplink
         self.on_packet = on_packet
+        self.after_batch = after_batch
         self.name = f"shallot-x{os.getpid() % 100000}"
         self._dev = None
         self._fd = -1
@@ -85,18 +89,21 @@ table ip {NFT_TABLE} {{
         log.info("IP exit on %s (%s/%d) via %s", self.name, GATEWAY, POOL.prefixlen, self.uplink)
 
     def _on_readable(self) -> None:
+        got = 0
         for _ in range(READ_BUDGET):
             try:
                 packet = os.read(self._fd, 65535)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
-                if exc.errno == errno.EAGAIN:
-                    return
-                log.warning("TUN read failed: %s", exc.strerror)
-                return
-            self.read_packets += 1
+                if exc.errno != errno.EAGAIN:
+                    log.warning("TUN read failed: %s", exc.strerror)
+                break
+            got += 1
             self.on_packet(packet)
+        if got:
+            self.read_packets += got
+            self.after_batch()
 
     def write(self, packets: list[bytes]) -> None:
         for packet in packets:

@@ -73,7 +73,7 @@ class RelayService:
                 raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
             raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         if self.ip_service is not None:
-            self.tun = ExitTun(self.uplink or default_uplink(), self._from_tun)
+            self.tun = ExitTun(self.uplink or default_uplink(), self._from_tun, self.endpoint.flush)
             try:
                 self.tun.open()
             except ShallotError:
@@ -130,8 +130,7 @@ class RelayService:
 
     def _from_tun(self, packet: bytes) -> None:
         assert self.node is not None and self.endpoint is not None
-        self.node.receive_from_tun(packet, time.monotonic())
-        self.endpoint.flush()
+        self.node.receive_from_tun(packet, time.monotonic())  # sent by the endpoint's flush after the batch
 
     def _refresh_own_networks(self) -> None:
         """The exit never sends clients to its own addresses or networks, whatever interfaces it has now."""

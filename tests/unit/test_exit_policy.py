@@ -130,3 +130,29 @@ def test_parse_policy_raises_only_policy_error(text: str) -> None:
         parse_policy(text)
     except PolicyError:
         pass
+
+
+POLICY_FOR_CACHE = parse_policy("reject udp 198.51.100.0/24:5000-6000\naccept tcp 198.51.100.7:80\n"
+                                "reject 198.51.100.0/25\n")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(["198.51.100.7", "198.51.100.200", "198.51.100.3", "203.0.113.9", "10.1.1.1",
+                        "100.64.0.9", "192.0.2.1"]),
+       st.sampled_from([PROTO_TCP, PROTO_UDP, PROTO_ICMP]), st.sampled_from([None, 25, 80, 443, 5000, 5500, 6001]),
+       st.booleans())
+def test_cached_verdicts_equal_fresh_judgements(dst: str, proto: int, dport: int | None, own: bool) -> None:
+    """The exit caches decisions by (destination, protocol, port): a cached answer must be the one a fresh
+    policy gives, also after the exit's own networks change."""
+    dport = dport if proto != PROTO_ICMP else None  # ICMP has no ports
+    cached = ExitPolicy(POLICY_FOR_CACHE, own_networks=[ipaddress.ip_network("192.0.2.0/24")])
+    for _ in range(2):  # the second call answers from the cache
+        got = cached.verdict(ipaddress.IPv4Address(dst).packed, proto, dport)
+    nets = [ipaddress.ip_network("192.0.2.0/24")] + ([ipaddress.ip_network("203.0.113.0/24")] if own else [])
+    cached.set_own_networks(nets)
+    after = cached.verdict(ipaddress.IPv4Address(dst).packed, proto, dport)
+    fresh_before = ExitPolicy(POLICY_FOR_CACHE, own_networks=nets[:1])
+    fresh_after = ExitPolicy(POLICY_FOR_CACHE, own_networks=nets)
+    packet = v4(dst, proto, dport)
+    assert (got is None) == fresh_before.allows(parse_packet(packet))
+    assert (after is None) == fresh_after.allows(parse_packet(packet))
