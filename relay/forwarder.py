@@ -159,6 +159,9 @@ class OnionKeyRing:
         return ring
 
 
+SWEEP_INTERVAL_S = 1.0
+
+
 class RelayNode:
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
                  cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
@@ -187,6 +190,7 @@ class RelayNode:
         self._routes: dict[int, tuple[Link, bytes, Any, Any, bool, RelayCircuit]] = {}
         self._now = 0.0
         self._wall = wall
+        self._next_sweep = 0.0
         cfg = self.config
         self._client_creates = TokenBuckets(cfg.creates_per_second, cfg.creates_burst)
         self._relay_creates = TokenBuckets(cfg.relay_creates_per_second, cfg.relay_creates_burst)
@@ -209,6 +213,9 @@ class RelayNode:
         self.link.handle_timer(now, wall)
         self._drain_link_events()
         self.reply_keys.refill()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_S  # timeouts are tens of seconds: a scan per second is plenty
         for circ, from_prev in list(self.circuits.values()):
             if not from_prev:
                 continue
@@ -218,10 +225,14 @@ class RelayNode:
             elif now - circ.last_active > CIRCUIT_IDLE_S:
                 self.counters["circuit_idle_timeout"] += 1
                 self._destroy(circ, DestroyReason.TIMEOUT)
-        cutoff = wall
         for cache in self.ring.replay.values():
-            for x in [x for x, exp in cache.items() if exp < cutoff]:
-                del cache[x]
+            # entries go in with expiry = wall clock + a constant, so each cache is in expiry order: drop
+            # from the front (a wall clock that stepped back only delays expiry until it catches up)
+            while cache:
+                first = next(iter(cache))
+                if cache[first] >= wall:
+                    break
+                del cache[first]
 
     def timer(self) -> float | None:
         return self.link.timer()
