@@ -27,9 +27,10 @@ from tests.netns.testbed import wait_for_line as wait_line  # noqa: E402
 PORT = 9100
 
 
-def iperf(tb: Testbed, ns: str, server: str, seconds: float) -> float:
-    out = tb.exec(ns, "iperf3", "-c", server, "-t", str(seconds), "-J", timeout=seconds + 30).stdout
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+def iperf(tb: Testbed, ns: str, server: str, seconds: float) -> tuple[float, int]:
+    """(Mbit/s received, TCP retransmissions) of one iperf3 stream."""
+    out = json.loads(tb.exec(ns, "iperf3", "-c", server, "-t", str(seconds), "-J", timeout=seconds + 30).stdout)
+    return out["end"]["sum_received"]["bits_per_second"] / 1e6, int(out["end"]["sum_sent"].get("retransmits", 0))
 
 
 def ping_ms(tb: Testbed, ns: str, target: str, count: int = 20) -> float:
@@ -60,7 +61,8 @@ def main() -> None:
         web, client = topo.addr["web"], topo.ns["client"]
         tb.spawn(topo.ns["web"], ["iperf3", "-s"])
         time.sleep(0.5)
-        raw = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1), "ping_ms": ping_ms(tb, client, web)}
+        mbit, retrans = iperf(tb, client, web, args.seconds)
+        raw = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans, "ping_ms": ping_ms(tb, client, web)}
         with tempfile.TemporaryDirectory() as tmp:
             states = {}
             pids: dict[str, int] = {}
@@ -81,8 +83,8 @@ def main() -> None:
             pids["client"] = connect.pid
             spies = [profile(role, pid, args.profile, args.seconds) for role, pid in pids.items()] \
                 if args.profile else []
-            tunnel = {"iperf3_mbit_s": round(iperf(tb, client, web, args.seconds), 1),
-                      "ping_ms": ping_ms(tb, client, web)}
+            mbit, retrans = iperf(tb, client, web, args.seconds)
+            tunnel = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans, "ping_ms": ping_ms(tb, client, web)}
             for spy in spies:
                 spy.wait(60)
         print(json.dumps({
