@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
         r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
+        r.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
+                       help="join the discovery DHT through these seed relays (their relay addresses; a relay's "
+                            "DHT listens on its port + 1) and publish this relay's descriptor there")
+        r.add_argument("--dht", action="store_true",
+                       help="serve the discovery DHT even without --bootstrap (the first seed of a network)")
         if name == "exit":
             r.add_argument("--ip", action="store_true",
                            help="also carry clients' IP packets to the internet: creates a TUN device and an "
@@ -56,8 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
                                     "datagrams through it to the exit's echo service.")
-    pr.add_argument("--directory", required=True, type=Path, metavar="FILE",
-                    help="directory file of signed relay descriptors (made by 'shallot directory')")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--directory", type=Path, metavar="FILE",
+                     help="directory file of signed relay descriptors (made by 'shallot directory')")
+    src.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
+                     help="discover the whole network through the DHT from these seed relays instead")
+    pr.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache "
+                                                               "(default ~/.cache/shallot/network-view)")
     pr.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit (ids, id prefixes or nicknames)")
     pr.add_argument("--exit", metavar="ID", help="use this exit")
     pr.add_argument("--count", type=int, default=10, metavar="N", help="datagrams to send (default 10)")
@@ -77,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "event loop and serve the control API on a 0600 Unix socket.")
     e.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
     e.add_argument("--directory", type=Path, metavar="FILE", help="directory file to use")
+    e.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT from these seeds "
+                                                                  "instead of a directory file")
+    e.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
 
     c = sub.add_parser("connect", help="connect this machine through a circuit (VPN; needs root for now)",
                        description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
@@ -84,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "reconnecting.  Serves the control API like 'shallot engine'.  SIGINT/SIGTERM "
                                    "restore the routes and firewall.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
+    c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
+    c.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
     c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
@@ -96,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
     g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pe = sub.add_parser("peers", help="list a running node's DHT peers and the relays it knows")
+    g = pe.add_mutually_exclusive_group()
+    g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
+    g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -133,12 +154,17 @@ def _cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(args: argparse.Namespace) -> list[tuple[str, int]] | None:
+    from shallot.core.discovery.service import parse_seeds
+    return parse_seeds(args.bootstrap) if getattr(args, "bootstrap", None) else None
+
+
 def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
     run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
                   uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None),
-                  resolver=getattr(args, "resolver", None)))
+                  resolver=getattr(args, "resolver", None), bootstrap=_seeds(args), dht=args.dht))
     return 0
 
 
@@ -146,11 +172,23 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from shallot.core.directory import load_directory
     from shallot.core.probe import choose_path, describe, run_probe
     from shallot.core.udp import run
-    relays = load_directory(args.directory)
-    path = choose_path(relays, path_spec=args.path, exit_spec=args.exit)
     if not 0 <= args.size <= 1360:
         raise ShallotError("--size must be 0..1360 bytes (one cell)")
-    result = run(run_probe(relays, path, count=args.count, size=args.size))
+    seeds = _seeds(args)
+    extra: dict[str, object] = {}
+    if seeds is not None:
+        import time
+
+        from shallot.core.discovery.cache import default_cache_path
+        from shallot.core.discovery.service import discover
+        started = time.monotonic()
+        relays, disc = run(discover(seeds, args.cache or default_cache_path()))
+        extra = {"relays_known": len(relays), "discovery_ms": round((time.monotonic() - started) * 1000, 1),
+                 "dht_nodes": disc.last_crawl.get("nodes", 0), "records_rejected": disc.view.rejected()}
+    else:
+        relays = load_directory(args.directory)
+    path = choose_path(relays, path_spec=args.path, exit_spec=args.exit)
+    result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
     print(json.dumps(result) if args.json else describe(result, relays))
     return 0 if result["echoed"] == result["sent"] else 1
 
@@ -168,7 +206,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_engine(args: argparse.Namespace) -> int:
     from shallot.core.engine import default_socket, run_engine
     from shallot.core.udp import run
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory))
+    if args.directory and args.bootstrap:
+        raise ShallotError("give --directory or --bootstrap, not both")
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
+                   cache=args.cache))
     return 0
 
 
@@ -181,16 +222,17 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         for line in cleanup() or ["nothing to clean up"]:
             print(line)
         return 0
-    if args.directory is None:
-        raise ShallotError("connect needs --directory FILE (or --cleanup)")
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory,
+    if (args.directory is None) == (args.bootstrap is None):
+        raise ShallotError("connect needs --directory FILE or --bootstrap HOST:PORT[,...] (or --cleanup)")
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
+                   cache=args.cache,
                    tunnel=Tunnel(kill_switch=not args.no_kill_switch), autoconnect=True, path=args.path,
                    exit_spec=args.exit))
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from shallot.core.control import ControlClient
+def _ask(args: argparse.Namespace, cmd: str) -> dict[str, object]:
+    from shallot.core.control import ControlClient, ControlError
     from shallot.core.engine import default_socket
     from shallot.core.state import CONTROL_SOCKET
     path = args.state / CONTROL_SOCKET if args.state else (args.socket or default_socket())
@@ -198,22 +240,48 @@ def _cmd_status(args: argparse.Namespace) -> int:
     async def ask() -> dict[str, object]:
         client = await ControlClient.connect(path)
         try:
-            result = await client.call("status")
-            return result if isinstance(result, dict) else {"status": result}
+            result = await client.call(cmd)
+            return result if isinstance(result, dict) else {cmd: result}
+        except ControlError as exc:
+            raise ShallotError(f"{path}: {exc}") from None
         finally:
             await client.close()
 
-    result = asyncio.run(ask())
+    return asyncio.run(ask())
+
+
+def _print_tree(value: object, indent: str = "") -> None:
+    items = value.items() if isinstance(value, dict) else []
+    for key, item in items:
+        if isinstance(item, dict) and item:
+            print(f"{indent}{key}:")
+            _print_tree(item, indent + "  ")
+        else:
+            print(f"{indent}{key}: {item}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    result = _ask(args, "status")
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            if isinstance(value, dict):
-                print(f"{key}:")
-                for k2, v2 in sorted(value.items()):
-                    print(f"  {k2}: {v2}")
-            else:
-                print(f"{key}: {value}")
+        _print_tree(result)
+    return 0
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    result = _ask(args, "peers")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    peers = result.get("dht_peers") or []
+    relays = result.get("relays") or []
+    print(f"DHT peers ({len(peers)}):")
+    for p in peers:  # type: ignore[union-attr]
+        print(f"  {p['id'][:16]}  {p['address']}")
+    print(f"relays known ({len(relays)}):")
+    for r in relays:  # type: ignore[union-attr]
+        print(f"  {r['id'][:16]}  {r['nickname']:<20} {r['address']:<22} {'exit' if r['exit'] else ''}")
     return 0
 
 
@@ -229,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect,
+        "engine": _cmd_engine, "status": _cmd_status, "peers": _cmd_peers, "connect": _cmd_connect,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }
