@@ -392,6 +392,8 @@ class CrawlResult:
     nodes: dict[bytes, Address] = field(default_factory=dict)  # DHT nodes that proved their id and answered
     records: set[bytes] = field(default_factory=set)  # raw, not yet validated: the view checks each
     unreachable: int = 0
+    failed: set[Address] = field(default_factory=set)  # addresses that did not answer (or prove an id)
+    claimed: dict[Address, bytes] = field(default_factory=dict)  # address -> id some node listed it under
     elapsed_s: float = 0.0
 
 
@@ -503,8 +505,11 @@ class DhtNode(Server):
 
         async def visit(addr: Address) -> None:
             node = await rpc.ping_address(addr)
-            if node is None or node.id in out.nodes:
-                out.unreachable += node is None
+            if node is None:
+                out.unreachable += 1
+                out.failed.add(addr)
+                return
+            if node.id in out.nodes:
                 return
             out.nodes[node.id] = addr
             answers = await asyncio.gather(*(rpc.find_node(addr, rpc._my_id(), t)
@@ -512,7 +517,8 @@ class DhtNode(Server):
             for ok, data in answers:
                 if ok:
                     try:
-                        for _cid, ip, port in wire.parse_contacts(data):
+                        for cid, ip, port in wire.parse_contacts(data):
+                            out.claimed.setdefault((ip, port), cid)
                             enqueue((ip, port))
                     except wire.WireError:
                         _count(rpc.counters, "reject_bad_result")

@@ -11,6 +11,8 @@ Every rejection names a reason; callers count them (``reject_<reason>``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from shallot.core.discovery.addresses import dht_address, same_address, usable_address
 from shallot.crypto.descriptor import MAX_DESCRIPTOR_LEN, Descriptor, DescriptorError
 from shallot.crypto.keys import RELAY_ID_LEN
@@ -59,6 +61,13 @@ def check_live(desc: Descriptor, wall: float, *, allow_loopback: bool) -> None:
         raise RecordError("version", f"relay {desc.nickname} speaks no protocol version we support")
     if not all(usable_address(h, p, allow_loopback=allow_loopback) for h, p in desc.addresses):
         raise RecordError("address", f"descriptor of {desc.nickname} has an address we never contact")
+
+
+def newest_first(raws: Iterable[bytes]) -> list[bytes]:
+    """Order raw records by their claimed ``published`` (bytes 102..110), newest first, before validating:
+    a replayed older descriptor then always meets the newer one already in the view and is counted as
+    rejected ("stale") instead of being silently superseded.  Order only: nothing is trusted here."""
+    return sorted(raws, key=lambda r: r[102:110], reverse=True)
 
 
 def supersedes(new: Descriptor, old: Descriptor) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from shallot.core.discovery.addresses import Address, dht_address, usable_address
 from shallot.core.discovery.cache import load_view, save_view
 from shallot.core.discovery.dht import DhtNode
+from shallot.core.discovery.records import newest_first
 from shallot.core.discovery.view import NetworkView
 from shallot.core.errors import ShallotError
 from shallot.crypto.descriptor import Descriptor
@@ -180,7 +181,7 @@ class RelayDiscovery:
     async def _crawl(self) -> None:
         result = await self.node.crawl([*self.seeds, *(a for _, a in self.node.peers())])
         wall = time.time()
-        for raw in result.records:
+        for raw in newest_first(result.records):
             self.view.offer(None, raw, wall)
         for desc in self.node.storage.descriptors():
             self.view.offer_descriptor(desc, wall)
@@ -223,6 +224,7 @@ class ClientDiscovery:
         self.view = NetworkView(allow_loopback=self.allow_loopback, self_ids=self_ids)
         self.node: DhtNode | None = None
         self.dht_peers: list[tuple[bytes, Address]] = []
+        self.silent: set[bytes] = set()  # relays whose DHT node did not answer the last crawl
         self.last_crawl: dict[str, Any] = {}
         self.from_cache = 0
 
@@ -244,16 +246,21 @@ class ClientDiscovery:
             self.node = node
         wall = time.time()
         # every cached relay is a contact too: discovery survives dead (or lying) seeds
-        extra = [dht_address(d.address) for d in self.view.relays(wall)
-                 if d.address[1] < 65535 and usable_address(*d.address, allow_loopback=self.allow_loopback)]
-        result = await self.node.crawl([*self.seeds, *extra], time_limit_s=time_limit_s)
+        cached = {dht_address(d.address): d.relay_id for d in self.view.relays(wall)
+                  if d.address[1] < 65535 and usable_address(*d.address, allow_loopback=self.allow_loopback)}
+        result = await self.node.crawl([*self.seeds, *cached], time_limit_s=time_limit_s)
+        # a relay whose DHT node was tried and stayed silent is most likely down: paths avoid it until it
+        # answers again (its descriptor stays valid until it expires, so the view alone cannot tell)
+        answered = set(result.nodes)
+        self.silent = {rid for addr in result.failed for rid in (result.claimed.get(addr), cached.get(addr))
+                       if rid is not None and rid not in answered}
         wall = time.time()
         outcomes: dict[str, int] = {}
-        for raw in result.records:
+        for raw in newest_first(result.records):
             outcome = self.view.offer(None, raw, wall)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self.dht_peers = list(result.nodes.items())
-        self.last_crawl = {"nodes": len(result.nodes), "unreachable": result.unreachable,
+        self.last_crawl = {"nodes": len(result.nodes), "unreachable": result.unreachable, "silent": len(self.silent),
                            "records_seen": len(result.records), "seconds": round(result.elapsed_s, 3)}
         relays = self.view.relays(wall)
         if self.cache_path is not None and relays:
@@ -266,10 +273,15 @@ class ClientDiscovery:
         return self.last_crawl
 
     def relays(self) -> list[Descriptor]:
-        return self.view.relays(time.time())
+        """Relays to choose paths from: the live view, less those whose DHT node went silent (unless
+        that would leave nothing: a cached view with the network unreachable is still worth a try)."""
+        relays = self.view.relays(time.time())
+        alive = [d for d in relays if d.relay_id not in self.silent]
+        return alive or relays
 
     def status(self) -> dict[str, Any]:
-        return {"relays_known": len(self.view), "dht_peers": len(self.dht_peers), "from_cache": self.from_cache,
+        return {"relays_known": len(self.view), "relays_silent": len(self.silent), "dht_peers": len(self.dht_peers),
+                "from_cache": self.from_cache,
                 "last_crawl": self.last_crawl, "rejected": self.view.rejected(),
                 "counters": {**self.view.counters, **(self.node.rpc.counters if self.node else {})}}
 
