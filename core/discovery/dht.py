@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -419,8 +420,14 @@ class DhtNode(Server):
     async def start(self, local: Address) -> Address:
         """Bind the DHT socket (an explicit address, never kademlia's 0.0.0.0 default); our address."""
         loop = asyncio.get_running_loop()
-        self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol,
-                                                                            local_addr=local)
+        # bound here, not by the loop: uvloop's bind errors carry no errno to tell "port in use" apart
+        sock = socket.socket(socket.AF_INET6 if ":" in local[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(local)
+        except OSError:
+            sock.close()
+            raise
+        self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, sock=sock)
         return self.transport.get_extra_info("sockname")[:2]
 
     def stop(self) -> None:

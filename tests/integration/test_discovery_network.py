@@ -20,7 +20,7 @@ import pytest
 
 from shallot.core import state as state_dir
 from shallot.core.directory import load_directory
-from tests.integration.conftest import Proc, ProcGroup, run_cli
+from tests.integration.conftest import Proc, ProcGroup, assert_one_line_error, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -124,6 +124,38 @@ def test_client_knowing_one_seed_discovers_the_network_and_builds_a_circuit(dht_
     cache = tmp_path / "view"
     assert cache.stat().st_mode & 0o777 == 0o600
     assert {d.id_hex for d in load_directory(cache)} <= dht_net.ids()
+
+
+def test_engine_status_and_peers_show_discovery(dht_net: DhtNet, short_tmp: Path) -> None:
+    sock = short_tmp / "engine.sock"
+    engine = dht_net.group.start("engine", "--socket", sock, "--bootstrap", dht_net.addr(4),
+                                 "--cache", short_tmp / "view")
+    engine.wait_line("listening", timeout=20)
+    res = run_cli("peers", "--socket", sock, "--json")
+    deadline = time.monotonic() + 10
+    while json.loads(res.stdout)["relays"] == [] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        res = run_cli("peers", "--socket", sock, "--json")
+    peers = json.loads(res.stdout)
+    assert len(peers["relays"]) >= 0.95 * len(dht_net.states) and len(peers["dht_peers"]) >= 0.95 * len(dht_net.states)
+    status = json.loads(run_cli("status", "--socket", sock, "--json").stdout)
+    assert status["relays_known"] == len(peers["relays"]) and status["dht_peers"] == len(peers["dht_peers"])
+    relay = json.loads(run_cli("status", "--state", dht_net.states[6], "--json").stdout)["dht"]
+    assert relay["joined"] and relay["peers"] >= 1 and relay["records_stored"] >= 1
+    text = run_cli("peers", "--state", dht_net.states[6])
+    assert text.returncode == 0 and "DHT peers (" in text.stdout and "relays known (" in text.stdout
+    engine.signal(signal.SIGTERM)
+    assert engine.wait() == 0
+
+
+def test_bad_discovery_input_is_one_line(dht_net: DhtNet, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("probe", "--bootstrap", "seed.example:80", "--json"), "IP address")
+    assert_one_line_error(run_cli("probe", "--bootstrap", "127.0.0.1:1", "--cache", tmp_path / "none"),
+                          "discovery found no relay")
+    assert_one_line_error(run_cli("peers", "--state", tmp_path), "nothing is running")
+    taken = dht_net.root / "taken"
+    state_dir.keygen(taken, ("127.0.0.1", dht_net.ports[6] - 1), "taken", False)  # its DHT port is relay 6's
+    assert_one_line_error(run_cli("relay", "--state", taken, "--dht"), "DHT socket", "in use")
 
 
 def test_malicious_dht_node_poisons_nothing(dht_net: DhtNet, tmp_path: Path) -> None:
