@@ -18,6 +18,15 @@ Circuits go guard -> middle -> exit and are built in one round trip; relays forw
 fixed-size cells they cannot read.  Start with 'shallot demo' to see it work on one machine."""
 
 
+OWN_RELAY_HELP = ("this machine's relay state directory (the relay runs in its own process): it is never "
+                  "used in this client's circuits")
+
+
+def _own_ids(args: argparse.Namespace) -> tuple[bytes, ...]:
+    from shallot.core.state import read_descriptor
+    return (read_descriptor(args.own_relay).relay_id,) if getattr(args, "own_relay", None) else ()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shallot", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="discover the whole network through the DHT from these seed relays instead")
     pr.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache "
                                                                "(default ~/.cache/shallot/network-view)")
+    pr.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
     pr.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit (ids, id prefixes or nicknames)")
     pr.add_argument("--exit", metavar="ID", help="use this exit")
     pr.add_argument("--count", type=int, default=10, metavar="N", help="datagrams to send (default 10)")
@@ -90,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT from these seeds "
                                                                   "instead of a directory file")
     e.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    e.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
 
     c = sub.add_parser("connect", help="connect this machine through a circuit (VPN; needs root for now)",
                        description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
@@ -99,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
     c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
     c.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    c.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
     c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
@@ -182,11 +194,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         from shallot.core.discovery.cache import default_cache_path
         from shallot.core.discovery.service import discover
         started = time.monotonic()
-        relays, disc = run(discover(seeds, args.cache or default_cache_path()))
+        relays, disc = run(discover(seeds, args.cache or default_cache_path(), self_ids=_own_ids(args)))
         extra = {"relays_known": len(relays), "discovery_ms": round((time.monotonic() - started) * 1000, 1),
                  "dht_nodes": disc.last_crawl.get("nodes", 0), "records_rejected": disc.view.rejected()}
     else:
-        relays = load_directory(args.directory)
+        own = set(_own_ids(args))
+        relays = [d for d in load_directory(args.directory) if d.relay_id not in own]
     path = choose_path(relays, path_spec=args.path, exit_spec=args.exit)
     result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
     print(json.dumps(result) if args.json else describe(result, relays))
@@ -209,7 +222,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     if args.directory and args.bootstrap:
         raise ShallotError("give --directory or --bootstrap, not both")
     run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
-                   cache=args.cache))
+                   cache=args.cache, own_ids=_own_ids(args)))
     return 0
 
 
@@ -225,7 +238,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     if (args.directory is None) == (args.bootstrap is None):
         raise ShallotError("connect needs --directory FILE or --bootstrap HOST:PORT[,...] (or --cleanup)")
     run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
-                   cache=args.cache,
+                   cache=args.cache, own_ids=_own_ids(args),
                    tunnel=Tunnel(kill_switch=not args.no_kill_switch), autoconnect=True, path=args.path,
                    exit_spec=args.exit))
     return 0

@@ -111,6 +111,7 @@ class ClientEngine:
         self._rotate = False
         self._path_spec: str | None = None
         self._view_ready = asyncio.Event()
+        self.avoid_always: set[bytes] = set()  # this machine's own relay: never in our circuits
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> dict[str, Any]:
@@ -240,7 +241,7 @@ class ClientEngine:
         if self.discovery is not None and not self.discovery.relays():
             with contextlib.suppress(TimeoutError):  # the first crawl is under way: give it its time
                 await asyncio.wait_for(self._view_ready.wait(), 15.0)
-        relays = self._relays()
+        relays = [d for d in self._relays() if d.relay_id not in self.avoid_always]
         usable = [d for d in relays if d.relay_id not in avoid]
         try:
             return choose_path(usable, path_spec=self._path_spec, exit_spec=self.exit_choice)
@@ -403,13 +404,15 @@ class ClientEngine:
 
 async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel: Any = None,
                      autoconnect: bool = False, path: str | None = None, exit_spec: str | None = None,
-                     seeds: list[tuple[str, int]] | None = None, cache: Path | None = None) -> None:
+                     seeds: list[tuple[str, int]] | None = None, cache: Path | None = None,
+                     own_ids: tuple[bytes, ...] = ()) -> None:
     discovery = None
     if seeds:
         from shallot.core.discovery.cache import default_cache_path
-        discovery = ClientDiscovery(seeds, cache or default_cache_path())
+        discovery = ClientDiscovery(seeds, cache or default_cache_path(), self_ids=own_ids)
         discovery.load_cache()
     engine = ClientEngine(directory, tunnel=tunnel, discovery=discovery)
+    engine.avoid_always = set(own_ids)
     stop = asyncio.Event()
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:

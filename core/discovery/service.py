@@ -295,10 +295,10 @@ class ClientDiscovery:
             self.node = None
 
 
-async def discover(seeds: list[Address], cache_path: Path | None, *,
-                   time_limit_s: float = CLIENT_CRAWL_LIMIT_S) -> tuple[list[Descriptor], ClientDiscovery]:
+async def discover(seeds: list[Address], cache_path: Path | None, *, time_limit_s: float = CLIENT_CRAWL_LIMIT_S,
+                   self_ids: tuple[bytes, ...] = ()) -> tuple[list[Descriptor], ClientDiscovery]:
     """One-shot discovery for ``probe``: the relays, and the ClientDiscovery (closed) for its status."""
-    disc = ClientDiscovery(seeds, cache_path)
+    disc = ClientDiscovery(seeds, cache_path, self_ids=self_ids)
     disc.load_cache()
     try:
         await disc.refresh(time_limit_s)

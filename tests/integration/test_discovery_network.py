@@ -121,6 +121,11 @@ def test_client_knowing_one_seed_discovers_the_network_and_builds_a_circuit(dht_
     assert result["discovery_ms"] < 10_000
     assert result["echoed"] == result["sent"] == 3
     assert set(result["path"]) <= dht_net.ids()
+    # a machine that also runs a relay never puts it in its own circuit
+    own = state_dir.read_descriptor(dht_net.states[-1])  # the only exit: no path is possible without it
+    res = run_cli("probe", "--bootstrap", dht_net.seed, "--cache", tmp_path / "view2", "--own-relay",
+                  dht_net.states[-1], "--count", "1", "--json", timeout=60)
+    assert res.returncode != 0 and "no exit" in res.stderr, (own.nickname, res.stderr)
     cache = tmp_path / "view"
     assert cache.stat().st_mode & 0o777 == 0o600
     assert {d.id_hex for d in load_directory(cache)} <= dht_net.ids()
