@@ -18,6 +18,15 @@ Circuits go guard -> middle -> exit and are built in one round trip; relays forw
 fixed-size cells they cannot read.  Start with 'shallot demo' to see it work on one machine."""
 
 
+OWN_RELAY_HELP = ("this machine's relay state directory (the relay runs in its own process): it is never "
+                  "used in this client's circuits")
+
+
+def _own_ids(args: argparse.Namespace) -> tuple[bytes, ...]:
+    from shallot.core.state import read_descriptor
+    return (read_descriptor(args.own_relay).relay_id,) if getattr(args, "own_relay", None) else ()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shallot", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
         r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
+        r.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
+                       help="join the discovery DHT through these seed relays (their relay addresses; a relay's "
+                            "DHT listens on its port + 1) and publish this relay's descriptor there")
+        r.add_argument("--dht", action="store_true",
+                       help="serve the discovery DHT even without --bootstrap (the first seed of a network)")
         if name == "exit":
             r.add_argument("--ip", action="store_true",
                            help="also carry clients' IP packets to the internet: creates a TUN device and an "
@@ -56,8 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
                                     "datagrams through it to the exit's echo service.")
-    pr.add_argument("--directory", required=True, type=Path, metavar="FILE",
-                    help="directory file of signed relay descriptors (made by 'shallot directory')")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--directory", type=Path, metavar="FILE",
+                     help="directory file of signed relay descriptors (made by 'shallot directory')")
+    src.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
+                     help="discover the whole network through the DHT from these seed relays instead")
+    pr.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache "
+                                                               "(default ~/.cache/shallot/network-view)")
+    pr.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
     pr.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit (ids, id prefixes or nicknames)")
     pr.add_argument("--exit", metavar="ID", help="use this exit")
     pr.add_argument("--count", type=int, default=10, metavar="N", help="datagrams to send (default 10)")
@@ -82,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-kill-switch", action="store_true", help="with --vpn: do not block traffic outside the tunnel")
     e.add_argument("--no-dns", action="store_true", help="with --vpn: leave the system's DNS settings alone")
     e.add_argument("--helper-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    e.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT from these seeds "
+                                                                  "instead of a directory file")
+    e.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    e.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
 
     c = sub.add_parser("connect", help="connect this machine through a circuit (VPN)",
                        description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
@@ -90,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "part goes through the helper (pkexec; docs/PRIVILEGES.md).  Serves the control "
                                    "API like 'shallot engine'.  SIGINT/SIGTERM restore routes, firewall and DNS.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
+    c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
+    c.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    c.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
     c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
@@ -109,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
     g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pe = sub.add_parser("peers", help="list a running node's DHT peers and the relays it knows")
+    g = pe.add_mutually_exclusive_group()
+    g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
+    g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -146,12 +179,17 @@ def _cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(args: argparse.Namespace) -> list[tuple[str, int]] | None:
+    from shallot.core.discovery.service import parse_seeds
+    return parse_seeds(args.bootstrap) if getattr(args, "bootstrap", None) else None
+
+
 def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
     run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
                   uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None),
-                  resolver=getattr(args, "resolver", None)))
+                  resolver=getattr(args, "resolver", None), bootstrap=_seeds(args), dht=args.dht))
     return 0
 
 
@@ -159,11 +197,24 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from shallot.core.directory import load_directory
     from shallot.core.probe import choose_path, describe, run_probe
     from shallot.core.udp import run
-    relays = load_directory(args.directory)
-    path = choose_path(relays, path_spec=args.path, exit_spec=args.exit)
     if not 0 <= args.size <= 1360:
         raise ShallotError("--size must be 0..1360 bytes (one cell)")
-    result = run(run_probe(relays, path, count=args.count, size=args.size))
+    seeds = _seeds(args)
+    extra: dict[str, object] = {}
+    if seeds is not None:
+        import time
+
+        from shallot.core.discovery.cache import default_cache_path
+        from shallot.core.discovery.service import discover
+        started = time.monotonic()
+        relays, disc = run(discover(seeds, args.cache or default_cache_path(), self_ids=_own_ids(args)))
+        extra = {"relays_known": len(relays), "discovery_ms": round((time.monotonic() - started) * 1000, 1),
+                 "dht_nodes": disc.last_crawl.get("nodes", 0), "records_rejected": disc.view.rejected()}
+    else:
+        own = set(_own_ids(args))
+        relays = [d for d in load_directory(args.directory) if d.relay_id not in own]
+    path = choose_path(relays, path_spec=args.path, exit_spec=args.exit)
+    result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
     print(json.dumps(result) if args.json else describe(result, relays))
     return 0 if result["echoed"] == result["sent"] else 1
 
@@ -182,9 +233,12 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     from shallot.core.connect import Tunnel
     from shallot.core.engine import default_socket, run_engine
     from shallot.core.udp import run
+    if args.directory and args.bootstrap:
+        raise ShallotError("give --directory or --bootstrap, not both")
     tunnel = Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd) \
         if args.vpn else None
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, tunnel=tunnel))
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
+                   cache=args.cache, own_ids=_own_ids(args), tunnel=tunnel))
     return 0
 
 
@@ -215,17 +269,18 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         for line in cleanup() or ["nothing to clean up"]:
             print(line)
         return 0
-    if args.directory is None:
-        raise ShallotError("connect needs --directory FILE (or --cleanup)")
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory,
+    if (args.directory is None) == (args.bootstrap is None):
+        raise ShallotError("connect needs --directory FILE or --bootstrap HOST:PORT[,...] (or --cleanup)")
+    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
+                   cache=args.cache, own_ids=_own_ids(args),
                    tunnel=Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd),
                    autoconnect=True, path=args.path,
                    exit_spec=args.exit))
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from shallot.core.control import ControlClient
+def _ask(args: argparse.Namespace, cmd: str) -> dict[str, object]:
+    from shallot.core.control import ControlClient, ControlError
     from shallot.core.engine import default_socket
     from shallot.core.state import CONTROL_SOCKET
     path = args.state / CONTROL_SOCKET if args.state else (args.socket or default_socket())
@@ -233,22 +288,48 @@ def _cmd_status(args: argparse.Namespace) -> int:
     async def ask() -> dict[str, object]:
         client = await ControlClient.connect(path)
         try:
-            result = await client.call("status")
-            return result if isinstance(result, dict) else {"status": result}
+            result = await client.call(cmd)
+            return result if isinstance(result, dict) else {cmd: result}
+        except ControlError as exc:
+            raise ShallotError(f"{path}: {exc}") from None
         finally:
             await client.close()
 
-    result = asyncio.run(ask())
+    return asyncio.run(ask())
+
+
+def _print_tree(value: object, indent: str = "") -> None:
+    items = value.items() if isinstance(value, dict) else []
+    for key, item in items:
+        if isinstance(item, dict) and item:
+            print(f"{indent}{key}:")
+            _print_tree(item, indent + "  ")
+        else:
+            print(f"{indent}{key}: {item}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    result = _ask(args, "status")
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            if isinstance(value, dict):
-                print(f"{key}:")
-                for k2, v2 in sorted(value.items()):
-                    print(f"  {k2}: {v2}")
-            else:
-                print(f"{key}: {value}")
+        _print_tree(result)
+    return 0
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    result = _ask(args, "peers")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    peers = result.get("dht_peers") or []
+    relays = result.get("relays") or []
+    print(f"DHT peers ({len(peers)}):")
+    for p in peers:  # type: ignore[union-attr]
+        print(f"  {p['id'][:16]}  {p['address']}")
+    print(f"relays known ({len(relays)}):")
+    for r in relays:  # type: ignore[union-attr]
+        print(f"  {r['id'][:16]}  {r['nickname']:<20} {r['address']:<22} {'exit' if r['exit'] else ''}")
     return 0
 
 
@@ -264,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect, "helper": _cmd_helper,
+        "engine": _cmd_engine, "status": _cmd_status, "peers": _cmd_peers, "connect": _cmd_connect,
+        "helper": _cmd_helper,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }

@@ -23,6 +23,7 @@ from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit, Co
 from shallot.core.client import CircuitClient
 from shallot.core.control import ControlError, ControlServer
 from shallot.core.directory import load_directory
+from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.privhelper import PrivilegeError
 from shallot.core.probe import choose_path
@@ -78,10 +79,13 @@ def default_socket(*, create: bool = False) -> Path:
 
 
 class ClientEngine:
-    def __init__(self, directory: Path | None = None, *, tunnel: Any = None) -> None:
+    def __init__(self, directory: Path | None = None, *, tunnel: Any = None,
+                 discovery: ClientDiscovery | None = None) -> None:
         """``tunnel``: a core.connect.Tunnel for VPN mode (IP circuits through a TUN device); without it
-        the engine keeps an echo circuit (probe mode: no system routes)."""
+        the engine keeps an echo circuit (probe mode: no system routes).  ``discovery``: relays come from
+        the DHT view (refreshed by ``run_discovery``) instead of a directory file."""
         self.tunnel = tunnel
+        self.discovery = discovery
         self._configs: asyncio.Queue[bytes] = asyncio.Queue()
         self.directory_path = directory
         self.state = EngineState.DISCONNECTED
@@ -108,6 +112,8 @@ class ClientEngine:
         self._rotate = False
         self._path_spec: str | None = None
         self.error_code = ""  # machine-readable kind of `error` for the GUI: helper-missing, helper-denied, ...
+        self._view_ready = asyncio.Event()
+        self.avoid_always: set[bytes] = set()  # this machine's own relay: never in our circuits
 
     # ------------------------------------------------------------------ public API
     def snapshot(self) -> dict[str, Any]:
@@ -124,10 +130,13 @@ class ClientEngine:
             "circuit_since": self.circuit_since,  # when the current circuit was built
             "circuits_built": self.circuits_built,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "relays_known": len(self.discovery.view) if self.discovery else None,
+            "dht_peers": len(self.discovery.dht_peers) if self.discovery else None,
+            "discovery": self.discovery.status() if self.discovery else None,
         }
 
     async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:
-        if self.directory_path is None:
+        if self.directory_path is None and self.discovery is None:
             raise ControlError("no-directory", "no directory file is set: choose one in the settings")
         self.exit_choice = exit_spec
         self._path_spec = path_spec
@@ -220,9 +229,32 @@ class ClientEngine:
                           f"retrying in {delay:g} s", str(exc))
                 await asyncio.sleep(delay)
 
+    async def run_discovery(self) -> None:
+        """Keep the DHT view fresh: crawl now (the cache already gave a view to start from), then every
+        VIEW_REFRESH_S.  A failed crawl keeps the last good view."""
+        assert self.discovery is not None
+        while True:
+            try:
+                await self.discovery.refresh()
+            except Exception:
+                log.exception("network view refresh failed; keeping the last good view")
+            self._view_ready.set()
+            await asyncio.sleep(VIEW_REFRESH_S)
+
+    def _relays(self) -> list[Descriptor]:
+        if self.directory_path is not None:
+            return load_directory(self.directory_path)
+        assert self.discovery is not None
+        relays = self.discovery.relays()
+        if not relays:
+            raise ShallotError("no relay known yet: the DHT seeds did not answer and there is no cached view")
+        return relays
+
     async def _new_path(self, avoid: set[bytes]) -> list[Descriptor]:
-        assert self.directory_path is not None
-        relays = load_directory(self.directory_path)
+        if self.discovery is not None and not self.discovery.relays():
+            with contextlib.suppress(TimeoutError):  # the first crawl is under way: give it its time
+                await asyncio.wait_for(self._view_ready.wait(), 15.0)
+        relays = [d for d in self._relays() if d.relay_id not in self.avoid_always]
         usable = [d for d in relays if d.relay_id not in avoid]
         try:
             return choose_path(usable, path_spec=self._path_spec, exit_spec=self.exit_choice)
@@ -388,8 +420,16 @@ class ClientEngine:
 
 
 async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel: Any = None,
-                     autoconnect: bool = False, path: str | None = None, exit_spec: str | None = None) -> None:
-    engine = ClientEngine(directory, tunnel=tunnel)
+                     autoconnect: bool = False, path: str | None = None, exit_spec: str | None = None,
+                     seeds: list[tuple[str, int]] | None = None, cache: Path | None = None,
+                     own_ids: tuple[bytes, ...] = ()) -> None:
+    discovery = None
+    if seeds:
+        from shallot.core.discovery.cache import default_cache_path
+        discovery = ClientDiscovery(seeds, cache or default_cache_path(), self_ids=own_ids)
+        discovery.load_cache()
+    engine = ClientEngine(directory, tunnel=tunnel, discovery=discovery)
+    engine.avoid_always = set(own_ids)
     stop = asyncio.Event()
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
@@ -411,12 +451,20 @@ async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel
         engine.set_directory(Path(path))
         return engine.snapshot()
 
+    async def peers(args: dict[str, Any]) -> dict[str, Any]:
+        if engine.discovery is None:
+            return {"dht_peers": [], "relays": [{"id": d.id_hex, "nickname": d.nickname, "exit": d.is_exit,
+                                                 "address": f"{d.address[0]}:{d.address[1]}"}
+                                                for d in engine._relays()] if engine.directory_path else [],
+                    "dht": False}
+        return {**engine.discovery.peers(), "dht": True}
+
     async def shutdown(args: dict[str, Any]) -> None:
         stop.set()
 
     server = ControlServer(socket_path, "client", {
         "status": status, "connect": connect, "disconnect": disconnect, "new_circuit": new_circuit,
-        "set_directory": set_directory, "shutdown": shutdown})
+        "set_directory": set_directory, "peers": peers, "shutdown": shutdown})
     engine.listeners.append(lambda snap: server.publish("state", snap))
     last_state: list[str] = [""]
 
@@ -433,10 +481,15 @@ async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
+    refresher = asyncio.create_task(engine.run_discovery()) if discovery is not None else None
     if autoconnect:
         await engine.connect(exit_spec=exit_spec, path_spec=path)
     try:
         await stop.wait()
     finally:
+        if refresher is not None:
+            refresher.cancel()
         await engine.close()
+        if discovery is not None:
+            discovery.close()
         await server.close()

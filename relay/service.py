@@ -16,8 +16,12 @@ from typing import Any
 
 from shallot.core import state as state_dir
 from shallot.core.control import ControlServer
+from shallot.core.discovery.addresses import Address
+from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.crypto.descriptor import Descriptor
+from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
 from shallot.exit.dns import DnsForwarder, system_resolver
 from shallot.exit.ipservice import GATEWAY, IpExitService
 from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
@@ -26,13 +30,21 @@ from shallot.relay.forwarder import RelayConfig, RelayNode
 
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
+RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
 
 
 class RelayService:
     def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
+                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+                 bootstrap: list[Address] | None = None, dht: bool = False) -> None:
+        """``bootstrap``: DHT seeds (relay addresses); ``dht``: run the DHT node even without seeds (the
+        first seed of a network).  Without either the relay runs without discovery, as before."""
         self.state = state
+        self.bootstrap = bootstrap or []
+        self.dht_enabled = dht or bool(bootstrap)
+        self.discovery: RelayDiscovery | None = None
+        self.desc: Descriptor | None = None
         self.resolver = resolver
         self.dns: DnsForwarder | None = None
         self.keys, self.settings = state_dir.load(state)
@@ -59,7 +71,7 @@ class RelayService:
         wall = time.time()
         if self.keys.rotate_onion_keys(secrets.token_bytes, wall):
             state_dir.save_keys(self.state, self.keys)
-        desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+        desc = self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
         if self.ip_exit:
             self.ip_service = IpExitService(rng=secrets.token_bytes, policy=self._load_policy())
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
@@ -88,14 +100,32 @@ class RelayService:
                 self.endpoint.close()
                 self.tun.close()
                 raise
+        if self.dht_enabled:
+            self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc)
+            try:
+                await self.discovery.start()
+            except ShallotError:
+                if self.dns is not None:
+                    self.dns.close()
+                self.endpoint.close()
+                if self.tun is not None:
+                    self.tun.close()
+                raise
         self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
-                                     {"status": self._status, "circuits": self._circuits})
-        await self.control.start()
+                                     {"status": self._status, "circuits": self._circuits, "peers": self._peers})
+        try:
+            await self.control.start()
+        except ShallotError:
+            if self.discovery is not None:
+                await self.discovery.close()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
         print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
+        if self.discovery is not None:
+            self.discovery.launch(self._joined)
         rotate = asyncio.create_task(self._rotate_loop())
         watch = asyncio.create_task(self._watch_own_networks()) if self.tun is not None else None
         try:
@@ -111,8 +141,16 @@ class RelayService:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.control.close()
+            if self.discovery is not None:
+                await self.discovery.close()
             self.endpoint.close()
             log.info("%s stopped", self.role)
+
+    def _joined(self, peers: int) -> None:
+        assert self.discovery is not None
+        host, port = self.discovery.dht_address
+        what = f"joined with {peers} peers" if self.bootstrap else "serving as a seed"
+        print(f"shallot {self.role} dht on {host}:{port}: {what}", flush=True)
 
     def _load_policy(self) -> ExitPolicy:
         if self.policy_file is None:
@@ -165,10 +203,14 @@ class RelayService:
         wall = time.time()
         if self.node.renew_link_cert(wall):
             log.info("link certificate renewed")
-        if self.node.rotate_onion_keys(wall):
+        rotated = self.node.rotate_onion_keys(wall)
+        if rotated:
             state_dir.save_keys(self.state, self.keys)
-            state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
-            log.info("onion key rotated; descriptor re-signed")
+        if rotated or self.desc is None or wall - self.desc.published >= RESIGN_AFTER_S:
+            self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+            if self.discovery is not None:
+                self.discovery.publish_now()
+            log.info("descriptor re-signed (%s)", "onion key rotated" if rotated else "half its lifetime passed")
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.node is not None
@@ -180,7 +222,16 @@ class RelayService:
                         "tun_read": self.tun.read_packets if self.tun else 0,
                         "tun_written": self.tun.written_packets if self.tun else 0,
                         "tun_write_errors": self.tun.write_errors if self.tun else 0}
-                       if self.ip_service is not None else None)}
+                       if self.ip_service is not None else None),
+                "dht": self.discovery.status() if self.discovery is not None else None,
+                # NAT traversal (issue 4 part B) fills this: public address(es) seen via STUN, NAT type,
+                # links by kind (direct / hole-punched / relayed)
+                "nat": None}
+
+    async def _peers(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.discovery is None:
+            return {"dht_peers": [], "relays": [], "dht": False}
+        return {**self.discovery.peers(), "dht": True}
 
     def _io_stats(self) -> dict[str, Any]:
         ep = self.endpoint
@@ -204,6 +255,7 @@ class RelayService:
 
 
 async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
+                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+                    bootstrap: list[Address] | None = None, dht: bool = False) -> None:
     await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file,
-                       resolver=resolver).run()
+                       resolver=resolver, bootstrap=bootstrap, dht=dht).run()

@@ -11,11 +11,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_FILES = ("core/cells.py", "core/ippacket.py", "core/link.py", "core/circuit.py", "core/path.py",
-              "relay/forwarder.py", "exit/echo.py", "exit/policy.py", "exit/ipservice.py")
+              "relay/forwarder.py", "exit/echo.py", "exit/policy.py", "exit/ipservice.py",
+              "core/discovery/addresses.py", "core/discovery/records.py", "core/discovery/storage.py",
+              "core/discovery/wire.py", "core/discovery/view.py")
 PURE = sorted([*ROOT.glob("crypto/*.py"), *(ROOT / f for f in PURE_FILES)])
 FORBIDDEN = {"asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
              "random", "uvloop", "qasync", "PySide6", "shallot.core.udp", "shallot.core.engine",
-             "shallot.core.client", "shallot.core.control", "shallot.relay.service"}
+             "shallot.core.client", "shallot.core.control", "shallot.relay.service",
+             "shallot.core.discovery.dht", "shallot.core.discovery.service", "shallot.core.discovery.cache",
+             "rpcudp", "kademlia.network", "kademlia.protocol", "kademlia.crawling"}
 
 
 def _imports(path: Path) -> set[str]:

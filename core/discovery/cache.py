@@ -1,0 +1,59 @@
+"""The last good network view on disk (0600), so the next start is fast and works with the seeds down.
+
+The file is an ordinary directory file (docs/PROTOCOL.md §3.5): it needs no new parser, and every
+descriptor in it is checked again (signature, expiry) when it is read, so a stale or tampered cache
+can only ever shrink the view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory, encode_directory
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shallot" / "network-view"
+
+
+def save_view(path: Path, descriptors: list[Descriptor]) -> None:
+    """Write atomically with mode 0600 (the view says which relays this user may be using)."""
+    if not descriptors:
+        return  # never replace a good cache with an empty view
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(encode_directory(descriptors))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_view(path: Path, wall: float) -> list[Descriptor]:
+    """Descriptors from the cache that are still valid; [] if there is none or it is unusable."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring the network view cache %s: %s", path, exc)
+        return []
+    try:
+        good, problems = decode_directory(text, wall)
+    except DescriptorError as exc:
+        log.info("network view cache %s holds nothing usable: %s", path, exc)
+        return []
+    for problem in problems:
+        log.info("network view cache: skipped %s", problem)
+    return good

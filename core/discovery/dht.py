@@ -1,0 +1,568 @@
+"""The kademlia package, wrapped hard (docs/DHT.md): the asyncio adapter of discovery.
+
+What the wrapping changes in kademlia 2.2 / rpcudp 5 (read their source: it is small):
+
+* **No implicit remote calls.**  rpcudp's ``__getattr__`` turns any unknown attribute into an RPC and
+  dispatches whatever name arrives to ``rpc_<name>``.  ``ShallotRpc`` raises AttributeError for unknown
+  attributes, sends only the names in ``wire.RPCS`` and checks every request and result with wire.py.
+* **Datagrams are parsed where they arrive**, not in fire-and-forget tasks: bad input is counted and
+  dropped, never an exception lost in a task.  Replies must come from the address the request went to,
+  message ids are os.urandom, outstanding requests and per-source request rates are bounded.
+* **Node ids are relay ids** (a hash of the identity key) and a contact enters the routing table only
+  after it proved the binding: it handed over its signed descriptor, whose first address puts its DHT
+  socket exactly where the datagram came from (``records.binds``).  Routing-table caps per address and
+  per /16.  Clients send a nil id, are never added to a table, and answer nothing.
+* **Values are signed records** (storage.py validates them on store and again on read, newest wins);
+  kademlia's majority vote over values (``ValueSpiderCrawl``) is never used: ``DhtNode`` exposes only
+  publish and a whole-network crawl.
+* kademlia's pickle state files, its one-hour timers and its 0.0.0.0 default are not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
+from rpcudp.protocol import RPCProtocol
+
+from shallot.core.discovery import wire
+from shallot.core.discovery.addresses import Address, host_group, net_group
+from shallot.core.discovery.records import RecordError, binds, validate_record
+from shallot.core.discovery.storage import MAX_PER_HOST, MAX_PER_NET, RecordStorage
+
+log = logging.getLogger("shallot.dht")
+
+KSIZE = 20
+ALPHA = 3
+RPC_TIMEOUT_S = 2.0  # kademlia waits 5 s per dead contact; our peers answer within a round trip
+MAX_OUTSTANDING = 512
+MAX_VERIFYING = 64
+RATE_PER_S = 200.0  # requests per second and source IP (burst twice that)
+RATE_TABLE_MAX = 4096
+CRAWL_TARGETS = 8  # find_node targets spread over the key space, asked of every node, plus its own id
+CRAWL_CONCURRENCY = 16
+MAX_CRAWL_NODES = 4096
+MAX_PAGES_PER_NODE = 256
+
+
+def _count(counters: dict[str, int], name: str, n: int = 1) -> None:
+    counters[name] = counters.get(name, 0) + n
+
+
+class BoundRoutingTable(RoutingTable):
+    """kademlia's table with caps per address group and /16, tracked tasks, and its bucket-boundary bug
+    fixed (``get_bucket_for`` compared ``<`` against an inclusive upper bound)."""
+
+    def __init__(self, protocol: ShallotRpc, ksize: int, node: Node) -> None:
+        super().__init__(protocol, ksize, node)
+        self.shallot = protocol
+
+    def get_bucket_for(self, node: Node) -> int:
+        for index, bucket in enumerate(self.buckets):
+            if node.long_id <= bucket.range[1]:
+                return index
+        return len(self.buckets) - 1
+
+    def contacts(self) -> list[Node]:
+        return [n for b in self.buckets for n in b.get_nodes()]
+
+    def add_contact(self, node: Node) -> None:
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.is_new_node(node):
+            host, net = host_group(node.ip, node.port), net_group(node.ip, node.port)
+            peers = self.contacts()
+            if sum(host_group(n.ip, n.port) == host for n in peers) >= MAX_PER_HOST:
+                _count(self.shallot.counters, "reject_contact_cap_host")
+                return
+            if sum(net_group(n.ip, n.port) == net for n in peers) >= MAX_PER_NET:
+                _count(self.shallot.counters, "reject_contact_cap_net")
+                return
+        if bucket.add_node(node):
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:  # full bucket: ping the least recently seen; it is replaced only if it does not answer
+            self.shallot.spawn(self.shallot.call_ping(bucket.head()))
+
+
+class ShallotRpc(KademliaProtocol):
+    def __init__(self, source_node: Node, storage: RecordStorage, ksize: int, *, serve: bool,
+                 own_record: Callable[[], bytes | None], allow_loopback: bool,
+                 wait_timeout: float = RPC_TIMEOUT_S) -> None:
+        KademliaProtocol.__init__(self, source_node, storage, ksize)
+        RPCProtocol.__init__(self, wait_timeout)
+        self.router = BoundRoutingTable(self, ksize, source_node)
+        self.storage: RecordStorage = storage
+        self.serve = serve
+        self.own_record = own_record
+        self.allow_loopback = allow_loopback
+        self.counters: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._verified: dict[bytes, Address] = {}
+        self._verifying: set[bytes] = set()
+        self._rates: dict[str, tuple[float, float]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # rpcudp's version makes every typo a remote call
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (no implicit remote calls)")
+
+    # ------------------------------------------------------------------ tasks
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("DHT background task failed: %r", task.exception())
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for fut, timer, _addr, _name in list(self._outstanding.values()):
+            timer.cancel()
+            if not fut.done():
+                fut.set_result((False, None))
+        self._outstanding.clear()
+
+    # ------------------------------------------------------------------ receive
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        addr = (str(addr[0]), int(addr[1]))
+        try:
+            dg = wire.decode_datagram(data)
+        except wire.WireError as exc:
+            _count(self.counters, f"drop_{exc.reason}")
+            return
+        if dg.kind == wire.RESPONSE:
+            self._accept_response(dg.msg_id, dg.body, addr)
+            return
+        if not self.serve:
+            _count(self.counters, "drop_request_to_client")  # clients answer nothing
+            return
+        if not self._rate_ok(addr[0]):
+            _count(self.counters, "drop_rate")
+            return
+        try:
+            name, args = wire.parse_request(dg.body)
+        except wire.WireError as exc:
+            _count(self.counters, f"drop_{exc.reason}")
+            return
+        _count(self.counters, f"rpc_in_{name}")
+        handler = {"ping": self.rpc_ping, "store": self.rpc_store, "find_node": self.rpc_find_node,
+                   "find_value": self.rpc_find_value, "list_records": self.rpc_list_records}[name]
+        try:
+            result = handler(addr, *args)
+        except Exception:  # a bug of ours must not take the node down
+            log.exception("DHT handler %s failed", name)
+            _count(self.counters, "handler_error")
+            return
+        if self.transport is not None:
+            self.transport.sendto(wire.encode_response(dg.msg_id, result), addr)
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: Address) -> None:
+        entry = self._outstanding.get(msg_id)
+        if entry is None:
+            _count(self.counters, "drop_unknown_response")
+            return
+        fut, timer, expected, _name = entry
+        if address != expected:
+            _count(self.counters, "drop_response_wrong_source")  # keep waiting for the real one
+            return
+        timer.cancel()
+        del self._outstanding[msg_id]
+        if not fut.done():
+            fut.set_result((True, data))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is not None:
+            _count(self.counters, "rpc_timeouts")
+            if not entry[0].done():
+                entry[0].set_result((False, None))
+
+    def _rate_ok(self, ip: str) -> bool:
+        now = time.monotonic()
+        tokens, last = self._rates.get(ip, (2 * RATE_PER_S, now))
+        tokens = min(2 * RATE_PER_S, tokens + (now - last) * RATE_PER_S)
+        if len(self._rates) >= RATE_TABLE_MAX and ip not in self._rates:
+            self._rates.clear()  # bounded memory; a flood of sources only resets the buckets
+        if tokens < 1:
+            self._rates[ip] = (tokens, now)
+            return False
+        self._rates[ip] = (tokens - 1, now)
+        return True
+
+    # ------------------------------------------------------------------ handlers (sync: no lost tasks)
+    def _caller(self, sender: Address, nodeid: bytes | None) -> None:
+        if nodeid is not None:
+            self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+
+    def rpc_ping(self, sender: Address, nodeid: bytes | None, record: bytes | None) -> list[bytes] | None:
+        if nodeid is not None and record is not None:
+            if binds(nodeid, record, sender, time.time(), allow_loopback=self.allow_loopback):
+                self._verified[nodeid] = sender
+            else:
+                _count(self.counters, "reject_binding")
+        self._caller(sender, nodeid)
+        own = self.own_record()
+        return [self.source_node.id, own] if own is not None else None
+
+    def rpc_store(self, sender: Address, nodeid: bytes | None, key: bytes, value: bytes) -> bool:
+        self._caller(sender, nodeid)
+        return self.storage.offer(key, value) in ("stored", "same")
+
+    def rpc_find_node(self, sender: Address, nodeid: bytes | None, key: bytes) -> list[list[Any]]:
+        self._caller(sender, nodeid)
+        exclude = Node(nodeid or bytes(20), sender[0], sender[1])
+        return [[n.id, n.ip, n.port] for n in self.router.find_neighbors(Node(key), exclude=exclude)]
+
+    def rpc_find_value(self, sender: Address, nodeid: bytes | None, key: bytes) -> Any:
+        value = self.storage.get(key)
+        if value is None:
+            return self.rpc_find_node(sender, nodeid, key)
+        self._caller(sender, nodeid)
+        return {"value": value}
+
+    def rpc_list_records(self, sender: Address, nodeid: bytes | None, after: bytes | None) -> list[Any]:
+        self._caller(sender, nodeid)
+        records, cursor = self.storage.page(after, max_count=wire.MAX_PAGE_RECORDS)
+        return [records, cursor]
+
+    # ------------------------------------------------------------------ send
+    def _my_id(self) -> bytes | None:
+        return self.source_node.id if self.serve else None
+
+    def _call(self, address: Address, name: str, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        if self.transport is None or len(self._outstanding) >= MAX_OUTSTANDING:
+            _count(self.counters, "rpc_not_sent")
+            fut.set_result((False, None))
+            return fut
+        msg_id = os.urandom(wire.MSG_ID_LEN)
+        address = (str(address[0]), int(address[1]))
+        self.transport.sendto(wire.encode_request(msg_id, name, args), address)
+        _count(self.counters, f"rpc_out_{name}")
+        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (fut, timer, address, name)
+        return fut
+
+    def ping(self, address: Address, nodeid: bytes | None, record: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "ping", nodeid, record)
+
+    def store(self, address: Address, nodeid: bytes | None, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        return self._call(address, "store", nodeid, key, value)
+
+    def find_node(self, address: Address, nodeid: bytes | None, key: bytes) -> asyncio.Future[Any]:
+        return self._call(address, "find_node", nodeid, key)
+
+    def find_value(self, address: Address, nodeid: bytes | None, key: bytes) -> asyncio.Future[Any]:
+        return self._call(address, "find_value", nodeid, key)
+
+    def list_records(self, address: Address, nodeid: bytes | None, after: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "list_records", nodeid, after)
+
+    async def ping_address(self, address: Address) -> Node | None:
+        """Ping and check the answer binds a node id to this address; the Node, or None."""
+        own = self.own_record() if self.serve else None
+        ok, result = await self.ping(address, self._my_id(), own)
+        if not ok:
+            return None
+        try:
+            node_id, record = wire.parse_ping_result(result)
+        except wire.WireError:
+            _count(self.counters, "reject_bad_result")
+            return None
+        address = (str(address[0]), int(address[1]))
+        if not binds(node_id, record, address, time.time(), allow_loopback=self.allow_loopback):
+            _count(self.counters, "reject_binding")
+            return None
+        self._verified[node_id] = address
+        return Node(node_id, address[0], address[1])
+
+    # kademlia's call_* helpers, with every result checked before kademlia's crawlers see it
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        node = await self.ping_address((node_to_ask.ip, node_to_ask.port))
+        result = (node is not None and node.id == node_to_ask.id, None)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        ok, data = await self.find_node((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
+        result: tuple[bool, Any] = (False, None)
+        if ok:
+            try:
+                result = (True, [list(c) for c in wire.parse_contacts(data)])
+            except wire.WireError:
+                _count(self.counters, "reject_bad_result")
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        ok, data = await self.find_value((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
+        result: tuple[bool, Any] = (False, None)
+        if ok:
+            try:
+                found = wire.parse_find_value_result(data)
+                if isinstance(found, bytes):
+                    # kademlia would vote among the values; we only pass on one that validates
+                    try:
+                        validate_record(node_to_find.id, found, time.time(), allow_loopback=self.allow_loopback)
+                        result = (True, {"value": found})
+                    except RecordError as exc:
+                        _count(self.counters, f"reject_{exc.reason}")
+                        result = (True, [])
+                else:
+                    result = (True, [list(c) for c in found])
+            except wire.WireError:
+                _count(self.counters, "reject_bad_result")
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> tuple[bool, Any]:
+        ok, data = await self.store((node_to_ask.ip, node_to_ask.port), self._my_id(), key, value)
+        result: tuple[bool, Any] = (False, None)
+        if ok:
+            try:
+                result = (True, wire.parse_store_result(data))
+            except wire.WireError:
+                _count(self.counters, "reject_bad_result")
+        return self.handle_call_response(result, node_to_ask)
+
+    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
+        if not result[0]:
+            if not self.router.is_new_node(node):
+                self.router.remove_contact(node)
+            return result
+        self.welcome_if_new(node)
+        return result
+
+    # ------------------------------------------------------------------ admission
+    def welcome_if_new(self, node: Node) -> None:
+        """Admit a contact only once it proved its id (a client never keeps a table)."""
+        if not self.serve or node.id == self.source_node.id:
+            return
+        addr = (node.ip, node.port)
+        if self._verified.get(node.id) != addr:
+            if node.id not in self._verifying and len(self._verifying) < MAX_VERIFYING:
+                self._verifying.add(node.id)
+                self.spawn(self._verify(node))
+            return
+        if not self.router.is_new_node(node):
+            return
+        # kademlia §2.5: hand the newcomer the records it is now closer to than we are
+        for key, value in self.storage:
+            keynode = Node(key)
+            neighbors = self.router.find_neighbors(keynode)
+            if neighbors:
+                new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)
+            if not neighbors or (new_node_close and this_closest):
+                self.spawn(self.call_store(node, key, value))
+        self.router.add_contact(node)
+
+    async def _verify(self, node: Node) -> None:
+        try:
+            proven = await self.ping_address((node.ip, node.port))
+        finally:
+            self._verifying.discard(node.id)
+        if proven is None or proven.id != node.id:
+            _count(self.counters, "reject_unproven_contact")
+            return
+        self.welcome_if_new(proven)
+
+
+# -------------------------------------------------------------------------------------------------- the node
+
+
+@dataclass
+class CrawlResult:
+    nodes: dict[bytes, Address] = field(default_factory=dict)  # DHT nodes that proved their id and answered
+    records: set[bytes] = field(default_factory=set)  # raw, not yet validated: the view checks each
+    unreachable: int = 0
+    failed: set[Address] = field(default_factory=set)  # addresses that did not answer (or prove an id)
+    claimed: dict[Address, bytes] = field(default_factory=dict)  # address -> id some node listed it under
+    elapsed_s: float = 0.0
+
+
+class DhtNode(Server):
+    """One DHT endpoint: a relay (serve=True: answers, keeps a routing table, publishes) or a client
+    (serve=False: crawls only).  The narrow interface: start, publish, crawl, peers, counters, stop."""
+
+    def __init__(self, *, node_id: bytes | None, serve: bool, own_record: Callable[[], bytes | None],
+                 allow_loopback: bool, ksize: int = KSIZE, alpha: int = ALPHA) -> None:
+        storage = RecordStorage(time.time, allow_loopback=allow_loopback)
+        # a client's id is never sent; it only orders its own (unused) table
+        super().__init__(ksize, alpha, node_id or secrets.token_bytes(20), storage)
+        self.storage: RecordStorage = storage  # kademlia's ``storage or ForgetfulStorage()`` drops an empty one
+        self.serve = serve
+        self.own_record = own_record
+        self.allow_loopback = allow_loopback
+        self.protocol: ShallotRpc | None = None
+
+    def _create_protocol(self) -> ShallotRpc:
+        return ShallotRpc(self.node, self.storage, self.ksize, serve=self.serve, own_record=self.own_record,
+                          allow_loopback=self.allow_loopback)
+
+    async def start(self, local: Address) -> Address:
+        """Bind the DHT socket (an explicit address, never kademlia's 0.0.0.0 default); our address."""
+        loop = asyncio.get_running_loop()
+        # bound here, not by the loop: uvloop's bind errors carry no errno to tell "port in use" apart
+        sock = socket.socket(socket.AF_INET6 if ":" in local[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(local)
+        except OSError:
+            sock.close()
+            raise
+        self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, sock=sock)
+        return self.transport.get_extra_info("sockname")[:2]
+
+    def stop(self) -> None:
+        if self.protocol is not None:
+            self.protocol.close()
+        super().stop()
+
+    @property
+    def rpc(self) -> ShallotRpc:
+        if self.protocol is None:
+            raise RuntimeError("DhtNode.start() first")
+        return self.protocol
+
+    async def bootstrap_node(self, addr: Address) -> Node | None:
+        return await self.rpc.ping_address(addr)
+
+    async def join(self, seeds: list[Address]) -> int:
+        """Ping the seeds, then look up our own id (fills the table); the number of contacts."""
+        if seeds:
+            await self.bootstrap(seeds)
+        return len(self.rpc.router.contacts())
+
+    async def refresh(self) -> None:
+        """Look up our own id and one random id: keeps buckets fresh without kademlia's hour timers."""
+        for target in (self.node.id, secrets.token_bytes(20)):
+            node = Node(target)
+            nearest = self.rpc.router.find_neighbors(node, self.alpha)
+            if nearest:
+                await NodeSpiderCrawl(self.rpc, node, nearest, self.ksize, self.alpha).find()
+
+    async def publish(self, key: bytes, record: bytes) -> int:
+        """Store the record here and on the k nodes closest to its key; how many remote nodes took it."""
+        self.storage.offer(key, record)
+        node = Node(key)
+        nearest = self.rpc.router.find_neighbors(node)
+        if not nearest:
+            return 0
+        closest = await NodeSpiderCrawl(self.rpc, node, nearest, self.ksize, self.alpha).find()
+        results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
+        return sum(1 for ok, took in results if ok and took is True)
+
+    async def store_at(self, addr: Address, key: bytes, record: bytes) -> bool:
+        """Store directly at one address (a publisher-only relay, e.g. behind a NAT, keeps no table)."""
+        ok, data = await self.rpc.store(addr, self.rpc._my_id(), key, record)
+        return bool(ok and data is True)
+
+    def replicate_old(self, older_than_s: float) -> list[Coroutine[Any, Any, int]]:
+        return [self.publish(k, v) for k, v in self.storage.iter_older_than(older_than_s)]
+
+    def peers(self) -> list[tuple[bytes, Address]]:
+        if self.protocol is None:
+            return []
+        return [(n.id, (n.ip, n.port)) for n in self.protocol.router.contacts()]
+
+    async def crawl(self, seeds: list[Address], *, max_nodes: int = MAX_CRAWL_NODES,
+                    concurrency: int = CRAWL_CONCURRENCY, time_limit_s: float = 30.0) -> CrawlResult:
+        """Enumerate the whole DHT: every node reached through find_node over the key space, and every
+        record each of them stores, page by page.  Everyone who crawls asks every node the same
+        questions, so the crawl says nothing about which relays the crawler will use."""
+        rpc = self.rpc
+        started = time.monotonic()
+        out = CrawlResult()
+        queue: deque[Address] = deque()
+        seen: set[Address] = set()
+        hosts: dict[str, int] = {}
+        targets = [(i << (160 - 3)).to_bytes(20, "big") for i in range(CRAWL_TARGETS)]
+
+        def enqueue(addr: Address) -> None:
+            addr = (str(addr[0]), int(addr[1]))
+            if addr in seen or len(seen) >= max_nodes:
+                return
+            try:
+                group = host_group(*addr)
+            except ValueError:
+                return
+            if hosts.get(group, 0) >= MAX_PER_HOST:
+                _count(rpc.counters, "crawl_cap_host")
+                return
+            hosts[group] = hosts.get(group, 0) + 1
+            seen.add(addr)
+            queue.append(addr)
+
+        async def visit(addr: Address) -> None:
+            node = await rpc.ping_address(addr)
+            if node is None:
+                out.unreachable += 1
+                out.failed.add(addr)
+                return
+            if node.id in out.nodes:
+                return
+            out.nodes[node.id] = addr
+            answers = await asyncio.gather(*(rpc.find_node(addr, rpc._my_id(), t)
+                                             for t in [node.id, *targets]))
+            for ok, data in answers:
+                if ok:
+                    try:
+                        for cid, ip, port in wire.parse_contacts(data):
+                            out.claimed.setdefault((ip, port), cid)
+                            enqueue((ip, port))
+                    except wire.WireError:
+                        _count(rpc.counters, "reject_bad_result")
+            cursor: bytes | None = None
+            for _ in range(MAX_PAGES_PER_NODE):
+                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor)
+                if not ok:
+                    break
+                try:
+                    records, nxt = wire.parse_page_result(data)
+                except wire.WireError:
+                    _count(rpc.counters, "reject_bad_result")
+                    break
+                out.records.update(records)
+                if nxt is None or (cursor is not None and nxt <= cursor):
+                    break  # done, or a node paging backwards to keep us busy
+                cursor = nxt
+
+        for seed in seeds:
+            enqueue(seed)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while queue or running:
+                while queue and len(running) < concurrency:
+                    running.add(asyncio.ensure_future(visit(queue.popleft())))
+                left = started + time_limit_s - time.monotonic()
+                if left <= 0:
+                    _count(rpc.counters, "crawl_time_limit")
+                    break  # keep what we have; the rest is cancelled below
+                done, running = await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        log.warning("crawl step failed: %r", task.exception())
+        finally:
+            for task in running:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*running, return_exceptions=True)
+        out.elapsed_s = time.monotonic() - started
+        return out

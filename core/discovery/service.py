@@ -1,0 +1,310 @@
+"""What relays and clients run for discovery (asyncio): the only user of DhtNode.
+
+* ``RelayDiscovery``: a relay's DHT node on its link port + 1.  Joins through the seeds (retrying while
+  it has no peer), publishes its descriptor, republishes it every REPUBLISH_S and at once when it
+  changes (``publish_now``), keeps its table fresh, passes on old records, and crawls now and then so
+  that ``status`` can say how many relays it knows.
+* ``ClientDiscovery``: a client's view of the whole network.  Starts from the disk cache, crawls the
+  DHT from the seeds and from every cached relay, merges what validates, saves the result (0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shallot.core.discovery.addresses import Address, dht_address, usable_address
+from shallot.core.discovery.cache import load_view, save_view
+from shallot.core.discovery.dht import DhtNode
+from shallot.core.discovery.records import newest_first
+from shallot.core.discovery.view import NetworkView
+from shallot.core.errors import ShallotError
+from shallot.crypto.descriptor import Descriptor
+
+log = logging.getLogger("shallot.discovery")
+
+JOIN_RETRY_S = 3.0
+MAINTAIN_S = 60.0
+REPUBLISH_S = 900.0
+SECOND_PUBLISH_S = 10.0
+REPLICATE_S = 3600.0
+RELAY_FIRST_CRAWL_S = (20.0, 40.0)  # random, so that a network started at once does not crawl at once
+RELAY_CRAWL_S = 600.0
+CLIENT_CRAWL_LIMIT_S = 8.0
+VIEW_REFRESH_S = 300.0
+
+
+def parse_seeds(text: str) -> list[Address]:
+    """``HOST:PORT[,HOST:PORT...]``: seeds named by their relay (link) address."""
+    from shallot.core.state import parse_hostport
+    seeds = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        host, port = parse_hostport(part.strip())
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ShallotError(f"bad seed {part.strip()!r}: give an IP address, not a name") from None
+        if port >= 65535:
+            raise ShallotError(f"bad seed {part.strip()!r}: its DHT port would be {port + 1}")
+        seeds.append((host, port))
+    if not seeds:
+        raise ShallotError("--bootstrap needs at least one HOST:PORT")
+    return seeds
+
+
+def loopback_only(addresses: list[Address]) -> bool:
+    """A network on one machine: every address we were given is loopback (then loopback records are
+    accepted; otherwise a record pointing at 127.0.0.1 is refused)."""
+    return bool(addresses) and all(ipaddress.ip_address(h).is_loopback for h, _ in addresses)
+
+
+def _bind_error(addr: Address, exc: OSError) -> ShallotError:
+    if exc.errno == errno.EADDRINUSE:
+        return ShallotError(f"cannot open the DHT socket on {addr[0]}:{addr[1]} (link port + 1): port in use")
+    return ShallotError(f"cannot open the DHT socket on {addr[0]}:{addr[1]}: {exc.strerror}")
+
+
+class RelayDiscovery:
+    def __init__(self, seeds: list[Address], current: Callable[[], Descriptor]) -> None:
+        self.current = current
+        desc = current()
+        self.link_address: Address = desc.address
+        self.dht_address = dht_address(self.link_address)
+        self.seeds = [dht_address(s) for s in seeds if s != self.link_address]
+        self.allow_loopback = loopback_only([self.link_address, *seeds])
+        self.node = DhtNode(node_id=desc.relay_id, serve=True, own_record=lambda: self.current().encode(),
+                            allow_loopback=self.allow_loopback)
+        self.view = NetworkView(allow_loopback=self.allow_loopback)
+        self.joined = asyncio.Event()
+        self.last_publish: dict[str, Any] = {}
+        self.last_crawl: dict[str, Any] = {}
+        self._publish_wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_joined: list[Callable[[int], None]] = []
+
+    async def start(self) -> None:
+        """Open the DHT socket (errors now, as one line for the user); ``launch`` starts the work."""
+        try:
+            await self.node.start(self.dht_address)
+        except OSError as exc:
+            raise _bind_error(self.dht_address, exc) from None
+
+    def launch(self, on_joined: Callable[[int], None] | None = None) -> None:
+        if on_joined is not None:
+            self._on_joined.append(on_joined)
+        self._task = asyncio.create_task(self._run())
+
+    def publish_now(self) -> None:
+        """The descriptor changed (new address, rotated onion key, renewed before expiry)."""
+        self._publish_wanted.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self.node.stop()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._join()
+        await self._publish()
+        # once more when the table has settled: the first store went only to the nodes known at join
+        next_publish = loop.time() + SECOND_PUBLISH_S
+        next_maintain = loop.time() + MAINTAIN_S
+        next_replicate = loop.time() + REPLICATE_S
+        next_crawl = loop.time() + random.uniform(*RELAY_FIRST_CRAWL_S)
+        while True:
+            wait = max(0.0, min(next_publish, next_maintain, next_crawl, next_replicate) - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publish_wanted.wait(), wait)
+            try:
+                now = loop.time()
+                if self._publish_wanted.is_set() or now >= next_publish:
+                    self._publish_wanted.clear()
+                    await self._publish()
+                    next_publish = loop.time() + REPUBLISH_S
+                if now >= next_maintain:
+                    if not self.node.peers():
+                        await self._join(once=True)
+                    await self.node.refresh()
+                    next_maintain = loop.time() + MAINTAIN_S
+                if now >= next_replicate:
+                    await asyncio.gather(*self.node.replicate_old(REPLICATE_S))
+                    next_replicate = loop.time() + REPLICATE_S
+                if now >= next_crawl:
+                    await self._crawl()
+                    next_crawl = loop.time() + RELAY_CRAWL_S
+            except Exception:  # one failed round must not end discovery for good
+                log.exception("DHT maintenance failed; trying again later")
+                next_maintain = loop.time() + MAINTAIN_S
+
+    async def _join(self, *, once: bool = False) -> None:
+        if not self.seeds:
+            self.joined.set()
+            for cb in self._on_joined:
+                cb(0)
+            return
+        while True:
+            peers = await self.node.join(self.seeds)
+            if peers:
+                log.info("joined the DHT with %d peers", peers)
+                if not self.joined.is_set():
+                    self.joined.set()
+                    for cb in self._on_joined:
+                        cb(peers)
+                return
+            if once:
+                return
+            await asyncio.sleep(JOIN_RETRY_S)
+
+    async def _publish(self) -> None:
+        desc = self.current()
+        stored = await self.node.publish(desc.relay_id, desc.encode())
+        if stored == 0:  # no table (a publisher-only relay, or alone so far): hand it to the seeds directly
+            results = await asyncio.gather(*(self.node.store_at(s, desc.relay_id, desc.encode())
+                                             for s in self.seeds))
+            stored = sum(results)
+        self.last_publish = {"published": desc.published, "stored_at_nodes": stored, "wall": round(time.time())}
+        log.info("descriptor published to %d DHT nodes", stored)
+
+    async def _crawl(self) -> None:
+        result = await self.node.crawl([*self.seeds, *(a for _, a in self.node.peers())])
+        wall = time.time()
+        for raw in newest_first(result.records):
+            self.view.offer(None, raw, wall)
+        for desc in self.node.storage.descriptors():
+            self.view.offer_descriptor(desc, wall)
+        self.last_crawl = {"nodes": len(result.nodes), "seconds": round(result.elapsed_s, 3), "wall": round(wall)}
+
+    def relays_known(self) -> int:
+        wall = time.time()
+        for desc in self.node.storage.descriptors():
+            self.view.offer_descriptor(desc, wall)
+        return len(self.view.relays(wall))
+
+    def status(self) -> dict[str, Any]:
+        rpc_counters = self.node.protocol.counters if self.node.protocol else {}
+        return {"dht_address": f"{self.dht_address[0]}:{self.dht_address[1]}",
+                "seeds": [f"{h}:{p}" for h, p in self.seeds], "joined": self.joined.is_set(),
+                "peers": len(self.node.peers()), "records_stored": len(self.node.storage),
+                "relays_known": self.relays_known(), "last_publish": self.last_publish, "last_crawl": self.last_crawl,
+                "counters": {**rpc_counters, **{f"store_{k}": v for k, v in self.node.storage.counters.items()},
+                             **{f"view_{k}": v for k, v in self.view.counters.items()}}}
+
+    def peers(self) -> dict[str, Any]:
+        wall = time.time()
+        self.relays_known()
+        return {"dht_peers": [{"id": pid.hex(), "address": f"{a[0]}:{a[1]}"} for pid, a in self.node.peers()],
+                "relays": [_relay_entry(d) for d in self.view.relays(wall)]}
+
+
+def _relay_entry(d: Descriptor) -> dict[str, Any]:
+    return {"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}", "exit": d.is_exit,
+            "published": d.published, "expires": d.expires}
+
+
+class ClientDiscovery:
+    """A client's network view: DHT client only (never in a routing table, answers nothing)."""
+
+    def __init__(self, seeds: list[Address], cache_path: Path | None, *, self_ids: tuple[bytes, ...] = ()) -> None:
+        self.seeds = [dht_address(s) for s in seeds]
+        self.cache_path = cache_path
+        self.allow_loopback = loopback_only(seeds)
+        self.view = NetworkView(allow_loopback=self.allow_loopback, self_ids=self_ids)
+        self.node: DhtNode | None = None
+        self.dht_peers: list[tuple[bytes, Address]] = []
+        self.silent: set[bytes] = set()  # relays whose DHT node did not answer the last crawl
+        self.last_crawl: dict[str, Any] = {}
+        self.from_cache = 0
+
+    def load_cache(self) -> int:
+        if self.cache_path is None:
+            return 0
+        wall = time.time()
+        for desc in load_view(self.cache_path, wall):
+            if self.view.offer_descriptor(desc, wall) == "added":
+                self.from_cache += 1
+        return self.from_cache
+
+    async def refresh(self, time_limit_s: float = CLIENT_CRAWL_LIMIT_S) -> dict[str, Any]:
+        """Crawl the whole DHT once and merge it into the view; the cache is rewritten if anything is known."""
+        if self.node is None:
+            node = DhtNode(node_id=None, serve=False, own_record=lambda: None, allow_loopback=self.allow_loopback)
+            host = "127.0.0.1" if self.allow_loopback else ("::" if any(":" in h for h, _ in self.seeds) else "0.0.0.0")
+            await node.start((host, 0))
+            self.node = node
+        wall = time.time()
+        # every cached relay is a contact too: discovery survives dead (or lying) seeds
+        cached = {dht_address(d.address): d.relay_id for d in self.view.relays(wall)
+                  if d.address[1] < 65535 and usable_address(*d.address, allow_loopback=self.allow_loopback)}
+        result = await self.node.crawl([*self.seeds, *cached], time_limit_s=time_limit_s)
+        # a relay whose DHT node was tried and stayed silent is most likely down: paths avoid it until it
+        # answers again (its descriptor stays valid until it expires, so the view alone cannot tell)
+        answered = set(result.nodes)
+        self.silent = {rid for addr in result.failed for rid in (result.claimed.get(addr), cached.get(addr))
+                       if rid is not None and rid not in answered}
+        wall = time.time()
+        outcomes: dict[str, int] = {}
+        for raw in newest_first(result.records):
+            outcome = self.view.offer(None, raw, wall)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self.dht_peers = list(result.nodes.items())
+        self.last_crawl = {"nodes": len(result.nodes), "unreachable": result.unreachable, "silent": len(self.silent),
+                           "records_seen": len(result.records), "seconds": round(result.elapsed_s, 3)}
+        relays = self.view.relays(wall)
+        if self.cache_path is not None and relays:
+            try:
+                save_view(self.cache_path, relays)
+            except OSError as exc:
+                log.warning("cannot write the network view cache %s: %s", self.cache_path, exc.strerror)
+        log.info("crawled %d DHT nodes in %.2f s: %d relays known (%s)", len(result.nodes), result.elapsed_s,
+                 len(relays), outcomes)
+        return self.last_crawl
+
+    def relays(self) -> list[Descriptor]:
+        """Relays to choose paths from: the live view, less those whose DHT node went silent (unless
+        that would leave nothing: a cached view with the network unreachable is still worth a try)."""
+        relays = self.view.relays(time.time())
+        alive = [d for d in relays if d.relay_id not in self.silent]
+        return alive or relays
+
+    def status(self) -> dict[str, Any]:
+        return {"relays_known": len(self.view), "relays_silent": len(self.silent), "dht_peers": len(self.dht_peers),
+                "from_cache": self.from_cache,
+                "last_crawl": self.last_crawl, "rejected": self.view.rejected(),
+                "counters": {**self.view.counters, **(self.node.rpc.counters if self.node else {})}}
+
+    def peers(self) -> dict[str, Any]:
+        return {"dht_peers": [{"id": pid.hex(), "address": f"{a[0]}:{a[1]}"} for pid, a in self.dht_peers],
+                "relays": [_relay_entry(d) for d in self.relays()]}
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+
+
+async def discover(seeds: list[Address], cache_path: Path | None, *, time_limit_s: float = CLIENT_CRAWL_LIMIT_S,
+                   self_ids: tuple[bytes, ...] = ()) -> tuple[list[Descriptor], ClientDiscovery]:
+    """One-shot discovery for ``probe``: the relays, and the ClientDiscovery (closed) for its status."""
+    disc = ClientDiscovery(seeds, cache_path, self_ids=self_ids)
+    disc.load_cache()
+    try:
+        await disc.refresh(time_limit_s)
+    finally:
+        disc.close()
+    relays = disc.relays()
+    if not relays:
+        raise ShallotError("discovery found no relay: the seeds did not answer and there is no cached view")
+    return relays, disc

@@ -1,0 +1,156 @@
+"""DHT datagrams and the RPC allow-list (pure; docs/PROTOCOL.md §12.3).
+
+The datagram framing is rpcudp's, so the wrapped kademlia/rpcudp code and ours agree on the wire:
+
+    0x00 | msg id (20 bytes) | msgpack [name, [args...]]     request
+    0x01 | msg id (20 bytes) | msgpack result                response
+
+rpcudp itself dispatches any name it receives to ``rpc_<name>`` and turns any unknown attribute into
+a remote call.  Here only the names in ``RPCS`` exist, every argument and every result has a fixed type
+and size, and anything else is a ``WireError`` whose ``reason`` the caller counts and drops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import umsgpack
+
+from shallot.core.discovery.records import KEY_LEN, MAX_RECORD_LEN
+
+REQUEST = 0x00
+RESPONSE = 0x01
+MSG_ID_LEN = 20
+HEADER_LEN = 1 + MSG_ID_LEN
+MAX_DATAGRAM = 4096  # our largest message (a list_records page) is about 1.2 KB
+MAX_CONTACTS = 20  # k: a find_node answer holds at most this many contacts
+MAX_PAGE_RECORDS = 16
+
+
+class WireError(ValueError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _id(v: object) -> bool:
+    return isinstance(v, bytes) and len(v) == KEY_LEN
+
+
+def _id_or_nil(v: object) -> bool:
+    return v is None or _id(v)
+
+
+def _record(v: object) -> bool:
+    return isinstance(v, bytes) and 0 < len(v) <= MAX_RECORD_LEN
+
+
+def _record_or_nil(v: object) -> bool:
+    return v is None or _record(v)
+
+
+# name -> one check per argument (the caller's node id comes first: nil for a client, which is never
+# added to a routing table)
+RPCS: dict[str, tuple[Any, ...]] = {
+    "ping": (_id_or_nil, _record_or_nil),  # caller id, caller's descriptor (proves the id; nil for clients)
+    "store": (_id_or_nil, _id, _record),  # caller id, key, record
+    "find_node": (_id_or_nil, _id),  # caller id, target
+    "find_value": (_id_or_nil, _id),  # caller id, key
+    "list_records": (_id_or_nil, _id_or_nil),  # caller id, cursor (records with larger keys)
+}
+
+
+@dataclass(frozen=True)
+class Datagram:
+    kind: int
+    msg_id: bytes
+    body: Any
+
+
+def decode_datagram(data: bytes) -> Datagram:
+    if len(data) < HEADER_LEN + 1:
+        raise WireError("short")
+    if len(data) > MAX_DATAGRAM:
+        raise WireError("long")
+    kind = data[0]
+    if kind not in (REQUEST, RESPONSE):
+        raise WireError("kind")
+    try:
+        body = umsgpack.unpackb(data[HEADER_LEN:])
+    except Exception:  # umsgpack raises many types (and RecursionError on deep nesting): all are bad input
+        raise WireError("msgpack") from None
+    return Datagram(kind, data[1:HEADER_LEN], body)
+
+
+def parse_request(body: Any) -> tuple[str, tuple[Any, ...]]:
+    """(name, args) of an allowed, well-typed request; raises WireError."""
+    if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], str) \
+            or not isinstance(body[1], list):
+        raise WireError("shape")
+    name, args = body
+    checks = RPCS.get(name)
+    if checks is None:
+        raise WireError("unknown_rpc")
+    if len(args) != len(checks) or not all(check(a) for check, a in zip(checks, args)):
+        raise WireError("bad_args")
+    return name, tuple(args)
+
+
+def encode_request(msg_id: bytes, name: str, args: tuple[Any, ...]) -> bytes:
+    if name not in RPCS:
+        raise ValueError(f"{name!r} is not an allowed RPC")
+    return bytes([REQUEST]) + msg_id + umsgpack.packb([name, list(args)])
+
+
+def encode_response(msg_id: bytes, result: Any) -> bytes:
+    return bytes([RESPONSE]) + msg_id + umsgpack.packb(result)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+Contact = tuple[bytes, str, int]
+
+
+def parse_ping_result(v: Any) -> tuple[bytes, bytes]:
+    if isinstance(v, list) and len(v) == 2 and _id(v[0]) and _record(v[1]):
+        return v[0], v[1]
+    raise WireError("bad_result")
+
+
+def parse_store_result(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise WireError("bad_result")
+
+
+def parse_contacts(v: Any) -> list[Contact]:
+    if not isinstance(v, list) or len(v) > MAX_CONTACTS:
+        raise WireError("bad_result")
+    out = []
+    for item in v:
+        if not (isinstance(item, list) and len(item) == 3 and _id(item[0]) and isinstance(item[1], str)
+                and isinstance(item[2], int) and not isinstance(item[2], bool) and 0 < item[2] < 65536):
+            raise WireError("bad_result")
+        try:
+            ipaddress.ip_address(item[1])
+        except ValueError:
+            raise WireError("bad_result") from None
+        out.append((item[0], item[1], item[2]))
+    return out
+
+
+def parse_find_value_result(v: Any) -> bytes | list[Contact]:
+    if isinstance(v, dict):
+        if len(v) == 1 and _record(v.get("value")):
+            return v["value"]
+        raise WireError("bad_result")
+    return parse_contacts(v)
+
+
+def parse_page_result(v: Any) -> tuple[list[bytes], bytes | None]:
+    if isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and len(v[0]) <= MAX_PAGE_RECORDS \
+            and all(isinstance(r, bytes) and len(r) <= MAX_RECORD_LEN for r in v[0]) and _id_or_nil(v[1]):
+        return list(v[0]), v[1]
+    raise WireError("bad_result")
