@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
         r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
+        r.add_argument("--introducers", type=Path, metavar="FILE",
+                       help="this relay is behind a NAT: a directory file of public relays to classify the NAT "
+                            "with (the first two) and to register with as introducers (up to two)")
+        r.add_argument("--stun-alt-port", action="store_true",
+                       help="also answer STUN on PORT+1, the alternate port of RFC 5780 filtering tests "
+                            "(public relays that serve as introducers should)")
         if name == "exit":
             r.add_argument("--ip", action="store_true",
                            help="also carry clients' IP packets to the internet: creates a TUN device and an "
@@ -134,11 +140,16 @@ def _cmd_directory(args: argparse.Namespace) -> int:
 
 
 def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
+    from shallot.core.directory import load_directory
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
+    introducers = load_directory(args.introducers) if args.introducers else None
+    if introducers is not None and any(d.reachability is not None for d in introducers):
+        raise ShallotError("introducers must be public relays (one in the file is itself behind a NAT)")
     run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
                   uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None),
-                  resolver=getattr(args, "resolver", None)))
+                  resolver=getattr(args, "resolver", None), introducers=introducers,
+                  stun_alt_port=args.stun_alt_port))
     return 0
 
 

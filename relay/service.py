@@ -17,7 +17,10 @@ from typing import Any
 from shallot.core import state as state_dir
 from shallot.core.control import ControlServer
 from shallot.core.errors import ShallotError
+from shallot.core.nat import NatLayer
+from shallot.core.natclass import NatProbe
 from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.exit.dns import DnsForwarder, system_resolver
 from shallot.exit.ipservice import GATEWAY, IpExitService
 from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
@@ -27,12 +30,38 @@ from shallot.relay.forwarder import RelayConfig, RelayNode
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
 OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
+ALT_PORT_OFFSET = 1  # a public relay's alternate STUN port is its port + 1 (docs/PROTOCOL.md §12.2)
+MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
+NAT_PROBE_TIMEOUT_S = 10.0
+
+
+class _AltPort(asyncio.DatagramProtocol):
+    """The alternate STUN port of a public relay: answers CHANGE-REQUEST(port) tests (RFC 5780)."""
+
+    def __init__(self, service: RelayService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        nat = self.service.nat
+        if nat is not None:
+            nat.receive_alt(data, addr[:2], time.monotonic())
+            self.service._flush_alt()
 
 
 class RelayService:
     def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
+                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+                 introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
         self.state = state
+        self.stun_alt_port = stun_alt_port
+        self.introducers = introducers or []  # set: we are behind a NAT and reached through these
+        self.nat: NatLayer | None = None
+        self.alt: _AltPort | None = None
+        self._reachability: Reachability | None = None
         self.resolver = resolver
         self.dns: DnsForwarder | None = None
         self.keys, self.settings = state_dir.load(state)
@@ -66,8 +95,10 @@ class RelayService:
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
                               ip_service=self.ip_service)
         host, port = self.settings.address
+        behind_nat = bool(self.introducers)
+        self.nat = NatLayer(self.node, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
         try:
-            self.endpoint = await open_endpoint(self.node, (host, port), after=self._after_datagrams)
+            self.endpoint = await open_endpoint(self.nat, (host, port), after=self._after_datagrams)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
@@ -88,6 +119,10 @@ class RelayService:
                 self.endpoint.close()
                 self.tun.close()
                 raise
+        if behind_nat:
+            desc = await self._join_through_nat(wall)
+        elif self.stun_alt_port:
+            await self._open_alt_port(host, port + ALT_PORT_OFFSET)
         self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
                                      {"status": self._status, "circuits": self._circuits})
         await self.control.start()
@@ -112,6 +147,8 @@ class RelayService:
                 loop.remove_signal_handler(sig)
             await self.control.close()
             self.endpoint.close()
+            if self.alt is not None and self.alt.transport is not None:
+                self.alt.transport.close()
             log.info("%s stopped", self.role)
 
     def _load_policy(self) -> ExitPolicy:
@@ -124,7 +161,61 @@ class RelayService:
         except PolicyError as exc:
             raise ShallotError(f"{self.policy_file}: {exc}") from None
 
+    async def _open_alt_port(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        proto = _AltPort(self)
+        try:
+            await loop.create_datagram_endpoint(lambda: proto, local_addr=(host, port))
+        except OSError as exc:
+            raise ShallotError(f"cannot open the alternate STUN port {host}:{port}: {exc.strerror}") from None
+        self.alt = proto
+        assert self.nat is not None
+        self.nat.has_alt_port = True
+
+    async def _join_through_nat(self, wall: float) -> Descriptor:
+        """Behind a NAT: classify it with two introducers, register, publish a descriptor that says so."""
+        assert self.nat is not None and self.endpoint is not None
+        intro = self.introducers
+        r1, r2 = intro[0].address, intro[1 % len(intro)].address
+        local = self.settings.address if self.settings.address[0] not in ("0.0.0.0", "::") else None
+        self.nat.start_probe(NatProbe(r1, (r1[0], r1[1] + ALT_PORT_OFFSET), r2, (r2[0], r2[1] + ALT_PORT_OFFSET),
+                                      secrets.token_bytes, local=local), time.monotonic())
+        self.endpoint.poke()
+        deadline = time.monotonic() + NAT_PROBE_TIMEOUT_S
+        while self.nat.nat_type is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        nat_type = self.nat.nat_type
+        if nat_type is None or nat_type.udp_blocked or nat_type.public is None:
+            raise ShallotError("no STUN answer from the introducers: is UDP blocked, or are they down?")
+        chosen = intro[:MAX_REGISTRATIONS_KEPT]
+        self.nat.register([(d.relay_id, d.address, d.link_pub) for d in chosen], time.monotonic(), time.time())
+        self.endpoint.poke()
+        reach = Reachability(int(nat_type.mapping), int(nat_type.filtering),
+                             tuple((d.relay_id, d.address) for d in chosen))
+        self._reachability = reach
+        desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, time.time(),
+                                            reachability=reach, public=nat_type.public)
+        print(f"shallot relay behind NAT ({nat_type.summary}), public {nat_type.public[0]}:{nat_type.public[1]}, "
+              f"reachable via introducer {', '.join(d.nickname for d in chosen)}", flush=True)
+        return desc
+
+    def _flush_alt(self) -> None:
+        nat = self.nat
+        if nat is None or not nat.alt_outbox:
+            return
+        transport = self.alt.transport if self.alt is not None else None
+        for data, addr in nat.alt_outbox:
+            if transport is not None:
+                transport.sendto(data, addr)
+        nat.alt_outbox.clear()
+
     def _after_datagrams(self) -> None:
+        self._flush_alt()
+        nat = self.nat
+        if nat is not None and nat.public_changed and nat.public is not None and self.introducers:
+            nat.public_changed = False  # re-sign with the new public address; links follow by roaming
+            state_dir.publish_descriptor(self.state, self.keys, self.settings, time.time(),
+                                         reachability=self._reachability, public=nat.public)
         if self.tun is not None and self.ip_service is not None and self.ip_service.tun_outbox:
             self.tun.write(self.ip_service.tun_outbox)
 
@@ -168,7 +259,9 @@ class RelayService:
             log.info("link certificate renewed")
         if self.node.rotate_onion_keys(wall):
             state_dir.save_keys(self.state, self.keys)
-            state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+            reach = self._reachability
+            state_dir.publish_descriptor(self.state, self.keys, self.settings, wall, reachability=reach,
+                                         public=self.nat.public if self.nat is not None and reach else None)
             log.info("onion key rotated; descriptor re-signed")
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +269,7 @@ class RelayService:
         return {"role": self.role, "id": self.keys.relay_id.hex(), "nickname": self.settings.nickname,
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
                 **self.node.stats(), "io": self._io_stats(),
+                "nat": self.nat.status() if self.nat is not None else None,
                 "ip": ({**self.ip_service.counters, **self.ip_service.policy.counters,
                         **(self.dns.counters if self.dns else {}),
                         "tun_read": self.tun.read_packets if self.tun else 0,
@@ -205,6 +299,7 @@ class RelayService:
 
 
 async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None) -> None:
+                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+                    introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
     await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file,
-                       resolver=resolver).run()
+                       resolver=resolver, introducers=introducers, stun_alt_port=stun_alt_port).run()
