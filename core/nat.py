@@ -86,6 +86,7 @@ class Dial:
     method: str = ""
     upgrades: int = 0
     up_at: float = 0.0
+    resent: bool = False  # initiation resent once when the peer's first punch shows its NAT is open
 
 
 @dataclass(eq=False)
@@ -557,8 +558,10 @@ class NatLayer:
         self.counters["nat_punch_received"] += 1
         self._punched.add(addr)
         link = dial.link
-        if link.state is LinkState.CONNECTING and dial.state == "punching" and addr != link.addr:
-            self.link.retarget(link, addr, now, wall)  # its NAT let our packets out from here: answer here
+        if link.state is LinkState.CONNECTING and dial.state == "punching" and (addr != link.addr or not dial.resent):
+            # its NAT now lets our packets in from where its punch came: initiate there at once
+            dial.resent = True
+            self.link.retarget(link, addr, now, wall, force=True)
         elif link.state is LinkState.UP and link.addr[1] == 0 and link.session is not None:
             # a relayed link: one authenticated packet on the direct path; the peer moves the link on it
             # (roaming), and so do we once its answer comes back directly
