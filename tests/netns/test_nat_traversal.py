@@ -66,7 +66,7 @@ def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatTopolo
             state_dir.keygen(states[kind], (topo.addr[role], PORT), f"nat{kind}", False)
             procs[kind] = tb.spawn(topo.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
                                                    str(states[kind]), "--introducers", str(intro_dir)])
-        for kind, proc in procs.items():
+        for proc in procs.values():
             print(wait_for_line(proc, "reachable via", timeout=30).strip())
         directory = root / "directory"
         directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
@@ -94,7 +94,7 @@ def test_each_emulated_nat_is_classified_as_claimed(natnet: tuple[NatTopology, d
     desc = state_dir.read_descriptor(states[kind])
     assert desc.address[0] == topo.addr[f"{kind}sgw"]
     assert desc.reachability is not None
-    assert [rid for rid, _ in desc.reachability.introducers][0] == state_dir.read_descriptor(states["intro"]).relay_id
+    assert desc.reachability.introducers[0][0] == state_dir.read_descriptor(states["intro"]).relay_id
     assert nat["registered_with"], "no live registration with the introducer"
 
 
