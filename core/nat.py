@@ -103,6 +103,7 @@ class Introduced:
     next_at: float = 0.0
     sources: set[Address] = field(default_factory=set)
     upgrades: int = 0
+    link: Link | None = None  # the link that came through the relay-server, once there is one
 
 
 @dataclass(eq=False)
@@ -139,6 +140,7 @@ class NatLayer:
         self._reg_links: dict[bytes, Link] = {}
         self._reg_retry: dict[bytes, float] = {}
         self._introduced: dict[bytes, Introduced] = {}
+        self._intro_by_session: dict[bytes, Introduced] = {}
         self._rebind_txid = b""
         self._rebind_at = 0.0
         # dialer role
@@ -253,8 +255,8 @@ class NatLayer:
         if link.addr[1] == 0:
             return Plan.RELAY.value
         for dial in self.dials.values():
-            if dial.link is link:
-                return dial.method or Plan.PUNCH.value
+            if dial.link is link:  # through an introducer: punched, or relayed and since upgraded
+                return Plan.PUNCH.value
         if link.addr in self._punched:
             return Plan.PUNCH.value
         return Plan.DIRECT.value
@@ -422,6 +424,9 @@ class NatLayer:
         server = self._sessions_of_ours.get(session)
         if server is not None and server == addr:  # we are an end of this session
             self.node.receive_datagram(data[nm.RELAYED_HEADER_LEN:], virtual_address(session), now, wall)
+            intro = self._intro_by_session.get(session)
+            if intro is not None and intro.link is None:
+                intro.link = self._relayed_link_to(session)
             return
         rs = self.sessions.get(session) if self.serve else None
         if rs is None:
@@ -464,22 +469,24 @@ class NatLayer:
             return
         theirs = NatType(Behaviour(intro.mapping), Behaviour(intro.filtering))
         plan = plan_link(self.nat_type or NatType(), theirs)
-        self._introduced[intro.token] = Introduced(intro.token, intro.requester, intro.session, link.addr,
-                                                   plan, now + PUNCH_TIMEOUT_S, now + INTRODUCED_KEEP_S)
+        entry = Introduced(intro.token, intro.requester, intro.session, link.addr, plan, now + PUNCH_TIMEOUT_S,
+                           now + INTRODUCED_KEEP_S)
+        self._introduced[intro.token] = self._intro_by_session[intro.session] = entry
         self._sessions_of_ours[intro.session] = link.addr
         self._punched.add(intro.requester)
         self.counters["nat_introduced_to_peer"] += 1
 
     def _tick_introduced(self, now: float) -> None:
         for token in [t for t, i in self._introduced.items() if now > i.expires]:
-            del self._introduced[token]
+            self._intro_by_session.pop(self._introduced.pop(token).session, None)
         for intro in self._introduced.values():
             if now < intro.next_at:
                 continue
             if intro.plan is not Plan.RELAY and now < intro.punch_until:
                 intro.next_at = now + PUNCH_INTERVAL_S
                 self.node.outbox.append((nm.encode_punch(nm.PUNCH_PROBE, intro.token), intro.peer))
-            elif intro.upgrades < UPGRADE_TRIES and self._relayed_link_to(intro.session) is not None:
+            elif intro.upgrades < UPGRADE_TRIES and (intro.link or self._relayed_link_to(intro.session)) is not None \
+                    and (intro.link is None or intro.link.addr[1] == 0):
                 intro.upgrades += 1
                 intro.next_at = now + UPGRADE_INTERVAL_S
                 self.node.outbox.append((nm.encode_punch(nm.PUNCH_PROBE, intro.token), intro.peer))
@@ -550,6 +557,12 @@ class NatLayer:
             self._punched.add(addr)
             if kind == nm.PUNCH_PROBE:
                 self.node.outbox.append((nm.encode_punch(nm.PUNCH_REPLY, token), addr))
+            if intro.link is None:
+                intro.link = self._relayed_link_to(intro.session)
+            link = intro.link
+            if link is not None and link.state is LinkState.UP and link.session is not None \
+                    and (link.addr[1] == 0 or link.addr == addr):
+                self._probe_direct(link, addr, now)  # also after we moved: the peer may not have yet
             return
         dial = self.dials.get(token)
         if dial is None:
@@ -563,11 +576,15 @@ class NatLayer:
             dial.resent = True
             self.link.retarget(link, addr, now, wall, force=True)
         elif link.state is LinkState.UP and link.addr[1] == 0 and link.session is not None:
-            # a relayed link: one authenticated packet on the direct path; the peer moves the link on it
-            # (roaming), and so do we once its answer comes back directly
-            self.counters["nat_upgrade_probe"] += 1
-            link.last_send = now
-            self.node.outbox.append((link.session.seal(PADDING_CELL), addr))
+            self._probe_direct(link, addr, now)
+
+    def _probe_direct(self, link: Link, addr: Address, now: float) -> None:
+        """A relayed link: one authenticated keepalive on the direct path.  The peer's link layer moves the
+        link to where it came from (roaming, §4.8); both ends do this, so the link upgrades either way."""
+        assert link.session is not None
+        self.counters["nat_upgrade_probe"] += 1
+        link.last_send = now
+        self.node.outbox.append((link.session.seal(PADDING_CELL), addr))
 
     def _fall_back(self, dial: Dial, now: float, wall: float) -> None:
         dial.state = "relayed"
