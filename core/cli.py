@@ -97,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cleanup", action="store_true",
                    help="remove the routes, firewall table and device a crashed client left, then exit")
 
+    nc = sub.add_parser("netcheck", help="diagnose this network with a STUN server (UDP, TCP, TLS)",
+                        description="Ask the STUN server(s) you name for this machine's public address over UDP, "
+                                    "TCP and TLS from fresh sockets.  Any Shallot relay answers STUN over UDP.")
+    nc.add_argument("--stun", required=True, metavar="HOST:PORT[,HOST:PORT]",
+                    help="STUN server to ask; a second one also checks whether the UDP mapping changes")
+    nc.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default 2)")
+    nc.add_argument("--json", action="store_true", help="print one JSON object")
+
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
@@ -228,6 +236,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_netcheck(args: argparse.Namespace) -> int:
+    from shallot.core.netcheck import describe, run_netcheck
+    from shallot.core.state import parse_hostport
+    servers = [parse_hostport(p) for p in args.stun.split(",") if p.strip()]
+    if not servers or len(servers) > 2:
+        raise ShallotError("--stun takes one or two HOST:PORT")
+    result = asyncio.run(run_netcheck(servers, timeout=args.timeout))
+    print(json.dumps(result) if args.json else describe(result))
+    return 0 if result["udp_works"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect,
+        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect, "netcheck": _cmd_netcheck,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }
