@@ -120,6 +120,8 @@ class ClientEngine:
             "circuit_since": self.circuit_since,  # when the current circuit was built
             "circuits_built": self.circuits_built,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
+            "nat": self.client.nat.status() if self.client is not None else None,
         }
 
     async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:
