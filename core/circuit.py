@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shallot.core.cells import (
@@ -133,6 +134,9 @@ class ClientNode:
         self.circuits: dict[int, ClientCircuit] = {}
         self._by_wire: dict[int, ClientCircuit] = {}
         self._guard_links: dict[bytes, Link] = {}
+        # how to reach a guard; NAT traversal (core/nat.py) replaces it to go through introducers
+        self.dial: Callable[[Descriptor, float, float], Link] = lambda d, now, wall: self.link.open_link(
+            d.address, d.link_pub, now, wall)
         self._next_id = 1
         self._now = 0.0
         self._wall = 0.0
@@ -153,7 +157,7 @@ class ClientNode:
         guard = path[0]
         link = self._guard_links.get(guard.relay_id)
         if link is None or link.state is LinkState.CLOSED:
-            link = self.link.open_link(guard.address, guard.link_pub, now, wall)
+            link = self.dial(guard, now, wall)
             self._guard_links[guard.relay_id] = link
         circ.link = link
         link.users += 1

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
                             "DHT listens on its port + 1) and publish this relay's descriptor there")
         r.add_argument("--dht", action="store_true",
                        help="serve the discovery DHT even without --bootstrap (the first seed of a network)")
+        r.add_argument("--introducers", type=Path, metavar="FILE",
+                       help="this relay is behind a NAT: a directory file of public relays to classify the NAT "
+                            "with (the first two) and to register with as introducers (up to two)")
+        r.add_argument("--stun-alt-port", action="store_true",
+                       help="also answer STUN on PORT+2, the alternate port of RFC 5780 filtering tests "
+                            "(public relays that serve as introducers should)")
         if name == "exit":
             r.add_argument("--ip", action="store_true",
                            help="also carry clients' IP packets to the internet: creates a TUN device and an "
@@ -131,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
                    description="The privileged helper: configures the TUN device, routes, kill switch and DNS for "
                                "an engine running as an ordinary user.  It speaks on a Unix socket given as stdin "
                                "and is started by the engine (pkexec), never by hand.  See docs/PRIVILEGES.md.")
+    nc = sub.add_parser("netcheck", help="diagnose this network with a STUN server (UDP, TCP, TLS)",
+                        description="Ask the STUN server(s) you name for this machine's public address over UDP, "
+                                    "TCP and TLS from fresh sockets.  Any Shallot relay answers STUN over UDP.")
+    nc.add_argument("--stun", required=True, metavar="HOST:PORT[,HOST:PORT]",
+                    help="STUN server to ask; a second one also checks whether the UDP mapping changes")
+    nc.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default 2)")
+    nc.add_argument("--json", action="store_true", help="print one JSON object")
+
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
@@ -185,11 +199,16 @@ def _seeds(args: argparse.Namespace) -> list[tuple[str, int]] | None:
 
 
 def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
+    from shallot.core.directory import load_directory
     from shallot.core.udp import run
     from shallot.relay.service import run_relay
+    introducers = load_directory(args.introducers) if args.introducers else None
+    if introducers is not None and any(d.reachability is not None for d in introducers):
+        raise ShallotError("introducers must be public relays (one in the file is itself behind a NAT)")
     run(run_relay(args.state, expect_exit=expect_exit, ip_exit=getattr(args, "ip", False),
                   uplink=getattr(args, "uplink", None), policy_file=getattr(args, "policy", None),
-                  resolver=getattr(args, "resolver", None), bootstrap=_seeds(args), dht=args.dht))
+                  resolver=getattr(args, "resolver", None), bootstrap=_seeds(args), dht=args.dht,
+                  introducers=introducers, stun_alt_port=args.stun_alt_port))
     return 0
 
 
@@ -333,6 +352,17 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_netcheck(args: argparse.Namespace) -> int:
+    from shallot.core.netcheck import describe, run_netcheck
+    from shallot.core.state import parse_hostport
+    servers = [parse_hostport(p) for p in args.stun.split(",") if p.strip()]
+    if not servers or len(servers) > 2:
+        raise ShallotError("--stun takes one or two HOST:PORT")
+    result = asyncio.run(run_netcheck(servers, timeout=args.timeout))
+    print(json.dumps(result) if args.json else describe(result))
+    return 0 if result["udp_works"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -346,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
         "engine": _cmd_engine, "status": _cmd_status, "peers": _cmd_peers, "connect": _cmd_connect,
-        "helper": _cmd_helper,
+        "helper": _cmd_helper, "netcheck": _cmd_netcheck,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }

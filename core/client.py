@@ -17,6 +17,8 @@ from shallot.core.circuit import (
     DatagramReceived,
 )
 from shallot.core.errors import ShallotError
+from shallot.core.nat import NatLayer
+from shallot.core.natclass import NatProbe, NatType
 from shallot.core.udp import NodeEndpoint, open_endpoint
 from shallot.crypto.circuit_handshake import SERVICE_ECHO
 from shallot.crypto.descriptor import Descriptor
@@ -25,6 +27,9 @@ from shallot.crypto.descriptor import Descriptor
 class CircuitClient:
     def __init__(self) -> None:
         self.node = ClientNode(rng=secrets.token_bytes)
+        # NAT traversal: guards behind NATs are reached through their introducers (core/nat.py)
+        self.nat = NatLayer(self.node, rng=secrets.token_bytes)
+        self.node.dial = self.nat.dial
         self.endpoint: NodeEndpoint | None = None
         self._waiters: dict[int, asyncio.Future[ClientCircuit]] = {}
         self.inbox: dict[int, asyncio.Queue[bytes]] = {}
@@ -36,7 +41,19 @@ class CircuitClient:
 
     async def start(self, family_of: str = "127.0.0.1") -> None:
         local = ("::", 0) if ":" in family_of else ("0.0.0.0", 0)
-        self.endpoint = await open_endpoint(self.node, local, after=self._dispatch)
+        self.endpoint = await open_endpoint(self.nat, local, after=self._dispatch)
+
+    async def classify_nat(self, relay1: tuple[str, int], relay2: tuple[str, int], *, alt_offset: int = 1,
+                           timeout: float = 10.0) -> NatType | None:
+        """Learn our NAT's behaviour from two public relays (main and alternate STUN ports), on our link socket."""
+        assert self.endpoint is not None
+        alt1, alt2 = (relay1[0], relay1[1] + alt_offset), (relay2[0], relay2[1] + alt_offset)
+        self.nat.start_probe(NatProbe(relay1, alt1, relay2, alt2, secrets.token_bytes), time.monotonic())
+        self.endpoint.poke()
+        deadline = time.monotonic() + timeout
+        while self.nat.nat_type is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.nat.nat_type
 
     def close(self) -> None:
         if self.endpoint is not None:

@@ -133,6 +133,8 @@ class ClientEngine:
             "relays_known": len(self.discovery.view) if self.discovery else None,
             "dht_peers": len(self.discovery.dht_peers) if self.discovery else None,
             "discovery": self.discovery.status() if self.discovery else None,
+            # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
+            "nat": self.client.nat.status() if self.client is not None else None,
         }
 
     async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:

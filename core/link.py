@@ -227,6 +227,15 @@ class LinkLayer:
             raise LinkError("unusable peer link key") from None
         return link
 
+    def retarget(self, link: Link, addr: Address, now: float, wall: float, *, force: bool = False) -> None:
+        """Move a link whose handshake is still in flight to another address and send a fresh initiation
+        there at once, with a full retry schedule (NAT traversal: the introducer's answer, a punch from
+        the peer's real address, or the relay fallback).  An established link moves only by roaming."""
+        if link.state is not LinkState.CONNECTING or link.pending is None or (addr == link.addr and not force):
+            return
+        link.addr = addr
+        self._start_handshake(link, now, wall)
+
     def send_cell(self, link: Link, cell: bytes, now: float) -> None:
         session = link.session
         if session is None:

@@ -44,6 +44,11 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
     client = CircuitClient()
     await client.start(path[0].address[0])
     try:
+        nat = None
+        if path[0].reachability is not None:  # a guard behind a NAT: know our own NAT first (punch or relay?)
+            public = [d for d in relays if d.reachability is None]
+            if len(public) >= 2:
+                nat = await client.classify_nat(public[0].address, public[1].address)
         circ = await client.build(path)
         build_ms = circ.build_s * 1000
         sent_dg, recv_dg = client.build_datagrams.get(circ.circuit_id, (0, 0))
@@ -66,9 +71,14 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
                 if data == payload:
                     rtts.append((time.monotonic() - struct.unpack("!Id", data[8:20])[1]) * 1000)
                     break
+        link_method = client.nat.link_method(circ.link) if circ.link is not None else "direct"
+        link_ms = (circ.create_sent_at - circ.started_at) * 1000
         client.close_circuit(circ)
         await asyncio.sleep(0.05)  # let the DESTROY leave
         return {
+            "guard_link": link_method,
+            "link_ms": round(link_ms, 3),
+            **({"nat": nat.as_json()} if nat is not None else {}),
             "path": [d.id_hex for d in path],
             "build_ms": round(build_ms, 3),
             "build_round_trips": max(sent_dg, recv_dg),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shallot.core.errors import ShallotError
-from shallot.crypto.descriptor import Descriptor, DescriptorError
+from shallot.crypto.descriptor import Descriptor, DescriptorError, Reachability
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
 
@@ -111,9 +111,14 @@ def save_keys(state: Path, keys: RelayKeys) -> None:
     _write_private(state / KEYS_FILE, keys.to_json())
 
 
-def publish_descriptor(state: Path, keys: RelayKeys, settings: RelaySettings, wall: float) -> Descriptor:
-    desc = Descriptor.create(keys, nickname=settings.nickname, addresses=(settings.address,),
-                             exit_node=settings.exit, published=int(wall), lifetime_s=DESCRIPTOR_LIFETIME_S)
+def publish_descriptor(state: Path, keys: RelayKeys, settings: RelaySettings, wall: float, *,
+                       reachability: Reachability | None = None,
+                       public: tuple[str, int] | None = None) -> Descriptor:
+    """Sign and write our descriptor.  Behind a NAT: ``public`` (seen via STUN) is the address listed and
+    ``reachability`` names our introducers (docs/PROTOCOL.md §3.4.1)."""
+    desc = Descriptor.create(keys, nickname=settings.nickname, addresses=(public or settings.address,),
+                             exit_node=settings.exit, published=int(wall), lifetime_s=DESCRIPTOR_LIFETIME_S,
+                             reachability=reachability)
     _write_public(state / DESCRIPTOR_FILE, desc.to_text() + "\n")
     return desc
 

@@ -15,6 +15,10 @@ from shallot.crypto.primitives import AuthFailure, ed25519_verify
 DESCRIPTOR_MAGIC = b"SHD1"
 DIRECTORY_HEADER = "shallot-directory 1"
 FLAG_EXIT = 0x01
+FLAG_EXTENSIONS = 0x02  # an extension list follows the exit policy (§3.4.1)
+EXT_REACHABILITY = 1  # "reach me through these introducers" (NAT traversal, §13)
+MAX_EXTENSIONS = 8
+MAX_INTRODUCERS = 4
 NICKNAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")  # always used with fullmatch
 MAX_ADDRESSES = 4
 MAX_FAMILY = 16
@@ -50,6 +54,34 @@ class ExitPolicySummary:
 
 
 @dataclass(frozen=True)
+class Reachability:
+    """A relay behind a NAT: its NAT behaviour (RFC 4787 codes 0-3: unknown, endpoint-independent,
+    address-dependent, address-and-port-dependent) and the introducers it keeps a registration with."""
+
+    mapping: int
+    filtering: int
+    introducers: tuple[tuple[bytes, Address], ...]  # (relay id, address)
+
+    def encode(self) -> bytes:
+        out = bytearray((self.mapping, self.filtering, len(self.introducers)))
+        for relay_id, (host, port) in self.introducers:
+            out += relay_id + encode_address(host, port)
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, value: bytes) -> Reachability:
+        r = Reader(value)
+        mapping, filtering, n = r.u8(), r.u8(), r.u8()
+        if mapping > 3 or filtering > 3:
+            raise DecodeError("bad NAT behaviour code")
+        if not 1 <= n <= MAX_INTRODUCERS:
+            raise DecodeError("bad introducer count")
+        intro = tuple((r.take(RELAY_ID_LEN), decode_address(r)) for _ in range(n))
+        r.end()
+        return cls(mapping, filtering, intro)
+
+
+@dataclass(frozen=True)
 class Descriptor:
     identity_pub: bytes
     link_pub: bytes
@@ -63,6 +95,7 @@ class Descriptor:
     version_max: int = 1
     family: tuple[bytes, ...] = ()
     exit_policy: ExitPolicySummary = field(default_factory=ExitPolicySummary)
+    reachability: Reachability | None = None
     signature: bytes = b""
 
     @property
@@ -104,6 +137,11 @@ class Descriptor:
         out.append(len(self.exit_policy.ranges))
         for lo, hi in self.exit_policy.ranges:
             out += lo.to_bytes(2, "big") + hi.to_bytes(2, "big")
+        if self.flags & FLAG_EXTENSIONS:
+            exts = [(EXT_REACHABILITY, self.reachability.encode())] if self.reachability is not None else []
+            out.append(len(exts))
+            for ext_type, value in exts:
+                out += bytes((ext_type, len(value))) + value
         return bytes(out)
 
     def encode(self) -> bytes:
@@ -112,7 +150,8 @@ class Descriptor:
     @classmethod
     def create(cls, keys: RelayKeys, *, nickname: str, addresses: tuple[Address, ...], exit_node: bool,
                published: int, lifetime_s: int, family: tuple[bytes, ...] = (),
-               exit_policy: ExitPolicySummary | None = None) -> Descriptor:
+               exit_policy: ExitPolicySummary | None = None,
+               reachability: Reachability | None = None) -> Descriptor:
         if not NICKNAME_RE.fullmatch(nickname):
             raise DescriptorError("nickname must be 1-32 characters of A-Z a-z 0-9 _ -")
         # refuse to sign anything decode() would reject
@@ -127,12 +166,19 @@ class Descriptor:
             raise DescriptorError(f"an exit policy has at most {MAX_POLICY_RANGES} port ranges lo..hi")
         if not 0 < lifetime_s <= MAX_LIFETIME_S:
             raise DescriptorError(f"descriptor lifetime must be 1 s .. {MAX_LIFETIME_S // 86400} days")
+        if reachability is not None:
+            try:
+                Reachability.decode(reachability.encode())
+            except (DecodeError, DescriptorError, ValueError) as exc:
+                raise DescriptorError(f"bad reachability: {exc}") from None
+        flags = (FLAG_EXIT if exit_node else 0) | (FLAG_EXTENSIONS if reachability is not None else 0)
         unsigned = cls(identity_pub=keys.identity_pub, link_pub=keys.link_pub, onion_pub=keys.current_onion.public,
-                       published=published, expires=published + lifetime_s, flags=FLAG_EXIT if exit_node else 0,
+                       published=published, expires=published + lifetime_s, flags=flags,
                        nickname=nickname, addresses=addresses, version_min=min(SUPPORTED_VERSIONS),
                        version_max=max(SUPPORTED_VERSIONS), family=family,
                        exit_policy=exit_policy or (ExitPolicySummary.default_exit() if exit_node
-                                                   else ExitPolicySummary(False, ())))
+                                                   else ExitPolicySummary(False, ())),
+                       reachability=reachability)
         sig = keys.sign(LABEL_DESCRIPTOR + unsigned.body())
         return cls(**{**unsigned.__dict__, "signature": sig})
 
@@ -172,6 +218,18 @@ class Descriptor:
                 if lo > hi:
                     raise DecodeError("bad port range")
                 ranges.append((lo, hi))
+            reachability = None
+            if flags & FLAG_EXTENSIONS:
+                n_ext = r.u8()
+                if n_ext > MAX_EXTENSIONS:
+                    raise DecodeError("too many extensions")
+                for _ in range(n_ext):
+                    ext_type, value = r.u8(), r.take(r.u8())
+                    if ext_type == EXT_REACHABILITY:
+                        if reachability is not None:
+                            raise DecodeError("duplicate reachability")
+                        reachability = Reachability.decode(value)
+                    # other types: skipped (later versions), still covered by the signature
             body_len = r.consumed
             signature = r.take(64)
             r.end()
@@ -188,7 +246,7 @@ class Descriptor:
         return cls(identity_pub=identity_pub, link_pub=link_pub, onion_pub=onion_pub, published=published,
                    expires=expires, flags=flags, nickname=nickname, addresses=addresses, version_min=vmin,
                    version_max=vmax, family=family, exit_policy=ExitPolicySummary(bool(default), tuple(ranges)),
-                   signature=signature)
+                   reachability=reachability, signature=signature)
 
     def check_valid(self, wall: float, *, skew_s: float = 3600) -> None:
         if wall > self.expires:

@@ -19,8 +19,10 @@ from shallot.core.control import ControlServer
 from shallot.core.discovery.addresses import Address
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
+from shallot.core.nat import NatLayer
+from shallot.core.natclass import NatProbe
 from shallot.core.udp import NodeEndpoint, open_endpoint
-from shallot.crypto.descriptor import Descriptor
+from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
 from shallot.exit.dns import DnsForwarder, system_resolver
 from shallot.exit.ipservice import GATEWAY, IpExitService
@@ -32,19 +34,46 @@ log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
+ALT_PORT_OFFSET = 2  # alternate STUN port: port + 2 (port + 1 is the DHT; docs/PROTOCOL.md §13.1)
+MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
+NAT_PROBE_TIMEOUT_S = 10.0
+
+
+class _AltPort(asyncio.DatagramProtocol):
+    """The alternate STUN port of a public relay: answers CHANGE-REQUEST(port) tests (RFC 5780)."""
+
+    def __init__(self, service: RelayService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        nat = self.service.nat
+        if nat is not None:
+            nat.receive_alt(data, addr[:2], time.monotonic())
+            self.service._flush_alt()
 
 
 class RelayService:
     def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
                  uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
-                 bootstrap: list[Address] | None = None, dht: bool = False) -> None:
+                 bootstrap: list[Address] | None = None, dht: bool = False,
+                 introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
         """``bootstrap``: DHT seeds (relay addresses); ``dht``: run the DHT node even without seeds (the
-        first seed of a network).  Without either the relay runs without discovery, as before."""
+        first seed of a network).  Without either the relay runs without discovery, as before.
+        ``introducers``: we are behind a NAT and reached through these public relays."""
         self.state = state
         self.bootstrap = bootstrap or []
         self.dht_enabled = dht or bool(bootstrap)
         self.discovery: RelayDiscovery | None = None
         self.desc: Descriptor | None = None
+        self.stun_alt_port = stun_alt_port
+        self.introducers = introducers or []
+        self.nat: NatLayer | None = None
+        self.alt: _AltPort | None = None
+        self._reachability: Reachability | None = None
         self.resolver = resolver
         self.dns: DnsForwarder | None = None
         self.keys, self.settings = state_dir.load(state)
@@ -78,8 +107,10 @@ class RelayService:
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
                               ip_service=self.ip_service)
         host, port = self.settings.address
+        behind_nat = bool(self.introducers)
+        self.nat = NatLayer(self.node, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
         try:
-            self.endpoint = await open_endpoint(self.node, (host, port), after=self._after_datagrams)
+            self.endpoint = await open_endpoint(self.nat, (host, port), after=self._after_datagrams)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
@@ -100,6 +131,10 @@ class RelayService:
                 self.endpoint.close()
                 self.tun.close()
                 raise
+        if behind_nat:
+            desc = self.desc = await self._join_through_nat(wall)
+        elif self.stun_alt_port:
+            await self._open_alt_port(host, port + ALT_PORT_OFFSET)
         if self.dht_enabled:
             self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc)
             try:
@@ -144,6 +179,8 @@ class RelayService:
             if self.discovery is not None:
                 await self.discovery.close()
             self.endpoint.close()
+            if self.alt is not None and self.alt.transport is not None:
+                self.alt.transport.close()
             log.info("%s stopped", self.role)
 
     def _joined(self, peers: int) -> None:
@@ -162,7 +199,63 @@ class RelayService:
         except PolicyError as exc:
             raise ShallotError(f"{self.policy_file}: {exc}") from None
 
+    async def _open_alt_port(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        proto = _AltPort(self)
+        try:
+            await loop.create_datagram_endpoint(lambda: proto, local_addr=(host, port))
+        except OSError as exc:
+            raise ShallotError(f"cannot open the alternate STUN port {host}:{port}: {exc.strerror}") from None
+        self.alt = proto
+        assert self.nat is not None
+        self.nat.has_alt_port = True
+
+    async def _join_through_nat(self, wall: float) -> Descriptor:
+        """Behind a NAT: classify it with two introducers, register, publish a descriptor that says so."""
+        assert self.nat is not None and self.endpoint is not None
+        intro = self.introducers
+        r1, r2 = intro[0].address, intro[1 % len(intro)].address
+        local = self.settings.address if self.settings.address[0] not in ("0.0.0.0", "::") else None
+        self.nat.start_probe(NatProbe(r1, (r1[0], r1[1] + ALT_PORT_OFFSET), r2, (r2[0], r2[1] + ALT_PORT_OFFSET),
+                                      secrets.token_bytes, local=local), time.monotonic())
+        self.endpoint.poke()
+        deadline = time.monotonic() + NAT_PROBE_TIMEOUT_S
+        while self.nat.nat_type is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        nat_type = self.nat.nat_type
+        if nat_type is None or nat_type.udp_blocked or nat_type.public is None:
+            raise ShallotError("no STUN answer from the introducers: is UDP blocked, or are they down?")
+        chosen = intro[:MAX_REGISTRATIONS_KEPT]
+        self.nat.register([(d.relay_id, d.address, d.link_pub) for d in chosen], time.monotonic(), time.time())
+        self.endpoint.poke()
+        reach = Reachability(int(nat_type.mapping), int(nat_type.filtering),
+                             tuple((d.relay_id, d.address) for d in chosen))
+        self._reachability = reach
+        desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, time.time(),
+                                            reachability=reach, public=nat_type.public)
+        print(f"shallot relay behind NAT ({nat_type.summary}), public {nat_type.public[0]}:{nat_type.public[1]}, "
+              f"reachable via introducer {', '.join(d.nickname for d in chosen)}", flush=True)
+        return desc
+
+    def _flush_alt(self) -> None:
+        nat = self.nat
+        if nat is None or not nat.alt_outbox:
+            return
+        transport = self.alt.transport if self.alt is not None else None
+        for data, addr in nat.alt_outbox:
+            if transport is not None:
+                transport.sendto(data, addr)
+        nat.alt_outbox.clear()
+
     def _after_datagrams(self) -> None:
+        self._flush_alt()
+        nat = self.nat
+        if nat is not None and nat.public_changed and nat.public is not None and self.introducers:
+            nat.public_changed = False  # re-sign with the new public address; links follow by roaming
+            self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, time.time(),
+                                                     reachability=self._reachability, public=nat.public)
+            if self.discovery is not None:
+                self.discovery.publish_now()  # "republish on change": the new address reaches the DHT at once
         if self.tun is not None and self.ip_service is not None and self.ip_service.tun_outbox:
             self.tun.write(self.ip_service.tun_outbox)
 
@@ -207,7 +300,9 @@ class RelayService:
         if rotated:
             state_dir.save_keys(self.state, self.keys)
         if rotated or self.desc is None or wall - self.desc.published >= RESIGN_AFTER_S:
-            self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
+            reach = self._reachability
+            self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall, reachability=reach,
+                                                     public=self.nat.public if self.nat is not None and reach else None)
             if self.discovery is not None:
                 self.discovery.publish_now()
             log.info("descriptor re-signed (%s)", "onion key rotated" if rotated else "half its lifetime passed")
@@ -217,16 +312,14 @@ class RelayService:
         return {"role": self.role, "id": self.keys.relay_id.hex(), "nickname": self.settings.nickname,
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
                 **self.node.stats(), "io": self._io_stats(),
+                "nat": self.nat.status() if self.nat is not None else None,
                 "ip": ({**self.ip_service.counters, **self.ip_service.policy.counters,
                         **(self.dns.counters if self.dns else {}),
                         "tun_read": self.tun.read_packets if self.tun else 0,
                         "tun_written": self.tun.written_packets if self.tun else 0,
                         "tun_write_errors": self.tun.write_errors if self.tun else 0}
                        if self.ip_service is not None else None),
-                "dht": self.discovery.status() if self.discovery is not None else None,
-                # NAT traversal (issue 4 part B) fills this: public address(es) seen via STUN, NAT type,
-                # links by kind (direct / hole-punched / relayed)
-                "nat": None}
+                "dht": self.discovery.status() if self.discovery is not None else None}
 
     async def _peers(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.discovery is None:
@@ -256,6 +349,8 @@ class RelayService:
 
 async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
                     uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
-                    bootstrap: list[Address] | None = None, dht: bool = False) -> None:
+                    bootstrap: list[Address] | None = None, dht: bool = False,
+                    introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
     await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file,
-                       resolver=resolver, bootstrap=bootstrap, dht=dht).run()
+                       resolver=resolver, bootstrap=bootstrap, dht=dht, introducers=introducers,
+                       stun_alt_port=stun_alt_port).run()

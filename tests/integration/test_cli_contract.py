@@ -26,7 +26,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.timeout(60)
 
-PROBE_KEYS = {"path", "build_ms", "build_round_trips", "sent", "echoed", "rtt_ms_median"}
+PROBE_KEYS = {"path", "build_ms", "build_round_trips", "sent", "echoed", "rtt_ms_median", "guard_link", "link_ms"}
 LISTENING_RE = re.compile(r"^shallot (relay|exit) ([A-Za-z0-9_-]+) ([0-9a-f]{40}) listening on 127\.0\.0\.1:(\d+)$")
 
 
@@ -57,6 +57,7 @@ def probe_json(network: RunningNetwork, *args: str, count: int = 20) -> dict[str
 
 def check_probe_result(result: dict[str, Any], descriptors: list[Descriptor] | None, count: int) -> None:
     assert set(result) == PROBE_KEYS
+    assert result["guard_link"] == "direct"
     path = result["path"]
     assert isinstance(path, list) and len(path) == 3 and len(set(path)) == 3
     assert all(isinstance(p, str) and re.fullmatch(r"[0-9a-f]{40}", p) for p in path)

@@ -99,6 +99,7 @@ def remove_stale() -> list[str]:
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a test class, whatever pytest thinks of the name
     prefix: str = field(default_factory=lambda: f"shtb{os.getpid()}")
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -147,8 +148,46 @@ class Testbed:
         self.exec(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def masquerade(self, ns: str, out_if: str) -> None:
-        rules = (f"table ip testbed_nat {{\n chain post {{\n  type nat hook postrouting priority srcnat;\n"
+        rules = (f"table ip testbed_nat {{\n chain wan_out {{\n  type nat hook postrouting priority srcnat;\n"
                  f'  oifname "{out_if}" masquerade\n }}\n}}\n')
+        self.exec(ns, "nft", "-f", "-", stdin=rules)
+
+    def nat_router(self, ns: str, wan: str, lan: str, host: str, kind: str) -> None:
+        """Make ``ns`` a NAT router of one RFC 4787 kind for the single host ``host`` behind ``lan``:
+
+        * ``apdf`` endpoint-independent mapping, address-and-port-dependent filtering ("port-restricted
+          cone": plain masquerade, Linux conntrack's own behaviour);
+        * ``adf``  endpoint-independent mapping, address-dependent filtering ("restricted cone"): an
+          inbound packet from a remote IP the host has sent to from that port is let in from any port;
+        * ``eif``  endpoint-independent mapping and filtering ("full cone"): once the host has sent from a
+          port, anyone may send to it;
+        * ``edm``  endpoint-dependent mapping ("symmetric"): masquerade with fully random ports, so each
+          destination sees another public port; filtering as conntrack (address and port).
+
+        Masquerade keeps the host's source port when it can, which gives the stable (endpoint-independent)
+        mapping; the sets remember, for 120 s, which host ports (and remote IPs) sent out, and the dnat
+        rules let matching unsolicited packets in.  Every NAT drops unsolicited packets addressed to the
+        router itself *before* conntrack confirms them: otherwise such a packet would leave a conntrack
+        entry that makes masquerade pick another port for the host's next flow to that remote (the
+        effect noted in ../shared/DEPENDENCIES.md), which real routers avoid with a firewall on input."""
+        if kind not in ("apdf", "adf", "eif", "edm"):
+            raise TestbedError(f"unknown NAT kind {kind}")
+        sets, fwd, pre = "", "", ""
+        if kind == "eif":
+            sets = "  set seen { type inet_service; flags timeout; timeout 120s; }\n"
+            fwd = f'  iifname "{lan}" meta l4proto udp update @seen {{ udp sport }}\n'
+            pre = f'  iifname "{wan}" udp dport @seen dnat to {host}\n'
+        elif kind == "adf":
+            sets = "  set seen { type ipv4_addr . inet_service; flags timeout; timeout 120s; }\n"
+            fwd = f'  iifname "{lan}" meta l4proto udp update @seen {{ ip daddr . udp sport }}\n'
+            pre = f'  iifname "{wan}" meta l4proto udp ip saddr . udp dport @seen dnat to {host}\n'
+        masq = "masquerade fully-random" if kind == "edm" else "masquerade"
+        rules = (f"table ip testbed_nat {{\n{sets}"
+                 f" chain lan_out {{\n  type filter hook forward priority filter; policy accept;\n{fwd} }}\n"
+                 f" chain wan_in {{\n  type nat hook prerouting priority dstnat;\n{pre} }}\n"
+                 f" chain wan_out {{\n  type nat hook postrouting priority srcnat;\n  oifname \"{wan}\" {masq}\n }}\n"
+                 f" chain to_router {{\n  type filter hook input priority filter; policy accept;\n"
+                 f'  iifname "{wan}" ct state new drop\n }}\n}}\n')
         self.exec(ns, "nft", "-f", "-", stdin=rules)
 
     def spawn(self, ns: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -218,6 +257,53 @@ class StandardTopology:
         tb.address(self.ns["exit"], "lan0", f"{a['exit_lan']}/24")
         tb.address(lan, "eth0", f"{a['lan']}/24")
         tb.ip(lan, "route", "add", "default", "via", a["exit_lan"])
+        return self
+
+
+NAT_KINDS = ("apdf", "adf", "eif", "edm")
+
+
+@dataclass
+class NatTopology:
+    """Two public relays on the "internet" bridge and, for every NAT kind, two NAT routers with one host
+    behind each (an "s" side for relays, a "c" side for dialers), so every ordered pair of kinds,
+    including a kind with itself, has two distinct NATs::
+
+        intro 192.0.2.31 (relay, introducer)     exit 198.51.100.32 (exit)     both with a STUN alternate port
+        <kind><side>gw  203.0.113.(40+i) | 10.0.i.1  ──  <kind><side>  10.0.i.2
+    """
+
+    tb: Testbed
+    ns: dict[str, str] = field(default_factory=dict)
+    addr: dict[str, str] = field(default_factory=lambda: {"intro": "192.0.2.31", "exit": "198.51.100.32"})
+
+    def build(self) -> NatTopology:
+        tb = self.tb
+        inet = self.ns["inet"] = tb.add_ns("inet")
+        tb.ip(inet, "link", "add", "br0", "type", "bridge")
+        tb.ip(inet, "link", "set", "br0", "up")
+        wan_hosts = ["intro", "exit"] + [f"{k}{side}gw" for k in NAT_KINDS for side in "sc"]
+        for i, role in enumerate(wan_hosts):
+            ns = self.ns[role] = tb.add_ns(role)
+            port = f"p{i}"
+            tb.veth(ns, "eth0", inet, port)
+            tb.ip(inet, "link", "set", port, "master", "br0")
+            if role not in self.addr:
+                self.addr[role] = f"203.0.113.{40 + i}"
+            tb.address(ns, "eth0", f"{self.addr[role]}/24")
+            for net in StandardTopology.internet:
+                tb.exec(ns, "ip", "route", "replace", net, "dev", "eth0")
+        for i, role in enumerate(wan_hosts[2:], start=1):
+            host_role = role[:-2]
+            gw, host = self.ns[role], tb.add_ns(host_role)
+            self.ns[host_role] = host
+            tb.veth(host, "eth0", gw, "lan0")
+            self.addr[host_role] = f"10.0.{i}.2"
+            tb.address(host, "eth0", f"10.0.{i}.2/24")
+            tb.address(gw, "lan0", f"10.0.{i}.1/24")
+            tb.ip(host, "route", "add", "default", "via", f"10.0.{i}.1")
+            tb.forwarding(gw)
+            tb.nat_router(gw, "eth0", "lan0", f"10.0.{i}.2", host_role[:-1])
         return self
 
 

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE_FILES = ("core/cells.py", "core/ippacket.py", "core/link.py", "core/circuit.py", "core/path.py",
+              "core/stun.py", "core/natclass.py", "core/natmsg.py", "core/nat.py",
               "relay/forwarder.py", "exit/echo.py", "exit/policy.py", "exit/ipservice.py",
               "core/discovery/addresses.py", "core/discovery/records.py", "core/discovery/storage.py",
               "core/discovery/wire.py", "core/discovery/view.py")
