@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cleanup", action="store_true",
                    help="remove the routes, firewall table and device a crashed client left, then exit")
 
+    a = sub.add_parser("app", help="open the desktop app (the default when a display is available)",
+                       description="Open the Shallot window: connect, watch the circuit and traffic, change "
+                                   "settings.  It starts the engine when needed and attaches to one already "
+                                   "running; closing the window keeps the connection (tray).")
+    from shallot.app.cli_args import add_arguments
+    add_arguments(a)
+
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
@@ -189,6 +196,11 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from shallot.app.main import run_app
+    return run_app(args)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from shallot.core.control import ControlClient
     from shallot.core.engine import default_socket
@@ -225,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kademlia", "rpcudp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:
-        parser.print_help()
-        return 0
+        from shallot.app.cli_args import display_available
+        if not display_available():
+            parser.print_help()
+            return 0
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "app"])
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
-        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect,
+        "engine": _cmd_engine, "status": _cmd_status, "connect": _cmd_connect, "app": _cmd_app,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }
