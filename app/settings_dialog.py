@@ -32,7 +32,13 @@ def validate(form: dict[str, object], base: Settings) -> Settings:
     source = str(form["source"])
     directory = str(form["directory"]).strip()
     peers_text = str(form["bootstrap"])
-    peers = parse_peers(peers_text) if peers_text.strip() else ()
+    if source == "bootstrap":
+        peers = parse_peers(peers_text) if peers_text.strip() else ()
+    else:  # not in use: keep what was typed if it is valid, else what was there
+        try:
+            peers = parse_peers(peers_text)
+        except SettingsError:
+            peers = base.bootstrap
     if source == "directory":
         if not directory:
             raise SettingsError("choose a directory file (or switch to bootstrap peers)")

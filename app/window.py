@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+import shiboken6
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QColor, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
@@ -418,6 +419,8 @@ class MainWindow(QMainWindow):
         task.add_done_callback(lambda _t: self._quit_done())
 
     def _quit_done(self) -> None:
+        if not shiboken6.isValid(self):  # the window went first (e.g. torn down by a test)
+            return
         self.tray.hide()
         self.quit_finished.emit()
         self.close()
