@@ -236,7 +236,6 @@ class AppController(QObject):
             self._on_snapshot(snap, False)
         else:
             self._refresh()
-        log.info("disconnected")
 
     async def _command(self, cmd: str, **args: Any) -> None:
         try:

@@ -85,7 +85,7 @@ def style_sheet(t: Theme) -> str:
     QLabel#cardTitle {{ font-weight: 600; font-size: 11pt; }}
     QLabel#muted, QLabel#hopRole, QLabel#statName {{ color: {t.muted}; }}
     QLabel#hopRole {{ font-size: 8pt; font-weight: 600; letter-spacing: 1px; }}
-    QLabel#headline {{ font-size: 17pt; font-weight: 600; }}
+    QLabel#headline {{ font-size: 16pt; font-weight: 600; }}
     QLabel#detail {{ color: {t.muted}; font-size: 10pt; }}
     QLabel#advice {{ font-size: 9.5pt; }}
     QLabel#statValue {{ font-size: 12pt; font-weight: 600; }}

@@ -179,6 +179,7 @@ class MainWindow(QMainWindow):
         self.headline = QLabel("Not connected")
         self.headline.setObjectName("headline")
         self.headline.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.headline.setWordWrap(True)
         self.detail = QLabel("")
         self.detail.setObjectName("detail")
         self.advice = QLabel("")
