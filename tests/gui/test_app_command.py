@@ -46,3 +46,21 @@ def test_screenshot_of_an_error_exits_1(tmp_path: Path, xdg: Path) -> None:
     assert res.returncode == 1, res.stdout + res.stderr
     assert "not connected" in res.stdout and "Traceback" not in res.stderr
     assert not QImage(str(out)).isNull()
+
+
+def headless_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+
+
+def test_no_subcommand_without_a_display_prints_help() -> None:
+    res = subprocess.run([sys.executable, "-m", "shallot.core"], capture_output=True, text=True, timeout=30,
+                         env=headless_env(), stdin=subprocess.DEVNULL)
+    assert res.returncode == 0 and "usage: shallot" in res.stdout and " app " in res.stdout
+
+
+def test_app_without_a_display_says_so_in_one_line() -> None:
+    res = subprocess.run([sys.executable, "-m", "shallot.core", "app"], capture_output=True, text=True, timeout=30,
+                         env=headless_env(), stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("shallot: error: no display")
