@@ -216,7 +216,7 @@ def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: 
     detail = sentence(snap.step) or "Starting…"
     advice = sentence(snap.error) if snap.error else ""
     return ViewState(Phase.RECONNECTING if dropped else Phase.CONNECTING, headline, detail, advice, "",
-                     "Cancel", True, (), mode, False)
+                     "Disconnect" if dropped else "Cancel", True, (), mode, False)
 
 
 # ---------------------------------------------------------------------------------------------- notifications

@@ -286,6 +286,9 @@ class MainWindow(QMainWindow):
         self.tray.show_state(view)
         if view.phase is Phase.DISCONNECTED:
             self.graph.clear()
+        if view.phase is not Phase.CONNECTED:  # no stale speeds beside a headline that says otherwise
+            self.stat_up.value.setText("\u2013")
+            self.stat_down.value.setText("\u2013")
 
     def show_snapshot(self, snap: Snapshot | None) -> None:
         if snap is None:

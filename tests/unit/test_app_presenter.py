@@ -47,7 +47,7 @@ def test_connecting_shows_the_step_and_a_drop_reads_as_reconnecting() -> None:
     first = present(parse_snapshot(snap(state="reconnecting", step="retrying in 1 s", error="circuit build timed out")))
     assert first.phase is Phase.CONNECTING and first.advice == "Circuit build timed out."
     dropped = present(parse_snapshot(snap(state="reconnecting", connected_since=5.0, step="retrying in 1 s")))
-    assert dropped.phase is Phase.RECONNECTING and dropped.headline == "Reconnecting…"
+    assert (dropped.phase, dropped.headline, dropped.button_text) == (Phase.RECONNECTING, "Reconnecting…", "Disconnect")
 
 
 @pytest.mark.parametrize("code", ["helper-missing", "helper-denied"])
