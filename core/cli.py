@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="STUN server to ask; a second one also checks whether the UDP mapping changes")
     nc.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default 2)")
     nc.add_argument("--json", action="store_true", help="print one JSON object")
+    a = sub.add_parser("app", help="open the desktop app (the default when a display is available)",
+                       description="Open the Shallot window: connect, watch the circuit and traffic, change "
+                                   "settings.  It starts the engine when needed and attaches to one already "
+                                   "running; closing the window keeps the connection (tray).")
+    from shallot.app.cli_args import add_arguments
+    add_arguments(a)
 
     s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
     g = s.add_mutually_exclusive_group()
@@ -298,6 +304,11 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from shallot.app.main import run_app
+    return run_app(args)
+
+
 def _ask(args: argparse.Namespace, cmd: str) -> dict[str, object]:
     from shallot.core.control import ControlClient, ControlError
     from shallot.core.engine import default_socket
@@ -371,12 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kademlia", "rpcudp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:
-        parser.print_help()
-        return 0
+        from shallot.app.cli_args import display_available
+        if not display_available():
+            parser.print_help()
+            return 0
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "app"])
     handlers = {
         "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
         "engine": _cmd_engine, "status": _cmd_status, "peers": _cmd_peers, "connect": _cmd_connect,
-        "helper": _cmd_helper, "netcheck": _cmd_netcheck,
+        "helper": _cmd_helper, "netcheck": _cmd_netcheck, "app": _cmd_app,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),
         "exit": lambda a: _cmd_relay(a, expect_exit=True),
     }

@@ -95,7 +95,7 @@ class ClientEngine:
         self.path: list[Descriptor] = []
         self.build_ms: float | None = None
         self.rtt_ms: float | None = None
-        self.hop_rtt_ms: list[float | None] = []
+        self.guard_rtt_ms: dict[bytes, float] = {}  # guard id -> its last link handshake round trip
         self.connected_since: float | None = None
         self.circuit_since: float | None = None
         self.circuits_built = 0
@@ -124,7 +124,8 @@ class ClientEngine:
             "directory": str(self.directory_path) if self.directory_path else None,
             "exit": self.exit_choice,
             "circuit": [{"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}",
-                         "exit": d.is_exit} for d in self.path] if self.state is EngineState.CONNECTED else [],
+                         "exit": d.is_exit, "rtt_ms": self._hop_rtt_ms(i)} for i, d in enumerate(self.path)]
+            if self.state is EngineState.CONNECTED else [],
             "build_ms": self.build_ms, "rtt_ms": self.rtt_ms,
             "connected_since": self.connected_since,  # kept across circuit switches
             "circuit_since": self.circuit_since,  # when the current circuit was built
@@ -136,6 +137,17 @@ class ClientEngine:
             # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
             "nat": self.client.nat.status() if self.client is not None else None,
         }
+
+    def _hop_rtt_ms(self, hop: int) -> float | None:
+        """Round trip from us to this hop, where one is measured: the guard's link handshake (one datagram
+        each way, timed when the link was opened) and the exit's echo through the whole circuit.  The
+        middle answers nothing we could time without a link of our own to it, which would show it who we
+        are, so it has none."""
+        if hop == 0 and self.path:
+            return self.guard_rtt_ms.get(self.path[0].relay_id)
+        if hop == len(self.path) - 1:
+            return self.rtt_ms
+        return None
 
     async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:
         if self.directory_path is None and self.discovery is None:
@@ -307,6 +319,8 @@ class ClientEngine:
     def _adopt(self, circ: ClientCircuit, path: list[Descriptor]) -> None:
         self.circuit, self.path = circ, path
         self.build_ms = round(circ.build_s * 1000, 3)
+        if circ.create_sent_at > circ.started_at:  # a fresh guard link: the CREATE waited for its handshake
+            self.guard_rtt_ms[path[0].relay_id] = round((circ.create_sent_at - circ.started_at) * 1000, 3)
         self.connected_since = self.connected_since or time.time()
         self.circuit_since = time.time()
         self.circuits_built += 1

@@ -14,7 +14,7 @@ PURE_FILES = ("core/cells.py", "core/ippacket.py", "core/link.py", "core/circuit
               "core/stun.py", "core/natclass.py", "core/natmsg.py", "core/nat.py",
               "relay/forwarder.py", "exit/echo.py", "exit/policy.py", "exit/ipservice.py",
               "core/discovery/addresses.py", "core/discovery/records.py", "core/discovery/storage.py",
-              "core/discovery/wire.py", "core/discovery/view.py")
+              "core/discovery/wire.py", "core/discovery/view.py", "app/presenter.py")
 PURE = sorted([*ROOT.glob("crypto/*.py"), *(ROOT / f for f in PURE_FILES)])
 FORBIDDEN = {"asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
              "random", "uvloop", "qasync", "PySide6", "shallot.core.udp", "shallot.core.engine",

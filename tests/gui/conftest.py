@@ -1,0 +1,114 @@
+"""pytest-qt fixtures for the desktop app: offscreen Qt, a qasync loop the sync tests drive through
+qtbot.waitUntil/waitSignal (../shared/DEPENDENCIES.md, recipe A), a real local network of relay processes,
+and windows whose engines are always shut down (polite first, then by the PID the app started)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("QT_API", "pyside6")
+
+import pytest
+import qasync
+from PySide6.QtWidgets import QApplication
+
+from shallot.app.controller import AppController
+from shallot.app.settings import Settings, SettingsStore
+from shallot.app.window import MainWindow
+from tests.integration.conftest import RunningNetwork, running_network
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def qloop(qapp: QApplication) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = qasync.QEventLoop(qapp, already_running=True)
+    asyncio.set_event_loop(loop)
+    yield loop
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    asyncio.events._set_running_loop(None)
+    loop._QEventLoop__is_running = False  # no public API; loop.stop() would call app.exit()
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Settings and the engine log go to this test's own directories, never the user's."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNetwork]:
+    with running_network(tmp_path_factory.mktemp("guinet")) as running:
+        yield running
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="shallot-gui-", dir="/tmp"))  # unix socket paths are short
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class App:
+    controller: AppController
+    window: MainWindow
+    sock: Path
+
+
+@pytest.fixture
+def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> Iterator[Callable[..., App]]:
+    made: list[App] = []
+    pids: list[int] = []
+
+    def make(settings: Settings | None = None, *, sock: Path | None = None, save: bool = True) -> App:
+        store = SettingsStore()
+        if settings is not None and save:
+            store.save(settings)
+        controller = AppController(store, socket=sock or short_tmp / "engine.sock")
+        window = MainWindow(controller)
+        qtbot.addWidget(window)
+        window.show()
+        app = App(controller, window, controller.link.sock)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        if app.controller.link.engine_pid is not None:
+            pids.append(app.controller.link.engine_pid)
+        task = app.controller.spawn(app.controller.shutdown(disconnect=True))
+        with contextlib.suppress(Exception):
+            qtbot.waitUntil(task.done, timeout=15000)
+    for pid in pids:  # only engines these tests' apps started, by PID
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def engine_status(sock: Path) -> dict[str, Any]:
+    """The engine's own answer, through the command line (not through the app)."""
+    res = subprocess.run([sys.executable, "-m", "shallot.core", "status", "--socket", str(sock), "--json"],
+                         capture_output=True, text=True, timeout=20, env=ENV)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -1,0 +1,169 @@
+"""The window drives a REAL engine process (started by the app) against a real local network of relay
+processes on 127.0.0.1: click Connect, see the engine's circuit, ask for a new one, disconnect; bad
+inputs end in a readable error state; the Qt loop keeps serving timers while circuits are built."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt, QTimer
+
+from shallot.app.presenter import Phase
+from shallot.app.settings import Settings
+from tests.gui.conftest import engine_status
+from tests.integration.conftest import Proc, ProcGroup, RunningNetwork
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+CONNECT_MS = 30000
+
+
+def directory_settings(network: RunningNetwork, **kw: object) -> Settings:
+    return Settings(source="directory", directory=str(network.directory), **kw)
+
+
+def wait_phase(qtbot, controller, phase: Phase, timeout: int = CONNECT_MS) -> None:
+    qtbot.waitUntil(lambda: controller.view.phase is phase and
+                    (phase is not Phase.CONNECTED or len(controller.view.hops) == 3), timeout=timeout)
+
+
+def shown_ids(window) -> list[str]:
+    return [short_id for _nick, short_id, _addr in window.circuit_view.shown()]
+
+
+def assert_readable(text: str) -> None:
+    assert text.strip(), "empty message"
+    for junk in ("Traceback", "File \"", "Error(", "<class", "None"):
+        assert junk not in text, text
+
+
+def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: RunningNetwork) -> None:
+    app = make_app(directory_settings(network))
+    c, w = app.controller, app.window
+    assert c.view.phase is Phase.DISCONNECTED and w.button.text() == "Connect"
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.CONNECTED)
+    assert c.link.started_by_us
+
+    status = engine_status(app.sock)
+    assert status["state"] == "connected"
+    engine_path = [(h["nickname"], h["id"][:8], h["address"]) for h in status["circuit"]]
+    assert w.circuit_view.shown() == engine_path  # what the cards display is the engine's circuit
+    assert len({h["id"] for h in status["circuit"]}) == 3
+    assert [h["id"] for h in status["circuit"]] == [h.id for h in c.view.hops]
+    assert w.headline.text() == "Connected" and w.button.text() == "Disconnect"
+    exit_card = w.circuit_view.cards["exit"].latency.text()
+    assert exit_card.startswith("rtt ")  # the exit's round trip is measured, or shown as a dash
+
+    before = shown_ids(w)
+    qtbot.waitUntil(lambda: w.new_circuit_button.isEnabled(), timeout=5000)
+    qtbot.mouseClick(w.new_circuit_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: c.view.phase is Phase.CONNECTED and len(c.view.hops) == 3
+                    and shown_ids(w) != before, timeout=CONNECT_MS)
+    after_status = engine_status(app.sock)
+    assert [h["id"][:8] for h in after_status["circuit"]] == shown_ids(w)
+    assert not set(before) & set(shown_ids(w))  # the engine avoids every relay of the old path when it can
+    assert after_status["circuits_built"] >= 2
+
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.DISCONNECTED, 10000)
+    assert engine_status(app.sock)["state"] == "disconnected"
+    assert w.button.text() == "Connect" and w.headline.text() == "Not connected"
+    assert all(nick == "\u2014" for nick, _s, _a in w.circuit_view.shown())
+
+
+def test_gui_keeps_serving_timers_while_circuits_are_built(qtbot, make_app, network: RunningNetwork) -> None:
+    app = make_app(directory_settings(network))
+    c, w = app.controller, app.window
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    timer.start()
+    qtbot.wait(100)
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)  # starts the engine process, then builds
+    wait_phase(qtbot, c, Phase.CONNECTED)
+    first = [h.id for h in c.view.hops]
+    c.new_circuit()
+    qtbot.waitUntil(lambda: c.view.phase is Phase.CONNECTED and len(c.view.hops) == 3
+                    and [h.id for h in c.view.hops] != first, timeout=CONNECT_MS)
+    qtbot.wait(50)
+    timer.stop()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    worst = max(gaps)
+    print(f"{len(ticks)} ticks over {ticks[-1] - ticks[0]:.2f} s; worst gap {worst * 1000:.1f} ms")
+    assert len(ticks) > 20
+    assert worst < 0.050, f"the Qt loop stalled for {worst * 1000:.1f} ms"
+
+
+def test_missing_directory_file_is_a_readable_error(qtbot, make_app, tmp_path: Path) -> None:
+    app = make_app(Settings(directory=str(tmp_path / "no-such-directory")))
+    c, w = app.controller, app.window
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.ERROR, 20000)
+    assert w.headline.text() == "The directory file cannot be used"
+    assert "does not exist" in w.detail.text()
+    assert_readable(w.detail.text())
+    assert_readable(w.advice.text())
+    assert w.action_button.isVisible() and w.action_button.text() == "Open settings…"
+    assert w.button.text() == "Connect"  # one click tries again
+    assert not any("Traceback" in line for line in w.log_view.visible_lines())
+
+
+def test_corrupt_directory_file_is_a_readable_error(qtbot, make_app, tmp_path: Path) -> None:
+    bad = tmp_path / "directory"
+    bad.write_text("this is not a directory file\n")
+    app = make_app(Settings(directory=str(bad)))
+    c, w = app.controller, app.window
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.ERROR, 20000)
+    assert w.headline.text() == "The directory file cannot be used"
+    assert str(bad) in w.detail.text()
+    assert_readable(w.detail.text())
+
+
+def test_no_bootstrap_peers_is_a_settings_error(qtbot, make_app) -> None:
+    app = make_app(Settings(source="bootstrap", bootstrap=()))
+    c, w = app.controller, app.window
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.ERROR, 5000)
+    assert w.headline.text() == "Settings need attention"
+    assert "bootstrap peers" in w.detail.text()
+    assert c.link.engine_pid is None  # nothing was started for settings that cannot work
+
+
+def test_unreachable_bootstrap_peer_is_a_readable_error(qtbot, make_app) -> None:
+    from shallot.core.demo import free_udp_ports
+    port = free_udp_ports(1)[0]  # nobody listens there
+    app = make_app(Settings(source="bootstrap", bootstrap=(f"127.0.0.1:{port}",)))
+    c, w = app.controller, app.window
+    qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
+    wait_phase(qtbot, c, Phase.ERROR, 60000)
+    assert_readable(w.headline.text())
+    assert_readable(w.detail.text())
+    assert w.action_button.isVisible()
+
+
+def test_reattaches_to_a_running_engine_and_quit_can_keep_it_connected(qtbot, make_app, short_tmp: Path,
+                                                                       network: RunningNetwork) -> None:
+    procs = ProcGroup()
+    try:
+        sock = short_tmp / "own.sock"
+        engine: Proc = procs.start("engine", "--socket", sock, "--directory", network.directory)
+        engine.wait_line("listening")
+        app = make_app(directory_settings(network), sock=sock)
+        c = app.controller
+        task = c.spawn(c.attach_existing())
+        qtbot.waitUntil(task.done, timeout=10000)
+        assert task.result() is True and c.link.attached and not c.link.started_by_us
+        c.connect_vpn()
+        wait_phase(qtbot, c, Phase.CONNECTED)
+        done = c.spawn(c.shutdown(disconnect=False))  # "Quit, stay connected"
+        qtbot.waitUntil(done.done, timeout=10000)
+        assert engine.popen.poll() is None
+        status = engine_status(sock)
+        assert status["state"] == "connected" and len(status["circuit"]) == 3
+    finally:
+        procs.cleanup()
