@@ -54,12 +54,14 @@ def engine_argv(settings: Settings, sock: Path) -> list[str]:
         argv.append("--vpn")
         if not settings.kill_switch:
             argv.append("--no-kill-switch")
+        if not settings.dns_through_tunnel:
+            argv.append("--no-dns")
     return argv
 
 
 def explain_start_failure(output: str) -> EngineProblem:
     """The engine's last words (its stderr) as a problem the window can word."""
-    if re.search(r"unrecognized arguments:.*--(vpn|no-kill-switch)", output):
+    if re.search(r"unrecognized arguments:.*--(vpn|no-kill-switch|no-dns)", output):
         return EngineProblem("no-vpn", "the installed engine does not know VPN mode (--vpn)")
     if re.search(r"unrecognized arguments:.*--bootstrap", output):
         return EngineProblem("no-bootstrap", "the installed engine does not know --bootstrap")

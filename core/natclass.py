@@ -26,6 +26,7 @@ from shallot.core import stun
 from shallot.crypto.codec import DecodeError
 
 Address = tuple[str, int]
+ALT_PORT_OFFSET = 2  # a public relay's alternate STUN port: link port + 2 (port + 1 is its DHT socket)
 ATTEMPTS = 3
 RETRY_S = 0.3
 

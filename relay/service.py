@@ -20,7 +20,7 @@ from shallot.core.discovery.addresses import Address
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.nat import NatLayer
-from shallot.core.natclass import NatProbe
+from shallot.core.natclass import ALT_PORT_OFFSET, NatProbe
 from shallot.core.udp import NodeEndpoint, open_endpoint
 from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
@@ -34,7 +34,6 @@ log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
-ALT_PORT_OFFSET = 2  # alternate STUN port: port + 2 (port + 1 is the DHT; docs/PROTOCOL.md §13.1)
 MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
 NAT_PROBE_TIMEOUT_S = 10.0
 

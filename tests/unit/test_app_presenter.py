@@ -122,6 +122,8 @@ def test_engine_command_line_follows_the_settings() -> None:
     vpn = engine_argv(Settings(directory="/d", route_all=True, kill_switch=False), sock)
     assert vpn[-2:] == ["--vpn", "--no-kill-switch"]
     assert engine_argv(Settings(directory="/d", route_all=True), sock)[-1] == "--vpn"
+    no_dns = engine_argv(Settings(directory="/d", route_all=True, dns_through_tunnel=False), sock)
+    assert no_dns[-2:] == ["--vpn", "--no-dns"]
     dht = engine_argv(Settings(source="bootstrap", bootstrap=("192.0.2.1:7001", "h.example:7")), sock)
     assert dht[-2:] == ["--bootstrap", "192.0.2.1:7001,h.example:7"] and "--directory" not in dht
 
