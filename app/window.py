@@ -47,10 +47,24 @@ def card(title: str | None = None) -> tuple[QFrame, QVBoxLayout]:
     lay.setContentsMargins(16, 14, 16, 14)
     lay.setSpacing(10)
     if title:
-        label = QLabel(title)
-        label.setObjectName("cardTitle")
-        lay.addWidget(label)
+        lay.addWidget(card_title(title))
     return frame, lay
+
+
+def card_title(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setObjectName("cardTitle")
+    return label
+
+
+def card_with_header(title: str) -> tuple[QFrame, QVBoxLayout, QHBoxLayout]:
+    """A card whose first row is its title on the left and whatever the caller adds on the right."""
+    frame, lay = card()
+    top = QHBoxLayout()
+    top.addWidget(card_title(title))
+    top.addStretch(1)
+    lay.addLayout(top)
+    return frame, lay, top
 
 
 class Stat(QWidget):
@@ -201,12 +215,7 @@ class MainWindow(QMainWindow):
         return frame
 
     def _circuit_card(self) -> QFrame:
-        frame, lay = card()
-        top = QHBoxLayout()
-        title = QLabel("Circuit")
-        title.setObjectName("cardTitle")
-        top.addWidget(title)
-        top.addStretch(1)
+        frame, lay, top = card_with_header("Circuit")
         top.addWidget(QLabel("Exit"))
         self.exit_choice = QComboBox()
         self.exit_choice.setAccessibleName("Exit relay")
@@ -217,7 +226,6 @@ class MainWindow(QMainWindow):
         self.new_circuit_button.setToolTip("Build a new circuit through other relays (Ctrl+N)")
         self.new_circuit_button.clicked.connect(self.controller.new_circuit)
         top.addWidget(self.new_circuit_button)
-        lay.addLayout(top)
         self.circuit_view = CircuitView()
         lay.addWidget(self.circuit_view)
         self.circuit_note = QLabel(" ")
@@ -226,16 +234,10 @@ class MainWindow(QMainWindow):
         return frame
 
     def _traffic_card(self) -> QFrame:
-        frame, lay = card()
-        top = QHBoxLayout()
-        title = QLabel("Traffic")
-        title.setObjectName("cardTitle")
-        top.addWidget(title)
-        top.addStretch(1)
+        frame, lay, top = card_with_header("Traffic")
         self.legend = QLabel("")
         self.legend.setObjectName("muted")
         top.addWidget(self.legend)
-        lay.addLayout(top)
         self.graph = SpeedGraph()
         self.graph.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         lay.addWidget(self.graph, 1)

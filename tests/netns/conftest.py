@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.testbed import StandardTopology, Testbed, available, remove_stale
+from tests.netns.testbed import StandardTopology, Testbed, require_testbed
 
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[StandardTopology]:
-    reason = available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"netns tests must run in CI: {reason}")
-        pytest.skip(reason)
-    remove_stale()
+    require_testbed()
     host_resolv = _host_resolv_conf()
     tb = Testbed()
     try:

@@ -11,7 +11,6 @@ introducer otherwise, with traffic through the circuit and the time to link prin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from shallot.core import state as state_dir
 from shallot.crypto.descriptor import encode_directory
-from tests.netns.testbed import NAT_KINDS, NatTopology, Testbed, available, remove_stale, wait_for_line
+from tests.netns.testbed import NAT_KINDS, NatTopology, Testbed, require_testbed, wait_for_line
 
 PORT = 9000
 # (mapping, filtering) each emulation must be classified as
@@ -40,12 +39,7 @@ RELAYED = {("edm", "edm"), ("edm", "apdf"), ("apdf", "edm")}
 
 @pytest.fixture(scope="module")
 def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatTopology, dict[str, Path]]]:
-    reason = available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"netns tests must run in CI: {reason}")
-        pytest.skip(reason)
-    remove_stale()
+    require_testbed()
     tb = Testbed()
     try:
         topo = NatTopology(tb).build()
