@@ -209,7 +209,10 @@ def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: 
         detail = sentence(snap.error) or "The engine reported an error without a reason."
         if snap.step:
             detail += " " + sentence(snap.step)
-        return ViewState(Phase.ERROR, title, detail, advice, action, "Disconnect", False, (), mode, False)
+        # the engine gave up on these (docs/PROTOCOL.md §9.5): the button starts over; on other errors it
+        # keeps retrying, and the button stops it
+        button = "Connect" if snap.error_code in FINAL_ERROR_CODES else "Disconnect"
+        return ViewState(Phase.ERROR, title, detail, advice, action, button, False, (), mode, False)
     # connecting / reconnecting (or connected without a circuit yet)
     dropped = snap.state is Phase.RECONNECTING and snap.connected_since is not None
     headline = "Reconnecting…" if dropped else "Connecting…"
@@ -217,6 +220,9 @@ def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: 
     advice = sentence(snap.error) if snap.error else ""
     return ViewState(Phase.RECONNECTING if dropped else Phase.CONNECTING, headline, detail, advice, "",
                      "Disconnect" if dropped else "Cancel", True, (), mode, False)
+
+
+FINAL_ERROR_CODES = frozenset({"helper-missing", "helper-denied", "helper-failed"})
 
 
 # ---------------------------------------------------------------------------------------------- notifications

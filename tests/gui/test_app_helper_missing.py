@@ -47,7 +47,7 @@ def test_helper_missing_is_explained_and_probe_mode_offered(qtbot, qloop, make_a
         assert "not installed" in w.detail.text() and "probe mode" in w.advice.text()
         assert w.mode_badge.text() == "VPN mode"
         assert w.action_button.isVisible() and w.action_button.text() == "Connect in probe mode"
-        assert w.button.text() == "Disconnect"  # the engine is still trying: the button stops it
+        assert w.button.text() == "Connect"  # the engine gave up (a final error): the button starts over
 
         qtbot.mouseClick(w.action_button, Qt.MouseButton.LeftButton)
         qtbot.waitUntil(lambda: not c.settings.route_all, timeout=5000)

@@ -57,6 +57,12 @@ def test_helper_errors_say_what_is_missing_and_offer_probe_mode(code: str) -> No
     assert v.phase is Phase.ERROR and v.action == "probe-mode" and v.mode == "vpn"
     assert v.headline == ADVICE[code][0] and "probe mode" in v.advice
     assert v.detail == "Pkexec: the shallot helper is not installed."
+    assert v.button_text == "Connect"  # the engine stopped trying: the button starts over
+
+
+def test_a_retrying_error_offers_to_stop() -> None:
+    v = present(parse_snapshot(snap(state="error", error="the circuit stopped answering", step="retrying in 5 s")))
+    assert v.button_text == "Disconnect"
 
 
 def test_engine_errors_and_app_problems_are_sentences_with_advice() -> None:
