@@ -18,7 +18,7 @@ from shallot.core.circuit import (
 )
 from shallot.core.errors import ShallotError
 from shallot.core.nat import NatLayer
-from shallot.core.natclass import NatProbe, NatType
+from shallot.core.natclass import ALT_PORT_OFFSET, NatProbe, NatType
 from shallot.core.udp import NodeEndpoint, open_endpoint
 from shallot.crypto.circuit_handshake import SERVICE_ECHO
 from shallot.crypto.descriptor import Descriptor
@@ -43,7 +43,7 @@ class CircuitClient:
         local = ("::", 0) if ":" in family_of else ("0.0.0.0", 0)
         self.endpoint = await open_endpoint(self.nat, local, after=self._dispatch)
 
-    async def classify_nat(self, relay1: tuple[str, int], relay2: tuple[str, int], *, alt_offset: int = 1,
+    async def classify_nat(self, relay1: tuple[str, int], relay2: tuple[str, int], *, alt_offset: int = ALT_PORT_OFFSET,
                            timeout: float = 10.0) -> NatType | None:
         """Learn our NAT's behaviour from two public relays (main and alternate STUN ports), on our link socket."""
         assert self.endpoint is not None
