@@ -67,19 +67,17 @@ def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: by
     rng.shuffle(exits)
     for exit_relay in exits:
         chosen = [exit_relay]
-        # guard and middle come from non-exits first: exit capacity is the scarce kind (Tor weights the
-        # same way); exits fill those positions only when there are not enough other relays
-        plain = [d for d in pool if d.relay_id != exit_relay.relay_id and not d.is_exit]
-        spare_exits = [d for d in pool if d.relay_id != exit_relay.relay_id and d.is_exit]
-        rng.shuffle(plain)
-        rng.shuffle(spare_exits)
-        others = plain + spare_exits
-        # positions are filled from the exit backwards; only the last one filled (the guard) may be NATed
+        others = [d for d in pool if d.relay_id != exit_relay.relay_id]
+        # positions are filled from the exit backwards, each uniformly among the relays that fit it; only
+        # the last one filled (the guard) may be behind a NAT.  Guard and middle come from non-exits first:
+        # exit capacity is the scarce kind (Tor weights the same way); exits fill those positions only
+        # when there are not enough other relays
         while len(chosen) < hops:
             guard_slot = len(chosen) == hops - 1
-            cand = next((c for c in others if (guard_slot or not behind_nat(c)) and _compatible(c, chosen)), None)
-            if cand is None:
+            fits = [c for c in others if (guard_slot or not behind_nat(c)) and _compatible(c, chosen)]
+            if not fits:
                 break
+            cand = rng.choice([c for c in fits if not c.is_exit] or fits)
             others.remove(cand)
             chosen.append(cand)
         if len(chosen) == hops:
