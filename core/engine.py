@@ -269,6 +269,10 @@ class ClientEngine:
             with contextlib.suppress(TimeoutError):  # the first crawl is under way: give it its time
                 await asyncio.wait_for(self._view_ready.wait(), 15.0)
         relays = [d for d in self._relays() if d.relay_id not in self.avoid_always]
+        if self.tunnel is not None:
+            # VPN mode: the kill switch lets out UDP to the guard's address only, not to the introducers (or
+            # the punched ports) a guard behind a NAT needs, so such guards are not used here yet (§13.7)
+            relays = [d for d in relays if d.reachability is None]
         usable = [d for d in relays if d.relay_id not in avoid]
         try:
             return choose_path(usable, path_spec=self._path_spec, exit_spec=self.exit_choice)

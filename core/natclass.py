@@ -26,7 +26,7 @@ from shallot.core import stun
 from shallot.crypto.codec import DecodeError
 
 Address = tuple[str, int]
-ALT_PORT_OFFSET = 2  # a public relay's alternate STUN port: link port + 2 (port + 1 is its DHT socket)
+ALT_PORT_OFFSET = 2  # a relay's alternate STUN port is its link port + 2 (port + 1 is its DHT socket; §13.1)
 ATTEMPTS = 3
 RETRY_S = 0.3
 

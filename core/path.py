@@ -1,8 +1,10 @@
 """Path selection (pure): guard -> middle -> exit from a verified set of descriptors.
 
 Rules: three distinct relays; no two in the same IPv4 /16 (IPv6 /32) or in each other's declared
-family; the last one is an exit whose policy allows the requested port.  Randomness comes from a
-``random.Random`` the caller passes (SystemRandom in production, seeded in tests).
+family; the last one is an exit whose policy allows the requested port; a relay behind a NAT (its
+descriptor carries a reachability extension) only ever comes first: the client reaches it through its
+introducers, but a relay extending a circuit has only the address and keys (PROTOCOL §5.1, §13.7).
+Randomness comes from a ``random.Random`` the caller passes (SystemRandom in production, seeded in tests).
 """
 
 from __future__ import annotations
@@ -44,33 +46,40 @@ def _compatible(candidate: Descriptor, chosen: Sequence[Descriptor]) -> bool:
     return not any(related(candidate, c) for c in chosen)
 
 
+def behind_nat(desc: Descriptor) -> bool:
+    """The relay is reached through introducers: it can be a guard, never a middle or an exit."""
+    return desc.reachability is not None
+
+
 def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: bytes | None = None,
                 port: int | None = None, hops: int = 3,
                 exclude: frozenset[bytes] = frozenset()) -> list[Descriptor]:
     """Choose ``hops`` relays, exit last, none of them in ``exclude``."""
     pool = [d for d in relays if d.relay_id not in exclude]
-    exits = [d for d in pool if d.is_exit and (port is None or d.exit_policy.allows_port(port))]
+    exits = [d for d in pool if d.is_exit and not behind_nat(d)
+             and (port is None or d.exit_policy.allows_port(port))]
     if exit_id is not None:
         exits = [d for d in exits if d.relay_id == exit_id]
         if not exits:
             raise PathError("the chosen exit is not in the directory, is not an exit, or refuses this port")
     if not exits:
-        raise PathError("no exit relay in the directory allows this traffic")
+        raise PathError("no exit relay in the directory allows this traffic (exits behind a NAT are never used)")
     rng.shuffle(exits)
     for exit_relay in exits:
         chosen = [exit_relay]
-        # guard and middle come from non-exits first: exit capacity is the scarce kind (Tor weights the
-        # same way); exits fill those positions only when there are not enough other relays
-        plain = [d for d in pool if d.relay_id != exit_relay.relay_id and not d.is_exit]
-        spare_exits = [d for d in pool if d.relay_id != exit_relay.relay_id and d.is_exit]
-        rng.shuffle(plain)
-        rng.shuffle(spare_exits)
-        others = plain + spare_exits
-        for cand in others:
-            if len(chosen) == hops:
+        others = [d for d in pool if d.relay_id != exit_relay.relay_id]
+        # positions are filled from the exit backwards, each uniformly among the relays that fit it; only
+        # the last one filled (the guard) may be behind a NAT.  Guard and middle come from non-exits first:
+        # exit capacity is the scarce kind (Tor weights the same way); exits fill those positions only
+        # when there are not enough other relays
+        while len(chosen) < hops:
+            guard_slot = len(chosen) == hops - 1
+            fits = [c for c in others if (guard_slot or not behind_nat(c)) and _compatible(c, chosen)]
+            if not fits:
                 break
-            if _compatible(cand, chosen):
-                chosen.append(cand)
+            cand = rng.choice([c for c in fits if not c.is_exit] or fits)
+            others.remove(cand)
+            chosen.append(cand)
         if len(chosen) == hops:
             return [*chosen[1:][::-1], exit_relay] if hops > 1 else [exit_relay]
     raise PathError(f"not enough unrelated relays for a {hops}-hop circuit "
@@ -86,6 +95,9 @@ def check_path(path: Sequence[Descriptor], *, port: int | None = None) -> None:
             if related(a, b):
                 raise PathError(f"relays {a.nickname} and {b.nickname} may not share a circuit "
                                 "(same relay, same /16 network or same family)")
+    for d in path[1:]:
+        if behind_nat(d):
+            raise PathError(f"relay {d.nickname} is behind a NAT: it can only be the first relay (the guard)")
     last = path[-1]
     if not last.is_exit:
         raise PathError(f"the last relay, {last.nickname}, is not an exit")

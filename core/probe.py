@@ -17,6 +17,8 @@ from shallot.core.errors import ShallotError
 from shallot.core.path import PathError, check_path, select_path
 from shallot.crypto.descriptor import Descriptor
 
+Address = tuple[str, int]
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,25 @@ def choose_path(relays: list[Descriptor], *, path_spec: str | None, exit_spec: s
         raise ShallotError(str(exc)) from None
 
 
+def stun_servers(relays: list[Descriptor], guard: Descriptor) -> tuple[Address, Address] | None:
+    """Two public relays on different IPs to classify our NAT with (natclass.NatProbe), or None.
+
+    The classification needs each relay's alternate STUN port, which a descriptor does not announce.
+    Introducers have it: a relay behind a NAT classified its own NAT through them before it published
+    them (docs/NAT.md).  So the guard's introducers come first, then those of every other NATed relay
+    in the view, then any public relay (whose missing alternate port only makes the answer vaguer)."""
+    candidates: list[Address] = []
+    for desc in [guard, *relays]:
+        if desc.reachability is not None:
+            candidates += [addr for _rid, addr in desc.reachability.introducers]
+    candidates += [d.address for d in relays if d.reachability is None]
+    first = candidates[0] if candidates else None
+    for addr in candidates[1:]:
+        if first is not None and addr[0] != first[0]:
+            return first, addr
+    return None
+
+
 async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: int, size: int = 256,
                     timeout_s: float = 2.0) -> dict[str, Any]:
     if count < 0:
@@ -46,9 +67,9 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
     try:
         nat = None
         if path[0].reachability is not None:  # a guard behind a NAT: know our own NAT first (punch or relay?)
-            public = [d for d in relays if d.reachability is None]
-            if len(public) >= 2:
-                nat = await client.classify_nat(public[0].address, public[1].address)
+            servers = stun_servers(relays, path[0])
+            if servers is not None:
+                nat = await client.classify_nat(*servers)
         circ = await client.build(path)
         build_ms = circ.build_s * 1000
         sent_dg, recv_dg = client.build_datagrams.get(circ.circuit_id, (0, 0))

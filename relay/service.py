@@ -135,7 +135,9 @@ class RelayService:
         elif self.stun_alt_port:
             await self._open_alt_port(host, port + ALT_PORT_OFFSET)
         if self.dht_enabled:
-            self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc)
+            # behind a NAT the descriptor names the public address; the DHT socket is bound on ours
+            self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc, behind_nat=behind_nat,
+                                            bind_host=host)
             try:
                 await self.discovery.start()
             except ShallotError:
@@ -159,7 +161,7 @@ class RelayService:
         log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
         print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
         if self.discovery is not None:
-            self.discovery.launch(self._joined)
+            self.discovery.launch(self._joined, self._published)
         rotate = asyncio.create_task(self._rotate_loop())
         watch = asyncio.create_task(self._watch_own_networks()) if self.tun is not None else None
         try:
@@ -185,8 +187,14 @@ class RelayService:
     def _joined(self, peers: int) -> None:
         assert self.discovery is not None
         host, port = self.discovery.dht_address
-        what = f"joined with {peers} peers" if self.bootstrap else "serving as a seed"
+        if self.discovery.behind_nat:
+            what = f"publishing only (behind a NAT), through {peers} contacts"
+        else:
+            what = f"joined with {peers} peers" if self.bootstrap else "serving as a seed"
         print(f"shallot {self.role} dht on {host}:{port}: {what}", flush=True)
+
+    def _published(self, nodes: int) -> None:
+        print(f"shallot {self.role} descriptor published to {nodes} DHT nodes", flush=True)
 
     def _load_policy(self) -> ExitPolicy:
         if self.policy_file is None:

@@ -469,6 +469,18 @@ class DhtNode(Server):
         results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
         return sum(1 for ok, took in results if ok and took is True)
 
+    async def publish_from(self, contacts: list[Address], key: bytes, record: bytes) -> list[Address]:
+        """Publish without a routing table (a node that serves nothing, such as a relay behind a NAT):
+        prove the given contacts, look up the k nodes closest to the key through them and store there.
+        The addresses that took the record (the contacts for the next time)."""
+        found = await asyncio.gather(*(self.rpc.ping_address(a) for a in dict.fromkeys(contacts)))
+        proven = [n for n in found if n is not None]
+        if not proven:
+            return []
+        closest = await NodeSpiderCrawl(self.rpc, Node(key), proven, self.ksize, self.alpha).find()
+        results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
+        return [(n.ip, n.port) for n, (ok, took) in zip(closest, results, strict=True) if ok and took is True]
+
     async def store_at(self, addr: Address, key: bytes, record: bytes) -> bool:
         """Store directly at one address (a publisher-only relay, e.g. behind a NAT, keeps no table)."""
         ok, data = await self.rpc.store(addr, self.rpc._my_id(), key, record)

@@ -59,7 +59,9 @@ def check_live(desc: Descriptor, wall: float, *, allow_loopback: bool) -> None:
         raise RecordError("future", f"descriptor of {desc.nickname} is from the future")
     if not any(v in SUPPORTED_VERSIONS for v in range(desc.version_min, desc.version_max + 1)):
         raise RecordError("version", f"relay {desc.nickname} speaks no protocol version we support")
-    if not all(usable_address(h, p, allow_loopback=allow_loopback) for h, p in desc.addresses):
+    # introducers too: a client dialling a relay behind a NAT sends its requests there (§3.4.1)
+    intro = [a for _, a in desc.reachability.introducers] if desc.reachability is not None else []
+    if not all(usable_address(h, p, allow_loopback=allow_loopback) for h, p in [*desc.addresses, *intro]):
         raise RecordError("address", f"descriptor of {desc.nickname} has an address we never contact")
 
 

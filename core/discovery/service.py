@@ -3,7 +3,9 @@
 * ``RelayDiscovery``: a relay's DHT node on its link port + 1.  Joins through the seeds (retrying while
   it has no peer), publishes its descriptor, republishes it every REPUBLISH_S and at once when it
   changes (``publish_now``), keeps its table fresh, passes on old records, and crawls now and then so
-  that ``status`` can say how many relays it knows.
+  that ``status`` can say how many relays it knows.  A relay behind a NAT is a *publisher only*: its
+  NAT would filter whoever tried to reach its DHT socket, so it serves nothing, joins no table, and
+  publishes by a lookup from its seeds and the nodes that took its record last time.
 * ``ClientDiscovery``: a client's view of the whole network.  Starts from the disk cache, crawls the
   DHT from the seeds and from every cached relay, merges what validates, saves the result (0600).
 """
@@ -75,15 +77,21 @@ def _bind_error(addr: Address, exc: OSError) -> ShallotError:
 
 
 class RelayDiscovery:
-    def __init__(self, seeds: list[Address], current: Callable[[], Descriptor]) -> None:
+    def __init__(self, seeds: list[Address], current: Callable[[], Descriptor], *,
+                 behind_nat: bool = False, bind_host: str | None = None) -> None:
+        """``behind_nat``: publish only (docs/DHT.md §6); ``bind_host``: the address to bind the DHT
+        socket on when it is not the descriptor's (behind a NAT the descriptor names the public one)."""
         self.current = current
         desc = current()
         self.link_address: Address = desc.address
-        self.dht_address = dht_address(self.link_address)
+        self.behind_nat = behind_nat
+        self.dht_address = dht_address((bind_host or self.link_address[0], self.link_address[1]))
         self.seeds = [dht_address(s) for s in seeds if s != self.link_address]
         self.allow_loopback = loopback_only([self.link_address, *seeds])
-        self.node = DhtNode(node_id=desc.relay_id, serve=True, own_record=lambda: self.current().encode(),
+        self.node = DhtNode(node_id=desc.relay_id, serve=not behind_nat,
+                            own_record=(lambda: None) if behind_nat else lambda: self.current().encode(),
                             allow_loopback=self.allow_loopback)
+        self.contacts: list[Address] = list(self.seeds)  # a publisher's way in: seeds, then who took its record
         self.view = NetworkView(allow_loopback=self.allow_loopback)
         self.joined = asyncio.Event()
         self.last_publish: dict[str, Any] = {}
@@ -91,6 +99,8 @@ class RelayDiscovery:
         self._publish_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_joined: list[Callable[[int], None]] = []
+        self.published = asyncio.Event()  # set once some other node took our descriptor
+        self._on_published: list[Callable[[int], None]] = []
 
     async def start(self) -> None:
         """Open the DHT socket (errors now, as one line for the user); ``launch`` starts the work."""
@@ -99,9 +109,12 @@ class RelayDiscovery:
         except OSError as exc:
             raise _bind_error(self.dht_address, exc) from None
 
-    def launch(self, on_joined: Callable[[int], None] | None = None) -> None:
+    def launch(self, on_joined: Callable[[int], None] | None = None,
+               on_published: Callable[[int], None] | None = None) -> None:
         if on_joined is not None:
             self._on_joined.append(on_joined)
+        if on_published is not None:
+            self._on_published.append(on_published)
         self._task = asyncio.create_task(self._run())
 
     def publish_now(self) -> None:
@@ -117,6 +130,9 @@ class RelayDiscovery:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.behind_nat:
+            await self._run_publisher()
+            return
         await self._join()
         await self._publish()
         # once more when the table has settled: the first store went only to the nodes known at join
@@ -149,6 +165,35 @@ class RelayDiscovery:
                 log.exception("DHT maintenance failed; trying again later")
                 next_maintain = loop.time() + MAINTAIN_S
 
+    async def _run_publisher(self) -> None:
+        """Behind a NAT: publish until some node takes the record, again once the network has settled,
+        then every REPUBLISH_S and on change; crawl now and then for ``relays_known``."""
+        loop = asyncio.get_running_loop()
+        while not await self._publish() and self.seeds:
+            await asyncio.sleep(JOIN_RETRY_S)
+        if not self.joined.is_set():
+            self.joined.set()
+            for cb in self._on_joined:
+                cb(len(self.contacts))
+        next_publish = loop.time() + SECOND_PUBLISH_S
+        next_crawl = loop.time() + random.uniform(*RELAY_FIRST_CRAWL_S)
+        while True:
+            wait = max(0.0, min(next_publish, next_crawl) - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publish_wanted.wait(), wait)
+            try:
+                now = loop.time()
+                if self._publish_wanted.is_set() or now >= next_publish:
+                    self._publish_wanted.clear()
+                    # nobody took it (the network was unreachable for a while): try again soon
+                    next_publish = loop.time() + (REPUBLISH_S if await self._publish() else JOIN_RETRY_S)
+                if now >= next_crawl:
+                    await self._crawl()
+                    next_crawl = loop.time() + RELAY_CRAWL_S
+            except Exception:  # one failed round must not end discovery for good
+                log.exception("DHT publishing failed; trying again later")
+                next_publish = loop.time() + JOIN_RETRY_S
+
     async def _join(self, *, once: bool = False) -> None:
         if not self.seeds:
             self.joined.set()
@@ -168,18 +213,32 @@ class RelayDiscovery:
                 return
             await asyncio.sleep(JOIN_RETRY_S)
 
-    async def _publish(self) -> None:
+    async def _publish(self) -> int:
+        """Store our descriptor in the DHT; the number of nodes that took it."""
         desc = self.current()
+        if self.behind_nat:
+            took = await self.node.publish_from(self.contacts, desc.relay_id, desc.encode())
+            if took:  # the seeds stay first: they are the ones the operator vouched for
+                self.contacts = list(dict.fromkeys([*self.seeds, *took]))
+            return self._published(desc, len(took))
         stored = await self.node.publish(desc.relay_id, desc.encode())
         if stored == 0:  # no table (a publisher-only relay, or alone so far): hand it to the seeds directly
             results = await asyncio.gather(*(self.node.store_at(s, desc.relay_id, desc.encode())
                                              for s in self.seeds))
             stored = sum(results)
+        return self._published(desc, stored)
+
+    def _published(self, desc: Descriptor, stored: int) -> int:
         self.last_publish = {"published": desc.published, "stored_at_nodes": stored, "wall": round(time.time())}
         log.info("descriptor published to %d DHT nodes", stored)
+        if stored and not self.published.is_set():
+            self.published.set()
+            for cb in self._on_published:
+                cb(stored)
+        return stored
 
     async def _crawl(self) -> None:
-        result = await self.node.crawl([*self.seeds, *(a for _, a in self.node.peers())])
+        result = await self.node.crawl([*self.contacts, *(a for _, a in self.node.peers())])
         wall = time.time()
         for raw in newest_first(result.records):
             self.view.offer(None, raw, wall)
@@ -197,6 +256,7 @@ class RelayDiscovery:
         rpc_counters = self.node.protocol.counters if self.node.protocol else {}
         return {"dht_address": f"{self.dht_address[0]}:{self.dht_address[1]}",
                 "seeds": [f"{h}:{p}" for h, p in self.seeds], "joined": self.joined.is_set(),
+                "publisher_only": self.behind_nat, "contacts": len(self.contacts),
                 "peers": len(self.node.peers()), "records_stored": len(self.node.storage),
                 "relays_known": self.relays_known(), "last_publish": self.last_publish, "last_crawl": self.last_crawl,
                 "counters": {**rpc_counters, **{f"store_{k}": v for k, v in self.node.storage.counters.items()},
@@ -245,9 +305,11 @@ class ClientDiscovery:
             await node.start((host, 0))
             self.node = node
         wall = time.time()
-        # every cached relay is a contact too: discovery survives dead (or lying) seeds
+        # every cached relay is a contact too: discovery survives dead (or lying) seeds; not those behind a
+        # NAT, which publish only (their NAT would drop our ping: docs/DHT.md §6)
         cached = {dht_address(d.address): d.relay_id for d in self.view.relays(wall)
-                  if d.address[1] < 65535 and usable_address(*d.address, allow_loopback=self.allow_loopback)}
+                  if d.reachability is None and d.address[1] < 65535
+                  and usable_address(*d.address, allow_loopback=self.allow_loopback)}
         result = await self.node.crawl([*self.seeds, *cached], time_limit_s=time_limit_s)
         # a relay whose DHT node was tried and stayed silent is most likely down: paths avoid it until it
         # answers again (its descriptor stays valid until it expires, so the view alone cannot tell)
@@ -274,9 +336,11 @@ class ClientDiscovery:
 
     def relays(self) -> list[Descriptor]:
         """Relays to choose paths from: the live view, less those whose DHT node went silent (unless
-        that would leave nothing: a cached view with the network unreachable is still worth a try)."""
+        that would leave nothing: a cached view with the network unreachable is still worth a try).
+        A relay behind a NAT serves no DHT node, so silence says nothing about it: it is never left out
+        here (if it is down, its introducers say so when a client dials it)."""
         relays = self.view.relays(time.time())
-        alive = [d for d in relays if d.relay_id not in self.silent]
+        alive = [d for d in relays if d.relay_id not in self.silent or d.reachability is not None]
         return alive or relays
 
     def status(self) -> dict[str, Any]:

@@ -65,20 +65,40 @@ def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 20,
     return res
 
 
+_unread: dict[int, bytes] = {}  # per process: output read from its pipe but not yet returned as a line
+
+
 def wait_for_line(proc: subprocess.Popen[str], word: str, timeout: float = 20) -> str:
-    """Read ``proc``'s stdout until a line contains ``word``; TestbedError if it exits or times out first."""
+    """Read ``proc``'s stdout until a line contains ``word``; TestbedError if it exits or times out first.
+
+    Reads the pipe's file descriptor directly and keeps what follows the line for the next call: two lines
+    that arrive together (e.g. "listening" and "dht on") must not hide the second in a buffer select() cannot
+    see."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+    while True:
+        buf = _unread.get(proc.pid, b"")
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            _unread[proc.pid] = buf
+            if word in line.decode(errors="replace"):
+                return line.decode(errors="replace") + "\n"
+        if time.monotonic() >= deadline:
+            raise TestbedError(f"no {word!r} line within {timeout} s")
+        ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
-            line = proc.stdout.readline()
-            if word in line:
-                return line
-        if proc.poll() is not None:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                _unread[proc.pid] = buf + chunk
+                continue
+        if proc.poll() is not None and not ready:
             err = proc.stderr.read() if proc.stderr else ""
             raise TestbedError(f"process exited ({proc.returncode}) before printing {word!r}: {err}")
-    raise TestbedError(f"no {word!r} line within {timeout} s")
+        if ready and not chunk:  # end of file: the process closed its output (it is exiting)
+            proc.wait(5)
+            err = proc.stderr.read() if proc.stderr else ""
+            raise TestbedError(f"process exited ({proc.returncode}) before printing {word!r}: {err}")
 
 
 def require_testbed() -> None:
@@ -318,6 +338,73 @@ class NatTopology:
             tb.forwarding(gw)
             tb.nat_router(gw, "eth0", "lan0", f"10.0.{i}.2", host_role[:-1])
         return self
+
+
+@dataclass
+class DiscoveryNatTopology:
+    """A network for discovery and NAT traversal together (docs/TESTBED.md)::
+
+        pub<i>   one namespace per /16 (NETS[i]), relays on <net>.11, <net>.12, ... (one IP per relay)
+                 plus spare addresses <net>.20 (latecomers) and 198.19.0.30 (the exit, in pub4)
+        nat<i>gw <NETS[i % 4]>.(41+i) | 10.0.(i+1).1  ──  nat<i>  10.0.(i+1).2     a relay behind a NAT of kind i
+        cgw      203.0.113.50 | 10.0.9.1            ──  client 10.0.9.2          the client's own NAT (apdf)
+
+    Several relays share a namespace, each bound to its own address; the five documentation and
+    benchmarking /24s sit on one flat bridge with on-link routes, so path selection's /16 rule can be
+    met as on the internet.  The NAT routers' public addresses avoid the exit's /16 (pub4's)."""
+
+    tb: Testbed
+    nat_kinds: tuple[str, ...] = ("eif", "adf", "apdf", "apdf", "edm")
+    per_ns: int = 3
+    ns: dict[str, str] = field(default_factory=dict)
+    addr: dict[str, str] = field(default_factory=dict)
+    public: list[str] = field(default_factory=list)  # relay addresses on the bridge, pub0 first
+    NETS = ("192.0.2", "198.51.100", "203.0.113", "198.18.0", "198.19.0")
+
+    def build(self) -> DiscoveryNatTopology:
+        tb = self.tb
+        inet = self.ns["inet"] = tb.add_ns("inet")
+        tb.ip(inet, "link", "add", "br0", "type", "bridge")
+        tb.ip(inet, "link", "set", "br0", "up")
+        ports = 0
+
+        def wan_host(role: str, addresses: list[str]) -> str:
+            nonlocal ports
+            ns = self.ns[role] = tb.add_ns(role)
+            tb.veth(ns, "eth0", inet, f"p{ports}")
+            tb.ip(inet, "link", "set", f"p{ports}", "master", "br0")
+            ports += 1
+            for a in addresses:
+                tb.address(ns, "eth0", f"{a}/32")
+            for net in self.NETS:  # every network is on the same wire
+                tb.exec(ns, "ip", "route", "replace", f"{net}.0/24", "dev", "eth0")
+            return ns
+
+        for i, net in enumerate(self.NETS):
+            hosts = [f"{net}.{11 + j}" for j in range(self.per_ns)]
+            self.public += hosts
+            extra = [f"{net}.20"] + (["198.19.0.30"] if i == 4 else [])
+            wan_host(f"pub{i}", hosts + extra)
+        self.addr["exit"] = "198.19.0.30"
+        behind = [(f"nat{i}", kind, f"{self.NETS[i % 4]}.{41 + i}", i + 1) for i, kind in enumerate(self.nat_kinds)]
+        behind.append(("client", "apdf", "203.0.113.50", 9))
+        for role, kind, wan, subnet in behind:
+            gw = wan_host(f"{role}gw", [wan])
+            self.addr[f"{role}gw"] = wan
+            host = self.ns[role] = tb.add_ns(role)
+            self.addr[role] = f"10.0.{subnet}.2"
+            tb.veth(host, "eth0", gw, "lan0")
+            tb.address(host, "eth0", f"10.0.{subnet}.2/24")
+            tb.address(gw, "lan0", f"10.0.{subnet}.1/24")
+            tb.ip(host, "route", "add", "default", "via", f"10.0.{subnet}.1")
+            tb.forwarding(gw)
+            tb.nat_router(gw, "eth0", "lan0", f"10.0.{subnet}.2", kind)
+        return self
+
+    def pub_ns(self, address: str) -> str:
+        """The namespace that holds a public address."""
+        net = address.rsplit(".", 1)[0]
+        return self.ns[f"pub{self.NETS.index(net)}"]
 
 
 def main(argv: list[str] | None = None) -> int:

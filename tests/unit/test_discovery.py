@@ -19,9 +19,10 @@ from shallot.core.discovery.addresses import dht_address, host_group, net_group,
 from shallot.core.discovery.cache import load_view, save_view
 from shallot.core.discovery.dht import DhtNode, ShallotRpc
 from shallot.core.discovery.records import RecordError, binds, newest_first, supersedes, validate_record
+from shallot.core.discovery.service import ClientDiscovery, RelayDiscovery
 from shallot.core.discovery.storage import RecordStorage
 from shallot.core.discovery.view import NetworkView
-from shallot.crypto.descriptor import Descriptor
+from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import LABEL_DESCRIPTOR
 
@@ -327,3 +328,104 @@ async def test_nodes_join_publish_and_a_client_crawls_everything() -> None:
     finally:
         for node, _ in nodes:
             node.stop()
+
+
+# ---------------------------------------------------------------------------------------------- relays behind NATs
+
+
+def _free_link_port() -> int:
+    """A loopback port whose port + 1 (the DHT socket) is free right now."""
+    for _ in range(50):
+        a, b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port < 65535:
+                b.bind(("127.0.0.1", port + 1))
+                return port
+        except OSError:
+            continue
+        finally:
+            a.close()
+            b.close()
+    pytest.skip("no free pair of loopback ports")
+
+
+def make_natted(keys: RelayKeys | None = None, *, host: str = "127.0.0.1", port: int = 9000,
+                published: int = NOW, introducer: tuple[str, int] = ("127.0.0.1", 7000),
+                nick: str = "natted") -> tuple[RelayKeys, Descriptor]:
+    keys = keys or RelayKeys.generate(secrets.token_bytes, NOW)
+    reach = Reachability(1, 3, ((bytes(20), introducer),))
+    return keys, Descriptor.create(keys, nickname=nick, addresses=((host, port),), exit_node=False,
+                                   published=published, lifetime_s=3600, reachability=reach)
+
+
+def test_a_record_naming_an_introducer_we_would_never_contact_is_refused() -> None:
+    _, good = make_natted(host="203.0.113.5", introducer=("192.0.2.1", 9000))
+    assert validate_record(good.relay_id, good.encode(), NOW, allow_loopback=False) == good
+    for intro in (("127.0.0.1", 9000), ("224.0.0.1", 9000), ("0.0.0.0", 9000), ("169.254.1.1", 9000)):
+        _, bad = make_natted(host="203.0.113.5", introducer=intro)
+        assert reason(bad.relay_id, bad.encode()) == "address", intro
+    _, local = make_natted(host="127.0.0.1", introducer=("127.0.0.1", 9000))
+    assert validate_record(local.relay_id, local.encode(), NOW, allow_loopback=True) == local
+
+
+@pytest.mark.asyncio
+async def test_a_relay_behind_a_nat_publishes_only_and_republishes_past_a_dead_seed() -> None:
+    nodes: list[tuple[DhtNode, Descriptor]] = []
+    disc = None
+    try:
+        for i in range(3):
+            _, d = make(host="127.0.0.1", port=_free_link_port(), published=int(time.time()), nick=f"n{i}")
+            node = DhtNode(node_id=d.relay_id, serve=True, own_record=d.encode, allow_loopback=True)
+            await node.start(dht_address(d.address))
+            nodes.append((node, d))
+        for node, _ in nodes[1:]:
+            assert await node.join([dht_address(nodes[0][1].address)]) >= 1
+        keys, desc = make_natted(port=_free_link_port(), published=int(time.time()) - 10)
+        current = {"desc": desc}
+        disc = RelayDiscovery([nodes[0][1].address], lambda: current["desc"], behind_nat=True,
+                              bind_host="127.0.0.1")
+        await disc.start()
+        disc.launch()
+        await asyncio.wait_for(disc.published.wait(), 10)
+        assert disc.node.rpc.serve is False and disc.status()["publisher_only"] is True
+        for node, _ in nodes:  # its record is everywhere, its id in no table (it serves nothing)
+            assert node.storage.get(desc.relay_id) == desc.encode()
+            assert desc.relay_id not in {pid for pid, _ in node.peers()}
+        assert len(disc.contacts) == 3  # the seed and every node that took the record
+        # the seed dies; the re-signed descriptor still reaches the others through those contacts
+        nodes[0][0].stop()
+        _, newer = make_natted(keys, port=desc.address[1], published=int(time.time()))
+        current["desc"] = newer
+        disc.publish_now()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(n.storage.get(desc.relay_id) != newer.encode()
+                                                  for n, _ in nodes[1:]):
+            await asyncio.sleep(0.05)
+        assert all(n.storage.get(desc.relay_id) == newer.encode() for n, _ in nodes[1:])
+    finally:
+        if disc is not None:
+            await disc.close()
+        for node, _ in nodes:
+            node.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_client_never_pings_natted_relays_nor_holds_their_silence_against_them(tmp_path: Path) -> None:
+    now = int(time.time())
+    _, public = make(host="127.0.0.1", port=_free_link_port(), published=now, nick="public")
+    _, natted = make_natted(port=_free_link_port(), published=now)
+    cache = tmp_path / "view"
+    save_view(cache, [public, natted])
+    dead_seed = ("127.0.0.1", _free_link_port())
+    disc = ClientDiscovery([dead_seed], cache)
+    assert disc.load_cache() == 2
+    try:
+        await disc.refresh(time_limit_s=5)
+        # the seed and the public relay's DHT socket were tried (and stayed silent); the NATed relay's never
+        assert disc.node is not None and disc.node.rpc.counters.get("rpc_out_ping") == 2
+        assert disc.silent == {public.relay_id}
+        assert [d.relay_id for d in disc.relays()] == [natted.relay_id]
+    finally:
+        disc.close()

@@ -307,3 +307,23 @@ def test_garbage_on_the_link_socket_never_raises() -> None:
     dropped = sum(v for k, v in relay.counters.items() if k.startswith("nat_drop"))
     dropped += sum(v for k, v in relay.node.link.counters.items() if k.startswith("drop_"))
     assert dropped == 8
+
+
+def _desc(seed: int, host: str, introducers: tuple[tuple[str, int], ...] = ()) -> Descriptor:
+    reach = Reachability(1, 3, tuple((bytes(20), a) for a in introducers)) if introducers else None
+    return Descriptor.create(_keys(seed), nickname=f"r{seed}", addresses=((host, 9000),), exit_node=False,
+                             published=1_800_000_000, lifetime_s=3600, reachability=reach)
+
+
+def test_probe_classifies_through_introducers_which_have_the_alternate_port() -> None:
+    from shallot.core.probe import stun_servers
+    public = [_desc(i, f"198.51.100.{i}") for i in range(1, 4)]
+    other_nat = _desc(10, "203.0.113.10", (("192.0.2.7", 9000), ("192.0.2.8", 9000)))
+    guard = _desc(11, "203.0.113.11", (("198.51.100.2", 9000), ("198.51.100.2", 9100)))
+    relays = [*public, other_nat, guard]
+    # the guard's first introducer, then the next candidate on another IP (here another NATed relay's)
+    assert stun_servers(relays, guard) == (("198.51.100.2", 9000), ("192.0.2.7", 9000))
+    lone = _desc(12, "203.0.113.12", (("198.51.100.3", 9000),))
+    assert stun_servers([*public, lone], lone) == (("198.51.100.3", 9000), ("198.51.100.1", 9000))
+    # nothing on two different IPs: no classification (the dial then tries to punch and may fall back)
+    assert stun_servers([lone], lone) is None

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from shallot.core.path import PathError, check_path, select_path, subnet_key
-from shallot.crypto.descriptor import Descriptor, ExitPolicySummary
+from shallot.crypto.descriptor import Descriptor, ExitPolicySummary, Reachability
 from shallot.crypto.keys import RelayKeys
 from tests.simnet import WALL0, det_rng
 
@@ -115,3 +115,41 @@ def test_loopback_relays_count_as_separate_networks_but_nothing_else_is_relaxed(
     assert {d.nickname for d in path} == {"n0", "n1", "n2"}
     assert subnet_key("127.0.0.1", 1) != subnet_key("127.0.0.1", 2)
     assert subnet_key("10.1.2.3", 1) == subnet_key("10.1.200.3", 2)
+
+
+def _natted(i: int, host: str, *, exit_node: bool = False) -> Descriptor:
+    """A relay behind a NAT: its descriptor names an introducer (PROTOCOL §3.4.1)."""
+    keys = RelayKeys.generate(det_rng(6000 + i), WALL0)
+    reach = Reachability(1, 3, ((bytes(20), ("10.0.0.1", 9000)),))
+    return Descriptor.create(keys, nickname=f"nat{i}", addresses=((host, 9000),), exit_node=exit_node,
+                             published=int(WALL0), lifetime_s=86400, reachability=reach)
+
+
+def test_natted_relays_are_guards_never_middles_or_exits() -> None:
+    natted = [_natted(i, f"10.{40 + i}.0.1") for i in range(6)] + [_natted(9, "10.49.0.1", exit_node=True)]
+    relays = _directory() + natted
+    nat_ids = {d.relay_id for d in natted}
+    rng = random.Random(7)
+    guards_natted = 0
+    for _ in range(1000):
+        path = select_path(relays, rng)
+        assert not {d.relay_id for d in path[1:]} & nat_ids, [d.nickname for d in path]
+        guards_natted += path[0].relay_id in nat_ids
+    # the guard is uniform among the relays that fit: about 6 of the ~16 left after the middle are NATed
+    # (neither avoided nor favoured because they fit nowhere else)
+    assert 300 < guards_natted < 450, guards_natted
+    # with only NATed relays besides the exit there is no middle: refused with a reason, not a bad path
+    with pytest.raises(PathError, match="not enough"):
+        select_path([relays[12], *natted[:3]], random.Random(1))
+    # a NATed exit is never an exit
+    with pytest.raises(PathError, match="behind a NAT"):
+        select_path([natted[-1], *relays[:4]], random.Random(1), exit_id=None)
+
+
+def test_check_path_refuses_a_natted_relay_after_the_guard() -> None:
+    relays = _directory()
+    nat = _natted(1, "10.41.0.1")
+    check_path([nat, relays[2], relays[12]])  # as the guard it is fine
+    for bad in ([relays[2], nat, relays[12]], [relays[2], relays[3], _natted(2, "10.42.0.1", exit_node=True)]):
+        with pytest.raises(PathError, match="behind a NAT"):
+            check_path(bad)

@@ -1,0 +1,238 @@
+"""Discovery and NAT traversal together (docs/TESTBED.md, "Discovery + NAT topology").
+
+A network started only with seeds: 15 public relays in five /16s, 5 relays behind NAT routers of four
+kinds (one symmetric) and one exit; the client sits behind its own NAT and knows exactly one seed.  It
+must discover at least 95 % of the live relays within 10 s and build circuits whose guard is a relay
+behind a NAT (hole-punched, or relayed for the symmetric one), with echo traffic through them.  Then
+the seed dies, a relay joins after it through another node, and a new client that knows only that
+other node still discovers it.  Every process is stopped by PID; the namespaces go with the testbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from shallot.core import state as state_dir
+from shallot.crypto.descriptor import encode_directory
+from tests.netns.testbed import DiscoveryNatTopology, Testbed, available, remove_stale, wait_for_line
+
+pytestmark = pytest.mark.timeout(240)
+
+PORT = 9000
+SHALLOT = [sys.executable, "-m", "shallot.core"]
+DISCOVERY_BUDGET_S = 10.0
+# (dialer's NAT, relay's NAT) pairs where no punch can work (tests/netns/test_nat_traversal.py)
+RELAYED = {("edm", "edm"), ("edm", "apdf"), ("apdf", "edm")}
+CLIENT_NAT = "apdf"
+
+
+@dataclass
+class Net:
+    topo: DiscoveryNatTopology
+    root: Path
+    states: dict[str, Path] = field(default_factory=dict)  # nickname -> state directory
+    procs: dict[str, Popen[str]] = field(default_factory=dict)
+    nat_kind: dict[str, str] = field(default_factory=dict)  # NATed relay nickname -> NAT kind
+
+    @property
+    def seed(self) -> str:
+        return f"{self.topo.public[0]}:{PORT}"
+
+    def ids(self, nicknames: list[str] | None = None) -> dict[str, str]:
+        return {n: state_dir.read_descriptor(self.states[n]).id_hex for n in (nicknames or self.states)}
+
+    def live(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+
+def _relay(net: Net, nickname: str, ns: str, host: str, *args: str, is_exit: bool = False) -> Popen[str]:
+    state = net.states[nickname] = net.root / nickname
+    state_dir.keygen(state, (host, PORT), nickname, is_exit)
+    proc = net.procs[nickname] = net.topo.tb.spawn(ns, [*SHALLOT, "exit" if is_exit else "relay",
+                                                        "--state", str(state), *args])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    reason = available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"netns tests must run in CI: {reason}")
+        pytest.skip(reason)
+    remove_stale()
+    tb = Testbed()
+    try:
+        topo = DiscoveryNatTopology(tb).build()
+        net = Net(topo, tmp_path_factory.mktemp("dhtnat"))
+        started = time.monotonic()
+        seed = _relay(net, "pub0r0", topo.pub_ns(topo.public[0]), topo.public[0], "--dht")
+        wait_for_line(seed, "serving as a seed")
+        # the public relays and the exit, all at once; the first relays of pub1 and pub2 are introducers
+        # (alternate STUN port); the rest of the network knows one seed, a few of them two
+        for i, host in enumerate(topo.public[1:], start=1):
+            nick = f"pub{i // topo.per_ns}r{i % topo.per_ns}"
+            seeds = net.seed if i % 4 else f"{net.seed},{topo.public[1]}:{PORT}"
+            extra = ["--stun-alt-port"] if i in (topo.per_ns, 2 * topo.per_ns) else []
+            _relay(net, nick, topo.pub_ns(host), host, "--bootstrap", seeds, *extra)
+        _relay(net, "exit0", topo.pub_ns(topo.addr["exit"]), topo.addr["exit"], "--bootstrap", net.seed,
+               is_exit=True)
+        intro_nicks = ["pub1r0", "pub2r0"]
+        for nick in intro_nicks:
+            wait_for_line(net.procs[nick], "listening", timeout=60)
+        introducers = net.root / "introducers"
+        introducers.write_text(encode_directory([state_dir.read_descriptor(net.states[n]) for n in intro_nicks]))
+        # the relays behind NATs: their introducers from the file, everything else from the DHT
+        for i, kind in enumerate(topo.nat_kinds):
+            nick = f"nat{i}{kind}"
+            net.nat_kind[nick] = kind
+            _relay(net, nick, topo.ns[f"nat{i}"], topo.addr[f"nat{i}"], "--introducers", str(introducers),
+                   "--bootstrap", f"{net.seed},{topo.public[9]}:{PORT}")
+        for nick, proc in net.procs.items():
+            if nick != "pub0r0":  # the seed alone stores its own record and has nobody to publish to yet
+                wait_for_line(proc, "descriptor published", timeout=60)
+        for nick in net.nat_kind:
+            desc = state_dir.read_descriptor(net.states[nick])
+            assert desc.reachability is not None, f"{nick} did not publish a descriptor saying it is behind a NAT"
+        print(f"\n{len(net.procs)} relays ({len(net.nat_kind)} behind NATs) started, joined and published "
+              f"in {time.monotonic() - started:.1f} s")
+        yield net
+    finally:
+        tb.close()
+
+
+def _probe(net: Net, bootstrap: str, cache: Path, guard: str, count: int = 5) -> dict:
+    """``shallot probe`` from the client namespace through ``guard``, a middle and the exit that are
+    neither in the guard's /16 nor in each other's (chosen among public relays by nickname)."""
+    guard_net = state_dir.read_descriptor(net.states[guard]).address[0].rsplit(".", 2)[0]
+    middle = next(n for n in net.live() if n.startswith("pub") and not n.startswith(("pub4", "pub0"))
+                  and state_dir.read_descriptor(net.states[n]).address[0].rsplit(".", 2)[0] != guard_net)
+    t0 = time.monotonic()
+    res = net.topo.tb.exec(net.topo.ns["client"], *SHALLOT, "probe", "--bootstrap", bootstrap, "--cache", str(cache),
+                           "--path", f"{guard},{middle},exit0", "--count", str(count), "--json",
+                           check=False, timeout=60)
+    assert res.returncode == 0, f"probe via {guard}: {res.stderr or res.stdout}"
+    out = json.loads(res.stdout)
+    out["wall_s"] = round(time.monotonic() - t0, 2)
+    out["guard"] = guard
+    return out
+
+
+def _view_ids(cache: Path) -> set[str]:
+    from shallot.core.directory import load_directory
+    return {d.id_hex for d in load_directory(cache)}
+
+
+def test_one_seed_finds_the_network_and_circuits_start_at_natted_guards(net: Net, tmp_path: Path) -> None:
+    live = net.live()
+    ids = net.ids(live)
+    guards = list(net.nat_kind)
+    # one client per NATed guard, all at once, each knowing the seed only and starting from no cache
+    with ThreadPoolExecutor(len(guards)) as pool:
+        results = list(pool.map(lambda g: _probe(net, net.seed, tmp_path / f"view-{g}", g), guards))
+    print(f"\nclient behind {CLIENT_NAT}, one seed; {len(live)} live relays")
+    print("guard (NAT)        known  discovery_ms  whole probe s  guard_link    link_ms  echoed")
+    for out in results:
+        print(f"  {out['guard']:<16} {out['relays_known']:>3}/{len(live)}  {out['discovery_ms']:>10.1f}"
+              f"  {out['wall_s']:>12.2f}  {out['guard_link']:<12} {out['link_ms']:>7.1f}  "
+              f"{out['echoed']}/{out['sent']}")
+    for out in results:
+        guard, kind = out["guard"], net.nat_kind[out["guard"]]
+        assert out["relays_known"] >= 0.95 * len(live), out
+        assert out["discovery_ms"] < DISCOVERY_BUDGET_S * 1000, out
+        # the whole command (start-up, crawl, NAT classification, link, build, echoes) fits the budget too
+        assert out["wall_s"] < DISCOVERY_BUDGET_S, out
+        view = _view_ids(tmp_path / f"view-{guard}")
+        # every NATed relay reached this client's view through the DHT (they only publish)
+        assert {ids[n] for n in net.nat_kind} <= view, (guard, sorted(view))
+        assert len(view & set(ids.values())) >= 0.95 * len(live)
+        assert out["path"][0] == ids[guard]
+        assert out["echoed"] == out["sent"] == 5, out
+        assert out["nat"]["mapping"] == "endpoint-independent", out["nat"]  # the client's apdf NAT
+        assert out["nat"]["filtering"] == "address-and-port-dependent", out["nat"]
+        expected = "relayed" if (CLIENT_NAT, kind) in RELAYED else "hole-punched"
+        assert out["guard_link"] == expected, (guard, kind, out)
+
+
+def test_path_selection_never_puts_a_natted_relay_after_the_guard(net: Net, tmp_path: Path) -> None:
+    nat_nick = next(iter(net.nat_kind))
+    res = net.topo.tb.exec(net.topo.ns["client"], *SHALLOT, "probe", "--bootstrap", net.seed, "--cache",
+                           str(tmp_path / "view"), "--path", f"pub1r1,{nat_nick},exit0", "--json", check=False)
+    assert res.returncode != 0
+    assert res.stderr.strip().count("\n") == 0 and "behind a NAT" in res.stderr, res.stderr
+    # a chosen path (no --path) from the discovered view works, whatever guard it draws
+    res = net.topo.tb.exec(net.topo.ns["client"], *SHALLOT, "probe", "--bootstrap", net.seed, "--cache",
+                           str(tmp_path / "view"), "--count", "3", "--json", check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    nat_ids = set(net.ids(list(net.nat_kind)).values())
+    assert not set(out["path"][1:]) & nat_ids and out["echoed"] == 3
+
+
+def test_engine_with_a_dht_view_connects_through_a_natted_guard(net: Net, tmp_path: Path) -> None:
+    """The engine dials the NATed guard through its introducers from a descriptor it got from the DHT,
+    and keeps measuring round trips through the circuit."""
+    from shallot.core.control import ControlClient
+    sock = tmp_path / "engine.sock"
+    guard = "nat1adf"
+    ids = net.ids()
+    engine = net.topo.tb.spawn(net.topo.ns["client"], [*SHALLOT, "engine", "--socket", str(sock), "--bootstrap",
+                                                       f"{net.topo.public[5]}:{PORT}", "--cache", str(tmp_path / "v")])
+    wait_for_line(engine, "listening", timeout=30)
+
+    async def drive() -> dict:
+        client = await ControlClient.connect(sock)
+        try:
+            await client.call("connect", path=f"{guard},pub2r2,exit0", timeout=30)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                snap = await client.call("status")
+                if snap["state"] == "connected" and isinstance(snap["rtt_ms"], int | float):
+                    return snap
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"engine did not connect with a round trip: {snap}")
+        finally:
+            await client.close()
+
+    snap = asyncio.run(drive())
+    engine.terminate()
+    assert engine.wait(10) == 0
+    links = {lk["peer"]: lk["method"] for lk in snap["nat"]["links"]}
+    print(f"\nengine: {snap['relays_known']} relays known, circuit via {guard} ({links.get(ids[guard])}), "
+          f"rtt {snap['rtt_ms']} ms")
+    assert snap["circuit"][0]["id"] == ids[guard]
+    assert links.get(ids[guard]) == "hole-punched", snap["nat"]
+    assert snap["relays_known"] >= 0.95 * len(net.live())
+
+
+def test_after_the_seed_dies_a_late_relay_is_found_through_another_node(net: Net, tmp_path: Path) -> None:
+    seed = net.procs["pub0r0"]
+    seed.kill()  # SIGKILL: no goodbye
+    seed.wait()
+    topo = net.topo
+    late_host = f"{topo.NETS[2]}.20"
+    late = _relay(net, "late", topo.pub_ns(late_host), late_host, "--bootstrap", f"{topo.public[4]}:{PORT}")
+    wait_for_line(late, "descriptor published", timeout=30)
+    live = net.live()
+    ids = net.ids(live)
+    other = f"{topo.public[7]}:{PORT}"  # a node that joined the seed, now the new client's only seed
+    out = _probe(net, other, tmp_path / "view", "nat0eif", count=3)
+    view = _view_ids(tmp_path / "view")
+    print(f"\nseed dead; client seeded by {other}: {len(view & set(ids.values()))}/{len(live)} live relays in its "
+          f"view, {out['relays_known']} usable (crawl {out['discovery_ms']} ms); late relay found: "
+          f"{ids['late'] in view}")
+    assert ids["late"] in view, "the relay that joined after the seed died was not discovered"
+    assert {ids[n] for n in net.nat_kind} <= view, "NATed relays' records did not outlive the seed"
+    assert len(view & set(ids.values())) >= 0.95 * len(live)
+    assert out["echoed"] == out["sent"] == 3
