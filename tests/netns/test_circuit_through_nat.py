@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,72 @@ def test_engine_behind_nat_and_the_guard_sees_only_the_nat(topology: StandardTop
     assert nxt == [topology.addr["middle"], PORT]
     engine.terminate()
     assert engine.wait(10) == 0
+
+
+def test_nat_rebinding_moves_the_link_and_keeps_the_circuit(topology: StandardTopology, relays: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """The client's NAT forgets its mapping and maps it anew on another public address (a NAT reboot, a
+    carrier-grade NAT moving the flow): the guard follows the authenticated packets to the new address
+    (link roaming), and the engine keeps the same circuit, with no rebuild."""
+    tb, natgw = topology.tb, topology.ns["natgw"]
+    new_public = "203.0.113.11"
+    sock = tmp_path / "engine.sock"
+    engine = tb.spawn(topology.ns["client"], [sys.executable, "-m", "shallot.core", "engine", "--socket", str(sock),
+                                              "--directory", str(relays["directory"])])
+    _wait_line(engine, "listening")
+
+    async def status(path: Path, cmd: str = "status") -> Any:
+        client = await ControlClient.connect(path)
+        try:
+            return await client.call(cmd)
+        finally:
+            await client.close()
+
+    async def wait_connected(deadline_s: float, *, after_rtt_of: float | None = None) -> dict:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            snap = await status(sock)
+            fresh = after_rtt_of is None or snap["rtt_ms"] != after_rtt_of
+            if snap["state"] == "connected" and snap["rtt_ms"] and fresh:
+                return snap
+            assert time.monotonic() < deadline, f"not connected: {snap}"
+            await asyncio.sleep(0.2)
+
+    async def scenario() -> tuple[dict, dict, list, dict]:
+        client = await ControlClient.connect(sock)
+        try:
+            await client.call("connect", path="guard,middle,exit")
+        finally:
+            await client.close()
+        before = await wait_connected(20)
+        # the NAT reboots: its mappings expire at once and new ones go out from another address
+        tb.exec(natgw, "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=1",
+                "net.netfilter.nf_conntrack_udp_timeout_stream=1")
+        tb.exec(natgw, "ip", "addr", "add", f"{new_public}/24", "dev", "eth0")
+        tb.exec(natgw, "nft", "flush", "table", "ip", "testbed_nat")
+        tb.exec(natgw, "nft", "add", "rule", "ip", "testbed_nat", "wan_out", "oifname", "eth0", "snat", "to",
+                new_public)
+        await asyncio.sleep(3)  # every old mapping has expired; the engine's next ping goes out anew
+        rtt_before = (await status(sock))["rtt_ms"]
+        deadline = time.monotonic() + 20
+        while True:  # two fresh ping rounds through the same circuit
+            after = await wait_connected(20, after_rtt_of=rtt_before)
+            circuits = await status(relays["guard"] / state_dir.CONTROL_SOCKET, "circuits")
+            if circuits and circuits[0]["previous"][0] == new_public:
+                break
+            assert time.monotonic() < deadline, f"the guard did not follow: {circuits}"
+            await asyncio.sleep(0.5)
+        guard = await status(relays["guard"] / state_dir.CONTROL_SOCKET)
+        return before, after, circuits, guard
+
+    try:
+        before, after, circuits, guard = asyncio.run(scenario())
+    finally:
+        engine.terminate()
+        engine.wait(10)
+    assert after["circuits_built"] == before["circuits_built"] == 1  # the same circuit carries on
+    assert after["circuit_since"] == before["circuit_since"]
+    assert [h["id"] for h in after["circuit"]] == [h["id"] for h in before["circuit"]]
+    assert len(circuits) == 1 and circuits[0]["previous"][0] == new_public
+    assert guard["counters"].get("link_link_roamed", 0) >= 1, guard["counters"]
+    print(f"rebinding: {topology.addr['natgw']} -> {new_public}; circuit kept, rtt {after['rtt_ms']} ms")
