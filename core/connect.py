@@ -70,26 +70,30 @@ class Tunnel:
             self._net = start_helper(kill_switch=self.kill_switch, helper_fd=self.helper_fd)
             self.helper_fd = None  # that socket now belongs to the HelperNetConfig
 
-    def configure(self, config: bytes, guard: tuple[str, int], circuit: ClientCircuit) -> None:
+    def configure(self, config: bytes, endpoints: list[tuple[str, int]], circuit: ClientCircuit) -> None:
+        """``endpoints``: where the guard's link sends (engine.guard_endpoints): routed around the tunnel and
+        let through the kill switch."""
         address, resolver, mtu = decode_config(config)
         if self.fd < 0:
             fd = self._fd = self.net.open_tun(mtu)
             asyncio.get_running_loop().add_reader(fd, self._on_readable)
         changed = self.net.address != str(address)
         self.net.set_address(str(address))
-        if changed or self.net.guards != [guard]:
-            self.net.route_through_tunnel([guard])  # only the guard of the circuit in use from now on
+        if changed or self.net.guards != endpoints:
+            self.net.route_through_tunnel(endpoints)  # only the endpoints of the circuit in use from now on
         if self.dns:
             self.net.set_dns([str(resolver)])  # a no-op when unchanged
         if self.circuit is not circuit:
-            log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, guard[0])
+            log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, endpoints[0][0])
         self.circuit, self.address = circuit, str(address)
 
-    def prepare(self, guard: tuple[str, int]) -> None:
-        """A circuit through ``guard`` is about to be built: let its link out (kill switch) and route it
-        around the tunnel, keeping the current guard open until the new circuit takes over."""
-        if self.fd >= 0 and guard not in self.net.guards:
-            self.net.route_through_tunnel([*self.net.guards, guard])
+    def prepare(self, endpoints: list[tuple[str, int]]) -> None:
+        """A circuit through a guard reached at ``endpoints`` is about to be built: let its link out (kill
+        switch) and route it around the tunnel, keeping the current guard open until the new circuit takes
+        over."""
+        missing = [e for e in endpoints if e not in self.net.guards] if self.fd >= 0 else []
+        if missing:
+            self.net.route_through_tunnel([*self.net.guards, *missing])
 
     def deliver(self, circuit: ClientCircuit, packet: bytes) -> None:
         """A packet from the exit: into the TUN, if it belongs to the current circuit."""

@@ -38,6 +38,16 @@ RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_TIMEOUT_S = 10.0
 
 
+def guard_endpoints(guard: Descriptor) -> list[tuple[str, int]]:
+    """Where the link to ``guard`` may send datagrams: its address and, for a guard behind a NAT, its
+    introducers (the introduction, and the relayed path when punching fails).  VPN mode routes these
+    around the tunnel and lets them through the kill switch."""
+    out = [guard.address]
+    if guard.reachability is not None:
+        out += [addr for _, addr in guard.reachability.introducers if addr not in out]
+    return out
+
+
 class EngineState(enum.Enum):
     DISCONNECTED = "disconnected"
     CONNECTING = "connecting"
@@ -269,10 +279,6 @@ class ClientEngine:
             with contextlib.suppress(TimeoutError):  # the first crawl is under way: give it its time
                 await asyncio.wait_for(self._view_ready.wait(), 15.0)
         relays = [d for d in self._relays() if d.relay_id not in self.avoid_always]
-        if self.tunnel is not None:
-            # VPN mode: the kill switch lets out UDP to the guard's address only, not to the introducers (or
-            # the punched ports) a guard behind a NAT needs, so such guards are not used here yet (§13.7)
-            relays = [d for d in relays if d.reachability is None]
         usable = [d for d in relays if d.relay_id not in avoid]
         try:
             return choose_path(usable, path_spec=self._path_spec, exit_spec=self.exit_choice)
@@ -290,7 +296,7 @@ class ClientEngine:
                 self.client.on_datagram = self.tunnel.deliver
                 self.tunnel.client = self.client
         if self.tunnel is not None:
-            self.tunnel.prepare(path[0].address)
+            self.tunnel.prepare(guard_endpoints(path[0]))
         service = SERVICE_IP if self.tunnel is not None else SERVICE_ECHO
         circ = await self.client.build(path, timeout=BUILD_TIMEOUT_S, service=service)
         if self.tunnel is not None:
@@ -316,7 +322,7 @@ class ClientEngine:
         for _ in range(3):
             data = await self._ask_config(circ, 1.0)
             if data is not None:
-                self.tunnel.configure(data, path[0].address, circ)
+                self.tunnel.configure(data, guard_endpoints(path[0]), circ)
                 return
         raise ShallotError("the exit did not give us a tunnel address (is it running with --ip?)")
 
@@ -402,7 +408,7 @@ class ClientEngine:
                     if getter in done:
                         data = getter.result()
                         if tunnel:
-                            self.tunnel.configure(data, self.path[0].address, circ)
+                            self.tunnel.configure(data, guard_endpoints(self.path[0]), circ)
                             data = payload
                         else:
                             self.bytes_received += len(data)

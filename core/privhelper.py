@@ -40,7 +40,7 @@ from shallot.exit.ipservice import POOL
 log = logging.getLogger("shallot.helper")
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
-MAX_GUARDS = 4
+MAX_GUARDS = 12  # endpoints of the guard's link: the guard and up to 4 introducers, twice while switching
 MAX_DNS = 3
 MIN_MTU, MAX_MTU = 576, 1500
 INSTALLED_HELPER = Path("/usr/libexec/shallot/shallot-helper")

@@ -87,7 +87,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
             extra = ["--stun-alt-port"] if i in (topo.per_ns, 2 * topo.per_ns) else []
             _relay(net, nick, topo.pub_ns(host), host, "--bootstrap", seeds, *extra)
         _relay(net, "exit0", topo.pub_ns(topo.addr["exit"]), topo.addr["exit"], "--bootstrap", net.seed,
-               is_exit=True)
+               "--ip", "--uplink", "eth0", is_exit=True)
         intro_nicks = ["pub1r0", "pub2r0"]
         for nick in intro_nicks:
             wait_for_line(net.procs[nick], "listening", timeout=60)
@@ -214,6 +214,38 @@ def test_engine_with_a_dht_view_connects_through_a_natted_guard(net: Net, tmp_pa
     assert snap["circuit"][0]["id"] == ids[guard]
     assert links.get(ids[guard]) == "hole-punched", snap["nat"]
     assert snap["relays_known"] >= 0.95 * len(net.live())
+
+
+def test_vpn_through_a_natted_guard_with_the_kill_switch(net: Net, tmp_path: Path) -> None:
+    """`shallot connect --bootstrap` with a guard behind a NAT: the kill switch lets out the guard's address
+    and its introducers, the link is made through them, and the client's traffic flows through the tunnel."""
+    tb, client = net.topo.tb, net.topo.ns["client"]
+    ids = net.ids()
+    target = net.topo.public[1]  # a public host outside the exit's own addresses
+    routes_before = tb.exec(client, "ip", "route", "show").stdout
+    connect = tb.spawn(client, [*SHALLOT, "connect", "--bootstrap", f"{net.topo.public[5]}:{PORT}", "--cache",
+                                str(tmp_path / "v"), "--path", "nat0eif,pub2r2,exit0", "--socket",
+                                str(tmp_path / "engine.sock")])
+    try:
+        wait_for_line(connect, "shallot: connected", timeout=40)
+        tables = tb.exec(client, "nft", "list", "table", "inet", "shallot_client").stdout
+        guard = state_dir.read_descriptor(net.states["nat0eif"])
+        assert guard.reachability is not None
+        for host, port in [guard.address, *(a for _, a in guard.reachability.introducers)]:
+            assert f"ip daddr {host} udp dport {port} accept" in tables, tables
+        assert "policy drop" in tables
+        ping = tb.exec(client, "ping", "-c", "3", "-i", "0.3", "-W", "3", target, check=False, timeout=30)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        snap = json.loads(tb.exec(client, *SHALLOT, "status", "--socket", str(tmp_path / "engine.sock"),
+                                  "--json").stdout)
+        assert snap["circuit"][0]["id"] == ids["nat0eif"] and snap["mode"] == "vpn"
+        print(f"\nVPN via NATed guard nat0eif: ping {target} ok, link "
+              f"{ {lk['peer']: lk['method'] for lk in snap['nat']['links']}.get(ids['nat0eif']) }")
+    finally:
+        connect.terminate()
+        assert connect.wait(15) == 0
+    assert tb.exec(client, "ip", "route", "show").stdout == routes_before
+    assert "shallot" not in tb.exec(client, "nft", "list", "tables").stdout
 
 
 def test_after_the_seed_dies_a_late_relay_is_found_through_another_node(net: Net, tmp_path: Path) -> None:
