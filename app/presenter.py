@@ -51,6 +51,7 @@ class Snapshot:
     step: str = ""
     error: str = ""
     error_code: str = ""
+    trying: bool = True  # the engine keeps (re)building; an engine that does not say is assumed to
     mode: str = "probe"
     circuit: tuple[Hop, ...] = ()
     build_ms: float | None = None
@@ -100,6 +101,7 @@ def parse_snapshot(raw: Any) -> Snapshot:
     mode = _text(raw, "mode")
     return Snapshot(
         state=state, step=_text(raw, "step"), error=_text(raw, "error"), error_code=_text(raw, "error_code"),
+        trying=raw.get("trying") is not False,
         mode=mode if mode in ("probe", "vpn") else "probe", circuit=tuple(hops),
         build_ms=_number(raw, "build_ms"), rtt_ms=_number(raw, "rtt_ms"),
         connected_since=_number(raw, "connected_since"), circuit_since=_number(raw, "circuit_since"),
@@ -209,9 +211,8 @@ def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: 
         detail = sentence(snap.error) or "The engine reported an error without a reason."
         if snap.step:
             detail += " " + sentence(snap.step)
-        # the engine gave up on these (docs/PROTOCOL.md §9.5): the button starts over; on other errors it
-        # keeps retrying, and the button stops it
-        button = "Connect" if snap.error_code in FINAL_ERROR_CODES else "Disconnect"
+        # while the engine retries the button stops it; once it gave up (a final error) the button starts over
+        button = "Disconnect" if snap.trying else "Connect"
         return ViewState(Phase.ERROR, title, detail, advice, action, button, False, (), mode, False)
     # connecting / reconnecting (or connected without a circuit yet)
     dropped = snap.state is Phase.RECONNECTING and snap.connected_since is not None
@@ -220,9 +221,6 @@ def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: 
     advice = sentence(snap.error) if snap.error else ""
     return ViewState(Phase.RECONNECTING if dropped else Phase.CONNECTING, headline, detail, advice, "",
                      "Disconnect" if dropped else "Cancel", True, (), mode, False)
-
-
-FINAL_ERROR_CODES = frozenset({"helper-missing", "helper-denied", "helper-failed"})
 
 
 # ---------------------------------------------------------------------------------------------- notifications

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -21,10 +20,10 @@ from shallot.core.circuit import CircuitState, ClientCircuit
 from shallot.core.errors import ShallotError
 from shallot.core.netconfig import TUN_NAME, NetConfig
 from shallot.core.privhelper import can_admin_network, start_helper
+from shallot.core.tunio import read_batch
 from shallot.exit.ipservice import decode_config
 
 log = logging.getLogger("shallot.connect")
-READ_BUDGET = 64
 
 
 class Tunnel:
@@ -108,15 +107,7 @@ class Tunnel:
 
     def _on_readable(self) -> None:
         sent = False
-        for _ in range(READ_BUDGET):
-            try:
-                packet = os.read(self._fd, 65535)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EAGAIN:
-                    log.warning("TUN read failed: %s", exc.strerror)
-                break
+        for packet in read_batch(self._fd):
             circ = self.circuit
             if circ is None or circ.state is not CircuitState.OPEN or self.client is None:
                 self.dropped += 1  # no circuit: the packet dies here (fail closed), it never leaks

@@ -130,6 +130,7 @@ class ClientEngine:
         return {
             "state": self.state.value, "step": self.step, "error": self.error, "error_code": self.error_code,
             "mode": "vpn" if self.tunnel is not None else "probe",
+            "trying": self._want_connected,  # false after disconnect and after a final error: nothing retries
             "kill_switch": bool(self.tunnel is not None and self.tunnel.kill_switch),
             "directory": str(self.directory_path) if self.directory_path else None,
             "exit": self.exit_choice,

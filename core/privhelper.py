@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
@@ -180,7 +181,6 @@ def serve(sock: socket.socket) -> int:
                     if net.fd < 0:
                         net.open_tun(req["mtu"])
                         if uid > 0:
-                            import fcntl
                             fcntl.ioctl(net.fd, TUNSETOWNER, uid)  # the user's device, as far as the kernel cares
                     reply({"ok": True}, [net.fd])
                     continue

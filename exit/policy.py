@@ -166,8 +166,8 @@ class ExitPolicy:
         except KeyError:
             pass
         address = ipaddress.ip_address(dst)
-        verdict = self._judge(PacketInfo(address.version, address, address, proto, None, dst_port,
-                                         dst_port is None, 0))
+        # _judge reads only the destination, protocol and port (the key above)
+        verdict = self._judge(PacketInfo(address.version, address, address, proto, None, dst_port, False, 0))
         if len(self._verdicts) >= VERDICT_CACHE:
             self._verdicts.clear()
         self._verdicts[key] = verdict

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import subprocess
 from collections.abc import Callable
 
 from shallot.core.errors import ShallotError
+from shallot.core.tunio import read_batch
 from shallot.exit.ipservice import GATEWAY, POOL, TUNNEL_MTU
 
 log = logging.getLogger("shallot.exit")
 NFT_TABLE = "shallot_exit"
-READ_BUDGET = 64
 
 
 def default_uplink() -> str:
@@ -89,20 +88,11 @@ table ip {NFT_TABLE} {{
         log.info("IP exit on %s (%s/%d) via %s", self.name, GATEWAY, POOL.prefixlen, self.uplink)
 
     def _on_readable(self) -> None:
-        got = 0
-        for _ in range(READ_BUDGET):
-            try:
-                packet = os.read(self._fd, 65535)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EAGAIN:
-                    log.warning("TUN read failed: %s", exc.strerror)
-                break
-            got += 1
+        packets = read_batch(self._fd)
+        for packet in packets:
             self.on_packet(packet)
-        if got:
-            self.read_packets += got
+        if packets:
+            self.read_packets += len(packets)
             self.after_batch()
 
     def write(self, packets: list[bytes]) -> None:

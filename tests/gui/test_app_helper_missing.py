@@ -15,7 +15,7 @@ from shallot.app.presenter import Phase
 from shallot.app.settings import Settings, SettingsStore
 from shallot.core.control import ControlServer
 
-HELPER_MISSING = {"state": "error", "step": "", "mode": "vpn", "error_code": "helper-missing",
+HELPER_MISSING = {"state": "error", "step": "", "mode": "vpn", "error_code": "helper-missing", "trying": False,
                   "error": "the privileged helper (shallot-helper, via pkexec) is not installed", "circuit": [],
                   "directory": None, "exit": None, "build_ms": None, "rtt_ms": None, "connected_since": None,
                   "circuit_since": None, "circuits_built": 0, "bytes_sent": 0, "bytes_received": 0}

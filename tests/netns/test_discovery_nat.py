@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 
 from shallot.core import state as state_dir
 from shallot.crypto.descriptor import encode_directory
-from tests.netns.testbed import DiscoveryNatTopology, Testbed, available, remove_stale, wait_for_line
+from tests.netns.testbed import DiscoveryNatTopology, Testbed, require_testbed, wait_for_line
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,12 +65,7 @@ def _relay(net: Net, nickname: str, ns: str, host: str, *args: str, is_exit: boo
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    reason = available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"netns tests must run in CI: {reason}")
-        pytest.skip(reason)
-    remove_stale()
+    require_testbed()
     tb = Testbed()
     try:
         topo = DiscoveryNatTopology(tb).build()

@@ -52,7 +52,7 @@ def test_connecting_shows_the_step_and_a_drop_reads_as_reconnecting() -> None:
 
 @pytest.mark.parametrize("code", ["helper-missing", "helper-denied"])
 def test_helper_errors_say_what_is_missing_and_offer_probe_mode(code: str) -> None:
-    v = present(parse_snapshot(snap(state="error", error_code=code, mode="vpn",
+    v = present(parse_snapshot(snap(state="error", error_code=code, mode="vpn", trying=False,
                                     error="pkexec: the shallot helper is not installed")))
     assert v.phase is Phase.ERROR and v.action == "probe-mode" and v.mode == "vpn"
     assert v.headline == ADVICE[code][0] and "probe mode" in v.advice

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,21 +76,28 @@ def _assert_torn_down_everywhere(n, hops: list[int], circ) -> None:
 # ------------------------------------------------------------------------------------------ tampering
 
 
+def _flip_once(receiver: Any, *, from_relay: int, position: int, bit: int) -> list[bool]:
+    """``receiver`` gets the next RELAY cell from relay ``from_relay`` with one bit flipped (a tampering
+    neighbour); the returned flag turns False once that happened."""
+    armed = [True]
+
+    def flips(link: Any, cell: bytes) -> bytes:
+        if armed[0] and link.addr == relay_addr(from_relay) and cell[4] == CMD_RELAY:
+            armed[0] = False
+            return flip_bit(cell, position, bit)
+        return cell
+
+    tamper_incoming(receiver, flips)
+    return armed
+
+
 @pytest.mark.parametrize("where", sorted(FLIP_POSITIONS))
 def test_forward_bit_flip_by_the_guard_is_detected_at_the_exit(where: str) -> None:
     n = make_net()
     circ = n.build_open([0, 1, 2])
     assert _echo(n, circ, b"before") == [b"before"]
     guard, middle, exit_ = n.node(0), n.node(1), n.node(2)
-    armed = [True]
-
-    def guard_flips(link, cell):
-        if armed[0] and link.addr == relay_addr(0) and cell[4] == CMD_RELAY:
-            armed[0] = False
-            return flip_bit(cell, FLIP_POSITIONS[where], 3)
-        return cell
-
-    tamper_incoming(middle, guard_flips)
+    armed = _flip_once(middle, from_relay=0, position=FLIP_POSITIONS[where], bit=3)
     n.client.send(circ, b"tampered", n.net.now)
     n.net.run()
     assert not armed[0]
@@ -111,17 +119,10 @@ def test_backward_bit_flip_by_the_middle_is_detected_by_the_client(where: str) -
     n = make_net()
     circ = n.build_open([0, 1, 2])
     guard, middle, exit_ = n.node(0), n.node(1), n.node(2)
-    armed = [True]
-
-    def middle_flips(link, cell):
-        if armed[0] and link.addr == relay_addr(1) and cell[4] == CMD_RELAY:
-            armed[0] = False
-            return flip_bit(cell, FLIP_POSITIONS[where], 6)
-        return cell
-
-    tamper_incoming(guard, middle_flips)
+    armed = _flip_once(guard, from_relay=1, position=FLIP_POSITIONS[where], bit=6)
     n.client.send(circ, b"ping", n.net.now)
     n.net.run()
+    assert not armed[0]
     events = _events(n.client)
     assert not any(isinstance(e, DatagramReceived) for e in events)
     assert exit_.echo.datagrams == 1
