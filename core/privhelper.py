@@ -219,7 +219,6 @@ def can_admin_network() -> bool:
     return True
 
 
-
 class HelperNetConfig:
     """NetConfig's interface, carried out by the privileged helper."""
 
@@ -252,9 +251,7 @@ class HelperNetConfig:
                 if not data:
                     raise PrivilegeError("helper-failed", "the privileged helper quit")
                 self._buf += data
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, PrivilegeError):
-                raise
+        except OSError as exc:  # TimeoutError included
             raise PrivilegeError("helper-failed", f"the privileged helper does not answer: {exc}") from None
         line, _, self._buf = self._buf.partition(b"\n")
         try:
