@@ -32,7 +32,7 @@ from shallot.app.presenter import (
 )
 from shallot.app.settings import Settings, SettingsError, SettingsStore, check_usable, state_dir
 from shallot.core.control import ControlError
-from shallot.core.directory import load_directory
+from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
 
 log = logging.getLogger("shallot.app")

@@ -1,4 +1,4 @@
-"""``shallot app --demo``: the embedded local network of ``shallot demo`` (core/demo.py LocalNetwork: relays as
+"""``shallot app --demo``: the embedded local network of ``shallot demo`` (relay/localnet.py LocalNetwork: relays as
 child processes on 127.0.0.1 and a directory file), run from a thread of its own so that starting relays,
 reading their output and stopping them never touches the GUI's event loop."""
 
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from shallot.core.demo import LocalNetwork
+from shallot.relay.localnet import LocalNetwork
 
 log = logging.getLogger("shallot.app.demo")
 

@@ -1,5 +1,5 @@
 """The app's only door to the engine: find a running ``shallot engine`` on its control socket, or start one
-as a child process, then talk to it through the control API (core/control.py, docs/PROTOCOL.md §9).
+as a child process, then talk to it through the control API (core/control/, docs/PROTOCOL.md §9).
 
 No Qt here and no engine internals: commands go out as control requests, snapshots come back as "state"
 events (one subscribed connection) and as answers to a ``status`` poll once a second (for the speed graph).
@@ -45,7 +45,7 @@ class EngineProblem(Exception):
 
 def engine_argv(settings: Settings, sock: Path) -> list[str]:
     """The engine command line for these settings (``shallot engine``, plus VPN mode when routing all)."""
-    argv = [sys.executable, "-m", "shallot.core", "-v", "engine", "--socket", str(sock)]
+    argv = [sys.executable, "-m", "shallot", "-v", "engine", "--socket", str(sock)]
     if settings.source == "bootstrap":
         argv += ["--bootstrap", ",".join(settings.bootstrap)]
     elif settings.directory:

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from shallot.app.settings import THEMES, Settings, SettingsError, parse_peers
-from shallot.core.directory import load_directory
+from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
 
 

@@ -2,7 +2,7 @@
 
     python bench/circuit_bench.py [--seconds 5] [--builds 50] [--payload 1280] [--window 64]
 
-Relays run as separate processes (``python -m shallot.core relay``) on 127.0.0.1; the baseline is
+Relays run as separate processes (``python -m shallot relay``) on 127.0.0.1; the baseline is
 three ``bench/plain_chain.py`` hops on the same event loop (uvloop).  Two loads, same for both:
 
 * one-way: the client sends 1280-byte datagrams as fast as it can for N seconds; the exit's discard
@@ -35,11 +35,11 @@ from typing import Any
 
 from shallot.core.circuit import CircuitBuilt, ClientCircuit, ClientNode, DatagramReceived
 from shallot.core.control import ControlClient
-from shallot.core.demo import LocalNetwork, free_udp_ports
-from shallot.core.directory import load_directory
+from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
-from shallot.core.udp import SOCKET_BUFFER_BYTES, open_endpoint, run
+from shallot.core.io.udp import SOCKET_BUFFER_BYTES, open_endpoint, run
 from shallot.crypto.circuit_handshake import SERVICE_DISCARD, SERVICE_ECHO
+from shallot.relay.localnet import LocalNetwork, free_udp_ports
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from shallot.core.udp import SOCKET_BUFFER_BYTES, run
+from shallot.core.io.udp import SOCKET_BUFFER_BYTES, run
 
 
 class Hop(asyncio.DatagramProtocol):

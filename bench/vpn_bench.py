@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shallot.core import state as state_dir  # noqa: E402
 from shallot.crypto.descriptor import encode_directory  # noqa: E402
+from shallot.relay import state as state_dir  # noqa: E402
 from tests.netns.testbed import StandardTopology, Testbed, available  # noqa: E402
 from tests.netns.testbed import wait_for_line as wait_line  # noqa: E402
 
@@ -69,14 +69,14 @@ def main() -> None:
             for role in ("guard", "middle", "exit"):
                 states[role] = Path(tmp) / role
                 state_dir.keygen(states[role], (topo.addr[role], PORT), role, role == "exit")
-                argv = [sys.executable, "-m", "shallot.core", "exit" if role == "exit" else "relay", "--state",
+                argv = [sys.executable, "-m", "shallot", "exit" if role == "exit" else "relay", "--state",
                         str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
                 proc = tb.spawn(topo.ns[role], argv)
                 wait_line(proc, "listening")
                 pids[role] = proc.pid  # `ip netns exec` execs in place: this is the relay's pid
             directory = Path(tmp) / "directory"
             directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
-            connect = tb.spawn(client, [sys.executable, "-m", "shallot.core", "connect", "--directory",
+            connect = tb.spawn(client, [sys.executable, "-m", "shallot", "connect", "--directory",
                                         str(directory), "--path", "guard,middle,exit", "--socket",
                                         str(Path(tmp) / "engine.sock")])
             wait_line(connect, "shallot: connected")

@@ -1,3 +1,2 @@
-"""Shallot core: wire codecs, sans-I/O link and circuit machines, path selection, asyncio adapters."""
-
-__version__ = "0.1.0"
+"""Shallot core: wire codecs, sans-I/O link, circuit, NAT and discovery machines, their asyncio adapters,
+the VPN's system side, the client engine and the control API (docs/ARCHITECTURE.md)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from shallot.crypto.codec import DecodeError, Reader
+from shallot.crypto.codec import DecodeError, Reader, decode_address, encode_address
 from shallot.crypto.keys import RELAY_ID_LEN, onion_key_id
 from shallot.crypto.params import (
     CREATE_SLOTS_LEN,
@@ -53,7 +53,6 @@ SERVICE_ECHO = 1  # answer every datagram with the same bytes
 SERVICE_IP = 2  # whole IP packets to and from the internet (exit/ipservice.py)
 SERVICE_DISCARD = 3  # count and drop (RFC 863 style): one-way measurements
 SERVICES = {SERVICE_ECHO: "echo", SERVICE_IP: "ip", SERVICE_DISCARD: "discard"}
-ADDRESS_LEN = 19
 ZERO_NONCE = bytes(12)
 
 
@@ -128,7 +127,6 @@ def _auth(keys: HopKeys, x_pub: bytes, y_pub: bytes, onion_pub: bytes) -> bytes:
 
 
 def encode_payload(instruction: Instruction, minutes: int) -> bytes:
-    from shallot.crypto.descriptor import encode_address
     out = bytearray([PROTOCOL_VERSION])
     if isinstance(instruction, ExtendTo):
         out.append(KIND_EXTEND)
@@ -142,7 +140,6 @@ def encode_payload(instruction: Instruction, minutes: int) -> bytes:
 
 
 def decode_payload(payload: bytes) -> tuple[Instruction, int]:
-    from shallot.crypto.descriptor import decode_address
     r = Reader(payload)
     if r.u8() != PROTOCOL_VERSION:
         raise DecodeError("unsupported record version")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from shallot.crypto.codec import DecodeError, Reader
+from shallot.crypto.codec import Address, DecodeError, EncodeError, Reader, decode_address, encode_address
 from shallot.crypto.keys import RELAY_ID_LEN, RelayKeys, onion_key_id, relay_id_of
 from shallot.crypto.params import LABEL_DESCRIPTOR, SUPPORTED_VERSIONS
 from shallot.crypto.primitives import AuthFailure, ed25519_verify
@@ -26,7 +25,6 @@ MAX_POLICY_RANGES = 32
 MAX_DESCRIPTOR_LEN = 2048
 MAX_LIFETIME_S = 30 * 86400  # a descriptor may not claim to be valid for longer than this
 
-Address = tuple[str, int]
 
 
 class DescriptorError(ValueError):
@@ -65,7 +63,7 @@ class Reachability:
     def encode(self) -> bytes:
         out = bytearray((self.mapping, self.filtering, len(self.introducers)))
         for relay_id, (host, port) in self.introducers:
-            out += relay_id + encode_address(host, port)
+            out += relay_id + _encode_address(host, port)
         return bytes(out)
 
     @classmethod
@@ -129,7 +127,7 @@ class Descriptor:
         out += nick
         out.append(len(self.addresses))
         for host, port in self.addresses:
-            out += encode_address(host, port)
+            out += _encode_address(host, port)
         out.append(len(self.family))
         for member in self.family:
             out += member
@@ -158,7 +156,7 @@ class Descriptor:
         if not 1 <= len(addresses) <= MAX_ADDRESSES:
             raise DescriptorError(f"a descriptor has 1..{MAX_ADDRESSES} addresses")
         for host, port in addresses:
-            encode_address(host, port)  # validates
+            _encode_address(host, port)  # validates
         if len(family) > MAX_FAMILY or any(len(m) != RELAY_ID_LEN for m in family):
             raise DescriptorError(f"a family has at most {MAX_FAMILY} relay ids of {RELAY_ID_LEN} bytes")
         if exit_policy is not None and (len(exit_policy.ranges) > MAX_POLICY_RANGES or any(
@@ -260,35 +258,11 @@ class Descriptor:
         return base64.b64encode(self.encode()).decode()
 
 
-def encode_address(host: str, port: int) -> bytes:
+def _encode_address(host: str, port: int) -> bytes:
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise DescriptorError(f"{host!r} is not an IP address") from None
-    if not 0 < port < 65536:
-        raise DescriptorError(f"port {port} out of range")
-    family = 4 if ip.version == 4 else 6
-    return bytes([family]) + ip.packed.ljust(16, b"\x00") + port.to_bytes(2, "big")
-
-
-def decode_address(r: Reader) -> Address:
-    family = r.u8()
-    raw = r.take(16)
-    port = r.u16()
-    if family == 4:
-        if raw[4:] != bytes(12):
-            raise DecodeError("bad IPv4 address padding")
-        host = str(ipaddress.IPv4Address(raw[:4]))
-    elif family == 6:
-        host = str(ipaddress.IPv6Address(raw))
-    else:
-        raise DecodeError("bad address family")
-    if port == 0:
-        raise DecodeError("port 0")
-    return host, port
-
-
-ADDRESS_LEN = 19
+        return encode_address(host, port)
+    except EncodeError as exc:
+        raise DescriptorError(str(exc)) from None
 
 
 def encode_directory(descriptors: list[Descriptor]) -> str:

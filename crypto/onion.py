@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from shallot.crypto.circuit_handshake import HopKeys
 from shallot.crypto.params import BODY_LEN, INNER_LEN, ONION_HEADER_LEN, REPLAY_WINDOW
+from shallot.crypto.replay import ReplayWindow
 
 _ZERO8 = bytes(8)
 _ZERO4 = bytes(4)
@@ -73,42 +74,6 @@ class RelayLayer:
     def backward(self, header: bytes, body: bytes) -> tuple[bytes, bytes]:
         out = self._bwd_hdr.update(header)
         return out, self._bwd_stream.xor(out, body)
-
-
-class ReplayWindow:
-    """Sliding anti-replay window over 64-bit sequence numbers (RFC 6479 style, as a Python int bitmap)."""
-
-    __slots__ = ("_bits", "_mask", "_top", "size")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._mask = (1 << size) - 1
-        self._top = -1
-        self._bits = 0
-
-    def check_and_set(self, seq: int) -> bool:
-        """Return True (and remember seq) if seq is new; False for a duplicate or a too-old value.
-        Call only after the packet authenticated."""
-        top = self._top
-        if seq > top:
-            shift = seq - top
-            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self.size else 1
-            self._top = seq
-            return True
-        offset = top - seq
-        if offset >= self.size:
-            return False
-        mask = 1 << offset
-        if self._bits & mask:
-            return False
-        self._bits |= mask
-        return True
-
-    def would_accept(self, seq: int) -> bool:
-        if seq > self._top:
-            return True
-        offset = self._top - seq
-        return offset < self.size and not (self._bits >> offset) & 1
 
 
 class EndpointLayer:

@@ -20,36 +20,14 @@ import ipaddress
 from collections import Counter
 from typing import Any
 
-from shallot.core.cells import MSG_CONFIG, MSG_DATA, encode_message
-from shallot.core.ippacket import PROTO_UDP, v4_fields
-from shallot.core.link import TokenBuckets
-from shallot.crypto.codec import DecodeError, Reader
+from shallot.core.ratelimit import TokenBuckets
+from shallot.core.wire.cells import MSG_CONFIG, MSG_DATA, encode_message
+from shallot.core.wire.ipconfig import GATEWAY, GATEWAY_PACKED, POOL, TUNNEL_MTU, encode_config
+from shallot.core.wire.ippacket import PROTO_UDP, v4_fields
+from shallot.crypto.codec import DecodeError
 from shallot.crypto.params import MAX_DATA_LEN
 from shallot.crypto.primitives import RandomBytes
 from shallot.exit.policy import ExitPolicy
-
-POOL = ipaddress.IPv4Network("100.64.0.0/10")
-GATEWAY = ipaddress.IPv4Address("100.64.0.1")
-GATEWAY_PACKED = GATEWAY.packed
-CONFIG_VERSION = 1
-TUNNEL_MTU = MAX_DATA_LEN  # one IP packet per cell
-
-
-def encode_config(address: ipaddress.IPv4Address, resolver: ipaddress.IPv4Address, mtu: int) -> bytes:
-    return bytes((CONFIG_VERSION,)) + address.packed + resolver.packed + mtu.to_bytes(2, "big")
-
-
-def decode_config(data: bytes) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, int]:
-    r = Reader(data)
-    if r.u8() != CONFIG_VERSION:
-        raise DecodeError("unsupported config version")
-    address, resolver, mtu = ipaddress.IPv4Address(r.take(4)), ipaddress.IPv4Address(r.take(4)), r.u16()
-    r.end()
-    # the resolver must sit behind the tunnel: one outside it (say, the guard's address, which is routed
-    # around the tunnel) would carry the user's DNS in the clear
-    if address not in POOL or resolver not in POOL or not 576 <= mtu <= MAX_DATA_LEN:
-        raise DecodeError("implausible config")
-    return address, resolver, mtu
 
 
 class IpExitService:
@@ -65,11 +43,11 @@ class IpExitService:
         self._packed_of: dict[int, bytes] = {}
         self._buckets = TokenBuckets(packets_per_second, burst, max_keys=max_circuits * 2)
 
-    def attach(self, circ: Any) -> ipaddress.IPv4Address | None:
-        """Give the circuit an address; None when the exit is full."""
+    def attach(self, circ: Any) -> bool:
+        """Give the circuit an address; False when the exit is full."""
         if len(self._by_address) >= self.max_circuits:
             self.counters["ip_refused_full"] += 1
-            return None
+            return False
         span = POOL.num_addresses - 3  # not the network, the gateway or the broadcast address
         while True:
             address = POOL.network_address + 2 + int.from_bytes(self._rng(4), "big") % span
@@ -79,7 +57,7 @@ class IpExitService:
         self._address_of[id(circ)] = address
         self._packed_of[id(circ)] = address.packed
         self.counters["ip_circuits_attached"] += 1
-        return address
+        return True
 
     def detach(self, circ: Any) -> None:
         address = self._address_of.pop(id(circ), None)
@@ -127,6 +105,9 @@ class IpExitService:
         self.counters["ip_to_tun"] += 1
         self.tun_outbox.append(data[:total])
         return []
+
+    def status(self) -> dict[str, int]:
+        return {}  # the exit reports its IP counters under "ip" (relay/service.py)
 
     def route_back(self, packet: bytes) -> tuple[Any, bytes] | None:
         """A packet read from the TUN: (circuit, inner DATA message) for its client, or None (dropped)."""

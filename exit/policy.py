@@ -24,7 +24,7 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
-from shallot.core.ippacket import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, IPAddress, PacketInfo
+from shallot.core.wire.ippacket import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, IPAddress, PacketInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

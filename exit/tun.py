@@ -16,8 +16,8 @@ import subprocess
 from collections.abc import Callable
 
 from shallot.core.errors import ShallotError
-from shallot.core.tunio import read_batch
-from shallot.exit.ipservice import GATEWAY, POOL, TUNNEL_MTU
+from shallot.core.vpn.tunio import read_batch
+from shallot.core.wire.ipconfig import GATEWAY, POOL, TUNNEL_MTU
 
 log = logging.getLogger("shallot.exit")
 NFT_TABLE = "shallot_exit"

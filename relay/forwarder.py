@@ -9,26 +9,10 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shallot.core.cells import (
-    CMD_CREATE,
-    CMD_CREATED,
-    CMD_DESTROY,
-    CMD_RELAY,
-    MSG_DATA,
-    MSG_DROP,
-    MSG_END,
-    DestroyReason,
-    create_slots,
-    created_slots,
-    decode_message,
-    destroy_reason,
-    encode_cell,
-    encode_message,
-)
 from shallot.core.link import (
     Address,
     Link,
@@ -37,9 +21,24 @@ from shallot.core.link import (
     LinkError,
     LinkLayer,
     PeerKind,
-    TokenBuckets,
     new_circuit_id,
     peer_may_create,
+)
+from shallot.core.ratelimit import TokenBuckets
+from shallot.core.wire.addresses import extend_target_allowed
+from shallot.core.wire.cells import (
+    CMD_CREATE,
+    CMD_CREATED,
+    CMD_DESTROY,
+    CMD_RELAY,
+    MSG_DROP,
+    MSG_END,
+    DestroyReason,
+    create_slots,
+    created_slots,
+    decode_message,
+    destroy_reason,
+    encode_cell,
 )
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
@@ -53,8 +52,7 @@ from shallot.crypto.params import (
     RECORD_SKEW_MIN,
 )
 from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key
-from shallot.exit.echo import DatagramService, DiscardService, EchoService
-from shallot.exit.ipservice import IpExitService
+from shallot.relay.endpoints import EndpointService
 
 log = logging.getLogger("shallot.relay")
 _RELAY = bytes((CMD_RELAY,))
@@ -91,56 +89,14 @@ class RelayCircuit:
     endpoint: EndpointLayer | None = None
     reply: bytes = b""
     keys: ch.HopKeys | None = None
-    service: DatagramService | None = None
-    ip: bool = False  # a SERVICE_IP circuit, served by the node's IpExitService
+    service: EndpointService | None = None  # at the exit: what the circuit ends in
+    service_id: int = 0
     prev_prefix: bytes = b""  # circ id bytes on the previous link, precomputed for the hot path
     next_prefix: bytes = b""
 
 
 def _key(link_id: int, cid: int) -> int:
     return (link_id << 32) | cid
-
-
-def _scope(host: str) -> str | None:
-    """'global', 'private', 'link-local', 'loopback', or None for addresses nobody may extend to.
-    IPv4-mapped and 6to4 IPv6 addresses are judged as the IPv4 address they carry."""
-    import ipaddress
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is not None:
-            ip = embedded
-    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
-        return None
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    return "global" if ip.is_global else "private"  # CGNAT, RFC 1918, ULA, documentation: not global
-
-
-def extend_target_allowed(own_host: str, target_host: str) -> bool:
-    """A relay extends only to addresses in its own scope: a public relay only to global addresses (a
-    client could otherwise aim it at services behind it, e.g. 169.254.169.254), a relay on a private
-    network also to private ones, a loopback test relay only to loopback.  Never to multicast,
-    broadcast or unspecified addresses."""
-    target, own = _scope(target_host), _scope(own_host)
-    if target is None or target == "unspecified" or own is None:
-        return False
-    if own == "loopback":
-        return target == "loopback"
-    if target == "global":
-        return True
-    if target == "private":
-        return own in ("private", "unspecified")
-    if target == "link-local":
-        return own == "link-local"
-    return False
 
 
 @dataclass
@@ -165,10 +121,12 @@ SWEEP_INTERVAL_S = 1.0
 class RelayNode:
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
                  cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
-                 ip_service: IpExitService | None = None) -> None:
+                 services: Mapping[int, EndpointService] | None = None) -> None:
+        """``services``: what circuits that end here may ask for, by service id (an exit's echo, discard
+        and, with a TUN, IP; exit/ provides them).  A relay without them refuses every TERMINATE."""
         self.keys = keys
         self.own_host = own_host
-        self.ip_service = ip_service  # only an exit with a TUN serves SERVICE_IP circuits
+        self.services: dict[int, EndpointService] = dict(services or {})
         self.config = config or RelayConfig()
         self._rng = rng
         cert_expires = int(wall) + cert_lifetime_s
@@ -180,8 +138,6 @@ class RelayNode:
         self.ring = OnionKeyRing.from_relay_keys(keys)
         self.counters: Counter[str] = Counter()
         self.circuits: dict[int, tuple[RelayCircuit, bool]] = {}  # key -> (circuit, arrived_from_prev)
-        self.echo = EchoService()
-        self.discard = DiscardService()
         self.open_circuits = 0
         self.reply_keys = KeyPool(rng, size=16)  # our build-reply ephemerals, made while idle
         self._last_integrity_log = float("-inf")
@@ -260,8 +216,8 @@ class RelayNode:
 
     def stats(self) -> dict[str, object]:
         return {"circuits": self.open_circuits, "links": len(self.link.links),
-                "counters": self.all_counters(), "echoed": self.echo.datagrams,
-                "discarded": self.discard.datagrams, "discarded_bytes": self.discard.bytes}
+                "counters": self.all_counters(),
+                **{k: v for service in self.services.values() for k, v in service.status().items()}}
 
     # ------------------------------------------------------------------ cells
     def _on_cell(self, link: Link, cell: bytes) -> None:
@@ -384,16 +340,15 @@ class RelayNode:
                 # these too): the exit must never be the first hop of a client's circuit
                 self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
                 return
-            if instruction.service == ch.SERVICE_IP:
-                if self.ip_service is None:
-                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_no_ip_service")
-                    return
-                if self.ip_service.attach(circ) is None:
-                    self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_ip_full")
-                    return
-                circ.ip = True
-            else:
-                circ.service = self.echo if instruction.service == ch.SERVICE_ECHO else self.discard
+            name = ch.SERVICES[instruction.service]
+            service = self.services.get(instruction.service)
+            if service is None:
+                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, f"reject_create_no_{name}_service")
+                return
+            if not service.attach(circ):
+                self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, f"reject_create_{name}_full")
+                return
+            circ.service, circ.service_id = service, instruction.service
             circ.endpoint = EndpointLayer(keys)
             circ.state = CircState.OPEN
             self._register(circ)
@@ -460,27 +415,20 @@ class RelayNode:
             self._destroy(circ, DestroyReason.REQUESTED)
         elif msg_type == MSG_DROP:
             self.counters["e2e_padding_received"] += 1
-        elif circ.ip:
-            assert self.ip_service is not None
-            for inner in self.ip_service.on_message(circ, msg_type, data, self._now):
-                self._endpoint_send(circ, inner)
-        elif msg_type == MSG_DATA:
-            assert circ.service is not None
-            for reply in circ.service.on_datagram(data):
-                self._endpoint_send(circ, encode_message(MSG_DATA, reply))
         else:
-            self.counters["e2e_unexpected_message"] += 1
+            assert circ.service is not None
+            replies = circ.service.on_message(circ, msg_type, data, self._now)
+            if replies is None:
+                self.counters["e2e_unexpected_message"] += 1
+                return
+            for inner in replies:
+                self._endpoint_send(circ, inner)
 
-    def receive_from_tun(self, packet: bytes, now: float) -> None:
-        """An IP packet the exit's TUN delivered: send it to the client whose address it is for."""
+    def send_backward(self, circ: RelayCircuit, inner: bytes, now: float) -> None:
+        """An inner message a service at this exit sends on its own (an IP packet from the internet)."""
         self._now = now
-        if self.ip_service is None:
-            return
-        routed = self.ip_service.route_back(packet)
-        if routed is not None:
-            circ, inner = routed
-            circ.last_active = now
-            self._endpoint_send(circ, inner)
+        circ.last_active = now
+        self._endpoint_send(circ, inner)
 
     def _endpoint_send(self, circ: RelayCircuit, inner: bytes) -> None:
         header, body = circ.endpoint.seal_backward(inner)  # type: ignore[union-attr]
@@ -504,8 +452,8 @@ class RelayNode:
         if circ.next_link is not None:
             self._routes.pop(_key(circ.next_link.link_id, circ.next_cid), None)
         self.open_circuits -= 1
-        if circ.ip and self.ip_service is not None:
-            self.ip_service.detach(circ)  # the address is free again
+        if circ.service is not None:
+            circ.service.detach(circ)  # e.g. the IP service's address is free again
         circ.prev_link.users -= 1
         if circ.prev_link is not skip:
             self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_DESTROY, bytes((reason,))), self._now)

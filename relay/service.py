@@ -5,35 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import secrets
 import signal
-import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlServer
-from shallot.core.discovery.addresses import Address
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
+from shallot.core.io.udp import NodeEndpoint, open_endpoint
 from shallot.core.nat import NatLayer
-from shallot.core.natclass import ALT_PORT_OFFSET, NatProbe
-from shallot.core.udp import NodeEndpoint, open_endpoint
+from shallot.core.nat.classify import ALT_PORT_OFFSET, NatProbe
+from shallot.crypto.codec import Address
 from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
-from shallot.exit.dns import DnsForwarder, system_resolver
-from shallot.exit.ipservice import GATEWAY, IpExitService
-from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
-from shallot.exit.tun import ExitTun, default_uplink
+from shallot.relay import state as state_dir
+from shallot.relay.endpoints import EndpointService
 from shallot.relay.forwarder import RelayConfig, RelayNode
 
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
-OWN_NETWORKS_REFRESH_S = 5.0  # a new address on the exit is off limits to clients within this
 MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
 NAT_PROBE_TIMEOUT_S = 10.0
 
@@ -55,14 +50,32 @@ class _AltPort(asyncio.DatagramProtocol):
             self.service._flush_alt()
 
 
+class RelayPart(Protocol):
+    """Something an exit adds to the relay process (exit/service.py: the IP exit's TUN and DNS forwarder)."""
+
+    async def start(self, node: RelayNode, endpoint: NodeEndpoint) -> None:
+        """Start once the relay's socket is open; raise ShallotError if impossible."""
+
+    def after_datagrams(self) -> None:
+        """After each batch of datagrams: write what the batch produced."""
+
+    def status(self) -> dict[str, Any]:
+        """This part's counters, under ``"ip"`` in ``status`` (docs/PROTOCOL.md §9.4)."""
+
+    def close(self) -> None:
+        """Undo everything ``start`` did; safe to call when it failed halfway."""
+
+
 class RelayService:
-    def __init__(self, state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                 uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+    def __init__(self, state: Path, *, expect_exit: bool | None = None,
+                 services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                  bootstrap: list[Address] | None = None, dht: bool = False,
                  introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
-        """``bootstrap``: DHT seeds (relay addresses); ``dht``: run the DHT node even without seeds (the
-        first seed of a network).  Without either the relay runs without discovery, as before.
-        ``introducers``: we are behind a NAT and reached through these public relays."""
+        """``services``: what circuits ending here may use (an exit's; exit/endpoints.py); ``part``: what an
+        exit adds to the process (exit/service.py: the IP exit).  ``bootstrap``: DHT seeds (relay
+        addresses); ``dht``: run the DHT node even without seeds (the first seed of a network).  Without
+        either the relay runs without discovery.  ``introducers``: we are behind a NAT and reached through
+        these public relays."""
         self.state = state
         self.bootstrap = bootstrap or []
         self.dht_enabled = dht or bool(bootstrap)
@@ -73,18 +86,13 @@ class RelayService:
         self.nat: NatLayer | None = None
         self.alt: _AltPort | None = None
         self._reachability: Reachability | None = None
-        self.resolver = resolver
-        self.dns: DnsForwarder | None = None
         self.keys, self.settings = state_dir.load(state)
         if expect_exit and not self.settings.exit:
             raise ShallotError(f"{state} was not created with --exit; run it with 'shallot relay'")
-        if ip_exit and not self.settings.exit:
+        if part is not None and not self.settings.exit:
             raise ShallotError("--ip needs an exit (keygen --exit)")
-        self.ip_exit = ip_exit
-        self.uplink = uplink
-        self.policy_file = policy_file
-        self.ip_service: IpExitService | None = None
-        self.tun: ExitTun | None = None
+        self.services = services
+        self.part = part
         self.node: RelayNode | None = None
         self.endpoint: NodeEndpoint | None = None
         self.control: ControlServer | None = None
@@ -100,89 +108,50 @@ class RelayService:
         if self.keys.rotate_onion_keys(secrets.token_bytes, wall):
             state_dir.save_keys(self.state, self.keys)
         desc = self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
-        if self.ip_exit:
-            self.ip_service = IpExitService(rng=secrets.token_bytes, policy=self._load_policy())
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
-                              ip_service=self.ip_service)
+                              services=self.services)
         host, port = self.settings.address
         behind_nat = bool(self.introducers)
         self.nat = NatLayer(self.node, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
-        try:
-            self.endpoint = await open_endpoint(self.nat, (host, port), after=self._after_datagrams)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
-            raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if self.ip_service is not None:
-            self.tun = ExitTun(self.uplink or default_uplink(), self._from_tun, self.endpoint.flush)
+        async with contextlib.AsyncExitStack() as stack:  # every part started is stopped, in reverse order
             try:
-                self.tun.open()
-            except ShallotError:
-                self.endpoint.close()
-                self.tun.close()
-                raise
-            self._refresh_own_networks()
-            self.dns = DnsForwarder(str(GATEWAY), self.resolver or system_resolver())
-            try:
-                await self.dns.start()
-            except ShallotError:
-                self.endpoint.close()
-                self.tun.close()
-                raise
-        if behind_nat:
-            desc = self.desc = await self._join_through_nat(wall)
-        elif self.stun_alt_port:
-            await self._open_alt_port(host, port + ALT_PORT_OFFSET)
-        if self.dht_enabled:
-            # behind a NAT the descriptor names the public address; the DHT socket is bound on ours
-            self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc, behind_nat=behind_nat,
-                                            bind_host=host)
-            try:
+                self.endpoint = await open_endpoint(self.nat, (host, port), after=self._after_datagrams)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
+                raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            stack.callback(self.endpoint.close)
+            if self.part is not None:
+                stack.callback(self.part.close)
+                await self.part.start(self.node, self.endpoint)
+            if behind_nat:
+                desc = self.desc = await self._join_through_nat(wall)
+            elif self.stun_alt_port:
+                await self._open_alt_port(host, port + ALT_PORT_OFFSET)
+                stack.callback(self._close_alt_port)
+            if self.dht_enabled:
+                # behind a NAT the descriptor names the public address; the DHT socket is bound on ours
+                self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc, behind_nat=behind_nat,
+                                                bind_host=host)
                 await self.discovery.start()
-            except ShallotError:
-                if self.dns is not None:
-                    self.dns.close()
-                self.endpoint.close()
-                if self.tun is not None:
-                    self.tun.close()
-                raise
-        self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
-                                     {"status": self._status, "circuits": self._circuits, "peers": self._peers})
-        try:
+                stack.push_async_callback(self.discovery.close)
+            self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
+                                         {"status": self._status, "circuits": self._circuits, "peers": self._peers})
             await self.control.start()
-        except ShallotError:
-            if self.discovery is not None:
-                await self.discovery.close()
-            raise
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
-        print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
-        if self.discovery is not None:
-            self.discovery.launch(self._joined, self._published)
-        rotate = asyncio.create_task(self._rotate_loop())
-        watch = asyncio.create_task(self._watch_own_networks()) if self.tun is not None else None
-        try:
-            await self._stop.wait()
-        finally:
-            rotate.cancel()
-            if watch is not None:
-                watch.cancel()
-            if self.dns is not None:
-                self.dns.close()
-            if self.tun is not None:
-                self.tun.close()
+            stack.push_async_callback(self.control.close)
+            loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.control.close()
+                loop.add_signal_handler(sig, self._stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+            log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
+            print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
             if self.discovery is not None:
-                await self.discovery.close()
-            self.endpoint.close()
-            if self.alt is not None and self.alt.transport is not None:
-                self.alt.transport.close()
-            log.info("%s stopped", self.role)
+                self.discovery.launch(self._joined, self._published)
+            rotate = asyncio.create_task(self._rotate_loop())
+            stack.callback(rotate.cancel)
+            await self._stop.wait()
+        log.info("%s stopped", self.role)
 
     def _joined(self, peers: int) -> None:
         assert self.discovery is not None
@@ -195,16 +164,6 @@ class RelayService:
 
     def _published(self, nodes: int) -> None:
         print(f"shallot {self.role} descriptor published to {nodes} DHT nodes", flush=True)
-
-    def _load_policy(self) -> ExitPolicy:
-        if self.policy_file is None:
-            return ExitPolicy()
-        try:
-            return ExitPolicy(parse_policy(self.policy_file.read_text()))
-        except OSError as exc:
-            raise ShallotError(f"cannot read exit policy {self.policy_file}: {exc.strerror}") from None
-        except PolicyError as exc:
-            raise ShallotError(f"{self.policy_file}: {exc}") from None
 
     async def _open_alt_port(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -244,6 +203,10 @@ class RelayService:
               f"reachable via introducer {', '.join(d.nickname for d in chosen)}", flush=True)
         return desc
 
+    def _close_alt_port(self) -> None:
+        if self.alt is not None and self.alt.transport is not None:
+            self.alt.transport.close()
+
     def _flush_alt(self) -> None:
         nat = self.nat
         if nat is None or not nat.alt_outbox:
@@ -263,32 +226,8 @@ class RelayService:
                                                      reachability=self._reachability, public=nat.public)
             if self.discovery is not None:
                 self.discovery.publish_now()  # "republish on change": the new address reaches the DHT at once
-        if self.tun is not None and self.ip_service is not None and self.ip_service.tun_outbox:
-            self.tun.write(self.ip_service.tun_outbox)
-
-    def _from_tun(self, packet: bytes) -> None:
-        assert self.node is not None and self.endpoint is not None
-        self.node.receive_from_tun(packet, time.monotonic())  # sent by the endpoint's flush after the batch
-
-    def _refresh_own_networks(self) -> None:
-        """The exit never sends clients to its own addresses or networks, whatever interfaces it has now."""
-        assert self.ip_service is not None
-        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
-        networks = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) > 3 and parts[2] in ("inet", "inet6"):
-                with contextlib.suppress(ValueError):
-                    networks.append(ipaddress.ip_network(parts[3], strict=False))
-        self.ip_service.policy.set_own_networks(networks)
-
-    async def _watch_own_networks(self) -> None:
-        while True:
-            await asyncio.sleep(OWN_NETWORKS_REFRESH_S)
-            try:
-                self._refresh_own_networks()
-            except Exception:
-                log.exception("could not refresh the exit's own networks")
+        if self.part is not None:
+            self.part.after_datagrams()
 
     async def _rotate_loop(self) -> None:
         while True:
@@ -320,12 +259,7 @@ class RelayService:
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
                 **self.node.stats(), "io": self._io_stats(),
                 "nat": self.nat.status() if self.nat is not None else None,
-                "ip": ({**self.ip_service.counters, **self.ip_service.policy.counters,
-                        **(self.dns.counters if self.dns else {}),
-                        "tun_read": self.tun.read_packets if self.tun else 0,
-                        "tun_written": self.tun.written_packets if self.tun else 0,
-                        "tun_write_errors": self.tun.write_errors if self.tun else 0}
-                       if self.ip_service is not None else None),
+                "ip": self.part.status() if self.part is not None else None,
                 "dht": self.discovery.status() if self.discovery is not None else None}
 
     async def _peers(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -354,10 +288,9 @@ class RelayService:
         return out
 
 
-async def run_relay(state: Path, *, expect_exit: bool | None = None, ip_exit: bool = False,
-                    uplink: str | None = None, policy_file: Path | None = None, resolver: str | None = None,
+async def run_relay(state: Path, *, expect_exit: bool | None = None,
+                    services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                     bootstrap: list[Address] | None = None, dht: bool = False,
                     introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
-    await RelayService(state, expect_exit=expect_exit, ip_exit=ip_exit, uplink=uplink, policy_file=policy_file,
-                       resolver=resolver, bootstrap=bootstrap, dht=dht, introducers=introducers,
-                       stun_alt_port=stun_alt_port).run()
+    await RelayService(state, expect_exit=expect_exit, services=services, part=part, bootstrap=bootstrap, dht=dht,
+                       introducers=introducers, stun_alt_port=stun_alt_port).run()

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from shallot.core.circuit import ClientNode
+from shallot.crypto.circuit_handshake import SERVICE_ECHO
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
+from shallot.exit.endpoints import endpoint_services
 from shallot.relay.forwarder import RelayConfig, RelayNode
 
 WALL0 = 1_800_000_000.0
@@ -71,10 +73,16 @@ def make_relays(net: SimNet, n: int, *, exits: set[int], seed: int = 1) -> list[
         addr = (f"10.{i}.0.1", 9000 + i)
         desc = Descriptor.create(keys, nickname=f"r{i}", addresses=(addr,), exit_node=i in exits,
                                  published=int(net.wall), lifetime_s=86400)
-        node = RelayNode(keys, rng=rng, wall=net.wall, config=RelayConfig(is_exit=i in exits))
+        node = RelayNode(keys, rng=rng, wall=net.wall, config=RelayConfig(is_exit=i in exits),
+                         services=endpoint_services())  # as `shallot relay` does: only exits accept them
         net.add(addr, node)
         out.append((node, desc))
     return out
+
+
+def echoed(node: RelayNode) -> int:
+    """Datagrams an exit's echo service answered."""
+    return node.services[SERVICE_ECHO].status()["echoed"]
 
 
 def make_client(net: SimNet, seed: int = 99) -> ClientNode:

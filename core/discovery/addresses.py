@@ -2,7 +2,7 @@
 
 An address group is what one operator can cheaply have many of: one IPv4 address (or IPv6 /64), and
 one IPv4 /16 (or IPv6 /32) for the wider cap.  Loopback addresses are a test network on one machine
-(``shallot demo``, the integration tests); as in core/path.py each loopback address *and port* counts
+(``shallot demo``, the integration tests); as in core/circuit/path.py each loopback address *and port* counts
 as its own group there, and loopback is accepted at all only when the node was told so (its seeds are
 loopback), so a record can never point a real client at its own machine.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from shallot.core.path import subnet_key
+from shallot.core.wire.addresses import subnet_key
 
 Address = tuple[str, int]
 

@@ -29,6 +29,7 @@ from shallot.core.discovery.dht import DhtNode
 from shallot.core.discovery.records import newest_first
 from shallot.core.discovery.view import NetworkView
 from shallot.core.errors import ShallotError
+from shallot.core.wire.addresses import parse_hostport
 from shallot.crypto.descriptor import Descriptor
 
 log = logging.getLogger("shallot.discovery")
@@ -46,7 +47,6 @@ VIEW_REFRESH_S = 300.0
 
 def parse_seeds(text: str) -> list[Address]:
     """``HOST:PORT[,HOST:PORT...]``: seeds named by their relay (link) address."""
-    from shallot.core.state import parse_hostport
     seeds = []
     for part in text.split(","):
         if not part.strip():

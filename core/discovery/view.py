@@ -1,6 +1,6 @@
 """The client's view of the whole network: every live relay's newest verified descriptor (pure).
 
-Like Tor's consensus, a client chooses paths only from this local copy (core/path.py), built by
+Like Tor's consensus, a client chooses paths only from this local copy (core/circuit/path.py), built by
 enumerating the whole DHT (docs/DHT.md §3), never by looking up the relays it is about to use.  Every
 record is checked here again, whoever delivered it: signature, key, expiry, version, addresses; a
 record never replaces a newer one.  The node's own relay id (if it also runs a relay) is never in

@@ -108,7 +108,7 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
 
 def engine_status(sock: Path) -> dict[str, Any]:
     """The engine's own answer, through the command line (not through the app)."""
-    res = subprocess.run([sys.executable, "-m", "shallot.core", "status", "--socket", str(sock), "--json"],
+    res = subprocess.run([sys.executable, "-m", "shallot", "status", "--socket", str(sock), "--json"],
                          capture_output=True, text=True, timeout=20, env=ENV)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 def run_app(*args: str, env_extra: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONUNBUFFERED": "1", **env_extra}
-    return subprocess.run([sys.executable, "-m", "shallot.core", "app", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "shallot", "app", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
@@ -53,13 +53,13 @@ def headless_env() -> dict[str, str]:
 
 
 def test_no_subcommand_without_a_display_prints_help() -> None:
-    res = subprocess.run([sys.executable, "-m", "shallot.core"], capture_output=True, text=True, timeout=30,
+    res = subprocess.run([sys.executable, "-m", "shallot"], capture_output=True, text=True, timeout=30,
                          env=headless_env(), stdin=subprocess.DEVNULL)
     assert res.returncode == 0 and "usage: shallot" in res.stdout and " app " in res.stdout
 
 
 def test_app_without_a_display_says_so_in_one_line() -> None:
-    res = subprocess.run([sys.executable, "-m", "shallot.core", "app"], capture_output=True, text=True, timeout=30,
+    res = subprocess.run([sys.executable, "-m", "shallot", "app"], capture_output=True, text=True, timeout=30,
                          env=headless_env(), stdin=subprocess.DEVNULL)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]

@@ -1,6 +1,6 @@
 """VPN mode without the privileged helper.  The engine's VPN mode (``--vpn``, error_code "helper-missing")
 is being added in parallel and must never run in a test on this machine (it would route the host), so the
-window attaches here to a stand-in engine: a real ControlServer of core/control.py on a real Unix socket that
+window attaches here to a stand-in engine: a real ControlServer of core/control/ on a real Unix socket that
 answers as the VPN engine's spec says it will.  The app itself is unchanged: it reattaches to a running
 engine, shows what is missing in plain words and offers probe mode."""
 

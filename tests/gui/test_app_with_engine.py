@@ -135,7 +135,7 @@ def test_no_bootstrap_peers_is_a_settings_error(qtbot, make_app) -> None:
 
 
 def test_unreachable_bootstrap_peer_is_a_readable_error(qtbot, make_app) -> None:
-    from shallot.core.demo import free_udp_ports
+    from shallot.relay.localnet import free_udp_ports
     port = free_udp_ports(1)[0]  # nobody listens there
     app = make_app(Settings(source="bootstrap", bootstrap=(f"127.0.0.1:{port}",)))
     c, w = app.controller, app.window

@@ -7,7 +7,7 @@ Everything here talks only to 127.0.0.1 and only stops processes it started itse
   can share it; the relays' stdout/stderr are drained continuously so a chatty relay can never block.
 * ``procs`` (function): starts subprocesses with line-buffered output readers and kills whatever is still
   running at teardown.
-* ``run_cli``: runs ``python -m shallot.core ...`` to completion.
+* ``run_cli``: runs ``python -m shallot ...`` to completion.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
-from shallot.core.demo import LocalNetwork
-from shallot.core.directory import load_directory
+from shallot.core.discovery.directory import load_directory
 from shallot.crypto.descriptor import Descriptor
+from shallot.relay import state as state_dir
+from shallot.relay.localnet import LocalNetwork
 
-SHALLOT = [sys.executable, "-m", "shallot.core"]
+SHALLOT = [sys.executable, "-m", "shallot"]
 CLI_TIMEOUT_S = 25.0
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -33,10 +33,11 @@ from typing import Any
 
 from shallot.core.discovery.addresses import Address, dht_address
 from shallot.core.discovery.dht import DhtNode, ShallotRpc
-from shallot.core.state import load, parse_hostport, read_descriptor
+from shallot.core.wire.addresses import parse_hostport
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import LABEL_DESCRIPTOR
+from shallot.relay.state import load, read_descriptor
 
 
 def bad_records(victims: list[Path], evil_addr: Address) -> list[tuple[str, bytes, bytes]]:

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shallot.core.cells import CMD_RELAY
 from shallot.core.errors import ShallotError
-from shallot.core.udp import run
+from shallot.core.io.udp import run
+from shallot.core.wire.cells import CMD_RELAY
 from shallot.crypto.params import CELL_HEADER_LEN, ONION_HEADER_LEN
 from shallot.relay import forwarder, service
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from shallot.core import state as state_dir
-from shallot.core.demo import free_udp_ports
 from shallot.crypto.descriptor import DIRECTORY_HEADER, Descriptor, encode_directory
+from shallot.relay import state as state_dir
+from shallot.relay.localnet import free_udp_ports
 from tests.integration.conftest import (
     ProcGroup,
     RunningNetwork,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core import state as state_dir
-from shallot.core.directory import load_directory
+from shallot.core.discovery.directory import load_directory
+from shallot.relay import state as state_dir
 from tests.integration.conftest import Proc, ProcGroup, assert_one_line_error, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

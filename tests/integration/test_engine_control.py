@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlClient, ControlError
-from shallot.core.demo import free_udp_ports
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
+from shallot.relay.localnet import free_udp_ports
 from tests.integration.conftest import Proc, ProcGroup, RunningNetwork, wait_until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]

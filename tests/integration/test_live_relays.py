@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 
-from shallot.core import state as state_dir
-from shallot.core.cells import CMD_CREATE, CMD_DESTROY, DestroyReason
+from shallot.commands.probe import run_probe
 from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit
-from shallot.core.client import CircuitClient
-from shallot.core.demo import LocalNetwork, free_udp_ports
-from shallot.core.directory import load_directory
-from shallot.core.probe import run_probe
+from shallot.core.discovery.directory import load_directory
+from shallot.core.io.circuit_client import CircuitClient
+from shallot.core.wire.cells import CMD_CREATE, CMD_DESTROY, DestroyReason
 from shallot.crypto import link_handshake as lh
 from shallot.crypto.descriptor import Descriptor, encode_directory
 from shallot.crypto.params import LINK_PACKET_LEN, MAX_DATA_LEN
+from shallot.relay import state as state_dir
+from shallot.relay.localnet import LocalNetwork, free_udp_ports
 from tests.integration.conftest import (
     ProcGroup,
     RunningNetwork,

@@ -9,9 +9,9 @@ import json
 import socket
 from pathlib import Path
 
-from shallot.core import state as state_dir
-from shallot.core import stun
-from shallot.core.demo import free_udp_ports
+from shallot.core.wire import stun
+from shallot.relay import state as state_dir
+from shallot.relay.localnet import free_udp_ports
 from tests.integration.conftest import ProcGroup, relay_status, run_cli
 
 

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from shallot.core.circuit import ConfigReceived
-from shallot.core.client import CircuitClient
-from shallot.core.directory import load_directory, resolve_relay
-from shallot.core.ippacket import parse_packet
-from shallot.core.udp import run
+from shallot.core.circuit.path import resolve_relay
+from shallot.core.discovery.directory import load_directory
+from shallot.core.io.circuit_client import CircuitClient
+from shallot.core.io.udp import run
+from shallot.core.wire.ipconfig import decode_config
+from shallot.core.wire.ippacket import parse_packet
 from shallot.crypto.circuit_handshake import SERVICE_IP
-from shallot.exit.ipservice import decode_config
 
 
 def checksum(header: bytes) -> int:

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
 from tests.netns.testbed import StandardTopology
 from tests.netns.testbed import wait_for_line as _wait_line
 
@@ -29,7 +29,7 @@ def relays(topology: StandardTopology, tmp_path_factory: pytest.TempPathFactory)
         states[role] = root / role
         state_dir.keygen(states[role], (topology.addr[role], PORT), role, role == "exit")
     for role, state in states.items():
-        proc = topology.tb.spawn(topology.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
+        proc = topology.tb.spawn(topology.ns[role], [sys.executable, "-m", "shallot", "relay", "--state",
                                                      str(state)])
         _wait_line(proc, "listening")
     directory = root / "directory"
@@ -39,7 +39,7 @@ def relays(topology: StandardTopology, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_probe_from_behind_nat(topology: StandardTopology, relays: dict[str, Path]) -> None:
-    res = topology.tb.exec(topology.ns["client"], sys.executable, "-m", "shallot.core", "probe", "--directory",
+    res = topology.tb.exec(topology.ns["client"], sys.executable, "-m", "shallot", "probe", "--directory",
                            str(relays["directory"]), "--path", "guard,middle,exit", "--count", "20", "--json",
                            check=False, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -51,7 +51,7 @@ def test_probe_from_behind_nat(topology: StandardTopology, relays: dict[str, Pat
 def test_engine_behind_nat_and_the_guard_sees_only_the_nat(topology: StandardTopology, relays: dict[str, Path],
                                                            tmp_path: Path) -> None:
     sock = tmp_path / "engine.sock"
-    engine = topology.tb.spawn(topology.ns["client"], [sys.executable, "-m", "shallot.core", "engine", "--socket",
+    engine = topology.tb.spawn(topology.ns["client"], [sys.executable, "-m", "shallot", "engine", "--socket",
                                                         str(sock), "--directory", str(relays["directory"])])
     _wait_line(engine, "listening")
 
@@ -94,7 +94,7 @@ def test_nat_rebinding_moves_the_link_and_keeps_the_circuit(topology: StandardTo
     tb, natgw = topology.tb, topology.ns["natgw"]
     new_public = "203.0.113.11"
     sock = tmp_path / "engine.sock"
-    engine = tb.spawn(topology.ns["client"], [sys.executable, "-m", "shallot.core", "engine", "--socket", str(sock),
+    engine = tb.spawn(topology.ns["client"], [sys.executable, "-m", "shallot", "engine", "--socket", str(sock),
                                               "--directory", str(relays["directory"])])
     _wait_line(engine, "listening")
 

@@ -22,14 +22,14 @@ from subprocess import Popen
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
 from tests.netns.testbed import DiscoveryNatTopology, Testbed, require_testbed, wait_for_line
 
 pytestmark = pytest.mark.timeout(240)
 
 PORT = 9000
-SHALLOT = [sys.executable, "-m", "shallot.core"]
+SHALLOT = [sys.executable, "-m", "shallot"]
 DISCOVERY_BUDGET_S = 10.0
 # (dialer's NAT, relay's NAT) pairs where no punch can work (tests/netns/test_nat_traversal.py)
 RELAYED = {("edm", "edm"), ("edm", "apdf"), ("apdf", "edm")}
@@ -124,7 +124,7 @@ def _probe(net: Net, bootstrap: str, cache: Path, guard: str, count: int = 5) ->
 
 
 def _view_ids(cache: Path) -> set[str]:
-    from shallot.core.directory import load_directory
+    from shallot.core.discovery.directory import load_directory
     return {d.id_hex for d in load_directory(cache)}
 
 

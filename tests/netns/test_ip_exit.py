@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.testbed import TESTBED_RESOLV_MARK, StandardTopology
 from tests.netns.testbed import TestbedError as SetupFailed
@@ -38,11 +38,11 @@ def ip_network(topology: StandardTopology, tmp_path_factory: pytest.TempPathFact
         state_dir.keygen(states[role], (topology.addr[role], PORT + 1), role, role == "exit")
     tb = topology.tb
     for role in ("guard", "middle"):
-        _wait_line(tb.spawn(topology.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
+        _wait_line(tb.spawn(topology.ns[role], [sys.executable, "-m", "shallot", "relay", "--state",
                                                  str(states[role])]), "listening")
     _wait_line(tb.spawn(topology.ns["web"], [sys.executable, str(HERE / "dns_server.py"),
                                               f"web.shallot.test={topology.addr['web']}"]), "listening")
-    _wait_line(tb.spawn(topology.ns["exit"], [sys.executable, "-m", "shallot.core", "exit", "--state",
+    _wait_line(tb.spawn(topology.ns["exit"], [sys.executable, "-m", "shallot", "exit", "--state",
                                                str(states["exit"]), "--ip", "--uplink", "eth0",
                                                "--resolver", topology.addr["web"]]), "listening")
     for role in ("web", "lan"):  # lan is the exit's private network: its server must never hear from us
@@ -99,7 +99,7 @@ def _wait_for_tcp_port(topology: StandardTopology, port: int, timeout: float = 1
 def _start_connect(topology: StandardTopology, directory: Path, tmp_path: Path, *extra: str,
                    prefix: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
     """`shallot connect` in the client namespace, waited for until it says it is connected."""
-    argv = [*prefix, sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory), "--path",
+    argv = [*prefix, sys.executable, "-m", "shallot", "connect", "--directory", str(directory), "--path",
             "guard,middle,exit", "--socket", str(tmp_path / "engine.sock"), *extra]
     if pass_fds:
         connect = subprocess.Popen(["ip", "netns", "exec", topology.ns["client"], *argv], stdout=subprocess.PIPE,
@@ -192,13 +192,13 @@ def test_cleanup_after_a_crashed_connect_leaves_nothing(topology: StandardTopolo
     connect.wait()
     assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch stays
     assert "nameserver 100.64.0.1" in _resolv_conf(topology)
-    res = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
+    res = tb.exec(client_ns, sys.executable, "-m", "shallot", "connect", "--cleanup")
     assert "removed nftables table" in res.stdout and "restored /etc/resolv.conf" in res.stdout
     assert _resolv_conf(topology) == resolv_before
     assert tb.exec(client_ns, "ip", "route", "show").stdout == routes_before
     assert "shallot" not in tb.exec(client_ns, "nft", "list", "tables").stdout
     assert "shallot0" not in tb.exec(client_ns, "ip", "link", "show").stdout
-    again = tb.exec(client_ns, sys.executable, "-m", "shallot.core", "connect", "--cleanup")
+    again = tb.exec(client_ns, sys.executable, "-m", "shallot", "connect", "--cleanup")
     assert again.stdout.strip() == "nothing to clean up"
 
 
@@ -255,7 +255,7 @@ def test_an_unprivileged_engine_connects_through_the_helper(topology: StandardTo
         os.chown(sockdir, 65534, 65534)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:  # started the way pkexec starts it: as root, the socket as stdin, the user's uid in PKEXEC_UID
-        helper = subprocess.Popen(["ip", "netns", "exec", client_ns, sys.executable, "-m", "shallot.core", "-v",
+        helper = subprocess.Popen(["ip", "netns", "exec", client_ns, sys.executable, "-m", "shallot", "-v",
                                    "helper"], stdin=ours, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, env={**os.environ, "PKEXEC_UID": "65534" if who == "nobody" else "0"})
         tb.procs.append(helper)

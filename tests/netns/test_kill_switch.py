@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.core.control import ControlClient
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.test_ip_exit import ECHO_PORT, HERE, UDP_ASK
 from tests.netns.testbed import StandardTopology
@@ -50,7 +50,7 @@ def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology
     for role, addr in addrs.items():
         states[role] = tmp_path / role
         state_dir.keygen(states[role], (addr, PORT + 2), role, role == "exit")
-        argv = [sys.executable, "-m", "shallot.core", "exit" if role == "exit" else "relay", "--state",
+        argv = [sys.executable, "-m", "shallot", "exit" if role == "exit" else "relay", "--state",
                 str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
         procs[role] = tb.spawn(nss[role], argv)
         _wait_line(procs[role], "listening")
@@ -60,7 +60,7 @@ def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology
     directory.write_text(encode_directory([state_dir.read_descriptor(s) for s in states.values()]))
     sock = tmp_path / "engine.sock"
     client_ns = topology.ns["client"]
-    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot.core", "connect", "--directory", str(directory),
+    connect = tb.spawn(client_ns, [sys.executable, "-m", "shallot", "connect", "--directory", str(directory),
                                    "--exit", "exit", "--socket", str(sock)])
     _wait_line(connect, "shallot: connected", timeout=30)
     ask = [sys.executable, "-c", UDP_ASK, topology.addr["web"], str(ECHO_PORT)]

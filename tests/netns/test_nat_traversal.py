@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core import state as state_dir
 from shallot.crypto.descriptor import encode_directory
+from shallot.relay import state as state_dir
 from tests.netns.testbed import NAT_KINDS, NatTopology, Testbed, require_testbed, wait_for_line
 
 PORT = 9000
@@ -48,7 +48,7 @@ def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatTopolo
         for role, is_exit in (("intro", False), ("exit", True)):
             states[role] = root / role
             state_dir.keygen(states[role], (topo.addr[role], PORT), f"{role}1", is_exit)
-            proc = tb.spawn(topo.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
+            proc = tb.spawn(topo.ns[role], [sys.executable, "-m", "shallot", "relay", "--state",
                                             str(states[role]), "--stun-alt-port"])
             wait_for_line(proc, "listening")
         intro_dir = root / "introducers"
@@ -58,7 +58,7 @@ def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatTopolo
             role = f"{kind}s"
             states[kind] = root / kind
             state_dir.keygen(states[kind], (topo.addr[role], PORT), f"nat{kind}", False)
-            procs[kind] = tb.spawn(topo.ns[role], [sys.executable, "-m", "shallot.core", "relay", "--state",
+            procs[kind] = tb.spawn(topo.ns[role], [sys.executable, "-m", "shallot", "relay", "--state",
                                                    str(states[kind]), "--introducers", str(intro_dir)])
         for proc in procs.values():
             print(wait_for_line(proc, "reachable via", timeout=30).strip())
@@ -71,7 +71,7 @@ def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatTopolo
 
 
 def _status(state: Path) -> dict:
-    res = subprocess.run([sys.executable, "-m", "shallot.core", "status", "--state", str(state), "--json"],
+    res = subprocess.run([sys.executable, "-m", "shallot", "status", "--state", str(state), "--json"],
                          capture_output=True, text=True, timeout=20)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
@@ -95,7 +95,7 @@ def test_each_emulated_nat_is_classified_as_claimed(natnet: tuple[NatTopology, d
 def _probe(topo: NatTopology, states: dict[str, Path], dialer: str, target: str) -> dict:
     ns = topo.ns[f"{dialer}c"]
     t0 = time.monotonic()
-    res = topo.tb.exec(ns, sys.executable, "-m", "shallot.core", "probe", "--directory", str(states["directory"]),
+    res = topo.tb.exec(ns, sys.executable, "-m", "shallot", "probe", "--directory", str(states["directory"]),
                        "--path", f"nat{target},intro1,exit1", "--count", "5", "--json", check=False, timeout=60)
     assert res.returncode == 0, f"{dialer} -> {target}: {res.stderr or res.stdout}"
     out = json.loads(res.stdout)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shallot.core import natmsg as nm
-from shallot.core import stun
-from shallot.core.nat import MAX_SESSIONS, NatLayer
+from shallot.core.nat.layer import MAX_SESSIONS, NatLayer
+from shallot.core.wire import nat_frames as nm
+from shallot.core.wire import stun
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Reachability
 from shallot.crypto.keys import RelayKeys

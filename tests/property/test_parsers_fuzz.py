@@ -19,7 +19,7 @@ import json
 import pytest
 from hypothesis import given
 
-from shallot.core.cells import (
+from shallot.core.wire.cells import (
     CMD_PADDING,
     COMMANDS,
     MESSAGE_TYPES,
@@ -41,7 +41,6 @@ from shallot.crypto.descriptor import (
 )
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.noise import NoiseHandshake
-from shallot.crypto.onion import ReplayWindow
 from shallot.crypto.params import (
     CELL_LEN,
     CREATE_SLOTS_LEN,
@@ -56,6 +55,7 @@ from shallot.crypto.params import (
     RECORD_PAYLOAD_LEN,
 )
 from shallot.crypto.primitives import AuthFailure, aead_seal, ed25519_verify, hkdf, x25519, x25519_public
+from shallot.crypto.replay import ReplayWindow
 from tests.property.strategies import (
     DATAGRAM_MODES,
     FUZZ,

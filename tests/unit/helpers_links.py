@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shallot.core.cells import CMD_RELAY, encode_cell
 from shallot.core.link import Link, LinkConfig, LinkLayer
+from shallot.core.wire.cells import CMD_RELAY, encode_cell
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.primitives import x25519_public
 from tests.simnet import SimNet, det_rng

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from shallot.core.cells import CMD_CREATE, CMD_CREATED, CMD_RELAY, DestroyReason, encode_cell
 from shallot.core.circuit import CircuitClosed, CircuitFailed, CircuitState, DatagramReceived, destroy_text
+from shallot.core.wire.cells import CMD_CREATE, CMD_CREATED, CMD_RELAY, DestroyReason, encode_cell
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.params import (
     CELL_HEADER_LEN,
@@ -28,6 +28,7 @@ from shallot.crypto.params import (
     REPLY_LEN,
 )
 from shallot.crypto.primitives import AuthFailure, x25519_public
+from tests.simnet import echoed
 from tests.unit.helpers_circuits import (
     CLIENT_ADDR,
     CellLog,
@@ -106,7 +107,7 @@ def test_forward_bit_flip_by_the_guard_is_detected_at_the_exit(where: str) -> No
     (closed,) = [e for e in events if isinstance(e, CircuitClosed | CircuitFailed)]
     assert closed.reason == destroy_text(DestroyReason.INTEGRITY)
     assert exit_.counters["circuit_integrity_failure"] == 1
-    assert exit_.echo.datagrams == 1, "the tampered datagram must not reach the service"
+    assert echoed(exit_) == 1, "the tampered datagram must not reach the service"
     assert middle.counters["destroy_received_integrity"] == 1
     assert guard.counters["destroy_received_integrity"] == 1
     assert n.client.counters["destroy_received_integrity"] == 1
@@ -125,7 +126,7 @@ def test_backward_bit_flip_by_the_middle_is_detected_by_the_client(where: str) -
     assert not armed[0]
     events = _events(n.client)
     assert not any(isinstance(e, DatagramReceived) for e in events)
-    assert exit_.echo.datagrams == 1
+    assert echoed(exit_) == 1
     assert n.client.counters["circuit_integrity_failure"] == 1
     (closed,) = [e for e in events if isinstance(e, CircuitClosed | CircuitFailed)]
     assert "integrity" in closed.reason

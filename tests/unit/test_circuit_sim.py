@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shallot.core.circuit import CircuitBuilt, CircuitState, DatagramReceived
-from tests.simnet import SimNet, make_client, make_relays
+from tests.simnet import SimNet, echoed, make_client, make_relays
 
 
 def _setup():
@@ -25,4 +25,4 @@ def test_build_and_echo() -> None:
     net.run()
     got = [e.data for e in client.events if isinstance(e, DatagramReceived)]
     assert got == [f"hello {i}".encode() * 10 for i in range(20)]
-    assert relays[2][0].echo.datagrams == 20
+    assert echoed(relays[2][0]) == 20

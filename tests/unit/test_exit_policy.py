@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shallot.core.ippacket import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketInfo, parse_packet
+from shallot.core.wire.ippacket import PROTO_ICMP, PROTO_TCP, PROTO_UDP, PacketInfo, parse_packet
 from shallot.crypto.codec import DecodeError
 from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy, parse_rule
 

@@ -4,9 +4,10 @@ routing by address on the way back, and the address freed with the circuit."""
 from __future__ import annotations
 
 from shallot.core.circuit import CircuitState, ConfigReceived, DatagramReceived
-from shallot.core.ippacket import PROTO_TCP
+from shallot.core.wire.ipconfig import POOL, TUNNEL_MTU, decode_config
+from shallot.core.wire.ippacket import PROTO_TCP
 from shallot.crypto.circuit_handshake import SERVICE_IP
-from shallot.exit.ipservice import POOL, TUNNEL_MTU, IpExitService, decode_config
+from shallot.exit.ipservice import IpExitService
 from tests.simnet import SimNet, det_rng, make_client, make_relays
 from tests.unit.test_exit_policy import v4
 
@@ -15,9 +16,16 @@ def _network():
     net = SimNet()
     relays = make_relays(net, 3, exits={2})
     exit_node = relays[2][0]
-    exit_node.ip_service = IpExitService(rng=det_rng(77))
+    exit_node.services[SERVICE_IP] = IpExitService(rng=det_rng(77))
     client = make_client(net)
     return net, relays, exit_node, client
+
+
+def from_tun(exit_node, packet, now):
+    """What the exit's TUN reader does with a packet from the internet (exit/service.py IpExit._from_tun)."""
+    routed = exit_node.services[SERVICE_IP].route_back(packet)
+    if routed is not None:
+        exit_node.send_backward(*routed, now)
 
 
 def _ip_circuit(net, relays, client):
@@ -36,9 +44,10 @@ def _ip_circuit(net, relays, client):
 def test_address_policy_and_routing_both_ways() -> None:
     net, relays, exit_node, client = _network()
     circ, (address, resolver, mtu) = _ip_circuit(net, relays, client)
-    svc = exit_node.ip_service
+    svc = exit_node.services[SERVICE_IP]
     assert address in POOL and address != resolver and mtu == TUNNEL_MTU
-    assert svc.address_of(next(c for c, fp in exit_node.circuits.values() if fp and c.ip)) == address
+    ip_circ = next(c for c, fp in exit_node.circuits.values() if fp and c.service_id == SERVICE_IP)
+    assert svc.address_of(ip_circ) == address
 
     out = v4("198.51.100.80", PROTO_TCP, 80, src=str(address))
     client.send(circ, out, net.now)
@@ -55,8 +64,8 @@ def test_address_policy_and_routing_both_ways() -> None:
     assert svc.tun_outbox == [out]  # nothing else reached the TUN
 
     reply = v4(str(address), PROTO_TCP, 40000, src="198.51.100.80")
-    exit_node.receive_from_tun(reply, net.now)
-    exit_node.receive_from_tun(v4("100.64.1.1", src="198.51.100.80"), net.now)  # nobody's address
+    from_tun(exit_node, reply, net.now)
+    from_tun(exit_node, v4("100.64.1.1", src="198.51.100.80"), net.now)  # nobody's address
     net.run()
     got = [e.data for e in client.events if isinstance(e, DatagramReceived)]
     assert got == [reply]
@@ -68,14 +77,14 @@ def test_clients_cannot_reach_each_other_and_addresses_are_freed() -> None:
     a, (addr_a, _, _) = _ip_circuit(net, relays, client)
     b, (addr_b, _, _) = _ip_circuit(net, relays, client)
     assert addr_a != addr_b
-    svc = exit_node.ip_service
+    svc = exit_node.services[SERVICE_IP]
     client.send(b, v4(str(addr_a), src=str(addr_b)), net.now)
     net.run()
     assert svc.tun_outbox == [] and svc.counters["ip_drop_policy"] == 1  # 100.64/10 is never an exit target
     client.close(a, net.now)
     net.run()
     assert svc.address_of(a) is None
-    exit_node.receive_from_tun(v4(str(addr_a), src="198.51.100.80"), net.now)
+    from_tun(exit_node, v4(str(addr_a), src="198.51.100.80"), net.now)
     assert svc.counters["ip_from_tun_no_circuit"] == 1
 
 

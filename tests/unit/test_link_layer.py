@@ -1,4 +1,4 @@
-"""Link layer (core/link.py) on the in-memory SimNet: handshakes, replay protection, rekey, liveness."""
+"""Link layer (core/link/layer.py) on the in-memory SimNet: handshakes, replay protection, rekey, liveness."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from shallot.crypto.params import (
     REJECT_AFTER_S,
     REKEY_AFTER_S,
 )
-from tests.simnet import SimNet, det_rng, make_client, make_relays
+from tests.simnet import SimNet, det_rng, echoed, make_client, make_relays
 from tests.unit.helpers_links import (
     CLIENT_ADDR,
     CellSink,
@@ -316,7 +316,7 @@ def test_rekey_after_rekey_after_s_keeps_circuits_working() -> None:
     assert client.link.counters["handshake_completed"] == 3
     assert guard.link.counters["handshake_completed"] == 3, "guard -> middle link must rekey"
     assert middle.link.counters["handshake_completed"] == 3, "middle -> exit link must rekey"
-    assert exit_.echo.datagrams == received
+    assert echoed(exit_) == received
     # the first session was retired after REJECT_AFTER_S: its packets now name an unknown index
     assert net.now - 100.0 > REJECT_AFTER_S
     before = guard.link.counters["drop_unknown_index"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from shallot.core import natmsg as nm
-from shallot.core import stun
 from shallot.core.circuit import ClientNode
 from shallot.core.link import LinkState
 from shallot.core.nat import NatLayer
-from shallot.core.natclass import OPEN, Behaviour, NatProbe, NatType, Plan, classify, plan_link
+from shallot.core.nat.classify import OPEN, Behaviour, NatProbe, NatType, Plan, classify, plan_link
+from shallot.core.wire import nat_frames as nm
+from shallot.core.wire import stun
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import FLAG_EXTENSIONS, Descriptor, DescriptorError, Reachability
 from shallot.crypto.keys import RelayKeys
@@ -316,7 +316,7 @@ def _desc(seed: int, host: str, introducers: tuple[tuple[str, int], ...] = ()) -
 
 
 def test_probe_classifies_through_introducers_which_have_the_alternate_port() -> None:
-    from shallot.core.probe import stun_servers
+    from shallot.commands.probe import stun_servers
     public = [_desc(i, f"198.51.100.{i}") for i in range(1, 4)]
     other_nat = _desc(10, "203.0.113.10", (("192.0.2.7", 9000), ("192.0.2.8", 9000)))
     guard = _desc(11, "203.0.113.11", (("198.51.100.2", 9000), ("198.51.100.2", 9100)))

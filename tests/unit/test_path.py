@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from shallot.core.path import PathError, check_path, select_path, subnet_key
+from shallot.core.circuit.path import PathError, check_path, select_path
+from shallot.core.wire.addresses import subnet_key
 from shallot.crypto.descriptor import Descriptor, ExitPolicySummary, Reachability
 from shallot.crypto.keys import RelayKeys
 from tests.simnet import WALL0, det_rng

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shallot.core.privhelper import MAX_LINE, BadRequest, parse_request
+from shallot.core.vpn.helper import MAX_LINE, BadRequest, parse_request
 
 
 def req(**kw: object) -> bytes:

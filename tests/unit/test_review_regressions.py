@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from shallot.core.circuit import CircuitState
 from shallot.core.link import LinkConfig, LinkLayer
+from shallot.core.wire.addresses import extend_target_allowed
 from shallot.crypto.primitives import x25519_keypair
-from shallot.relay.forwarder import extend_target_allowed
 from tests.simnet import SimNet, det_rng, make_client, make_relays
 
 

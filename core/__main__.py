@@ -1,3 +1,0 @@
-from shallot.core.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The control server: the local control API (docs/PROTOCOL.md §9): line-delimited JSON over a 0600 Unix socket.
+
+A running engine, relay or exit serves it; the CLI and the desktop app speak it (client.py).  The server checks the
+peer's credentials (SO_PEERCRED): only the same user (or root) may connect.
+
+    server hello : {"shallot": "control", "version": 1, "role": "client"|"relay"|"exit"}
+    request      : {"id": int, "cmd": str, "args": {...}}
+    response     : {"id": int, "ok": true, "result": ...} | {"id": int, "ok": false, "error": {"kind", "message"}}
+    event        : {"event": str, "data": {...}}          (after a "subscribe" request)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from shallot.core.control.protocol import CONTROL_VERSION, MAX_LINE, ControlError
+from shallot.core.errors import ShallotError
+from shallot.core.peercred import peer_uid
+
+log = logging.getLogger("shallot.core.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlServer:
+    def __init__(self, path: Path, role: str, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.role = role
+        self.handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.rejected_peers = 0
+        self.bad_requests = 0
+
+    async def start(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise ShallotError(f"{self.path} exists and is not a socket; refusing to replace it")
+            if await _is_live(self.path):
+                raise ShallotError(f"another process already serves {self.path}")
+            self.path.unlink()  # a stale socket left by a process that died
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def publish(self, event: str, data: dict[str, Any]) -> None:
+        for queue in list(self._subscribers):
+            if queue.qsize() < 1000:  # a stuck subscriber loses events, never memory
+                queue.put_nowait({"event": event, "data": data})
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid is None or uid not in (0, os.geteuid()):
+            self.rejected_peers += 1
+            writer.close()
+            return
+        queue: asyncio.Queue[dict[str, Any]] | None = None
+        pump: asyncio.Task[Any] | None = None
+        lock = asyncio.Lock()
+
+        async def send(obj: dict[str, Any]) -> None:
+            async with lock:
+                writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+                await writer.drain()
+
+        try:
+            await send({"shallot": "control", "version": CONTROL_VERSION, "role": self.role})
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    self.bad_requests += 1
+                    await send({"id": None, "ok": False, "error": {"kind": "bad-request", "message": "line too long"}})
+                    break
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                        raise ValueError("request must be an object with a string 'cmd'")
+                    args = req.get("args", {})
+                    if not isinstance(args, dict):
+                        raise ValueError("'args' must be an object")
+                except ValueError as exc:
+                    self.bad_requests += 1
+                    await send({"id": None, "ok": False, "error": {"kind": "bad-request", "message": str(exc)}})
+                    continue
+                rid = req.get("id")
+                cmd = req["cmd"]
+                if cmd == "subscribe":
+                    if queue is None:
+                        queue = asyncio.Queue()
+                        self._subscribers.add(queue)
+                        pump = asyncio.create_task(self._pump(queue, send))
+                        self._tasks.add(pump)
+                        pump.add_done_callback(self._tasks.discard)
+                    await send({"id": rid, "ok": True, "result": None})
+                    continue
+                handler = self.handlers.get(cmd)
+                if handler is None:
+                    await send({"id": rid, "ok": False,
+                                "error": {"kind": "unknown-command", "message": f"unknown command {cmd!r}"}})
+                    continue
+                try:
+                    result = await handler(args)
+                    await send({"id": rid, "ok": True, "result": result})
+                except ControlError as exc:
+                    await send({"id": rid, "ok": False, "error": {"kind": exc.kind, "message": str(exc)}})
+                except ShallotError as exc:
+                    await send({"id": rid, "ok": False, "error": {"kind": "error", "message": str(exc)}})
+                except Exception as exc:  # a handler bug must not kill the server
+                    log.exception("control command %s failed", cmd)
+                    await send({"id": rid, "ok": False, "error": {"kind": "internal", "message": repr(exc)}})
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if queue is not None:
+                self._subscribers.discard(queue)
+            if pump is not None:
+                pump.cancel()
+            writer.close()
+
+    async def _pump(self, queue: asyncio.Queue[dict[str, Any]], send: Callable[[dict[str, Any]], Awaitable[None]]) \
+            -> None:
+        while True:
+            await send(await queue.get())
+
+
+async def _is_live(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    return True

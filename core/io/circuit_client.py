@@ -1,0 +1,132 @@
+"""Asyncio client around ClientNode: build circuits, send datagrams, await echoes and events."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shallot.core.circuit import (
+    CircuitBuilt,
+    CircuitClosed,
+    CircuitFailed,
+    ClientCircuit,
+    ClientNode,
+    DatagramReceived,
+)
+from shallot.core.errors import ShallotError
+from shallot.core.io.udp import NodeEndpoint, open_endpoint
+from shallot.core.nat import NatLayer
+from shallot.core.nat.classify import ALT_PORT_OFFSET, NatProbe, NatType
+from shallot.crypto.circuit_handshake import SERVICE_ECHO
+from shallot.crypto.descriptor import Descriptor
+
+
+class CircuitClient:
+    def __init__(self) -> None:
+        self.node = ClientNode(rng=secrets.token_bytes)
+        # NAT traversal: guards behind NATs are reached through their introducers (core/nat/layer.py)
+        self.nat = NatLayer(self.node, rng=secrets.token_bytes)
+        self.node.dial = self.nat.dial
+        self.endpoint: NodeEndpoint | None = None
+        self._waiters: dict[int, asyncio.Future[ClientCircuit]] = {}
+        self.inbox: dict[int, asyncio.Queue[bytes]] = {}
+        self.on_event: Callable[[Any], None] | None = None
+        # set to take every received datagram directly (the VPN's TUN pump) instead of the inboxes
+        self.on_datagram: Callable[[ClientCircuit, bytes], None] | None = None
+        self.build_datagrams: dict[int, tuple[int, int]] = {}  # circuit -> (sent, received) during build
+        self._marks: dict[int, tuple[int, int]] = {}
+
+    async def start(self, family_of: str = "127.0.0.1") -> None:
+        local = ("::", 0) if ":" in family_of else ("0.0.0.0", 0)
+        self.endpoint = await open_endpoint(self.nat, local, after=self._dispatch)
+
+    async def classify_nat(self, relay1: tuple[str, int], relay2: tuple[str, int], *, alt_offset: int = ALT_PORT_OFFSET,
+                           timeout: float = 10.0) -> NatType | None:
+        """Learn our NAT's behaviour from two public relays (main and alternate STUN ports), on our link socket."""
+        assert self.endpoint is not None
+        alt1, alt2 = (relay1[0], relay1[1] + alt_offset), (relay2[0], relay2[1] + alt_offset)
+        self.nat.start_probe(NatProbe(relay1, alt1, relay2, alt2, secrets.token_bytes), time.monotonic())
+        self.endpoint.poke()
+        deadline = time.monotonic() + timeout
+        while self.nat.nat_type is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.nat.nat_type
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    async def build(self, path: list[Descriptor], timeout: float = 15.0, *,
+                    service: int = SERVICE_ECHO) -> ClientCircuit:
+        assert self.endpoint is not None
+        loop = asyncio.get_running_loop()
+        circ = self.node.build(path, time.monotonic(), time.time(), service=service)
+        fut: asyncio.Future[ClientCircuit] = loop.create_future()
+        self._waiters[circ.circuit_id] = fut
+        self.inbox[circ.circuit_id] = asyncio.Queue()
+        self._mark(circ)
+        self.endpoint.poke()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.node.close(circ, time.monotonic(), "build timed out")
+            self.endpoint.poke()
+            raise ShallotError(f"circuit build timed out after {timeout:.0f} s (is the guard "
+                               f"{path[0].nickname} at {path[0].address[0]}:{path[0].address[1]} running?)") from None
+        finally:
+            self._waiters.pop(circ.circuit_id, None)
+
+    def send(self, circ: ClientCircuit, data: bytes) -> None:
+        assert self.endpoint is not None
+        self.node.send(circ, data, time.monotonic())
+        self.endpoint.flush()
+
+    def close_circuit(self, circ: ClientCircuit) -> None:
+        assert self.endpoint is not None
+        self.node.close(circ, time.monotonic())
+        self.endpoint.poke()
+
+    def _mark(self, circ: ClientCircuit) -> None:
+        # the CREATE goes out once the guard link is up; start counting there
+        self._marks[circ.circuit_id] = (-1, -1)
+
+    def _dispatch(self) -> None:
+        events = self.node.events
+        ep = self.endpoint
+        if ep is None:  # still starting
+            return
+        sent = ep.datagrams_out + len(self.node.outbox)  # including what is about to be flushed
+        for circ in self.node.circuits.values():
+            mark = self._marks.get(circ.circuit_id)
+            if mark == (-1, -1) and circ.create_sent_at:
+                # the CREATE was just queued (the last datagram): count from just before it
+                self._marks[circ.circuit_id] = (sent - 1, ep.datagrams_in)
+        while events:
+            event = events.popleft()
+            if isinstance(event, DatagramReceived):
+                if self.on_datagram is not None:
+                    self.on_datagram(event.circuit, event.data)
+                    continue
+                queue = self.inbox.get(event.circuit.circuit_id)
+                if queue is not None and queue.qsize() < 10000:
+                    queue.put_nowait(event.data)
+                continue
+            circ = event.circuit
+            if isinstance(event, CircuitBuilt):
+                mark = self._marks.pop(circ.circuit_id, (0, 0))
+                self.build_datagrams[circ.circuit_id] = (sent - mark[0], ep.datagrams_in - mark[1])
+                fut = self._waiters.get(circ.circuit_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(circ)
+            elif isinstance(event, CircuitFailed | CircuitClosed):
+                self._marks.pop(circ.circuit_id, None)
+                self.build_datagrams.pop(circ.circuit_id, None)
+                self.inbox.pop(circ.circuit_id, None)  # whoever still reads it holds its own reference
+                fut = self._waiters.get(circ.circuit_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ShallotError(f"circuit failed: {event.reason}"))
+            if self.on_event is not None:
+                self.on_event(event)

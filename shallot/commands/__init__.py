@@ -1,0 +1,1 @@
+"""What the ``probe``, ``demo`` and ``netcheck`` commands do; only the command line imports these."""

@@ -1,0 +1,117 @@
+"""The architecture as rules (docs/ARCHITECTURE.md): layers that import only downwards, pure packages that
+never touch a clock, socket, loop or ambient randomness, and the app's one door into the core.
+
+Each rule is a function from an import graph (tests/architecture/imports.py) to a list of violations, so
+the tests can run it on the real tree and on made-up graphs that must fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tests.architecture.imports import Import
+
+
+@dataclass(frozen=True)
+class Layer:
+    names: tuple[str, ...]  # packages or modules; a name covers itself and everything below it
+    independent: bool = False  # the names of this layer must not import each other
+
+
+# top to bottom; a module may import its own layer and the layers below, never one above
+LAYERS = (
+    Layer(("shallot.cli", "shallot.__main__", "shallot.commands", "shallot")),  # the composition root
+    Layer(("shallot.app",)),
+    Layer(("shallot.exit",)),
+    Layer(("shallot.relay",)),
+    Layer(("shallot.core.engine",)),
+    Layer(("shallot.core.control", "shallot.core.vpn", "shallot.core.io"), independent=True),
+    Layer(("shallot.core.circuit", "shallot.core.nat", "shallot.core.discovery"), independent=True),
+    Layer(("shallot.core.link",)),
+    Layer(("shallot.core.wire", "shallot.core.ratelimit", "shallot.core.peercred", "shallot.core.errors",
+           "shallot.core")),
+    Layer(("shallot.crypto",)),
+    Layer(("shallot.resources",)),
+)
+
+# sans-I/O code: time, randomness and I/O are passed in
+PURE = ("shallot.crypto", "shallot.core.wire", "shallot.core.link", "shallot.core.circuit", "shallot.core.nat",
+        "shallot.core.ratelimit", "shallot.core.errors",
+        "shallot.core.discovery.addresses", "shallot.core.discovery.records", "shallot.core.discovery.storage",
+        "shallot.core.discovery.wire", "shallot.core.discovery.view",
+        "shallot.relay.forwarder", "shallot.relay.endpoints",
+        "shallot.exit.echo", "shallot.exit.policy", "shallot.exit.ipservice", "shallot.exit.endpoints",
+        "shallot.app.presenter")
+NOT_PURE = ("asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
+            "random", "shutil", "signal", "fcntl", "pathlib", "tempfile", "uvloop", "qasync", "PySide6",
+            "pytun", "rpcudp", "kademlia.network", "kademlia.protocol", "kademlia.crawling")
+
+# the desktop app reaches the core only through the control API (and names a few plain helpers)
+APP_DOORS = ("shallot.app", "shallot.core.control", "shallot.core.errors", "shallot.core.discovery.directory",
+             "shallot.relay.localnet")
+
+
+def covers(name: str, module: str) -> bool:
+    return module == name or (module.startswith(name + ".") and name != "shallot")
+
+
+def owner(module: str) -> tuple[int, str] | None:
+    """(layer index, the name in it) that covers ``module``, the most specific name winning."""
+    best: tuple[int, str] | None = None
+    for index, layer in enumerate(LAYERS):
+        for name in layer.names:
+            if covers(name, module) and (best is None or len(name) > len(best[1])):
+                best = (index, name)
+    return best
+
+
+def is_pure(module: str) -> bool:
+    return any(covers(name, module) for name in PURE)
+
+
+def unassigned(graph: dict[str, list[Import]]) -> list[str]:
+    return sorted(m for m in graph if owner(m) is None)
+
+
+def layer_violations(graph: dict[str, list[Import]]) -> list[str]:
+    out = []
+    for module, imports in graph.items():
+        src = owner(module)
+        for imp in imports:
+            dst = owner(imp.target)
+            if src is None or dst is None or not imp.target.startswith("shallot"):
+                continue
+            if dst[0] < src[0]:
+                out.append(f"{module}:{imp.line} imports {imp.target}, a layer above it ({dst[1]} > {src[1]})")
+            elif dst[0] == src[0] and LAYERS[src[0]].independent and dst[1] != src[1]:
+                out.append(f"{module}:{imp.line} imports {imp.target}: {src[1]} and {dst[1]} are independent")
+    return sorted(out)
+
+
+def purity_violations(graph: dict[str, list[Import]]) -> list[str]:
+    out = []
+    for module, imports in graph.items():
+        if not is_pure(module):
+            continue
+        for imp in imports:
+            if imp.typing_only:
+                continue
+            bad = any(covers(name, imp.target) for name in NOT_PURE)
+            if imp.target.startswith("shallot.") and not is_pure(imp.target):
+                bad = True
+            if bad:
+                out.append(f"{module}:{imp.line} imports {imp.target}: pure code gets time, randomness and I/O "
+                           "passed in")
+    return sorted(out)
+
+
+def door_violations(graph: dict[str, list[Import]]) -> list[str]:
+    out = []
+    for module, imports in graph.items():
+        if not covers("shallot.app", module):
+            continue
+        for imp in imports:
+            if imp.target.startswith("shallot.") and not any(covers(door, imp.target) for door in APP_DOORS):
+                out.append(f"{module}:{imp.line} imports {imp.target}: the app talks to the core through "
+                           "shallot.core.control")
+    return sorted(out)
