@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TypeAlias
 
 from shallot import __version__
 from shallot.core.errors import ShallotError
@@ -33,7 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"shallot {__version__} (protocol 1)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_keygen, _add_directory, _add_relay_and_exit, _add_probe, _add_demo, _add_engine, _add_connect,
+                _add_helper, _add_netcheck, _add_app, _add_status_and_peers):
+        add(sub)
+    return p
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_keygen(sub: Subparsers) -> None:
     k = sub.add_parser("keygen", help="create a relay's keys and signed descriptor",
                        description="Create DIR (mode 0700) with a new relay identity (0600) and a signed "
                                    "descriptor for ADDRESS.  Prints the relay id.")
@@ -43,11 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--nickname", metavar="NAME", help="1-32 characters of A-Z a-z 0-9 _ -")
     k.add_argument("--exit", action="store_true", help="make this relay an exit")
 
+
+def _add_directory(sub: Subparsers) -> None:
     d = sub.add_parser("directory", help="bundle relays' descriptors into a directory file",
                        description="Write the signed descriptors of the given state directories into FILE.")
     d.add_argument("--out", required=True, type=Path, metavar="FILE", help="directory file to write")
     d.add_argument("states", nargs="+", type=Path, metavar="DIR", help="relay state directories")
 
+
+def _add_relay_and_exit(sub: Subparsers) -> None:
     for name, text in (("relay", "run relay-server mode (exit-node mode if keygen had --exit)"),
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
@@ -73,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--resolver", metavar="ADDRESS", help="with --ip: DNS resolver the exit forwards clients' "
                                                                 "queries to (default: the first in /etc/resolv.conf)")
 
+
+def _add_probe(sub: Subparsers) -> None:
     pr = sub.add_parser("probe", help="build a circuit and send datagrams to the exit's echo service",
                         description="Build a guard -> middle -> exit circuit from the directory and send N "
                                     "datagrams through it to the exit's echo service.")
@@ -90,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--size", type=int, default=256, metavar="BYTES", help="datagram size (default 256)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_demo(sub: Subparsers) -> None:
     dm = sub.add_parser("demo", help="run a local network of relays on 127.0.0.1 and probe through it",
                         description="Start 6 relays (2 exits) on 127.0.0.1 in child processes, build a circuit, "
                                     "send datagrams through it, print a summary and stop everything.")
@@ -98,10 +116,21 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--relays", type=int, default=6, metavar="N")
     dm.add_argument("--exits", type=int, default=2, metavar="N")
 
+
+def _add_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
+
+
+def _add_cache_and_own_relay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    p.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
+
+
+def _add_engine(sub: Subparsers) -> None:
     e = sub.add_parser("engine", help="run the client engine and serve its control API",
                        description="Run the client engine (links, crypto, circuits) in this process on its own "
                                    "event loop and serve the control API on a 0600 Unix socket.")
-    e.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
+    _add_socket(e)
     e.add_argument("--directory", type=Path, metavar="FILE", help="directory file to use")
     e.add_argument("--vpn", action="store_true", help="route the system through the circuit when connected "
                    "(as an ordinary user: through the privileged helper, see docs/PRIVILEGES.md)")
@@ -110,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--helper-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     e.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT from these seeds "
                                                                   "instead of a directory file")
-    e.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
-    e.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
+    _add_cache_and_own_relay(e)
 
+
+def _add_connect(sub: Subparsers) -> None:
     c = sub.add_parser("connect", help="connect this machine through a circuit (VPN)",
                        description="Build an IP circuit, create TUN shallot0 and route all IPv4 through it, "
                                    "with a kill switch (nftables) that lets nothing else out while connected or "
@@ -121,22 +151,26 @@ def _parser() -> argparse.ArgumentParser:
                                    "API like 'shallot engine'.  SIGINT/SIGTERM restore routes, firewall and DNS.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
     c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
-    c.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
-    c.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
+    _add_cache_and_own_relay(c)
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
     c.add_argument("--no-kill-switch", action="store_true", help="do not block traffic outside the tunnel")
     c.add_argument("--no-dns", action="store_true", help="leave the system's DNS settings alone")
     c.add_argument("--helper-fd", type=int, metavar="FD",
                    help="a socket to an already running privileged helper (tests, service managers)")
-    c.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: $XDG_RUNTIME_DIR)")
+    _add_socket(c)
     c.add_argument("--cleanup", action="store_true",
                    help="remove the routes, firewall table and device a crashed client left, then exit")
 
+
+def _add_helper(sub: Subparsers) -> None:
     sub.add_parser("helper", help="the privileged helper (root; started by the engine through pkexec)",
                    description="The privileged helper: configures the TUN device, routes, kill switch and DNS for "
                                "an engine running as an ordinary user.  It speaks on a Unix socket given as stdin "
                                "and is started by the engine (pkexec), never by hand.  See docs/PRIVILEGES.md.")
+
+
+def _add_netcheck(sub: Subparsers) -> None:
     nc = sub.add_parser("netcheck", help="diagnose this network with a STUN server (UDP, TCP, TLS)",
                         description="Ask the STUN server(s) you name for this machine's public address over UDP, "
                                     "TCP and TLS from fresh sockets.  Any Shallot relay answers STUN over UDP.")
@@ -144,25 +178,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="STUN server to ask; a second one also checks whether the UDP mapping changes")
     nc.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default 2)")
     nc.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_app(sub: Subparsers) -> None:
+    from shallot.app.cli_args import add_arguments  # the app's options, without importing Qt
     a = sub.add_parser("app", help="open the desktop app (the default when a display is available)",
                        description="Open the Shallot window: connect, watch the circuit and traffic, change "
                                    "settings.  It starts the engine when needed and attaches to one already "
                                    "running; closing the window keeps the connection (tray).")
-    from shallot.app.cli_args import add_arguments
     add_arguments(a)
 
-    s = sub.add_parser("status", help="ask a running engine, relay or exit for its status")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
-    g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
 
-    pe = sub.add_parser("peers", help="list a running node's DHT peers and the relays it knows")
-    g = pe.add_mutually_exclusive_group()
-    g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
-    g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
-    pe.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
+def _add_status_and_peers(sub: Subparsers) -> None:
+    for name, text in (("status", "ask a running engine, relay or exit for its status"),
+                       ("peers", "list a running node's DHT peers and the relays it knows")):
+        s = sub.add_parser(name, help=text)
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--state", type=Path, metavar="DIR", help="a relay's or exit's state directory")
+        g.add_argument("--socket", type=Path, metavar="PATH", help="an engine's control socket")
+        s.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
