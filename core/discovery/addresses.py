@@ -12,8 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from shallot.core.wire.addresses import subnet_key
-
-Address = tuple[str, int]
+from shallot.crypto.codec import Address
 
 
 def usable_address(host: str, port: int, *, allow_loopback: bool) -> bool:

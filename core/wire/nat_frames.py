@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shallot.core.wire.cells import encode_cell
-from shallot.crypto.codec import DecodeError, Reader
-from shallot.crypto.descriptor import DescriptorError, decode_address, encode_address
+from shallot.crypto.codec import Address, DecodeError, Reader, decode_address, encode_address
 from shallot.crypto.params import CELL_HEADER_LEN, LINK_PACKET_LEN, MSG_INIT_CLIENT, MSG_TRANSPORT
 
 MSG_INTRO_REQUEST = 0x55
@@ -39,14 +38,9 @@ STATUS_BUSY = 2
 PUNCH_PROBE = 0
 PUNCH_REPLY = 1
 
-Address = tuple[str, int]
-
 
 def _addr(addr: Address) -> bytes:
-    try:
-        return encode_address(*addr)
-    except DescriptorError as exc:
-        raise ValueError(str(exc)) from None
+    return encode_address(*addr)  # EncodeError (a ValueError) for what cannot be on the wire
 
 
 @dataclass(frozen=True)

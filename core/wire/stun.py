@@ -13,7 +13,7 @@ import ipaddress
 import zlib
 from dataclasses import dataclass
 
-from shallot.crypto.codec import DecodeError, Reader
+from shallot.crypto.codec import Address, DecodeError, Reader
 
 MAGIC = 0x2112A442
 MAGIC_BYTES = MAGIC.to_bytes(4, "big")
@@ -33,7 +33,6 @@ FINGERPRINT_XOR = 0x5354554E
 MAX_ATTRIBUTES = 8
 MAX_MESSAGE_LEN = 548  # RFC 8489: fits any path MTU; we never need more
 
-Address = tuple[str, int]
 
 
 def is_stun(data: bytes) -> bool:

@@ -12,9 +12,8 @@ from typing import Any
 
 from shallot.core.errors import ShallotError
 from shallot.core.io.circuit_client import CircuitClient
+from shallot.crypto.codec import Address
 from shallot.crypto.descriptor import Descriptor
-
-Address = tuple[str, int]
 
 log = logging.getLogger(__name__)
 
