@@ -1,7 +1,8 @@
 """The privileged part of the client (Linux): TUN device, routes, kill switch, IPv6 block, DNS.  Narrow
 on purpose: the engine asks for exactly these operations and nothing else.  A client running as root
 (servers) calls it in-process; an ordinary user's engine reaches it through the privileged helper
-(core/vpn/helper.py, started with pkexec), which calls the same code.
+(core/vpn/helper.py, started with pkexec), which calls the same code.  The kill switch is an nftables
+table loaded as JSON (core/vpn/nftables.py): nothing is spliced into a rule text.
 
 Everything it changes is undone by ``restore()`` and, after a crash, by ``cleanup()``
 (``shallot connect --cleanup``): routes carry Shallot's routing-protocol tag, the nftables table and the
@@ -20,7 +21,9 @@ import subprocess
 from dataclasses import dataclass, field
 
 from shallot.core.errors import ShallotError
+from shallot.core.vpn import nftables
 from shallot.core.vpn.dnsconfig import DnsConfig, restore_resolv_conf
+from shallot.core.vpn.nftables import ACCEPT, DROP, PRIO_FILTER, Chain, match, meta, payload
 
 log = logging.getLogger("shallot.netconfig")
 TUN_NAME = "shallot0"
@@ -43,6 +46,22 @@ def default_route() -> tuple[str | None, str]:
         raise ShallotError("no IPv4 default route: connect to a network first")
     gateway = words[words.index("via") + 1] if "via" in words else None
     return gateway, words[words.index("dev") + 1]
+
+
+def kill_switch_ruleset(guards: list[tuple[str, int]], *, kill_switch: bool) -> nftables.Ruleset:
+    """Kill switch: nothing leaves but loopback, the tunnel and the encrypted UDP to the guards.
+    Without it, only IPv6 is blocked (no v6 leak around the IPv4-only tunnel)."""
+    loopback = (match(meta("oifname"), "lo"), ACCEPT)
+    if kill_switch:
+        rules = (loopback, (match(meta("oifname"), TUN_NAME), match(meta("nfproto"), "ipv4"), ACCEPT),
+                 *((match(payload("ip", "daddr"), host), match(payload("udp", "dport"), port), ACCEPT)
+                   for host, port in guards))
+        policy = "drop"
+    else:
+        rules = (loopback, (match(meta("nfproto"), "ipv6"), DROP))
+        policy = "accept"
+    return nftables.replace_table("inet", NFT_TABLE, [Chain("output", "filter", "output", PRIO_FILTER, policy,
+                                                            rules)])
 
 
 @dataclass
@@ -103,26 +122,7 @@ class NetConfig:
         self.dns.apply(servers)
 
     def apply_firewall(self) -> None:
-        """Kill switch: nothing leaves but loopback, the tunnel and the encrypted UDP to the guards.
-        Without it, only IPv6 is blocked (no v6 leak around the IPv4-only tunnel)."""
-        if self.kill_switch:
-            allow = "\n".join(f"    ip daddr {host} udp dport {port} accept" for host, port in self.guards)
-            rules = f"""    type filter hook output priority filter; policy drop;
-    oifname "lo" accept
-    oifname "{TUN_NAME}" meta nfproto ipv4 accept
-{allow}"""
-        else:
-            rules = """    type filter hook output priority filter; policy accept;
-    oifname "lo" accept
-    meta nfproto ipv6 drop"""
-        _run("nft", "-f", "-", stdin=f"""table inet {NFT_TABLE}
-delete table inet {NFT_TABLE}
-table inet {NFT_TABLE} {{
-  chain output {{
-{rules}
-  }}
-}}
-""")
+        nftables.load(kill_switch_ruleset(self.guards, kill_switch=self.kill_switch), "the kill switch")
 
     def restore(self) -> None:
         self.dns.restore()
@@ -142,7 +142,7 @@ table inet {NFT_TABLE} {{
 def cleanup(*, quiet: bool = False) -> list[str]:
     """Remove whatever a (crashed) client left: kill switch, split routes, the TUN, the DNS change."""
     done = restore_resolv_conf()
-    if _run("nft", "delete", "table", "inet", NFT_TABLE, check=False).returncode == 0:
+    if nftables.run(nftables.delete_table("inet", NFT_TABLE)).returncode == 0:
         done.append(f"removed nftables table inet {NFT_TABLE}")
     ours = _run("ip", "-4", "route", "show", "proto", RT_PROTO, check=False).stdout.strip()
     if ours:
