@@ -122,3 +122,15 @@ def test_any_input_is_either_a_checked_request_or_a_bad_request(line: bytes) -> 
     except BadRequest:
         return
     assert isinstance(out, REQUESTS)
+
+
+def test_the_helper_refuses_everything_before_hello_and_changes_nothing() -> None:
+    """The root side's dispatch (core/vpn/helper.py) before a session exists: these need no root, because
+    nothing is carried out."""
+    from shallot.core.vpn.helper import _Session
+
+    session = _Session(uid=1000)
+    for line in (encode_open_tun(1360), encode_set_address("100.64.0.7"), encode_restore()):
+        assert session.handle(line) == (Refused("say hello first"), [])
+    assert session.handle(b"nonsense\n") == (Refused("not JSON"), [])
+    assert session.net is None
