@@ -5,17 +5,15 @@ process as a ``relay.service.RelayPart``; packets flow TUN -> IpExitService -> c
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import secrets
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint
+from shallot.core.vpn.netlink import session
 from shallot.core.wire.ipconfig import GATEWAY
 from shallot.exit.dns import DnsForwarder, system_resolver
 from shallot.exit.ipservice import IpExitService
@@ -87,14 +85,7 @@ class IpExit:
 
     def _refresh_own_networks(self) -> None:
         """The exit never sends clients to its own addresses or networks, whatever interfaces it has now."""
-        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
-        networks = []
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) > 3 and parts[2] in ("inet", "inet6"):
-                with contextlib.suppress(ValueError):
-                    networks.append(ipaddress.ip_network(parts[3], strict=False))
-        self.ip_service.policy.set_own_networks(networks)
+        self.ip_service.policy.set_own_networks(session(lambda nl: nl.networks()))
 
     async def _watch_own_networks(self) -> None:
         while True:

@@ -3,7 +3,8 @@
 Creates TUN ``shallot-x<pid>`` with 100.64.0.1/10 and the tunnel MTU, turns on IPv4 forwarding and
 puts one nftables table, ``ip shallot_exit``, in place: masquerade of 100.64.0.0/10 out of the uplink
 and no forwarding between clients.  ``close()`` removes the table; the TUN disappears with its fd.
-Packet I/O is os.read/os.write on the device fd (pytun only creates and configures it).
+Packet I/O is os.read/os.write on the device fd (pytun only creates and configures it); the queue length
+and the uplink go through netlink (core/vpn/netlink.py), the table as nftables JSON (core/vpn/nftables.py).
 """
 
 from __future__ import annotations
@@ -12,29 +13,39 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
 from collections.abc import Callable
 
 from shallot.core.errors import ShallotError
+from shallot.core.vpn import nftables
+from shallot.core.vpn.netlink import session
+from shallot.core.vpn.nftables import DROP, MASQUERADE, PRIO_FILTER, PRIO_SRCNAT, Chain, match, meta, payload, prefix
 from shallot.core.vpn.tunio import read_batch
 from shallot.core.wire.ipconfig import GATEWAY, POOL, TUNNEL_MTU
 
 log = logging.getLogger("shallot.exit")
 NFT_TABLE = "shallot_exit"
+TXQUEUELEN = 4096
 
 
 def default_uplink() -> str:
     """The interface of the IPv4 default route."""
-    out = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True).stdout.split()
-    if "dev" not in out:
+    device = session(lambda nl: nl.default_device())
+    if device is None:
         raise ShallotError("no IPv4 default route: pass --uplink IFACE")
-    return out[out.index("dev") + 1]
+    return device
 
 
-def _nft(ruleset: str) -> None:
-    res = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise ShallotError(f"nftables refused the exit's rules: {res.stderr.strip()}")
+def nat_ruleset(tun: str, uplink: str) -> nftables.Ruleset:
+    """Masquerade the clients' pool out of the uplink; never forward from the TUN to anything but the uplink
+    (so not from one client to another, and not to the exit's other networks)."""
+    iif, oif = meta("iifname"), meta("oifname")
+    masquerade = (match(payload("ip", "saddr"), prefix(POOL)), match(oif, uplink), MASQUERADE)
+    between_clients = (match(iif, tun), match(oif, tun), DROP)
+    elsewhere = (match(iif, tun), match(oif, uplink, "!="), DROP)
+    return nftables.replace_table("ip", NFT_TABLE, [
+        Chain("postrouting", "nat", "postrouting", PRIO_SRCNAT, "accept", (masquerade,)),
+        Chain("forward", "filter", "forward", PRIO_FILTER, "accept", (between_clients, elsewhere)),
+    ])
 
 
 class ExitTun:
@@ -64,26 +75,13 @@ class ExitTun:
         self._dev = dev
         dev.addr, dev.netmask, dev.mtu = str(GATEWAY), str(POOL.netmask), TUNNEL_MTU
         dev.up()
-        # a longer queue absorbs TCP bursts from the internet while the exit catches up
-        subprocess.run(["ip", "link", "set", self.name, "txqueuelen", "4096"], capture_output=True)
+        with contextlib.suppress(OSError):  # a longer queue absorbs TCP bursts from the internet
+            session(lambda nl: nl.set_txqueuelen(self.name, TXQUEUELEN))
         self._fd = dev.fileno()
         os.set_blocking(self._fd, False)
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1")
-        _nft(f"""table ip {NFT_TABLE}
-delete table ip {NFT_TABLE}
-table ip {NFT_TABLE} {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {POOL} oifname "{self.uplink}" masquerade
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname "{self.name}" oifname "{self.name}" drop
-    iifname "{self.name}" oifname != "{self.uplink}" drop
-  }}
-}}
-""")
+        nftables.load(nat_ruleset(self.name, self.uplink), "the exit's rules")
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
         log.info("IP exit on %s (%s/%d) via %s", self.name, GATEWAY, POOL.prefixlen, self.uplink)
 
@@ -113,4 +111,4 @@ table ip {NFT_TABLE} {{
                 self._dev.close()
             self._dev = None
             self._fd = -1
-        subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True)
+        nftables.run(nftables.delete_table("ip", NFT_TABLE))

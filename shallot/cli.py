@@ -330,7 +330,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     from shallot.core.vpn.netconfig import cleanup
     from shallot.core.vpn.tunnel import Tunnel
     if args.cleanup:
-        from shallot.core.vpn.helper import can_admin_network
+        from shallot.core.vpn.helper_client import can_admin_network
         if not can_admin_network():
             raise ShallotError("--cleanup changes routes, firewall and DNS: run it as root "
                                "(sudo shallot connect --cleanup); the helper also cleans up at every connect")

@@ -25,7 +25,7 @@ from shallot.core.discovery.directory import load_directory
 from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.io.circuit_client import CircuitClient
-from shallot.core.vpn.helper import PrivilegeError
+from shallot.core.vpn.helper_client import PrivilegeError
 from shallot.crypto.circuit_handshake import SERVICE_ECHO, SERVICE_IP
 from shallot.crypto.descriptor import Descriptor
 

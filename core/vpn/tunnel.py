@@ -18,7 +18,7 @@ from typing import Any
 
 from shallot.core.circuit import CircuitState, ClientCircuit
 from shallot.core.errors import ShallotError
-from shallot.core.vpn.helper import can_admin_network, start_helper
+from shallot.core.vpn.helper_client import can_admin_network, start_helper
 from shallot.core.vpn.netconfig import TUN_NAME, NetConfig
 from shallot.core.vpn.tunio import read_batch
 from shallot.core.wire.ipconfig import decode_config

@@ -38,13 +38,13 @@ LAYERS = (
 PURE = ("shallot.crypto", "shallot.core.wire", "shallot.core.link", "shallot.core.circuit", "shallot.core.nat",
         "shallot.core.ratelimit", "shallot.core.errors",
         "shallot.core.discovery.addresses", "shallot.core.discovery.records", "shallot.core.discovery.storage",
-        "shallot.core.discovery.wire", "shallot.core.discovery.view",
+        "shallot.core.discovery.wire", "shallot.core.discovery.view", "shallot.core.vpn.helper_protocol",
         "shallot.relay.forwarder", "shallot.relay.endpoints",
         "shallot.exit.echo", "shallot.exit.policy", "shallot.exit.ipservice", "shallot.exit.endpoints",
         "shallot.app.presenter")
 NOT_PURE = ("asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
             "random", "shutil", "signal", "fcntl", "pathlib", "tempfile", "uvloop", "qasync", "PySide6",
-            "pytun", "rpcudp", "kademlia.network", "kademlia.protocol", "kademlia.crawling")
+            "pytun", "pyroute2", "rpcudp", "kademlia.network", "kademlia.protocol", "kademlia.crawling")
 
 # the desktop app reaches the core only through the control API (and names a few plain helpers)
 APP_DOORS = ("shallot.app", "shallot.core.control", "shallot.core.errors", "shallot.core.discovery.directory",

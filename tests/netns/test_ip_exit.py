@@ -29,6 +29,23 @@ HERE = Path(__file__).resolve().parent
 ECHO_PORT = 7777
 
 
+def nft_chains(topology: StandardTopology, ns: str, family: str, table: str) -> dict[str, dict]:
+    """What the kernel holds for ``table`` in ``ns`` (``nft -j list table``): each chain with its hook,
+    policy and rules (the rules as their JSON expressions)."""
+    listing = json.loads(topology.tb.exec(ns, "nft", "-j", "list", "table", family, table).stdout)["nftables"]
+    chains: dict[str, dict] = {}
+    for item in listing:
+        if "chain" in item:
+            chains[item["chain"]["name"]] = {**item["chain"], "rules": []}
+        elif "rule" in item:
+            chains[item["rule"]["chain"]]["rules"].append(item["rule"]["expr"])
+    return chains
+
+
+def _is(key: str, value: object, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": value}}
+
+
 @pytest.fixture(scope="module")
 def ip_network(topology: StandardTopology, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("netns-ip")
@@ -82,6 +99,18 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
 
     status = asyncio.run(exit_status())
     assert status["ip"]["ip_drop_policy"] >= 1 and status["ip"]["reject_private"] >= 1
+    # the exit's table as the kernel holds it: masquerade of the pool out of the uplink, and two forward drops
+    chains = nft_chains(topology, topology.ns["exit"], "ip", "shallot_exit")
+    post, forward = chains["postrouting"], chains["forward"]
+    assert (post["hook"], post["policy"], forward["hook"], forward["policy"]) == ("postrouting", "accept",
+                                                                                  "forward", "accept")
+    pool = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                      "right": {"prefix": {"addr": "100.64.0.0", "len": 10}}}}
+    assert post["rules"] == [[pool, _is("oifname", "eth0"), {"masquerade": None}]]
+    tun = forward["rules"][0][0]["match"]["right"]
+    assert tun.startswith("shallot-x")
+    assert forward["rules"] == [[_is("iifname", tun), _is("oifname", tun), {"drop": None}],
+                                [_is("iifname", tun), _is("oifname", "eth0", "!="), {"drop": None}]]
     assert status["ip"]["tun_written"] >= 1 and status["ip"]["ip_from_tun"] >= 1
     assert status["ip"]["dns_queries"] == 2 and status["ip"]["dns_answers"] == 2
 
@@ -146,6 +175,16 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     assert res.stdout.strip() == f"{topology.addr['exit']} through the tunnel"
     assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
     assert "shallot_client" in tb.exec(client_ns, "nft", "list", "tables").stdout  # the kill switch is on
+    output = nft_chains(topology, client_ns, "inet", "shallot_client")["output"]
+    assert (output["hook"], output["policy"]) == ("output", "drop")
+    guard_udp = [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                            "right": topology.addr["guard"]}},
+                 {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": PORT + 1}},
+                 {"accept": None}]
+    assert output["rules"] == [[_is("oifname", "lo"), {"accept": None}],
+                               [_is("oifname", "shallot0"), {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                                                                       "right": "ipv4"}}, {"accept": None}],
+                               guard_udp]
     # TCP: a 100 MB download over HTTP arrives whole
     site = tmp_path / "site"
     site.mkdir()
@@ -173,6 +212,8 @@ def test_connect_routes_the_client_namespace_through_the_circuit(topology: Stand
     routes = tb.exec(client_ns, "ip", "route", "show").stdout
     assert "0.0.0.0/1 dev shallot0" in routes and "128.0.0.0/1 dev shallot0" in routes
     assert f"{topology.addr['guard']} via" in routes  # the encrypted UDP to the guard still goes out directly
+    tagged = tb.exec(client_ns, "ip", "-4", "route", "show", "proto", "147").stdout.splitlines()
+    assert sorted(line.split()[0] for line in tagged) == sorted(["0.0.0.0/1", "128.0.0.0/1", topology.addr["guard"]])
     connect.terminate()
     assert connect.wait(15) == 0
     # everything is put back
@@ -210,6 +251,9 @@ def test_no_ipv6_leak_even_without_the_kill_switch(topology: StandardTopology, i
     tb.exec(natgw, "ip", "-6", "addr", "add", "fd00:10::1/64", "dev", "lan0", "nodad")
     assert tb.exec(client_ns, "ping", "-6", "-c", "1", "-W", "2", "fd00:10::1", check=False).returncode == 0
     connect = _start_connect(topology, ip_network["directory"], tmp_path, "--no-kill-switch")
+    output = nft_chains(topology, client_ns, "inet", "shallot_client")["output"]
+    assert (output["hook"], output["policy"]) == ("output", "accept")
+    assert output["rules"] == [[_is("oifname", "lo"), {"accept": None}], [_is("nfproto", "ipv6"), {"drop": None}]]
     capture = tb.spawn(natgw, ["tcpdump", "-n", "-l", "-i", "lan0", "ip6 and src fd00:10::2"])
     time.sleep(1.0)  # tcpdump attaches
     ping6 = tb.exec(client_ns, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", "fd00:10::1", check=False)
