@@ -157,6 +157,9 @@ class RelayNode:
     def outbox(self) -> list[tuple[bytes, Address]]:
         return self.link.outbox
 
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return self.link.datagrams_to_send()
+
     def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
         self._now = now
         self._wall = wall

@@ -2,7 +2,8 @@
 
 ``ClientNode`` owns the client's LinkLayer (anonymous Noise NK links to guards) and its circuits.
 Inputs: ``receive_datagram``, ``handle_timer``, commands ``build``, ``send``, ``close``.
-Outputs: ``outbox``, ``events`` (CircuitBuilt, CircuitFailed, CircuitClosed, DatagramReceived), ``timer()``.
+Outputs: ``datagrams_to_send()``, ``events`` (CircuitBuilt, CircuitFailed, CircuitClosed, DatagramReceived),
+``timer()``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class ClientNode:
     @property
     def outbox(self) -> list[tuple[bytes, Address]]:
         return self.link.outbox
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return self.link.datagrams_to_send()
 
     # ------------------------------------------------------------------ commands
     def build(self, path: list[Descriptor], now: float, wall: float, *,

@@ -1,7 +1,7 @@
 """Sans-I/O NAT traversal around a node (RelayNode or ClientNode) on one UDP socket (docs/NAT.md, PROTOCOL §13).
 
 ``NatLayer`` sits between the socket adapter and the node and has the same shape (``receive_datagram``,
-``handle_timer``, ``timer``, ``outbox``).  It takes STUN and the NAT messages off the socket and passes
+``handle_timer``, ``timer``, ``datagrams_to_send``).  It takes STUN and the NAT messages off the socket and passes
 link packets through untouched.  Roles, all optional:
 
 * **server** (every public relay): answers STUN Binding requests (rate limited, no amplification),
@@ -154,9 +154,8 @@ class NatLayer:
         self.link.on_cell = self._on_cell
 
     # ------------------------------------------------------------------ node interface
-    @property
-    def outbox(self) -> list[tuple[bytes, Address]]:
-        out = self.node.outbox
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out = self.node.datagrams_to_send()
         if self._sessions_of_ours:
             for i, (data, addr) in enumerate(out):
                 if addr[1] == 0:  # a virtual address: through the relay-server

@@ -212,16 +212,15 @@ def test_relay_answers_binding_without_amplification_and_rate_limits() -> None:
     for fp in (False, True):
         req = stun.binding_request(TXID, fingerprint=fp)
         relay.receive_datagram(req, src, net.now, net.wall)
-        (resp, dest), = relay.outbox
-        relay.outbox.clear()
+        (resp, dest), = relay.datagrams_to_send()
         assert dest == src and stun.mapped_address(stun.decode(resp)) == src
         assert len(resp) <= len(req) + 24 and (len(resp) + 28) / (len(req) + 28) < 1.3
     for _ in range(100):
         relay.receive_datagram(stun.binding_request(TXID), src, net.now, net.wall)
-    assert len(relay.outbox) <= 40 and relay.counters["nat_drop_stun_rate"] >= 60
+    assert len(relay.datagrams_to_send()) <= 40 and relay.counters["nat_drop_stun_rate"] >= 60
     quiet, _, _ = _relay(net, 2, serve=False)  # not a server: silent
     quiet.receive_datagram(stun.binding_request(TXID), src, net.now, net.wall)
-    assert not quiet.outbox and quiet.counters["nat_drop_stun_unexpected"] == 1
+    assert not quiet.datagrams_to_send() and quiet.counters["nat_drop_stun_unexpected"] == 1
 
 
 # ---------------------------------------------------------------- whole introductions
