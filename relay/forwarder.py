@@ -15,6 +15,7 @@ from typing import Any
 
 from shallot.core.link import (
     Address,
+    CellHandOff,
     Link,
     LinkConfig,
     LinkDown,
@@ -40,6 +41,7 @@ from shallot.core.wire.cells import (
     destroy_reason,
     encode_cell,
 )
+from shallot.core.wire.nat_frames import is_nat_cell
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.keys import RelayKeys
@@ -118,23 +120,34 @@ class OnionKeyRing:
 SWEEP_INTERVAL_S = 1.0
 
 
+def relay_link_layer(keys: RelayKeys, *, rng: RandomBytes, wall: float, cert_lifetime_s: int = 7 * 86400) -> LinkLayer:
+    """A relay's link layer: accepts clients and relays, initiates as an authenticated relay (IK)."""
+    cert_expires = int(wall) + cert_lifetime_s
+    return LinkLayer(LinkConfig(
+        link_private=keys.link_private, link_pub=keys.link_pub, accept_clients=True, accept_relays=True,
+        identity_pub=keys.identity_pub, cert_expires=cert_expires, cert_sig=keys.link_cert(cert_expires)),
+        rng=rng)
+
+
 class RelayNode:
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
                  cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
-                 services: Mapping[int, EndpointService] | None = None) -> None:
+                 services: Mapping[int, EndpointService] | None = None, link: LinkLayer | None = None,
+                 nat_cells: CellHandOff | None = None) -> None:
         """``services``: what circuits that end here may ask for, by service id (an exit's echo, discard
-        and, with a TUN, IP; exit/ provides them).  A relay without them refuses every TERMINATE."""
+        and, with a TUN, IP; exit/ provides them).  A relay without them refuses every TERMINATE.
+        ``link``: from ``relay_link_layer`` when the caller builds more on it (a NAT part, core/nat/stack.py);
+        ``nat_cells``: who takes NAT control cells (``nat_frames.is_nat_cell``); without it they are
+        dropped as unknown commands."""
         self.keys = keys
         self.own_host = own_host
         self.services: dict[int, EndpointService] = dict(services or {})
         self.config = config or RelayConfig()
         self._rng = rng
-        cert_expires = int(wall) + cert_lifetime_s
-        self.link = LinkLayer(LinkConfig(
-            link_private=keys.link_private, link_pub=keys.link_pub, accept_clients=True, accept_relays=True,
-            identity_pub=keys.identity_pub, cert_expires=cert_expires, cert_sig=keys.link_cert(cert_expires)),
-            rng=rng)
+        self.link = link if link is not None else relay_link_layer(keys, rng=rng, wall=wall,
+                                                                   cert_lifetime_s=cert_lifetime_s)
         self.link.on_cell = self._on_cell
+        self._nat_cells = nat_cells
         self.ring = OnionKeyRing.from_relay_keys(keys)
         self.counters: Counter[str] = Counter()
         self.circuits: dict[int, tuple[RelayCircuit, bool]] = {}  # key -> (circuit, arrived_from_prev)
@@ -156,6 +169,9 @@ class RelayNode:
     @property
     def outbox(self) -> list[tuple[bytes, Address]]:
         return self.link.outbox
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return self.link.datagrams_to_send()
 
     def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
         self._now = now
@@ -287,6 +303,9 @@ class RelayNode:
             reason = destroy_reason(cell[CELL_HEADER_LEN:])
             self.counters[f"destroy_received_{reason.name.lower()}"] += 1
             self._destroy(circ, reason, skip=link)
+            return
+        if self._nat_cells is not None and is_nat_cell(cell):
+            self._nat_cells(link, cell, self._now)
             return
         self.counters["drop_unknown_command"] += 1
 

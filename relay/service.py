@@ -17,14 +17,14 @@ from shallot.core.control import ControlServer
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint
-from shallot.core.nat import NatLayer
-from shallot.core.nat.classify import ALT_PORT_OFFSET, NatProbe
+from shallot.core.nat import NatClassified, NatPart, NodeStack, PublicAddressChanged
+from shallot.core.nat.classify import ALT_PORT_OFFSET, NatProbe, NatType
 from shallot.crypto.codec import Address
 from shallot.crypto.descriptor import Descriptor, Reachability
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
 from shallot.relay import state as state_dir
 from shallot.relay.endpoints import EndpointService
-from shallot.relay.forwarder import RelayConfig, RelayNode
+from shallot.relay.forwarder import RelayConfig, RelayNode, relay_link_layer
 
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
@@ -83,7 +83,8 @@ class RelayService:
         self.desc: Descriptor | None = None
         self.stun_alt_port = stun_alt_port
         self.introducers = introducers or []
-        self.nat: NatLayer | None = None
+        self.nat: NatPart | None = None
+        self._classified: asyncio.Future[NatType] | None = None  # resolved on NatClassified (_after_datagrams)
         self.alt: _AltPort | None = None
         self._reachability: Reachability | None = None
         self.keys, self.settings = state_dir.load(state)
@@ -108,15 +109,18 @@ class RelayService:
         if self.keys.rotate_onion_keys(secrets.token_bytes, wall):
             state_dir.save_keys(self.state, self.keys)
         desc = self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall)
-        self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
-                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
-                              services=self.services)
         host, port = self.settings.address
         behind_nat = bool(self.introducers)
-        self.nat = NatLayer(self.node, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
+        # the node stack, built once (core/nat/stack.py): a public relay serves STUN and introductions
+        link = relay_link_layer(self.keys, rng=secrets.token_bytes, wall=wall)
+        self.nat = NatPart(link, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
+        self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
+                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
+                              services=self.services, link=link, nat_cells=self.nat.control_cell)
+        node_stack = NodeStack(self.node, self.nat)
         async with contextlib.AsyncExitStack() as stack:  # every part started is stopped, in reverse order
             try:
-                self.endpoint = await open_endpoint(self.nat, (host, port), after=self._after_datagrams)
+                self.endpoint = await open_endpoint(node_stack, (host, port), after=self._after_datagrams)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
@@ -173,8 +177,8 @@ class RelayService:
         except OSError as exc:
             raise ShallotError(f"cannot open the alternate STUN port {host}:{port}: {exc.strerror}") from None
         self.alt = proto
-        assert self.nat is not None
-        self.nat.has_alt_port = True
+        assert self.nat is not None and self.nat.stun_server is not None
+        self.nat.stun_server.has_alt_port = True
 
     async def _join_through_nat(self, wall: float) -> Descriptor:
         """Behind a NAT: classify it with two introducers, register, publish a descriptor that says so."""
@@ -182,12 +186,13 @@ class RelayService:
         intro = self.introducers
         r1, r2 = intro[0].address, intro[1 % len(intro)].address
         local = self.settings.address if self.settings.address[0] not in ("0.0.0.0", "::") else None
+        self._classified = asyncio.get_running_loop().create_future()
         self.nat.start_probe(NatProbe(r1, (r1[0], r1[1] + ALT_PORT_OFFSET), r2, (r2[0], r2[1] + ALT_PORT_OFFSET),
                                       secrets.token_bytes, local=local), time.monotonic())
         self.endpoint.poke()
-        deadline = time.monotonic() + NAT_PROBE_TIMEOUT_S
-        while self.nat.nat_type is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self.nat.nat_type is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._classified, NAT_PROBE_TIMEOUT_S)
         nat_type = self.nat.nat_type
         if nat_type is None or nat_type.udp_blocked or nat_type.public is None:
             raise ShallotError("no STUN answer from the introducers: is UDP blocked, or are they down?")
@@ -209,25 +214,37 @@ class RelayService:
 
     def _flush_alt(self) -> None:
         nat = self.nat
-        if nat is None or not nat.alt_outbox:
+        if nat is None:
             return
+        out = nat.alt_datagrams_to_send()
         transport = self.alt.transport if self.alt is not None else None
-        for data, addr in nat.alt_outbox:
+        for data, addr in out:
             if transport is not None:
                 transport.sendto(data, addr)
-        nat.alt_outbox.clear()
 
     def _after_datagrams(self) -> None:
         self._flush_alt()
         nat = self.nat
-        if nat is not None and nat.public_changed and nat.public is not None and self.introducers:
-            nat.public_changed = False  # re-sign with the new public address; links follow by roaming
+        if nat is not None and nat.events:
+            self._nat_events(nat)
+        if self.part is not None:
+            self.part.after_datagrams()
+
+    def _nat_events(self, nat: NatPart) -> None:
+        moved = False
+        while nat.events:
+            event = nat.events.popleft()
+            if isinstance(event, NatClassified):
+                if self._classified is not None and not self._classified.done():
+                    self._classified.set_result(event.nat)
+            elif isinstance(event, PublicAddressChanged):
+                moved = True
+        if moved and nat.public is not None and self.introducers:
+            # re-sign with the new public address; links follow by roaming
             self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, time.time(),
                                                      reachability=self._reachability, public=nat.public)
             if self.discovery is not None:
                 self.discovery.publish_now()  # "republish on change": the new address reaches the DHT at once
-        if self.part is not None:
-            self.part.after_datagrams()
 
     async def _rotate_loop(self) -> None:
         while True:

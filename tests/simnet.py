@@ -41,9 +41,7 @@ class SimNet:
         for _ in range(max_steps):
             moved = False
             for src, node in list(self.nodes.items()):
-                out = node.outbox[:]
-                node.outbox.clear()
-                for data, dst in out:
+                for data, dst in node.datagrams_to_send():
                     moved = True
                     if self.tap is not None:
                         data = self.tap(src, dst, data)

@@ -11,8 +11,12 @@ from shallot.core.circuit.client import (
     ClientNode,
     ConfigReceived,
     DatagramReceived,
+    Dialer,
+    DirectDialer,
+    client_link_layer,
     destroy_text,
 )
 
 __all__ = ["CircuitBuilt", "CircuitClosed", "CircuitFailed", "CircuitState", "ClientCircuit", "ClientEvent",
-           "ClientNode", "ConfigReceived", "DatagramReceived", "destroy_text"]
+           "ClientNode", "ConfigReceived", "DatagramReceived", "Dialer", "DirectDialer", "client_link_layer",
+           "destroy_text"]

@@ -2,17 +2,28 @@
 
 ``ClientNode`` owns the client's LinkLayer (anonymous Noise NK links to guards) and its circuits.
 Inputs: ``receive_datagram``, ``handle_timer``, commands ``build``, ``send``, ``close``.
-Outputs: ``outbox``, ``events`` (CircuitBuilt, CircuitFailed, CircuitClosed, DatagramReceived), ``timer()``.
+Outputs: ``datagrams_to_send()``, ``events`` (CircuitBuilt, CircuitFailed, CircuitClosed, DatagramReceived),
+``timer()``.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from shallot.core.link import Address, Link, LinkConfig, LinkDown, LinkLayer, LinkState, LinkUp, new_circuit_id
+from shallot.core.link import (
+    Address,
+    CellHandOff,
+    Link,
+    LinkConfig,
+    LinkDown,
+    LinkLayer,
+    LinkState,
+    LinkUp,
+    new_circuit_id,
+)
 from shallot.core.wire.cells import (
     CMD_CREATE,
     CMD_CREATED,
@@ -29,6 +40,7 @@ from shallot.core.wire.cells import (
     encode_cell,
     encode_message,
 )
+from shallot.core.wire.nat_frames import is_nat_cell
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Descriptor
@@ -122,21 +134,44 @@ def destroy_text(reason: DestroyReason) -> str:
     return _DESTROY_TEXT[reason]
 
 
+class Dialer(Protocol):
+    """How the node reaches a guard: ``DirectDialer``, or NAT traversal (core.nat.NatDialer) that goes through
+    the introducers of a guard behind a NAT.  Given to the node when it is built."""
+
+    def dial(self, desc: Descriptor, now: float, wall: float) -> Link: ...
+
+
+@dataclass
+class DirectDialer:
+    link: LinkLayer
+
+    def dial(self, desc: Descriptor, now: float, wall: float) -> Link:
+        return self.link.open_link(desc.address, desc.link_pub, now, wall)
+
+
+def client_link_layer(rng: RandomBytes) -> LinkLayer:
+    """A client's link layer: anonymous (Noise NK) links to guards."""
+    priv, pub = x25519_keypair(rng)  # unused static: clients are anonymous
+    return LinkLayer(LinkConfig(link_private=priv, link_pub=pub), rng=rng)
+
+
 class ClientNode:
-    def __init__(self, *, rng: RandomBytes) -> None:
+    def __init__(self, *, rng: RandomBytes, link: LinkLayer | None = None, dialer: Dialer | None = None,
+                 nat_cells: CellHandOff | None = None) -> None:
+        """``link``: from ``client_link_layer`` when the caller builds more on it (a NAT part, core/nat/stack.py);
+        ``dialer``: how to reach guards (default: directly); ``nat_cells``: who takes NAT control cells
+        (circuit id 0, ``nat_frames.is_nat_cell``); without it they are dropped as of no circuit."""
         self._rng = rng
-        priv, pub = x25519_keypair(rng)  # unused static: clients are anonymous (Noise NK)
-        self.link = LinkLayer(LinkConfig(link_private=priv, link_pub=pub), rng=rng)
+        self.link = link if link is not None else client_link_layer(rng)
         self.link.on_cell = self._on_cell
+        self.dialer: Dialer = dialer if dialer is not None else DirectDialer(self.link)
+        self._nat_cells = nat_cells
         self.keys = KeyPool(rng, size=6)  # two builds' worth of ephemerals, made while idle
         self.events: deque[ClientEvent] = deque()
         self.counters: Counter[str] = Counter()
         self.circuits: dict[int, ClientCircuit] = {}
         self._by_wire: dict[int, ClientCircuit] = {}
         self._guard_links: dict[bytes, Link] = {}
-        # how to reach a guard; NAT traversal (core/nat/layer.py) replaces it to go through introducers
-        self.dial: Callable[[Descriptor, float, float], Link] = lambda d, now, wall: self.link.open_link(
-            d.address, d.link_pub, now, wall)
         self._next_id = 1
         self._now = 0.0
         self._wall = 0.0
@@ -144,6 +179,9 @@ class ClientNode:
     @property
     def outbox(self) -> list[tuple[bytes, Address]]:
         return self.link.outbox
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return self.link.datagrams_to_send()
 
     # ------------------------------------------------------------------ commands
     def build(self, path: list[Descriptor], now: float, wall: float, *,
@@ -157,7 +195,7 @@ class ClientNode:
         guard = path[0]
         link = self._guard_links.get(guard.relay_id)
         if link is None or link.state is LinkState.CLOSED:
-            link = self.dial(guard, now, wall)
+            link = self.dialer.dial(guard, now, wall)
             self._guard_links[guard.relay_id] = link
         circ.link = link
         link.users += 1
@@ -237,6 +275,9 @@ class ClientNode:
     def _on_cell(self, link: Link, cell: bytes) -> None:
         circ = self._by_wire.get((link.link_id << 32) | int.from_bytes(cell[:4], "big"))
         if circ is None:
+            if self._nat_cells is not None and is_nat_cell(cell):
+                self._nat_cells(link, cell, self._now)
+                return
             self.counters["drop_unknown_circuit"] += 1
             return
         cmd = cell[4]

@@ -2,5 +2,6 @@
 and a loop.
 
     udp.py             NodeEndpoint: one UDP socket driving one machine (GRO/GSO batching, one timer)
-    circuit_client.py  CircuitClient: a ClientNode on a NodeEndpoint, with futures for builds and echoes
+    circuit_client.py  CircuitClient: a ClientNode and its NAT part (a NodeStack) on a NodeEndpoint, with futures
+                       for builds, echoes and the NAT classification
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -15,10 +16,11 @@ from shallot.core.circuit import (
     ClientCircuit,
     ClientNode,
     DatagramReceived,
+    client_link_layer,
 )
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint
-from shallot.core.nat import NatLayer
+from shallot.core.nat import NatClassified, NatPart, NodeStack
 from shallot.core.nat.classify import ALT_PORT_OFFSET, NatProbe, NatType
 from shallot.crypto.circuit_handshake import SERVICE_ECHO
 from shallot.crypto.descriptor import Descriptor
@@ -26,11 +28,15 @@ from shallot.crypto.descriptor import Descriptor
 
 class CircuitClient:
     def __init__(self) -> None:
-        self.node = ClientNode(rng=secrets.token_bytes)
-        # NAT traversal: guards behind NATs are reached through their introducers (core/nat/layer.py)
-        self.nat = NatLayer(self.node, rng=secrets.token_bytes)
-        self.node.dial = self.nat.dial
+        # the node stack, built once (core/nat/stack.py): NAT traversal reaches guards behind NATs through
+        # their introducers, so the node dials through the NAT part and hands it NAT control cells
+        rng = secrets.token_bytes
+        link = client_link_layer(rng)
+        self.nat = NatPart(link, rng=rng)
+        self.node = ClientNode(rng=rng, link=link, dialer=self.nat.dialer, nat_cells=self.nat.control_cell)
+        self.stack = NodeStack(self.node, self.nat)
         self.endpoint: NodeEndpoint | None = None
+        self._classified: asyncio.Future[NatType] | None = None
         self._waiters: dict[int, asyncio.Future[ClientCircuit]] = {}
         self.inbox: dict[int, asyncio.Queue[bytes]] = {}
         self.on_event: Callable[[Any], None] | None = None
@@ -41,18 +47,19 @@ class CircuitClient:
 
     async def start(self, family_of: str = "127.0.0.1") -> None:
         local = ("::", 0) if ":" in family_of else ("0.0.0.0", 0)
-        self.endpoint = await open_endpoint(self.nat, local, after=self._dispatch)
+        self.endpoint = await open_endpoint(self.stack, local, after=self._dispatch)
 
     async def classify_nat(self, relay1: tuple[str, int], relay2: tuple[str, int], *, alt_offset: int = ALT_PORT_OFFSET,
                            timeout: float = 10.0) -> NatType | None:
         """Learn our NAT's behaviour from two public relays (main and alternate STUN ports), on our link socket."""
         assert self.endpoint is not None
         alt1, alt2 = (relay1[0], relay1[1] + alt_offset), (relay2[0], relay2[1] + alt_offset)
+        self._classified = asyncio.get_running_loop().create_future()  # resolved by _dispatch on NatClassified
         self.nat.start_probe(NatProbe(relay1, alt1, relay2, alt2, secrets.token_bytes), time.monotonic())
         self.endpoint.poke()
-        deadline = time.monotonic() + timeout
-        while self.nat.nat_type is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if self.nat.nat_type is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._classified, timeout)
         return self.nat.nat_type
 
     def close(self) -> None:
@@ -98,6 +105,12 @@ class CircuitClient:
         ep = self.endpoint
         if ep is None:  # still starting
             return
+        nat_events = self.nat.events
+        while nat_events:
+            nat_event = nat_events.popleft()
+            classified = self._classified
+            if isinstance(nat_event, NatClassified) and classified is not None and not classified.done():
+                classified.set_result(nat_event.nat)
         sent = ep.datagrams_out + len(self.node.outbox)  # including what is about to be flushed
         for circ in self.node.circuits.values():
             mark = self._marks.get(circ.circuit_id)

@@ -1,7 +1,7 @@
 """Thin asyncio adapter: one UDP socket driving one sans-I/O node.  No protocol logic lives here.
 
 The node must offer ``receive_datagram(data, addr, now, wall)``, ``handle_timer(now, wall)``,
-``outbox`` (a list of (datagram, address) it appends to) and ``timer()``.
+``datagrams_to_send()`` (the (datagram, address) pairs queued since the last call, handed over) and ``timer()``.
 
 I/O is batched where Linux allows it: the socket reads with UDP_GRO (the kernel hands over a train of
 same-size datagrams in one read) and sends runs of same-size datagrams to one peer with UDP_SEGMENT
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class SansIoNode(Protocol):
-    outbox: list[tuple[bytes, tuple[str, int]]]
+    def datagrams_to_send(self) -> list[tuple[bytes, tuple[str, int]]]: ...
 
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float, wall: float) -> None: ...
 
@@ -135,13 +135,14 @@ class NodeEndpoint:
     def _after_and_flush(self) -> None:
         if self.after is not None:
             self.after()  # may queue more datagrams (replies to what just arrived): flush after it
-        if self.node.outbox:
-            self.flush()
+        self.flush()
 
     # ------------------------------------------------------------------ send
     def flush(self) -> None:
-        outbox = self.node.outbox
-        if not outbox or self._closed:
+        if self._closed:
+            return
+        outbox = self.node.datagrams_to_send()
+        if not outbox:
             return
         self.datagrams_out += len(outbox)
         tap = self.tap
@@ -151,13 +152,11 @@ class NodeEndpoint:
         if len(outbox) == 1 or not self.gso:
             for data, addr in outbox:
                 self._sendto(data, addr)
-            outbox.clear()
             return
         # group per destination, keeping order within each; GSO runs of equal-size datagrams
         groups: dict[tuple[str, int], list[bytes]] = {}
         for data, addr in outbox:
             groups.setdefault(addr, []).append(data)
-        outbox.clear()
         for addr, datas in groups.items():
             i, n = 0, len(datas)
             while i < n:

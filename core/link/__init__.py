@@ -1,7 +1,7 @@
 """The link layer (docs/PROTOCOL.md §4), sans-I/O: authenticated, encrypted UDP sessions between
 neighbours.  ``LinkLayer`` owns every link of a node; the rest of the package is what it is made of.
 
-    state.py        Link, LinkState, PeerKind, LinkConfig, LinkError
+    state.py        Link, LinkState, PeerKind, LinkConfig, LinkError, CellHandOff
     session.py      Session: transport keys, sealing, the replay window
     events.py       LinkUp, LinkDown
     circuit_ids.py  which half of the circuit-id space each end of a link uses
@@ -12,8 +12,8 @@ from shallot.core.link.circuit_ids import INITIATOR_ID_BIT, new_circuit_id, peer
 from shallot.core.link.events import LinkDown, LinkUp
 from shallot.core.link.layer import PADDING_CELL, LinkLayer
 from shallot.core.link.session import Session
-from shallot.core.link.state import Link, LinkConfig, LinkError, LinkState, PeerKind
+from shallot.core.link.state import CellHandOff, Link, LinkConfig, LinkError, LinkState, PeerKind
 from shallot.crypto.codec import Address
 
-__all__ = ["INITIATOR_ID_BIT", "PADDING_CELL", "Address", "Link", "LinkConfig", "LinkDown", "LinkError", "LinkLayer",
-           "LinkState", "LinkUp", "PeerKind", "Session", "new_circuit_id", "peer_may_create"]
+__all__ = ["INITIATOR_ID_BIT", "PADDING_CELL", "Address", "CellHandOff", "Link", "LinkConfig", "LinkDown", "LinkError",
+           "LinkLayer", "LinkState", "LinkUp", "PeerKind", "Session", "new_circuit_id", "peer_may_create"]

@@ -2,7 +2,8 @@
 
 One ``LinkLayer`` owns every link of a node.  Inputs: ``receive_datagram(data, addr, now, wall)``,
 ``handle_timer(now, wall)`` and commands (``open_link``, ``send_cell``, ``close_link``).  Outputs:
-``outbox`` (datagrams with their destination), ``events`` (LinkUp / LinkDown) and ``timer()``.
+``datagrams_to_send()`` (the queue ``outbox`` of datagrams with their destination, handed over), ``events``
+(LinkUp / LinkDown) and ``timer()``.
 Cells are handed to ``on_cell(link, cell)``, set by the owner, because that is the per-packet path.
 
 A link never answers a packet it cannot authenticate.  The only unauthenticated input it answers is
@@ -135,6 +136,15 @@ class LinkLayer:
         link.queued.clear()
         self.links.pop(link.link_id, None)
         self.events.append(LinkDown(link, reason))
+
+    # ------------------------------------------------------------------ outputs
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Everything queued since the last call, handed over: the caller sends it.  Whoever queues (this
+        layer, the relay's forwarding path, the NAT part) appends to ``outbox``, the one queue of the socket."""
+        out = self.outbox
+        if out:
+            self.outbox = []
+        return out
 
     # ------------------------------------------------------------------ inputs
     def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shallot.core.link.session import Session
@@ -66,3 +67,6 @@ class Link:
 
     def __repr__(self) -> str:
         return f"Link({self.link_id}, {self.kind.value}, {self.state.value})"
+
+
+CellHandOff = Callable[[Link, bytes, float], None]  # (link, cell, now): a cell its owner passes on, e.g. NAT control

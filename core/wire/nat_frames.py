@@ -37,6 +37,7 @@ STATUS_UNKNOWN_TARGET = 1
 STATUS_BUSY = 2
 PUNCH_PROBE = 0
 PUNCH_REPLY = 1
+_NO_CIRCUIT = bytes(4)
 
 
 def _addr(addr: Address) -> bytes:
@@ -105,6 +106,11 @@ def relayed_session(data: bytes) -> bytes:
             or not MSG_INIT_CLIENT <= data[RELAYED_HEADER_LEN] <= MSG_TRANSPORT:
         raise DecodeError("bad RELAYED")
     return data[1:9]
+
+
+def is_nat_cell(cell: bytes) -> bool:
+    """A NAT control cell (circuit id 0, command REGISTER or above), which a node hands to its NAT part."""
+    return cell[4] >= CMD_NAT_REGISTER and cell[:4] == _NO_CIRCUIT
 
 
 def register_cell() -> bytes:

@@ -32,12 +32,13 @@ CHANGE_PORT = 0x02
 FINGERPRINT_XOR = 0x5354554E
 MAX_ATTRIBUTES = 8
 MAX_MESSAGE_LEN = 548  # RFC 8489: fits any path MTU; we never need more
+FIRST_BYTE_LIMIT = 0x40  # a STUN message's top two bits are zero: its first byte is below this
 
 
 
 def is_stun(data: bytes) -> bool:
     """Cheap demux test: top two bits zero, magic cookie in place, 4-byte aligned, long enough."""
-    return len(data) >= HEADER_LEN and data[0] < 0x40 and data[4:8] == MAGIC_BYTES and len(data) % 4 == 0
+    return len(data) >= HEADER_LEN and data[0] < FIRST_BYTE_LIMIT and data[4:8] == MAGIC_BYTES and len(data) % 4 == 0
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
                 if data == payload:
                     rtts.append((time.monotonic() - struct.unpack("!Id", data[8:20])[1]) * 1000)
                     break
-        link_method = client.nat.link_method(circ.link) if circ.link is not None else "direct"
+        link_method = client.nat.link_method(circ.link).value if circ.link is not None else "direct"
         link_ms = (circ.create_sent_at - circ.started_at) * 1000
         client.close_circuit(circ)
         await asyncio.sleep(0.05)  # let the DESTROY leave

@@ -76,7 +76,7 @@ def test_an_upward_import_is_a_violation() -> None:
 
 
 def test_siblings_that_must_be_independent() -> None:
-    assert layer_violations({"shallot.core.nat.layer": [Import("shallot.core.circuit.client", 9, False)]})
+    assert layer_violations({"shallot.core.nat.dialer": [Import("shallot.core.circuit.client", 9, False)]})
     assert layer_violations({"shallot.core.vpn.tunnel": [Import("shallot.core.io.udp", 9, False)]})
     assert not layer_violations({"shallot.core.io.circuit_client": [Import("shallot.core.nat", 9, False)]})
 

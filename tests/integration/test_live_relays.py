@@ -180,13 +180,13 @@ async def test_slow_build_is_still_one_datagram_each_way(network: RunningNetwork
     pid = network.pids[path_of(network)[1].id_hex]
     async with open_client() as client:
         arrivals: list[int] = []
-        receive = client.node.receive_datagram
+        receive = client.stack.receive_datagram  # what the socket feeds (the node sits behind the NAT demux)
 
         def recording_receive(data: bytes, addr: Any, now: float, wall: float) -> None:
             arrivals.append(len(data))
             receive(data, addr, now, wall)
 
-        client.node.receive_datagram = recording_receive  # type: ignore[method-assign]
+        client.stack.receive_datagram = recording_receive  # type: ignore[method-assign]
         os.kill(pid, signal.SIGSTOP)  # the middle sits on the CREATE for a while (a slow, loaded relay)
         try:
             build = asyncio.ensure_future(client.build(path_of(network)))

@@ -1,18 +1,19 @@
 """NAT traversal parsers on arbitrary and mutated bytes: only DecodeError, and valid values round-trip.
-The whole NatLayer (server role, which parses the most) never raises on any datagram and stays bounded."""
+A whole relay node stack (server roles, which parse the most) never raises on any datagram and stays bounded."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shallot.core.nat.layer import MAX_SESSIONS, NatLayer
+from shallot.core.nat import NatPart, NodeStack
+from shallot.core.nat.limits import MAX_SESSIONS
 from shallot.core.wire import nat_frames as nm
 from shallot.core.wire import stun
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Reachability
 from shallot.crypto.keys import RelayKeys
-from shallot.relay.forwarder import RelayNode
+from shallot.relay.forwarder import RelayNode, relay_link_layer
 from tests.simnet import det_rng
 
 ipv4 = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)).map(
@@ -82,17 +83,21 @@ def test_nat_messages_round_trip(rid: bytes, target: bytes, mapping: int, filter
     assert nm.Introduce.decode(intro.cell()) == intro
 
 
-_server = NatLayer(RelayNode(RelayKeys.generate(det_rng(1), 1.8e9), rng=det_rng(2), wall=1.8e9),
-                   rng=det_rng(3), serve=True)
+def _relay_stack() -> NodeStack:
+    keys, rng = RelayKeys.generate(det_rng(1), 1.8e9), det_rng(2)
+    link = relay_link_layer(keys, rng=rng, wall=1.8e9)
+    nat = NatPart(link, rng=det_rng(3), serve=True)
+    return NodeStack(RelayNode(keys, rng=rng, wall=1.8e9, link=link, nat_cells=nat.control_cell), nat)
+
+
+_server = _relay_stack()
 
 
 @settings(max_examples=2000, deadline=None)
 @given(mutated(), addresses)
 def test_server_never_raises_and_stays_bounded(data: bytes, src: tuple[str, int]) -> None:
     _server.receive_datagram(data, src, 100.0, 1.8e9)
-    _server.receive_alt(data, src, 100.0)
-    for out, _dest in _server.outbox:
+    _server.nat.receive_alt(data, src, 100.0)
+    for out, _dest in _server.datagrams_to_send() + _server.nat.alt_datagrams_to_send():
         assert len(out) <= max(len(data) + 24, 40)  # never much more than what came in
-    _server.outbox.clear()
-    _server.alt_outbox.clear()
-    assert len(_server.sessions) <= MAX_SESSIONS
+    assert _server.nat.introducer is not None and len(_server.nat.introducer.sessions) <= MAX_SESSIONS

@@ -109,9 +109,8 @@ class SkewedNode:
     def __init__(self, node: Any, skew_s: float) -> None:
         self.node, self.skew_s = node, skew_s
 
-    @property
-    def outbox(self) -> list:
-        return self.node.outbox
+    def datagrams_to_send(self) -> list:
+        return self.node.datagrams_to_send()
 
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float, wall: float) -> None:
         self.node.receive_datagram(data, addr, now, wall + self.skew_s)

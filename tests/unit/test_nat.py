@@ -1,22 +1,18 @@
-"""NAT traversal pieces without sockets: the STUN codec, the RFC 5780 classifier, the punch/relay decision,
-the descriptor's reachability extension, the NAT message codecs, the STUN server's limits, and whole
-introductions (punched, relayed, relayed then upgraded) between sans-I/O nodes on tests/simnet."""
+"""NAT traversal codecs and decisions without sockets: the STUN codec, the RFC 5780 classifier (core/nat/classify.py),
+the punch/relay decision, the descriptor's reachability extension, the NAT message codecs, and the choice of
+STUN servers for ``probe``.  The roles of core/nat have their own files (test_nat_<role>.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from shallot.core.circuit import ClientNode
-from shallot.core.link import LinkState
-from shallot.core.nat import NatLayer
 from shallot.core.nat.classify import OPEN, Behaviour, NatProbe, NatType, Plan, classify, plan_link
 from shallot.core.wire import nat_frames as nm
 from shallot.core.wire import stun
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import FLAG_EXTENSIONS, Descriptor, DescriptorError, Reachability
 from shallot.crypto.keys import RelayKeys
-from shallot.relay.forwarder import RelayNode
-from tests.simnet import SimNet, det_rng
+from tests.simnet import det_rng
 
 EI, AD, APD = Behaviour.ENDPOINT_INDEPENDENT, Behaviour.ADDRESS_DEPENDENT, Behaviour.ADDRESS_AND_PORT_DEPENDENT
 TXID = bytes(range(12))
@@ -61,12 +57,6 @@ def test_decode_rejects_tampering_truncation_and_trailing_bytes() -> None:
             stun.decode(resp[:n])
     with pytest.raises(DecodeError):
         stun.decode(resp + bytes(4))
-
-
-def test_demux_never_confuses_stun_with_link_or_nat_packets() -> None:
-    assert stun.is_stun(stun.binding_request(TXID))
-    for first in (0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58):
-        assert not stun.is_stun(bytes((first, 1)) + bytes(2) + stun.MAGIC_BYTES + bytes(12))
 
 
 # ---------------------------------------------------------------- classification and plan
@@ -194,119 +184,6 @@ def test_nat_messages_round_trip_and_reject_garbage() -> None:
                     continue
                 raise AssertionError(f"{decoder} accepted {data!r}")
             raise DecodeError("all rejected")
-
-
-# ---------------------------------------------------------------- STUN server behaviour
-def _relay(net: SimNet, i: int, *, serve: bool) -> tuple[NatLayer, RelayKeys, tuple[str, int]]:
-    keys = _keys(100 + i)
-    addr = (f"10.{i}.0.1", 9000)
-    layer = NatLayer(RelayNode(keys, rng=det_rng(i), wall=net.wall), rng=det_rng(50 + i), serve=serve)
-    net.add(addr, layer)
-    return layer, keys, addr
-
-
-def test_relay_answers_binding_without_amplification_and_rate_limits() -> None:
-    net = SimNet()
-    relay, _, _ = _relay(net, 1, serve=True)
-    src = ("203.0.113.50", 1234)
-    for fp in (False, True):
-        req = stun.binding_request(TXID, fingerprint=fp)
-        relay.receive_datagram(req, src, net.now, net.wall)
-        (resp, dest), = relay.outbox
-        relay.outbox.clear()
-        assert dest == src and stun.mapped_address(stun.decode(resp)) == src
-        assert len(resp) <= len(req) + 24 and (len(resp) + 28) / (len(req) + 28) < 1.3
-    for _ in range(100):
-        relay.receive_datagram(stun.binding_request(TXID), src, net.now, net.wall)
-    assert len(relay.outbox) <= 40 and relay.counters["nat_drop_stun_rate"] >= 60
-    quiet, _, _ = _relay(net, 2, serve=False)  # not a server: silent
-    quiet.receive_datagram(stun.binding_request(TXID), src, net.now, net.wall)
-    assert not quiet.outbox and quiet.counters["nat_drop_stun_unexpected"] == 1
-
-
-# ---------------------------------------------------------------- whole introductions
-class Scene:
-    """Introducer I, a relay B behind a 'NAT' (its descriptor names I), a client A; a tap decides which
-    direct A<->B datagrams get through."""
-
-    def __init__(self, a_nat: NatType, b_nat: NatType) -> None:
-        self.net = SimNet()
-        self.intro, ikeys, self.i_addr = _relay(self.net, 1, serve=True)
-        self.b, bkeys, self.b_addr = _relay(self.net, 2, serve=False)
-        self.b.nat_type = b_nat
-        self.b.register([(ikeys.relay_id, self.i_addr, ikeys.link_pub)], self.net.now, self.net.wall)
-        self.client = ClientNode(rng=det_rng(7))
-        self.a = NatLayer(self.client, rng=det_rng(8))
-        self.a.nat_type = a_nat
-        self.client.dial = self.a.dial
-        self.a_addr = ("192.0.2.10", 5555)
-        self.net.add(self.a_addr, self.a)
-        self.direct_ok = True
-        ends = {self.a_addr, self.b_addr}
-        self.net.tap = lambda src, dst, data: None if ({src, dst} == ends and not self.direct_ok) else data
-        self.net.run()
-        self.desc = Descriptor.create(bkeys, nickname="natted", addresses=(self.b_addr,), exit_node=False,
-                                      published=int(self.net.wall), lifetime_s=3600,
-                                      reachability=Reachability(int(b_nat.mapping), int(b_nat.filtering),
-                                                                ((ikeys.relay_id, self.i_addr),)))
-
-    def dial(self) -> object:
-        link = self.a.dial(self.desc, self.net.now, self.net.wall)
-        for _ in range(40):
-            self.net.run()
-            if link.state is LinkState.UP:
-                break
-            self.net.advance(0.1)
-        return link
-
-
-def test_introduction_punches_a_direct_link() -> None:
-    scene = Scene(NatType(EI, APD), NatType(EI, APD))
-    link = scene.dial()
-    assert link.state is LinkState.UP and link.addr == scene.b_addr
-    assert scene.a.link_method(link) == "hole-punched"
-    assert scene.intro.counters["nat_introduced"] == 1 and scene.b.counters["nat_introduced_to_peer"] == 1
-    assert scene.intro.counters["nat_relayed"] == 0
-    b_links = scene.b.status()["links"]
-    assert {"client": "hole-punched"}.items() <= {lk["peer"]: lk["method"] for lk in b_links}.items()
-
-
-def test_impossible_punch_goes_through_the_relay_then_upgrades_when_a_path_opens() -> None:
-    scene = Scene(NatType(APD, APD), NatType(APD, APD))
-    scene.direct_ok = False
-    link = scene.dial()
-    assert link.state is LinkState.UP and link.addr[1] == 0 and scene.a.link_method(link) == "relayed"
-    relayed = scene.intro.counters["nat_relayed"]
-    assert relayed >= 2 and scene.a.counters["nat_relay_fallback"] == 1
-    # the introducer saw only link packets (ciphertext) and the two addresses
-    assert all(src in (scene.a_addr, scene.b_addr) for src, dst, _ in scene.net.log if dst == scene.i_addr
-               and _[:1] == b"\x58")
-    scene.direct_ok = True  # e.g. one NAT was replaced: the next punch gets through and both ends roam
-    for _ in range(25):
-        scene.net.advance(1.0)
-        if link.addr == scene.b_addr:
-            break
-    assert link.state is LinkState.UP and link.addr == scene.b_addr
-    assert scene.a.link_method(link) == "hole-punched"
-
-
-def test_punch_that_times_out_falls_back_to_the_relay() -> None:
-    scene = Scene(NatType(EI, APD), NatType(EI, APD))  # predicted to punch ...
-    scene.direct_ok = False  # ... but the path is broken
-    link = scene.dial()
-    assert link.state is LinkState.UP and scene.a.link_method(link) == "relayed"
-    assert scene.a.counters["nat_relay_fallback"] == 1
-
-
-def test_garbage_on_the_link_socket_never_raises() -> None:
-    net = SimNet()
-    relay, _, _ = _relay(net, 1, serve=True)
-    for data in (b"", b"\x00", b"\x55" * 40, b"\x56" * 37, b"\x57" * 12, b"\x58" * 30, bytes(20),
-                 b"\x00\x01\x00\x04" + stun.MAGIC_BYTES + bytes(12)):  # STUN with a wrong length
-        relay.receive_datagram(data, ("203.0.113.1", 1), net.now, net.wall)
-    dropped = sum(v for k, v in relay.counters.items() if k.startswith("nat_drop"))
-    dropped += sum(v for k, v in relay.node.link.counters.items() if k.startswith("drop_"))
-    assert dropped == 8
 
 
 def _desc(seed: int, host: str, introducers: tuple[tuple[str, int], ...] = ()) -> Descriptor:

@@ -1,0 +1,29 @@
+"""Timers and limits of NAT traversal, in one place (docs/PROTOCOL.md §13.5 lists them by these names)."""
+
+from __future__ import annotations
+
+# dialer
+INTRO_RETRY_S = 0.5
+INTRO_TRIES = 4  # per introducer
+PUNCH_INTERVAL_S = 0.1  # both ends, while punching
+PUNCH_TIMEOUT_S = 2.0  # then relay fallback
+UPGRADE_INTERVAL_S = 10.0  # a relayed link keeps trying a direct path this often ...
+UPGRADE_TRIES = 6  # ... this many times
+MAX_DIALS = 256
+
+# registrant (a relay behind a NAT)
+INTRODUCED_KEEP_S = 120.0
+REREGISTER_S = 2.0
+REBIND_CHECK_S = 20.0
+MAX_INTRODUCED = 256
+
+# introducer (relay-server)
+SESSION_IDLE_S = 120.0  # a session without traffic is forgotten
+MAX_REGISTRATIONS = 1024
+MAX_SESSIONS = 4096
+INTRO_RATE, INTRO_BURST = 10.0, 20.0  # INTRO_REQUESTs per source IP
+
+# STUN server (§13.1)
+STUN_MAX_GROWTH = 24  # a STUN answer is at most this many bytes longer than the request
+STUN_RATE, STUN_BURST = 20.0, 40.0  # requests answered per source IP
+FORWARD_RATE, FORWARD_BURST = 20.0, 40.0  # one global bucket: OTHER-RELAY forwards and RESPONSE-DESTINATION answers
