@@ -2,15 +2,15 @@
 loop, and is driven only through the control API (core/control/).  ``shallot engine`` runs it in
 its own process; the CLI and the desktop app attach to it.
 
-Commands (docs/PROTOCOL.md §9): status, connect {exit?, path?}, disconnect, new_circuit,
-set_directory {path}, shutdown.  Events: "state" with the same snapshot ``status`` returns.
+Commands (docs/PROTOCOL.md §9.5; typed in core/control/api.py): status, connect {exit?, path?}, disconnect,
+new_circuit, configure {EngineConfig}, set_directory {path}, peers, shutdown.  Events: "state" with the
+same snapshot ``status`` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 import signal
@@ -20,12 +20,35 @@ from typing import Any
 
 from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit, ConfigReceived
 from shallot.core.circuit.path import choose_path
-from shallot.core.control import ControlError, ControlServer
+from shallot.core.control import ControlServer
+from shallot.core.control.api import (
+    ROLES,
+    Configure,
+    Connect,
+    ControlError,
+    Disconnect,
+    EngineConfig,
+    EngineMode,
+    EngineState,
+    ErrorKind,
+    HopStatus,
+    NewCircuit,
+    Peers,
+    PeersReply,
+    RelayEntry,
+    Role,
+    SetDirectory,
+    Shutdown,
+    Status,
+    StatusSnapshot,
+)
+from shallot.core.discovery.cache import default_cache_path
 from shallot.core.discovery.directory import load_directory
-from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery
+from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery, parse_seeds
 from shallot.core.errors import ShallotError
 from shallot.core.io.circuit_client import CircuitClient
 from shallot.core.vpn.helper import PrivilegeError
+from shallot.core.vpn.tunnel import Tunnel
 from shallot.crypto.circuit_handshake import SERVICE_ECHO, SERVICE_IP
 from shallot.crypto.descriptor import Descriptor
 
@@ -47,24 +70,25 @@ def guard_endpoints(guard: Descriptor) -> list[tuple[str, int]]:
     return out
 
 
-class EngineState(enum.Enum):
-    DISCONNECTED = "disconnected"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    ERROR = "error"
+# the privileged helper's failures (core/vpn/helper.py PrivilegeError.code), as error kinds
+HELPER_KINDS = {"helper-missing": ErrorKind.HELPER_MISSING, "helper-denied": ErrorKind.HELPER_DENIED,
+                "helper-failed": ErrorKind.HELPER_FAILED}
 
 
 class ClientEngine:
-    def __init__(self, directory: Path | None = None, *, tunnel: Any = None,
-                 discovery: ClientDiscovery | None = None) -> None:
-        """``tunnel``: a core.connect.Tunnel for VPN mode (IP circuits through a TUN device); without it
-        the engine keeps an echo circuit (probe mode: no system routes).  ``discovery``: relays come from
-        the DHT view (refreshed by ``run_discovery``) instead of a directory file."""
-        self.tunnel = tunnel
-        self.discovery = discovery
+    def __init__(self, *, own_ids: tuple[bytes, ...] = (), helper_fd: int | None = None) -> None:
+        """``own_ids``: this machine's relay, never in our circuits.  ``helper_fd``: a socket to a privileged
+        helper that is already running (``--helper-fd``), for the first VPN tunnel.  The settings come with
+        ``configure``: a directory file or DHT bootstrap peers, and VPN mode (a Tunnel: IP circuits through
+        a TUN device) or probe mode (an echo circuit, no system routes)."""
+        self.config = EngineConfig()
+        self.tunnel: Tunnel | None = None
+        self.discovery: ClientDiscovery | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._helper_fd = helper_fd
+        self._own_ids = own_ids
         self._configs: asyncio.Queue[bytes] = asyncio.Queue()
-        self.directory_path = directory
+        self.directory_path: Path | None = None
         self.state = EngineState.DISCONNECTED
         self.step = ""
         self.error = ""
@@ -88,34 +112,39 @@ class ClientEngine:
         self._wake = asyncio.Event()
         self._rotate = False
         self._path_spec: str | None = None
-        self.error_code = ""  # machine-readable kind of `error` for the GUI: helper-missing, helper-denied, ...
+        self.error_kind: ErrorKind | None = None  # what kind of error `error` is, for final errors
         self._view_ready = asyncio.Event()
-        self.avoid_always: set[bytes] = set()  # this machine's own relay: never in our circuits
+        self.avoid_always: set[bytes] = set(own_ids)  # this machine's own relay: never in our circuits
         self._rng = random.SystemRandom()
 
     # ------------------------------------------------------------------ public API
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value, "step": self.step, "error": self.error, "error_code": self.error_code,
-            "mode": "vpn" if self.tunnel is not None else "probe",
-            "trying": self._want_connected,  # false after disconnect and after a final error: nothing retries
-            "kill_switch": bool(self.tunnel is not None and self.tunnel.kill_switch),
-            "directory": str(self.directory_path) if self.directory_path else None,
-            "exit": self.exit_choice,
-            "circuit": [{"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}",
-                         "exit": d.is_exit, "rtt_ms": self._hop_rtt_ms(i)} for i, d in enumerate(self.path)]
-            if self.state is EngineState.CONNECTED else [],
-            "build_ms": self.build_ms, "rtt_ms": self.rtt_ms,
-            "connected_since": self.connected_since,  # kept across circuit switches
-            "circuit_since": self.circuit_since,  # when the current circuit was built
-            "circuits_built": self.circuits_built,
-            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-            "relays_known": len(self.discovery.view) if self.discovery else None,
-            "dht_peers": len(self.discovery.dht_peers) if self.discovery else None,
-            "discovery": self.discovery.status() if self.discovery else None,
+    def snapshot(self) -> StatusSnapshot:
+        return StatusSnapshot(
+            state=self.state, step=self.step, error=self.error, error_kind=self.error_kind,
+            mode=EngineMode.VPN if self.tunnel is not None else EngineMode.PROBE,
+            trying=self._want_connected,  # false after disconnect and after a final error: nothing retries
+            kill_switch=self.tunnel is not None and self.tunnel.kill_switch,
+            directory=str(self.directory_path) if self.directory_path else None,
+            exit=self.exit_choice,
+            circuit=tuple(HopStatus(role, d.id_hex, d.nickname, f"{d.address[0]}:{d.address[1]}", d.is_exit,
+                                    self._hop_rtt_ms(i)) for i, (role, d) in enumerate(zip(ROLES, self.path)))
+            if self.state is EngineState.CONNECTED else (),
+            build_ms=self.build_ms, rtt_ms=self.rtt_ms,
+            connected_since=self.connected_since,  # kept across circuit switches
+            circuit_since=self.circuit_since,  # when the current circuit was built
+            circuits_built=self.circuits_built, bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
+            relays_known=len(self.discovery.view) if self.discovery else None,
+            dht_peers=len(self.discovery.dht_peers) if self.discovery else None,
+            discovery=self.discovery.status() if self.discovery else None,
             # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
-            "nat": self.client.nat.status() if self.client is not None else None,
-        }
+            nat=self.client.nat.status() if self.client is not None else None)
+
+    def peers(self) -> PeersReply:
+        """With discovery, the DHT nodes of the last crawl and the view; else the directory file's relays."""
+        if self.discovery is not None:
+            return self.discovery.peers()
+        relays = self._relays() if self.directory_path else []
+        return PeersReply(dht=False, relays=tuple(RelayEntry.of(d, dated=False) for d in relays))
 
     def _hop_rtt_ms(self, hop: int) -> float | None:
         """Round trip from us to this hop, where one is measured: the guard's link handshake (one datagram
@@ -128,9 +157,9 @@ class ClientEngine:
             return self.rtt_ms
         return None
 
-    async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> dict[str, Any]:
+    async def connect(self, exit_spec: str | None = None, path_spec: str | None = None) -> StatusSnapshot:
         if self.directory_path is None and self.discovery is None:
-            raise ControlError("no-directory", "no directory file is set: choose one in the settings")
+            raise ControlError(ErrorKind.NO_DIRECTORY, "no directory file is set: choose one in the settings")
         self.exit_choice = exit_spec
         self._path_spec = path_spec
         self._want_connected = True
@@ -140,7 +169,7 @@ class ClientEngine:
             self._supervisor = asyncio.create_task(self._supervise())
         return self.snapshot()
 
-    async def disconnect(self) -> dict[str, Any]:
+    async def disconnect(self) -> StatusSnapshot:
         self._want_connected = False
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -153,31 +182,93 @@ class ClientEngine:
         self._set(EngineState.DISCONNECTED, "", "")
         return self.snapshot()
 
-    async def new_circuit(self) -> dict[str, Any]:
+    async def new_circuit(self) -> StatusSnapshot:
         """Switch to a fresh circuit through other relays; the old one carries traffic until the new
         one is up, so the user sees no gap and no error."""
         if not self._want_connected:
-            raise ControlError("not-connected", "not connected")
+            raise ControlError(ErrorKind.NOT_CONNECTED, "not connected")
         self._rotate = True
         self._wake.set()
         return self.snapshot()
 
-    def set_directory(self, path: Path) -> None:
+    def set_directory(self, path: Path) -> StatusSnapshot:
+        """Version 1's way to name the directory file (``configure`` names all settings at once)."""
         load_directory(path)  # validate now so the user gets the error at once
         self.directory_path = path
+        self.config = self.config.replace(directory=str(path))
+        return self.snapshot()
+
+    def configure(self, config: EngineConfig, *, check_directory: bool = True) -> StatusSnapshot:
+        """Replace the settings (docs/PROTOCOL.md §9.5 ``configure``).  While the engine is trying (connecting,
+        connected, retrying) only the settings it already has are accepted: the others would change the
+        circuit's or the system's set-up under it, so the answer is BUSY and the user disconnects first.
+        Everything is checked before anything changes.  ``check_directory``: load the directory file now
+        (the CLI's flags leave that to the first connect, as they always did)."""
+        if config == self.config:
+            return self.snapshot()
+        if self._want_connected:
+            raise ControlError(ErrorKind.BUSY, "the engine is connected: disconnect before changing its settings")
+        if config.directory and config.bootstrap:
+            raise ControlError(ErrorKind.BAD_CONFIG, "give a directory file or bootstrap peers, not both")
+        try:
+            seeds = [seed for text in config.bootstrap for seed in parse_seeds(text)]
+        except ShallotError as exc:
+            raise ControlError(ErrorKind.BAD_CONFIG, str(exc)) from None
+        if config.directory and check_directory:
+            try:
+                load_directory(Path(config.directory))
+            except ShallotError as exc:
+                raise ControlError(ErrorKind.BAD_DIRECTORY, str(exc)) from None
+        old, self.config = self.config, config
+        self.directory_path = Path(config.directory) if config.directory else None
+        if (config.bootstrap, config.cache) != (old.bootstrap, old.cache):
+            self._stop_discovery()
+            if seeds:
+                self._start_discovery(seeds, Path(config.cache) if config.cache else default_cache_path())
+        if (config.vpn, config.kill_switch) != (old.vpn, old.kill_switch) or (config.vpn and self.tunnel is None):
+            self._drop_tunnel()
+            if config.vpn:
+                self.tunnel = Tunnel(kill_switch=config.kill_switch, dns=config.dns, helper_fd=self._helper_fd)
+                self._helper_fd = None
+        if self.tunnel is not None:
+            self.tunnel.dns = config.dns  # read at each CONFIG answer: no new helper session needed
+        return self.snapshot()
+
+    def _start_discovery(self, seeds: list[tuple[str, int]], cache: Path) -> None:
+        self.discovery = ClientDiscovery(seeds, cache, self_ids=self._own_ids)
+        self.discovery.load_cache()
+        self._view_ready = asyncio.Event()
+        self._refresher = asyncio.get_running_loop().create_task(self.run_discovery())
+
+    def _stop_discovery(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        if self.discovery is not None:
+            self.discovery.close()
+            self.discovery = None
+
+    def _drop_tunnel(self) -> None:
+        """VPN mode off, or a new kill-switch setting (the helper session is made for one): the old tunnel
+        puts everything back and ends its helper session; a --helper-fd it never used goes to the next."""
+        if self.tunnel is not None:
+            if self.tunnel.helper_fd is not None:
+                self._helper_fd = self.tunnel.helper_fd
+            self.tunnel.shutdown()
+            self.tunnel = None
 
     async def close(self) -> None:
         await self.disconnect()
-        if self.tunnel is not None:
-            self.tunnel.shutdown()
+        self._drop_tunnel()
+        self._stop_discovery()
         if self.client is not None:
             self.client.close()
             self.client = None
 
     # ------------------------------------------------------------------ supervision
-    def _set(self, state: EngineState, step: str = "", error: str = "", code: str = "") -> None:
+    def _set(self, state: EngineState, step: str = "", error: str = "", kind: ErrorKind | None = None) -> None:
         self.state, self.step, self.error = state, step, error
-        self.error_code = code if error else ""
+        self.error_kind = kind if error else None
         snap = self.snapshot()
         for listener in list(self.listeners):
             listener(snap)
@@ -204,7 +295,7 @@ class ClientEngine:
                 log.warning("%s", exc)
                 self._want_connected = False
                 self._drop_circuit()
-                self._set(EngineState.ERROR, "", str(exc), exc.code)
+                self._set(EngineState.ERROR, "", str(exc), HELPER_KINDS.get(exc.code, ErrorKind.HELPER_FAILED))
                 return
             except Exception as exc:  # ShallotError is the expected kind; anything else is logged as a bug
                 if not self._want_connected:
@@ -261,10 +352,10 @@ class ClientEngine:
             self.client = CircuitClient()
             await self.client.start(path[0].address[0])
             self.client.on_event = self._on_event
-            if self.tunnel is not None:
-                self.client.on_datagram = self.tunnel.deliver
-                self.tunnel.client = self.client
+        # VPN mode may have been switched by ``configure`` since the client was made
+        self.client.on_datagram = self.tunnel.deliver if self.tunnel is not None else None
         if self.tunnel is not None:
+            self.tunnel.client = self.client
             self.tunnel.prepare(guard_endpoints(path[0]))
         service = SERVICE_IP if self.tunnel is not None else SERVICE_ECHO
         circ = await self.client.build(path, timeout=BUILD_TIMEOUT_S, service=service)
@@ -414,77 +505,51 @@ class ClientEngine:
             self._circuit_dead.set()
 
 
-async def run_engine(socket_path: Path, *, directory: Path | None = None, tunnel: Any = None,
-                     autoconnect: bool = False, path: str | None = None, exit_spec: str | None = None,
-                     seeds: list[tuple[str, int]] | None = None, cache: Path | None = None,
-                     own_ids: tuple[bytes, ...] = ()) -> None:
-    discovery = None
-    if seeds:
-        from shallot.core.discovery.cache import default_cache_path
-        discovery = ClientDiscovery(seeds, cache or default_cache_path(), self_ids=own_ids)
-        discovery.load_cache()
-    engine = ClientEngine(directory, tunnel=tunnel, discovery=discovery)
-    engine.avoid_always = set(own_ids)
+async def run_engine(socket_path: Path, config: EngineConfig, *, own_ids: tuple[bytes, ...] = (),
+                     helper_fd: int | None = None, autoconnect: bool = False, path: str | None = None,
+                     exit_spec: str | None = None) -> None:
+    """Serve the control API on ``socket_path`` until shutdown, SIGTERM or SIGINT.  ``config`` comes from the
+    command line; ``configure`` replaces it."""
+    engine = ClientEngine(own_ids=own_ids, helper_fd=helper_fd)
+    engine.configure(config, check_directory=False)  # a bad seed fails here, before the socket opens
     stop = asyncio.Event()
 
-    async def status(args: dict[str, Any]) -> dict[str, Any]:
-        return engine.snapshot()
-
-    async def connect(args: dict[str, Any]) -> dict[str, Any]:
-        return await engine.connect(exit_spec=args.get("exit") or None, path_spec=args.get("path") or None)
-
-    async def disconnect(args: dict[str, Any]) -> dict[str, Any]:
-        return await engine.disconnect()
-
-    async def new_circuit(args: dict[str, Any]) -> dict[str, Any]:
-        return await engine.new_circuit()
-
-    async def set_directory(args: dict[str, Any]) -> dict[str, Any]:
-        path = args.get("path")
-        if not isinstance(path, str) or not path:
-            raise ControlError("bad-request", "set_directory needs a 'path'")
-        engine.set_directory(Path(path))
-        return engine.snapshot()
-
-    async def peers(args: dict[str, Any]) -> dict[str, Any]:
-        if engine.discovery is None:
-            return {"dht_peers": [], "relays": [{"id": d.id_hex, "nickname": d.nickname, "exit": d.is_exit,
-                                                 "address": f"{d.address[0]}:{d.address[1]}"}
-                                                for d in engine._relays()] if engine.directory_path else [],
-                    "dht": False}
-        return {**engine.discovery.peers(), "dht": True}
-
-    async def shutdown(args: dict[str, Any]) -> None:
+    async def shutdown(request: Shutdown) -> None:
         stop.set()
 
-    server = ControlServer(socket_path, "client", {
-        "status": status, "connect": connect, "disconnect": disconnect, "new_circuit": new_circuit,
-        "set_directory": set_directory, "peers": peers, "shutdown": shutdown})
-    engine.listeners.append(lambda snap: server.publish("state", snap))
-    last_state: list[str] = [""]
+    server = ControlServer(socket_path, Role.CLIENT, {
+        Status: lambda r: engine.snapshot(),
+        Connect: lambda r: engine.connect(exit_spec=r.exit, path_spec=r.path),
+        Disconnect: lambda r: engine.disconnect(),
+        NewCircuit: lambda r: engine.new_circuit(),
+        Configure: lambda r: engine.configure(r.config),
+        SetDirectory: lambda r: engine.set_directory(Path(r.path)),
+        Peers: lambda r: engine.peers(),
+        Shutdown: shutdown,
+    })
+    last_state: list[EngineState | None] = [None]
 
-    def say(snap: dict[str, Any]) -> None:  # one line per state change, for people and scripts
-        if snap["state"] != last_state[0]:
-            last_state[0] = snap["state"]
-            hops = " -> ".join(h["nickname"] for h in snap["circuit"])
-            detail = hops or snap["error"] or snap["step"]
-            print(f"shallot: {snap['state']}{': ' + detail if detail else ''}", flush=True)
+    def say(snap: StatusSnapshot) -> None:  # one line per state change, for people and scripts
+        if snap.state is not last_state[0]:
+            last_state[0] = snap.state
+            hops = " -> ".join(h.nickname for h in snap.circuit)
+            detail = hops or snap.error or snap.step
+            print(f"shallot: {snap.state.value}{': ' + detail if detail else ''}", flush=True)
 
-    engine.listeners.append(say)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await engine.close()  # the discovery the settings started; the socket path is not ours to remove
+        raise
+    engine.listeners += [lambda snap: server.publish("state", snap), say]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
-    refresher = asyncio.create_task(engine.run_discovery()) if discovery is not None else None
-    if autoconnect:
-        await engine.connect(exit_spec=exit_spec, path_spec=path)
     try:
+        if autoconnect:
+            await engine.connect(exit_spec=exit_spec, path_spec=path)
         await stop.wait()
     finally:
-        if refresher is not None:
-            refresher.cancel()
         await engine.close()
-        if discovery is not None:
-            discovery.close()
         await server.close()
