@@ -189,6 +189,16 @@ Action = (Publish | AcquirePrivileges | FetchRelays | Build | Use | SendPing | R
 # ---------------------------------------------------------------------------------------------- the machine
 
 
+# The phases and what moves them (a "switch" is rule 4's new circuit for a live connection):
+#
+#   IDLE        --connect-->             PRIVILEGES (VPN mode, not yet allowed) | RELAYS
+#   PRIVILEGES  --PrivilegesAcquired-->  RELAYS         --Failed-->  BACKOFF | IDLE (final)
+#   RELAYS      --RelaysFetched-->       BUILDING       --Failed-->  BACKOFF | OPEN (a switch keeps the current)
+#   BUILDING    --Built-->               OPEN           --Failed-->  BACKOFF | IDLE (final) | OPEN (a switch)
+#   OPEN        --new_circuit, between ping rounds-->  RELAYS (a switch)
+#   OPEN        --MAX_MISSED_PINGS, CircuitLost-->     BACKOFF | IDLE (final)
+#   BACKOFF     --timer-->               PRIVILEGES | RELAYS
+#   any         --disconnect-->          IDLE
 class Phase(enum.Enum):
     IDLE = "idle"  # not trying: disconnected, or given up (rule 2)
     PRIVILEGES = "privileges"  # AcquirePrivileges out

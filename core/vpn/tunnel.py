@@ -87,7 +87,7 @@ class Tunnel:
     def configure(self, config: bytes, endpoints: list[tuple[str, int]], sink: CircuitSink) -> None:
         """The exit of ``sink``'s circuit answered CONFIG: the device gets its address and MTU, and packets go
         through that circuit from now on.  ``endpoints``: where the guard's link sends
-        (engine.guard_endpoints): routed around the tunnel and let through the kill switch."""
+        (core/engine/circuits.py guard_endpoints): routed around the tunnel and let through the kill switch."""
         address, resolver, mtu = decode_config(config)
         if self.fd < 0:
             fd = self._fd = self.net.open_tun(mtu)
