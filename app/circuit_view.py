@@ -8,8 +8,9 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPaintEvent, QPen, QPolygonF
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from shallot.app.presenter import ROLES, Hop, Phase, format_ms
+from shallot.app.presenter import format_ms
 from shallot.app.theme import state_colour
+from shallot.core.control.api import ROLES, EngineState, HopStatus
 
 LATENCY_TIP = {
     "guard": "Round trip to the guard: its link handshake, one datagram each way.",
@@ -21,7 +22,7 @@ LATENCY_TIP = {
 class Arrow(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.colour = state_colour(Phase.DISCONNECTED)
+        self.colour = state_colour(EngineState.DISCONNECTED)
         self.dashed = True
         self.setMinimumWidth(22)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
@@ -120,7 +121,7 @@ class HopCard(QFrame):
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.show_hop(None)
 
-    def show_hop(self, hop: Hop | None) -> None:
+    def show_hop(self, hop: HopStatus | None) -> None:
         if hop is None:
             self.nickname.setText("—")
             self.short_id.setText("not chosen")
@@ -148,17 +149,16 @@ class CircuitView(QWidget):
                                 Endpoint("internet", "INTERNET")]
         for w in items:
             lay.addWidget(w, 3 if isinstance(w, HopCard) else 1 if isinstance(w, Arrow) else 0)
-        self.hops: tuple[Hop, ...] = ()
+        self.hops: tuple[HopStatus, ...] = ()
 
-    def show_circuit(self, hops: tuple[Hop, ...], phase: Phase) -> None:
+    def show_circuit(self, hops: tuple[HopStatus, ...], phase: EngineState) -> None:
         self.hops = hops
         by_role = {h.role: h for h in hops}
         for role, card in self.cards.items():
             card.show_hop(by_role.get(role))
-        live = phase is Phase.CONNECTED and bool(hops)
+        live = phase is EngineState.CONNECTED and bool(hops)
         for arrow in self.arrows:
-            arrow.set_state(state_colour(phase if live or phase is not Phase.DISCONNECTED else Phase.DISCONNECTED),
-                            dashed=not live)
+            arrow.set_state(state_colour(phase), dashed=not live)
 
     def shown(self) -> list[tuple[str, str, str]]:
         """(nickname, short id, address) as the cards display them (for tests and accessibility)."""

@@ -9,8 +9,8 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QAbstractButton, QWidget
 
-from shallot.app.presenter import Phase
 from shallot.app.theme import state_colour
+from shallot.core.control.api import EngineState
 
 SPIN_INTERVAL_MS = 33  # ~30 frames a second, and only while busy
 
@@ -21,7 +21,7 @@ class ConnectButton(QAbstractButton):
         self.setCursor(Qt.CursorShape.PointingHandCursor)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setMinimumSize(188, 188)
-        self.phase = Phase.DISCONNECTED
+        self.phase = EngineState.DISCONNECTED
         self.busy = False
         self._angle = 0.0
         self._spin = QTimer(self)
@@ -33,7 +33,7 @@ class ConnectButton(QAbstractButton):
     def sizeHint(self) -> QSize:
         return QSize(200, 200)
 
-    def show_state(self, phase: Phase, text: str, busy: bool) -> None:
+    def show_state(self, phase: EngineState, text: str, busy: bool) -> None:
         self.phase, self.busy = phase, busy
         self.setText(text)
         self.setAccessibleName(text)
@@ -59,12 +59,12 @@ class ConnectButton(QAbstractButton):
 
         # soft halo, then the disc
         halo = QColor(colour)
-        halo.setAlphaF(0.16 if self.phase is Phase.CONNECTED else 0.10)
+        halo.setAlphaF(0.16 if self.phase is EngineState.CONNECTED else 0.10)
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(halo)
         p.drawEllipse(rect)
         inner = rect.adjusted(side * 0.07, side * 0.07, -side * 0.07, -side * 0.07)
-        disc = QColor(colour) if self.phase is Phase.CONNECTED else pal.base().color()
+        disc = QColor(colour) if self.phase is EngineState.CONNECTED else pal.base().color()
         if self.isDown():
             disc = disc.darker(110)
         p.setBrush(disc)
@@ -83,7 +83,7 @@ class ConnectButton(QAbstractButton):
             p.drawEllipse(rect.adjusted(2, 2, -2, -2))
 
         # power symbol
-        fg = QColor("#ffffff") if self.phase is Phase.CONNECTED else colour
+        fg = QColor("#ffffff") if self.phase is EngineState.CONNECTED else colour
         centre = QPointF(inner.center().x(), inner.center().y() - side * 0.08)
         r = side * 0.14
         pen = QPen(fg, max(3.0, side * 0.035))
@@ -102,7 +102,7 @@ class ConnectButton(QAbstractButton):
         font.setPointSizeF(max(9.0, side * 0.062))
         font.setWeight(QFont.Weight.DemiBold)
         p.setFont(font)
-        p.setPen(QColor("#ffffff") if self.phase is Phase.CONNECTED else pal.text().color())
+        p.setPen(QColor("#ffffff") if self.phase is EngineState.CONNECTED else pal.text().color())
         text_rect = QRectF(inner.left(), centre.y() + r * 1.5, inner.width(), side * 0.16)
         p.drawText(text_rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, self.text())
         p.end()

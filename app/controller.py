@@ -18,25 +18,28 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from shallot.app.engine_link import EngineLink, EngineProblem
-from shallot.app.presenter import (
-    Notifier,
-    Phase,
-    Problem,
-    RateMeter,
-    Snapshot,
-    SnapshotError,
-    ViewState,
-    parse_snapshot,
-    present,
-)
+from shallot.app.engine_link import EngineLink, EngineProblem, engine_config
+from shallot.app.presenter import Button, Notifier, Problem, RateMeter, ViewState, present
 from shallot.app.settings import Settings, SettingsError, SettingsStore, check_usable, state_dir
-from shallot.core.control import ControlError
+from shallot.core.control.api import (
+    Configure,
+    Connect,
+    ControlError,
+    Disconnect,
+    EngineState,
+    ErrorKind,
+    NewCircuit,
+    Request,
+    SnapshotError,
+    Status,
+    StatusSnapshot,
+)
 from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
 
 log = logging.getLogger("shallot.app")
-ENGINE_SETTINGS = ("source", "directory", "bootstrap", "route_all", "kill_switch", "dns_through_tunnel")
+# problems that a change of settings may have fixed
+SETTINGS_KINDS = (ErrorKind.SETTINGS, ErrorKind.NO_DIRECTORY, ErrorKind.BAD_DIRECTORY, ErrorKind.BAD_CONFIG)
 
 
 class QtLogHandler(logging.Handler):
@@ -53,7 +56,7 @@ class QtLogHandler(logging.Handler):
 
 class AppController(QObject):
     view_changed = Signal(object)  # ViewState
-    snapshot_changed = Signal(object)  # Snapshot | None
+    snapshot_changed = Signal(object)  # StatusSnapshot | None
     traffic = Signal(float, float)  # up, down in bytes per second
     log_record = Signal(int, str, str)  # level, source, message
     notify = Signal(str, str)  # title, text
@@ -71,7 +74,7 @@ class AppController(QObject):
         self.settings = settings
         self.link = EngineLink(socket, state_dir() / "engine.log", on_snapshot=self._on_snapshot,
                                on_log=self._on_engine_log, on_lost=self._on_lost)
-        self.snapshot: Snapshot | None = None
+        self.snapshot: StatusSnapshot | None = None
         self.problem: Problem | None = None
         self.starting = ""
         self.view: ViewState = present(None, route_all=settings.route_all)
@@ -86,7 +89,7 @@ class AppController(QObject):
 
     # ------------------------------------------------------------------ commands from the widgets
     def toggle(self) -> None:
-        if self.view.button_text == "Connect":
+        if self.view.button is Button.CONNECT:
             self.connect_vpn()
         else:
             self.disconnect_vpn()
@@ -100,21 +103,23 @@ class AppController(QObject):
         self.spawn(self._disconnect())
 
     def new_circuit(self) -> None:
-        self.spawn(self._command("new_circuit"))
+        self.spawn(self._command(NewCircuit()))
 
     def choose_exit(self, exit_id: str) -> None:
         """"" for automatic; while connected the switch goes through a new circuit."""
         if exit_id == self.settings.exit:
             return
         self.apply_settings(self.settings.replace(exit=exit_id))
-        if self.snapshot is not None and self.snapshot.state in (Phase.CONNECTED, Phase.CONNECTING,
-                                                                   Phase.RECONNECTING):
+        if self.snapshot is not None and self.snapshot.state in (EngineState.CONNECTED, EngineState.CONNECTING,
+                                                                   EngineState.RECONNECTING):
             self.spawn(self._switch_exit(exit_id))
 
     def use_probe_mode(self) -> None:
-        """From the helper-missing error: turn off "Route all traffic" and connect with a circuit only."""
+        """From the helper-missing error: turn off "Route all traffic" and connect with a circuit only (the
+        connect sends the engine the new settings)."""
         self.apply_settings(self.settings.replace(route_all=False))
-        self.spawn(self._restart_and_connect())
+        self.problem = None
+        self.connect_vpn()
 
     def retry(self) -> None:
         self.problem = None
@@ -128,13 +133,12 @@ class AppController(QObject):
             except OSError as exc:
                 log.error("could not save the settings to %s: %s", self.store.path, exc.strerror)
         self.settings_changed.emit(new)
-        changed = [k for k in ENGINE_SETTINGS if getattr(old, k) != getattr(new, k)]
-        if changed and self.link.started_by_us and self.link.attached and \
-                (self.snapshot is None or self.snapshot.state is Phase.DISCONNECTED):
-            self.spawn(self.link.shutdown_engine())  # the next Connect starts an engine with the new settings
-        elif changed and self.link.attached and any(k != "directory" for k in changed):
-            log.info("the new settings apply from the next time the engine starts")
-        if self.problem is not None and self.problem.code in ("settings", "no-directory", "directory"):
+        if engine_config(old) != engine_config(new) and self.link.attached:
+            if self.snapshot is not None and self.snapshot.trying:
+                log.info("the new settings apply from the next connect")  # every connect sends them first
+            else:
+                self.spawn(self._configure())  # the window shows the engine's mode and directory at once
+        if self.problem is not None and self.problem.kind in SETTINGS_KINDS:
             self.problem = None
         self._refresh()
 
@@ -154,7 +158,7 @@ class AppController(QObject):
         if not self.link.sock.exists():
             return False
         try:
-            await self.link.ensure(self.settings, lambda _s: None, start=False)
+            await self.link.ensure(lambda _s: None, start=False)
         except EngineProblem:
             return False
         await self._refresh_status()
@@ -166,11 +170,11 @@ class AppController(QObject):
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
-        connected = self.snapshot is not None and self.snapshot.state is not Phase.DISCONNECTED
+        connected = self.snapshot is not None and self.snapshot.state is not EngineState.DISCONNECTED
         if disconnect or (self.link.started_by_us and not connected):
             if not self.link.attached and self.link.started_by_us:
                 with contextlib.suppress(EngineProblem):
-                    await self.link.ensure(self.settings, lambda _s: None)
+                    await self.link.ensure(lambda _s: None)
             await self.link.shutdown_engine()
         else:
             await self.link.detach()
@@ -188,7 +192,7 @@ class AppController(QObject):
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("internal error: %r", exc, exc_info=exc)
-            self.problem = Problem("engine", f"internal error: {exc!r}")
+            self.problem = Problem(ErrorKind.INTERNAL, f"internal error: {exc!r}")
             self.starting = ""
             self._refresh()
 
@@ -198,22 +202,17 @@ class AppController(QObject):
         try:
             check_usable(self.settings)
         except SettingsError as exc:
-            self.fail(Problem("no-directory" if "directory" in str(exc) else "settings", str(exc)))
+            self.fail(Problem(exc.kind, str(exc)))
             return
         self.set_starting("connecting to the Shallot engine")
         try:
-            await self.link.ensure(self.settings, self.set_starting)
-            if self.settings.source == "directory":
-                self.set_starting("checking the directory file")
-                await self.link.call("set_directory", path=self.settings.directory)
+            await self.link.ensure(self.set_starting)
+            self.set_starting("sending the settings to the engine")  # it checks the directory file now
+            await self.link.ask(Configure(engine_config(self.settings)))
             self.set_starting("asking the engine to connect")
-            snap = await self.link.call("connect", exit=self.settings.exit or None)
-        except ControlError as exc:
-            code = {"no-directory": "no-directory", "error": "directory"}.get(exc.kind, "engine")
-            self.fail(Problem(code, str(exc)))
-            return
-        except EngineProblem as exc:
-            self.fail(Problem(exc.code, str(exc)))
+            snap = await self.link.ask(Connect(exit=self.settings.exit or None))
+        except (ControlError, EngineProblem) as exc:
+            self.fail(Problem(exc.kind, str(exc)))
             return
         self.set_starting("the engine is choosing a path")  # until its first snapshot says more
         self._on_snapshot(snap, False)
@@ -229,48 +228,49 @@ class AppController(QObject):
         self.problem = None
         if self.link.attached:
             try:
-                snap = await self.link.call("disconnect")
+                snap = await self.link.ask(Disconnect())
             except (EngineProblem, ControlError) as exc:
-                self.fail(Problem("engine", str(exc)))
+                self.fail(Problem(ErrorKind.ERROR, str(exc)))
                 return
             self._on_snapshot(snap, False)
         else:
             self._refresh()
 
-    async def _command(self, cmd: str, **args: Any) -> None:
+    async def _command(self, request: Request) -> None:
+        what = request.CMD.replace("_", " ")
         try:
-            snap = await self.link.call(cmd, **args)
+            snap = await self.link.ask(request)
         except ControlError as exc:
-            log.warning("%s: %s", cmd.replace("_", " "), exc)
+            log.warning("%s: %s", what, exc)
             return
         except EngineProblem as exc:
-            self.fail(Problem(exc.code, str(exc)))
+            self.fail(Problem(exc.kind, str(exc)))
             return
-        log.info("%s requested", cmd.replace("_", " "))
+        log.info("%s requested", what)
+        self._on_snapshot(snap, False)
+
+    async def _configure(self) -> None:
+        """Settings changed while the engine is idle: it takes them now (a problem shows at the next connect)."""
+        try:
+            snap = await self.link.ask(Configure(engine_config(self.settings)))
+        except (ControlError, EngineProblem) as exc:
+            log.warning("the engine did not take the new settings yet: %s", exc)
+            return
         self._on_snapshot(snap, False)
 
     async def _switch_exit(self, exit_id: str) -> None:
         try:
-            await self.link.call("connect", exit=exit_id or None)
-            snap = await self.link.call("new_circuit")
+            await self.link.ask(Connect(exit=exit_id or None))
+            snap = await self.link.ask(NewCircuit())
         except (ControlError, EngineProblem) as exc:
             log.warning("could not switch the exit: %s", exc)
             return
         log.info("exit: %s", exit_id[:8] or "automatic")
         self._on_snapshot(snap, False)
 
-    async def _restart_and_connect(self) -> None:
-        self.problem = None
-        if self.link.started_by_us:
-            await self.link.shutdown_engine()
-        else:
-            await self.link.detach()
-        self.snapshot = None
-        self.connect_vpn()
-
     async def _refresh_status(self) -> None:
         try:
-            snap = await self.link.call("status")
+            snap = await self.link.ask(Status())
         except (ControlError, EngineProblem):
             return
         self._on_snapshot(snap, False)
@@ -278,16 +278,16 @@ class AppController(QObject):
     # ------------------------------------------------------------------ from the engine
     def _on_snapshot(self, raw: Any, polled: bool) -> None:
         try:
-            snap = parse_snapshot(raw)
+            snap = StatusSnapshot.from_json(raw)
         except SnapshotError as exc:
             log.warning("ignored a bad snapshot from the engine: %s", exc)
             return
-        if self.starting and snap.state is Phase.DISCONNECTED and self._connect_task is not None:
+        if self.starting and snap.state is EngineState.DISCONNECTED and self._connect_task is not None:
             return  # from before our connect request took effect
-        if snap.state is not Phase.DISCONNECTED:
+        if snap.state is not EngineState.DISCONNECTED:
             self.starting = ""
-        if snap.error_code in ("helper-missing", "helper-denied") and self.problem is None:
-            log.error("%s", snap.error or snap.error_code)
+        if snap.error_kind in (ErrorKind.HELPER_MISSING, ErrorKind.HELPER_DENIED) and self.problem is None:
+            log.error("%s", snap.error or snap.error_kind.value)
         old = self.snapshot
         self.snapshot = snap
         if old is None or (old.state, [h.id for h in old.circuit]) != (snap.state, [h.id for h in snap.circuit]):
@@ -306,8 +306,8 @@ class AppController(QObject):
         was = self.snapshot
         self.snapshot = None
         self.meter.reset()
-        if was is not None and was.state is not Phase.DISCONNECTED:
-            self.fail(Problem("engine-lost", f"the engine stopped ({reason})"))
+        if was is not None and was.state is not EngineState.DISCONNECTED:
+            self.fail(Problem(ErrorKind.ENGINE_LOST, f"the engine stopped ({reason})"))
         else:
             log.info("the engine stopped (%s)", reason)
             self._refresh()
@@ -324,8 +324,8 @@ class AppController(QObject):
         log.error("%s", problem.message)
         self._refresh()
 
-    def _log_transition(self, snap: Snapshot) -> None:
-        if snap.state is Phase.CONNECTED and snap.circuit:
+    def _log_transition(self, snap: StatusSnapshot) -> None:
+        if snap.state is EngineState.CONNECTED and snap.circuit:
             log.info("connected: %s", " → ".join(h.nickname or h.short_id for h in snap.circuit))
         elif snap.error:
             log.warning("%s: %s", snap.state.value, snap.error)

@@ -1,5 +1,8 @@
 """The app's only door to the engine: find a running ``shallot engine`` on its control socket, or start one
-as a child process, then talk to it through the control API (core/control/, docs/PROTOCOL.md §9).
+as a child process, then talk to it through the control API (core/control/, docs/PROTOCOL.md §9).  The
+engine starts with no settings; the app sends them with ``configure`` (an EngineConfig made from its
+Settings) before each connect.  An engine that cannot take them is older than the app, which its hello
+says (no ``configure`` among the commands it lists): the app tells the user so.
 
 No Qt here and no engine internals: commands go out as control requests, snapshots come back as "state"
 events (one subscribed connection) and as answers to a ``status`` poll once a second (for the speed graph).
@@ -26,6 +29,7 @@ from typing import Any
 
 from shallot.app.settings import Settings
 from shallot.core.control import ControlClient, ControlError
+from shallot.core.control.api import Configure, EngineConfig, ErrorKind, Request, Role, Shutdown, Status
 from shallot.core.errors import ShallotError
 
 log = logging.getLogger("shallot.app.engine")
@@ -36,40 +40,33 @@ _LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*
 
 
 class EngineProblem(Exception):
-    """Why the engine cannot be used; ``code`` is a key of presenter.ADVICE."""
+    """Why the engine cannot be used; ``kind`` picks the words (presenter.ADVICE)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.kind = kind
 
 
-def engine_argv(settings: Settings, sock: Path) -> list[str]:
-    """The engine command line for these settings (``shallot engine``, plus VPN mode when routing all)."""
-    argv = [sys.executable, "-m", "shallot", "-v", "engine", "--socket", str(sock)]
-    if settings.source == "bootstrap":
-        argv += ["--bootstrap", ",".join(settings.bootstrap)]
-    elif settings.directory:
-        argv += ["--directory", settings.directory]
-    if settings.route_all:
-        argv.append("--vpn")
-        if not settings.kill_switch:
-            argv.append("--no-kill-switch")
-        if not settings.dns_through_tunnel:
-            argv.append("--no-dns")
-    return argv
+def engine_argv(sock: Path) -> list[str]:
+    """The engine command line: only where to listen (the settings follow with ``configure``)."""
+    return [sys.executable, "-m", "shallot", "-v", "engine", "--socket", str(sock)]
 
 
-def explain_start_failure(output: str) -> EngineProblem:
-    """The engine's last words (its stderr) as a problem the window can word."""
-    if re.search(r"unrecognized arguments:.*--(vpn|no-kill-switch|no-dns)", output):
-        return EngineProblem("no-vpn", "the installed engine does not know VPN mode (--vpn)")
-    if re.search(r"unrecognized arguments:.*--bootstrap", output):
-        return EngineProblem("no-bootstrap", "the installed engine does not know --bootstrap")
+def engine_config(settings: Settings) -> EngineConfig:
+    """What the engine needs of the app's settings."""
+    bootstrap = settings.source == "bootstrap"
+    return EngineConfig(directory=None if bootstrap else (settings.directory or None),
+                        bootstrap=settings.bootstrap if bootstrap else (), vpn=settings.route_all,
+                        kill_switch=settings.kill_switch, dns=settings.dns_through_tunnel)
+
+
+def start_failure(output: str) -> EngineProblem:
+    """An engine that exited before it listened: its last words (the CLI's one-line error) for the log."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("shallot: error:"):
-            return EngineProblem("engine-start", line.removeprefix("shallot: error:").strip())
-    return EngineProblem("engine-start", lines[-1][:300] if lines else "it exited without a word")
+            return EngineProblem(ErrorKind.ENGINE_START, line.removeprefix("shallot: error:").strip())
+    return EngineProblem(ErrorKind.ENGINE_START, lines[-1][:300] if lines else "it exited without a word")
 
 
 class EngineLink:
@@ -100,7 +97,7 @@ class EngineLink:
     def engine_pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    async def ensure(self, settings: Settings, progress: Callable[[str], None], *, start: bool = True) -> str:
+    async def ensure(self, progress: Callable[[str], None], *, start: bool = True) -> str:
         """Attach to the engine on ``sock``, starting one first if nobody answers there.  Returns
         "attached" or "started"; raises EngineProblem."""
         if self.client is not None:
@@ -110,34 +107,39 @@ class EngineLink:
         how = "attached"
         if client is None:
             if not start:
-                raise EngineProblem("engine-lost", f"no engine answers on {self.sock}")
+                raise EngineProblem(ErrorKind.ENGINE_LOST, f"no engine answers on {self.sock}")
             progress("starting the Shallot engine")
-            client = await self._start(settings)
+            client = await self._start()
             how = "started"
-        if client.hello.get("role") != "client":
+        if client.hello.role is not Role.CLIENT:
             await client.close()
-            role = client.hello.get("role")
-            raise EngineProblem("engine-start", f"{self.sock} is a {role}'s socket, not an engine's")
+            raise EngineProblem(ErrorKind.ENGINE_START,
+                                f"{self.sock} is a {client.hello.role.value}'s socket, not an engine's")
+        if not client.hello.can(Configure.CMD):
+            await client.close()
+            raise EngineProblem(ErrorKind.ENGINE_OUTDATED, f"the engine on {self.sock} is older than this app "
+                                f"(control protocol version {client.hello.version}): it cannot take its settings")
         self.client = client
         try:
             self._events_client = await ControlClient.connect(self.sock, timeout=5.0)
         except ShallotError as exc:
             await self.detach()
-            raise EngineProblem("engine-lost", str(exc)) from None
+            raise EngineProblem(ErrorKind.ENGINE_LOST, str(exc)) from None
         self._spawn(self._pump_events(self._events_client))
         self._spawn(self._poll())
         log.info("%s the engine on %s", "started" if how == "started" else "attached to", self.sock)
         return how
 
-    async def call(self, cmd: str, timeout: float = 15.0, **args: Any) -> Any:
+    async def ask(self, request: Request, timeout: float = 15.0) -> Any:
+        """The engine's answer (JSON) to a typed request; ControlError if it refuses, EngineProblem if it is gone."""
         if self.client is None:
-            raise EngineProblem("engine-lost", "not attached to an engine")
+            raise EngineProblem(ErrorKind.ENGINE_LOST, "not attached to an engine")
         try:
-            return await self.client.call(cmd, timeout=timeout, **args)
+            return await self.client.ask(request, timeout=timeout)
         except ControlError:
             raise
         except (ShallotError, OSError, TimeoutError) as exc:
-            raise EngineProblem("engine-lost", str(exc) or "no answer from the engine") from None
+            raise EngineProblem(ErrorKind.ENGINE_LOST, str(exc) or "no answer from the engine") from None
 
     async def detach(self) -> None:
         """Stop talking to the engine; it keeps running."""
@@ -159,7 +161,7 @@ class EngineLink:
         if self.client is not None:
             self._closing = True
             with contextlib.suppress(Exception):
-                await self.client.call("shutdown", timeout=5.0)
+                await self.client.ask(Shutdown(), timeout=5.0)
         await self.detach()
         if self.proc is not None:
             deadline = time.monotonic() + 10.0
@@ -187,21 +189,21 @@ class EngineLink:
         except ShallotError:
             return None  # a stale socket: the engine we start replaces it
 
-    async def _start(self, settings: Settings) -> ControlClient:
-        argv = engine_argv(settings, self.sock)
+    async def _start(self) -> ControlClient:
+        argv = engine_argv(self.sock)
         try:
             self.sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
-            raise EngineProblem("engine-start", f"cannot prepare {exc.filename}: {exc.strerror}") from None
+            raise EngineProblem(ErrorKind.ENGINE_START, f"cannot prepare {exc.filename}: {exc.strerror}") from None
         try:
             self._log_offset = os.lseek(fd, 0, os.SEEK_END)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
                                          start_new_session=True)  # survives the window and a Ctrl-C of the app
         except OSError as exc:
-            raise EngineProblem("engine-start", f"cannot run {argv[0]}: {exc.strerror}") from None
+            raise EngineProblem(ErrorKind.ENGINE_START, f"cannot run {argv[0]}: {exc.strerror}") from None
         finally:
             os.close(fd)
         log.info("engine started (pid %d), its log is %s", self.proc.pid, self.log_path)
@@ -210,14 +212,15 @@ class EngineLink:
             if self.proc.poll() is not None:
                 output = self._read_log()
                 self.proc = None
-                raise explain_start_failure(output)
+                raise start_failure(output)
             client = await self._try_connect(timeout=1.0)
             if client is not None:
                 return client
             await asyncio.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGTERM)
-        raise EngineProblem("engine-start", f"it did not open {self.sock} within {ENGINE_START_TIMEOUT_S:.0f} s")
+        raise EngineProblem(ErrorKind.ENGINE_START,
+                            f"it did not open {self.sock} within {ENGINE_START_TIMEOUT_S:.0f} s")
 
     def _read_log(self) -> str:
         """New lines of the engine's log since the last read, also handed to ``on_log``."""
@@ -271,7 +274,7 @@ class EngineLink:
             if self.client is None:
                 return
             try:
-                snap = await self.client.call("status", timeout=5.0)
+                snap = await self.client.ask(Status(), timeout=5.0)
             except (ShallotError, OSError, TimeoutError):
                 continue  # the event stream notices a dead engine
             if isinstance(snap, dict):

@@ -9,8 +9,8 @@ from PySide6.QtCore import QRectF, Qt
 from PySide6.QtGui import QColor, QIcon, QPainter, QPixmap
 from PySide6.QtSvg import QSvgRenderer
 
-from shallot.app.presenter import Phase
 from shallot.app.theme import state_colour
+from shallot.core.control.api import EngineState
 
 ICON_SIZES = (16, 22, 24, 32, 48, 64, 128, 256)
 
@@ -46,10 +46,10 @@ def app_icon() -> QIcon:
     return icon
 
 
-_state_icons: dict[Phase, QIcon] = {}
+_state_icons: dict[EngineState, QIcon] = {}
 
 
-def state_icon(phase: Phase) -> QIcon:
+def state_icon(phase: EngineState) -> QIcon:
     if phase in _state_icons:  # rendering SVGs takes milliseconds: once per state is enough
         return _state_icons[phase]
     icon = _state_icons[phase] = QIcon()

@@ -103,6 +103,7 @@ class AppSession:
     async def run(self) -> None:
         from shallot.app.presenter import Problem
         from shallot.app.tray import Tray
+        from shallot.core.control.api import ErrorKind
 
         minimized = (self.args.minimized or self.controller.settings.start_minimized) and Tray.available() \
             and self.args.screenshot is None
@@ -117,7 +118,7 @@ class AppSession:
                 directory = await self.demo.start()
             except ShallotError as exc:
                 self.controller.starting = ""
-                self.controller.fail(Problem("engine-start", f"the demo network did not start: {exc}"))
+                self.controller.fail(Problem(ErrorKind.ENGINE_START, f"the demo network did not start: {exc}"))
             else:
                 self.controller.starting = ""
                 self.controller.apply_settings(self.controller.settings.replace(directory=str(directory)))
@@ -130,25 +131,26 @@ class AppSession:
             watcher.cancel()
 
     async def _screenshot(self, path: Path, timeout: float) -> None:
-        from shallot.app.presenter import Phase
+        from shallot.core.control.api import EngineState
 
         deadline = time.monotonic() + timeout
         connected = False
         while time.monotonic() < deadline:
             view = self.controller.view
             snap = self.controller.snapshot
-            if view.phase is Phase.CONNECTED and view.hops and snap is not None and snap.rtt_ms is not None:
+            if view.phase is EngineState.CONNECTED and view.hops and snap is not None and snap.rtt_ms is not None:
                 connected = True
                 break
-            if view.phase is Phase.ERROR:
+            if view.phase is EngineState.ERROR:
                 break
             await asyncio.sleep(0.1)
         else:
             from shallot.app.presenter import Problem
-            self.controller.fail(Problem("circuit", f"no connection within {timeout:.0f} s"))
+            from shallot.core.control.api import ErrorKind
+            self.controller.fail(Problem(ErrorKind.CIRCUIT, f"no connection within {timeout:.0f} s"))
         if connected:
             await asyncio.sleep(SCREENSHOT_SETTLE_S)
-            connected = self.controller.view.phase is Phase.CONNECTED
+            connected = self.controller.view.phase is EngineState.CONNECTED
         else:
             await asyncio.sleep(0.3)  # let the error state paint
         pixmap = self.window.grab()

@@ -1,9 +1,10 @@
 """What the window shows, computed from the engine's snapshots (docs/PROTOCOL.md §9.5) and the app's own
 problems.  Pure: no Qt, no clock, no I/O, so every state and every wording is tested without a display.
 
-* ``parse_snapshot``: the engine's JSON, checked field by field (a newer or broken engine must not crash
-  the window: unknown fields are ignored, wrong types fall back to "unknown").
+* The snapshot, its states and the error kinds are the control API's types (core/control/api.py): the
+  engine builds them, ``StatusSnapshot.from_json`` reads them here with every check an engine's JSON needs.
 * ``present``: one ``ViewState`` for the connect button, the headline, the advice and the circuit view.
+* ``ADVICE``: the words for every error kind, in one table (OnionShare's idea).
 * ``Notifier``: which state changes deserve a desktop notification (drop and recovery).
 * ``RateMeter``: up/down speed from byte counters sampled over time.
 """
@@ -11,104 +12,10 @@ problems.  Pure: no Qt, no clock, no I/O, so every state and every wording is te
 from __future__ import annotations
 
 import enum
-import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
-ROLES = ("guard", "middle", "exit")
-MAX_TEXT = 500
-
-
-class SnapshotError(ValueError):
-    """The engine sent something that is not a snapshot."""
-
-
-class Phase(enum.Enum):
-    DISCONNECTED = "disconnected"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Hop:
-    role: str
-    id: str
-    nickname: str
-    address: str
-    rtt_ms: float | None
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:8]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    state: Phase
-    step: str = ""
-    error: str = ""
-    error_code: str = ""
-    trying: bool = True  # the engine keeps (re)building; an engine that does not say is assumed to
-    mode: str = "probe"
-    circuit: tuple[Hop, ...] = ()
-    build_ms: float | None = None
-    rtt_ms: float | None = None
-    connected_since: float | None = None
-    circuit_since: float | None = None
-    circuits_built: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    directory: str | None = None
-    exit: str | None = None
-
-
-def _text(raw: dict[str, Any], key: str) -> str:
-    v = raw.get(key)
-    return v[:MAX_TEXT] if isinstance(v, str) else ""
-
-
-def _number(raw: dict[str, Any], key: str) -> float | None:
-    v = raw.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-        return None
-    return float(v)
-
-
-def _count(raw: dict[str, Any], key: str) -> int:
-    v = raw.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
-def parse_snapshot(raw: Any) -> Snapshot:
-    if not isinstance(raw, dict):
-        raise SnapshotError("a snapshot must be a JSON object")
-    try:
-        state = Phase(raw.get("state"))
-    except ValueError:
-        raise SnapshotError(f"unknown engine state {str(raw.get('state'))[:40]!r}") from None
-    hops: list[Hop] = []
-    circuit = raw.get("circuit")
-    if isinstance(circuit, list) and len(circuit) == len(ROLES):
-        for role, h in zip(ROLES, circuit):
-            if not isinstance(h, dict):
-                hops = []
-                break
-            hops.append(Hop(role, _text(h, "id").lower(), _text(h, "nickname"), _text(h, "address"),
-                            _number(h, "rtt_ms")))
-    mode = _text(raw, "mode")
-    return Snapshot(
-        state=state, step=_text(raw, "step"), error=_text(raw, "error"), error_code=_text(raw, "error_code"),
-        trying=raw.get("trying") is not False,
-        mode=mode if mode in ("probe", "vpn") else "probe", circuit=tuple(hops),
-        build_ms=_number(raw, "build_ms"), rtt_ms=_number(raw, "rtt_ms"),
-        connected_since=_number(raw, "connected_since"), circuit_since=_number(raw, "circuit_since"),
-        circuits_built=_count(raw, "circuits_built"), bytes_sent=_count(raw, "bytes_sent"),
-        bytes_received=_count(raw, "bytes_received"),
-        directory=_text(raw, "directory") or None, exit=_text(raw, "exit") or None)
-
+from shallot.core.control.api import EngineMode, EngineState, ErrorKind, HopStatus, StatusSnapshot
 
 # ---------------------------------------------------------------------------------------------- problems
 
@@ -117,38 +24,66 @@ def parse_snapshot(raw: Any) -> Snapshot:
 class Problem:
     """Something the app itself ran into (the engine's own errors arrive in its snapshot)."""
 
-    code: str
+    kind: ErrorKind
     message: str
 
 
-# The one place that turns problem codes into words: (headline, what to do, action button).
-ADVICE: dict[str, tuple[str, str, str]] = {
-    "helper-missing": ("The VPN helper is not installed",
-                       "Shallot needs its privileged helper to create the tunnel and routes. Install it "
-                       "(README, “VPN mode”), or connect in probe mode: a circuit only, no system routes.",
-                       "probe-mode"),
-    "helper-denied": ("The system refused the network change",
-                      "The password prompt was cancelled or refused, so no routes were changed. Connect "
-                      "again to retry, or use probe mode: a circuit only, no system routes.",
-                      "probe-mode"),
-    "no-vpn": ("This engine has no VPN mode yet",
-               "Turn off “Route all traffic” to connect in probe mode: a circuit only, no system routes.",
-               "probe-mode"),
-    "no-bootstrap": ("This engine cannot use bootstrap peers yet",
-                     "Choose a directory file in Settings instead.", "settings"),
-    "settings": ("Settings need attention", "Open Settings (Ctrl+,) and fix what is named above.", "settings"),
-    "no-directory": ("No relays to use", "Choose a directory file in Settings (Ctrl+,).", "settings"),
-    "directory": ("The directory file cannot be used",
-                  "Choose another directory file in Settings, or make a fresh one with “shallot directory”.",
-                  "settings"),
-    "engine-start": ("The Shallot engine did not start",
-                     "See the log (Ctrl+L) for details, then try again.", "retry"),
-    "engine-lost": ("The Shallot engine stopped", "Connect again to restart it.", "retry"),
-    "engine": ("The engine refused", "See the log (Ctrl+L) for details, then try again.", "retry"),
-    "circuit": ("No circuit right now",
-                "Shallot keeps trying. If this goes on, check that the relays of your directory are "
-                "online, or choose another exit.", "retry"),
+class ViewAction(enum.Enum):
+    """The extra button beside the advice."""
+
+    PROBE_MODE = "probe-mode"  # turn off "Route all traffic" and connect with a circuit only
+    SETTINGS = "settings"  # open the settings dialog
+    RETRY = "retry"  # connect again
+
+
+class Button(enum.Enum):
+    """What the connect button does when clicked (its words are BUTTON_TEXT's)."""
+
+    CONNECT = "connect"
+    DISCONNECT = "disconnect"
+    CANCEL = "cancel"  # stop a connection that is being made (a disconnect)
+
+
+BUTTON_TEXT = {Button.CONNECT: "Connect", Button.DISCONNECT: "Disconnect", Button.CANCEL: "Cancel"}
+
+_REFUSED = ("The engine refused", "See the log (Ctrl+L) for details, then try again.", ViewAction.RETRY)
+_SETTINGS = ("Settings need attention", "Open Settings (Ctrl+,) and fix what is named above.", ViewAction.SETTINGS)
+
+# The one place that turns error kinds into words: (headline, what to do, action button).  A kind without
+# an entry reads as _REFUSED.
+ADVICE: dict[ErrorKind, tuple[str, str, ViewAction]] = {
+    ErrorKind.HELPER_MISSING: (
+        "The VPN helper is not installed",
+        "Shallot needs its privileged helper to create the tunnel and routes. Install it (README, “VPN mode”), "
+        "or connect in probe mode: a circuit only, no system routes.", ViewAction.PROBE_MODE),
+    ErrorKind.HELPER_DENIED: (
+        "The system refused the network change",
+        "The password prompt was cancelled or refused, so no routes were changed. Connect again to retry, or "
+        "use probe mode: a circuit only, no system routes.", ViewAction.PROBE_MODE),
+    ErrorKind.ENGINE_OUTDATED: (
+        "An older Shallot engine is running",
+        "It was started before Shallot was updated and cannot take this app's settings. Stop it (quit the "
+        "app that started it, or end “shallot engine”), then try again.", ViewAction.RETRY),
+    ErrorKind.SETTINGS: _SETTINGS,
+    ErrorKind.BAD_CONFIG: _SETTINGS,
+    ErrorKind.NO_DIRECTORY: ("No relays to use", "Choose a directory file in Settings (Ctrl+,).", ViewAction.SETTINGS),
+    ErrorKind.BAD_DIRECTORY: (
+        "The directory file cannot be used",
+        "Choose another directory file in Settings, or make a fresh one with “shallot directory”.",
+        ViewAction.SETTINGS),
+    ErrorKind.ENGINE_START: ("The Shallot engine did not start",
+                             "See the log (Ctrl+L) for details, then try again.", ViewAction.RETRY),
+    ErrorKind.ENGINE_LOST: ("The Shallot engine stopped", "Connect again to restart it.", ViewAction.RETRY),
+    ErrorKind.ERROR: _REFUSED,
+    ErrorKind.CIRCUIT: (
+        "No circuit right now",
+        "Shallot keeps trying. If this goes on, check that the relays of your directory are online, or "
+        "choose another exit.", ViewAction.RETRY),
 }
+
+
+def advice(kind: ErrorKind) -> tuple[str, str, ViewAction]:
+    return ADVICE.get(kind, _REFUSED)
 
 
 def sentence(text: str) -> str:
@@ -165,62 +100,66 @@ def sentence(text: str) -> str:
 
 @dataclass(frozen=True)
 class ViewState:
-    phase: Phase
+    phase: EngineState
     headline: str  # "Connected", "Connecting…", the problem's title
     detail: str  # the current step, the circuit, or the reason in plain words
     advice: str  # what the user can do ("" when nothing is needed)
-    action: str  # "" | "probe-mode" | "settings" | "retry": an extra button beside the advice
-    button_text: str
+    action: ViewAction | None  # an extra button beside the advice
+    button: Button
     button_busy: bool  # spinning ring on the connect button
-    hops: tuple[Hop, ...]
-    mode: str
+    hops: tuple[HopStatus, ...]
+    mode: EngineMode
     can_new_circuit: bool
 
+    @property
+    def button_text(self) -> str:
+        return BUTTON_TEXT[self.button]
 
-def present(snap: Snapshot | None, problem: Problem | None = None, *, starting: str = "",
+
+def present(snap: StatusSnapshot | None, problem: Problem | None = None, *, starting: str = "",
             route_all: bool = False) -> ViewState:
     """``starting``: what the app is doing before the engine answers (e.g. starting it)."""
-    mode = snap.mode if snap is not None else ("vpn" if route_all else "probe")
+    mode = snap.mode if snap is not None else (EngineMode.VPN if route_all else EngineMode.PROBE)
     if problem is not None:
-        title, advice, action = ADVICE.get(problem.code, ADVICE["engine"])
-        return ViewState(Phase.ERROR, title, sentence(problem.message), advice, action, "Connect", False, (),
-                         mode, False)
+        title, what, action = advice(problem.kind)
+        return ViewState(EngineState.ERROR, title, sentence(problem.message), what, action, Button.CONNECT, False,
+                         (), mode, False)
     if starting:
-        return ViewState(Phase.CONNECTING, "Connecting…", sentence(starting), "", "", "Cancel", True, (), mode,
-                         False)
-    if snap is None or snap.state is Phase.DISCONNECTED:
-        return ViewState(Phase.DISCONNECTED, "Not connected",
-                         "Your traffic goes out directly." if mode == "vpn" or route_all else
+        return ViewState(EngineState.CONNECTING, "Connecting…", sentence(starting), "", None, Button.CANCEL, True,
+                         (), mode, False)
+    if snap is None or snap.state is EngineState.DISCONNECTED:
+        return ViewState(EngineState.DISCONNECTED, "Not connected",
+                         "Your traffic goes out directly." if mode is EngineMode.VPN or route_all else
                          "Probe mode: connecting builds a circuit; your system's traffic is not routed.",
-                         "", "", "Connect", False, (), mode, False)
-    if snap.state is Phase.CONNECTED and snap.circuit:
+                         "", None, Button.CONNECT, False, (), mode, False)
+    if snap.state is EngineState.CONNECTED and snap.circuit:
         exit_hop = snap.circuit[-1]
         detail = f"Through {exit_hop.nickname or exit_hop.short_id}"
         if snap.rtt_ms is not None:
             detail += f" · {format_ms(snap.rtt_ms)} round trip"
-        advice = ""
+        what = ""
         if snap.step:
             detail = sentence(snap.step)
         elif snap.error:  # e.g. a new circuit could not be built and the old one is kept
-            advice = sentence(snap.error)
-        return ViewState(Phase.CONNECTED, "Connected", detail, advice, "", "Disconnect", False, snap.circuit,
-                         mode, not snap.step)
-    if snap.state is Phase.ERROR:
-        code = snap.error_code if snap.error_code in ADVICE else "circuit"
-        title, advice, action = ADVICE[code]
+            what = sentence(snap.error)
+        return ViewState(EngineState.CONNECTED, "Connected", detail, what, None, Button.DISCONNECT, False,
+                         snap.circuit, mode, not snap.step)
+    if snap.state is EngineState.ERROR:
+        kind = snap.error_kind if snap.error_kind in ADVICE else ErrorKind.CIRCUIT
+        title, what, action = advice(kind)
         detail = sentence(snap.error) or "The engine reported an error without a reason."
         if snap.step:
             detail += " " + sentence(snap.step)
         # while the engine retries the button stops it; once it gave up (a final error) the button starts over
-        button = "Disconnect" if snap.trying else "Connect"
-        return ViewState(Phase.ERROR, title, detail, advice, action, button, False, (), mode, False)
+        button = Button.DISCONNECT if snap.trying else Button.CONNECT
+        return ViewState(EngineState.ERROR, title, detail, what, action, button, False, (), mode, False)
     # connecting / reconnecting (or connected without a circuit yet)
-    dropped = snap.state is Phase.RECONNECTING and snap.connected_since is not None
+    dropped = snap.state is EngineState.RECONNECTING and snap.connected_since is not None
     headline = "Reconnecting…" if dropped else "Connecting…"
     detail = sentence(snap.step) or "Starting…"
-    advice = sentence(snap.error) if snap.error else ""
-    return ViewState(Phase.RECONNECTING if dropped else Phase.CONNECTING, headline, detail, advice, "",
-                     "Disconnect" if dropped else "Cancel", True, (), mode, False)
+    what = sentence(snap.error) if snap.error else ""
+    return ViewState(EngineState.RECONNECTING if dropped else EngineState.CONNECTING, headline, detail, what, None,
+                     Button.DISCONNECT if dropped else Button.CANCEL, True, (), mode, False)
 
 
 # ---------------------------------------------------------------------------------------------- notifications
@@ -234,15 +173,15 @@ class Notifier:
         self._was_connected = False
         self._dropped = False
 
-    def feed(self, phase: Phase, user_action: bool = False) -> tuple[str, str] | None:
-        if phase is Phase.CONNECTED:
+    def feed(self, phase: EngineState, user_action: bool = False) -> tuple[str, str] | None:
+        if phase is EngineState.CONNECTED:
             back = self._dropped
             self._was_connected, self._dropped = True, False
             return ("Shallot: connection restored", "Your traffic goes through a new circuit.") if back else None
-        if phase is Phase.DISCONNECTED or user_action:
+        if phase is EngineState.DISCONNECTED or user_action:
             self._was_connected = self._dropped = False
             return None
-        if phase in (Phase.RECONNECTING, Phase.ERROR) and self._was_connected and not self._dropped:
+        if phase in (EngineState.RECONNECTING, EngineState.ERROR) and self._was_connected and not self._dropped:
             self._dropped = True
             return ("Shallot: connection dropped", "The circuit stopped answering; Shallot is building a new one.")
         return None

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shallot.core.control.errors import ErrorKind
+
 log = logging.getLogger("shallot.app.settings")
 
 SETTINGS_VERSION = 1
@@ -28,7 +30,12 @@ THEMES = ("system", "light", "dark")
 
 
 class SettingsError(ValueError):
-    """A value the user typed (or a file holds) that the app cannot use; the message is one plain line."""
+    """A value the user typed (or a file holds) that the app cannot use; the message is one plain line and
+    ``kind`` says which advice fits (no directory file at all, or something else to fix)."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.SETTINGS) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ def check_usable(s: Settings) -> None:
     """Whether the app can start an engine with these settings; raises SettingsError saying what to fix."""
     if s.source == "directory":
         if not s.directory:
-            raise SettingsError("no directory file is set: choose one in Settings (Ctrl+,)")
+            raise SettingsError("no directory file is set: choose one in Settings (Ctrl+,)", ErrorKind.NO_DIRECTORY)
     elif not s.bootstrap:
         raise SettingsError("no bootstrap peers are set: add at least one host:port in Settings (Ctrl+,)")
 

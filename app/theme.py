@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
 
-from shallot.app.presenter import Phase
+from shallot.core.control.api import EngineState
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,15 @@ DARK = Theme("dark", window="#15131b", card="#201d29", border="#332e40", text="#
              accent="#a77bf0", graph_up="#a78bfa", graph_down="#34d399", grid="#2a2634")
 
 STATE_COLOURS = {
-    Phase.DISCONNECTED: "#8b8798",
-    Phase.CONNECTING: "#e3a008",
-    Phase.RECONNECTING: "#e3a008",
-    Phase.CONNECTED: "#16a34a",
-    Phase.ERROR: "#e5484d",
+    EngineState.DISCONNECTED: "#8b8798",
+    EngineState.CONNECTING: "#e3a008",
+    EngineState.RECONNECTING: "#e3a008",
+    EngineState.CONNECTED: "#16a34a",
+    EngineState.ERROR: "#e5484d",
 }
 
 
-def state_colour(phase: Phase) -> QColor:
+def state_colour(phase: EngineState) -> QColor:
     return QColor(STATE_COLOURS[phase])
 
 
@@ -101,5 +101,5 @@ def style_sheet(t: Theme) -> str:
     QToolButton:hover {{ background: {t.border}; }}
     QComboBox {{ border: 1px solid {t.border}; border-radius: 8px; padding: 4px 8px; background: {t.card}; }}
     QPlainTextEdit {{ border: none; background: {t.card}; font-family: monospace; font-size: 9pt; }}
-    QLabel#error {{ color: {STATE_COLOURS[Phase.ERROR]}; }}
+    QLabel#error {{ color: {STATE_COLOURS[EngineState.ERROR]}; }}
     """

@@ -7,12 +7,13 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon, QWidget
 
 from shallot.app.icons import state_icon
-from shallot.app.presenter import Phase, ViewState
+from shallot.app.presenter import ViewState
+from shallot.core.control.api import EngineState
 
 
 class Tray(QSystemTrayIcon):
     def __init__(self, window: QWidget) -> None:
-        super().__init__(state_icon(Phase.DISCONNECTED), window)
+        super().__init__(state_icon(EngineState.DISCONNECTED), window)
         self.window = window
         self.menu = QMenu(window)
         self.state_item = QAction("Not connected", self.menu)
@@ -30,7 +31,7 @@ class Tray(QSystemTrayIcon):
         self.setContextMenu(self.menu)
         self.setToolTip("Shallot: not connected")
         self.last_message: tuple[str, str] | None = None
-        self._phase: Phase | None = None
+        self._phase: EngineState | None = None
 
     @staticmethod
     def available() -> bool:
@@ -48,4 +49,4 @@ class Tray(QSystemTrayIcon):
     def message(self, title: str, text: str) -> None:
         self.last_message = (title, text)
         if self.isVisible() and self.supportsMessages():
-            self.showMessage(title, text, state_icon(self._phase or Phase.DISCONNECTED), 6000)
+            self.showMessage(title, text, state_icon(self._phase or EngineState.DISCONNECTED), 6000)

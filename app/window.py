@@ -30,14 +30,16 @@ from shallot.app.connect_button import ConnectButton
 from shallot.app.controller import AppController
 from shallot.app.icons import app_icon, render
 from shallot.app.log_view import LogView
-from shallot.app.presenter import Phase, Snapshot, ViewState, format_bytes, format_duration, format_ms, format_rate
+from shallot.app.presenter import ViewAction, ViewState, format_bytes, format_duration, format_ms, format_rate
 from shallot.app.settings import Settings
 from shallot.app.settings_dialog import SettingsDialog
 from shallot.app.speed_graph import SpeedGraph
 from shallot.app.tray import Tray
+from shallot.core.control.api import EngineMode, EngineState, StatusSnapshot
 
 log = logging.getLogger("shallot.app")
-ACTION_TEXT = {"probe-mode": "Connect in probe mode", "settings": "Open settings…", "retry": "Try again"}
+ACTION_TEXT = {ViewAction.PROBE_MODE: "Connect in probe mode", ViewAction.SETTINGS: "Open settings…",
+               ViewAction.RETRY: "Try again"}
 
 
 def card(title: str | None = None) -> tuple[QFrame, QVBoxLayout]:
@@ -270,29 +272,29 @@ class MainWindow(QMainWindow):
     def show_view(self, view: ViewState) -> None:
         self.button.show_state(view.phase, view.button_text, view.button_busy)
         self.headline.setText(view.headline)
-        colour = themes.STATE_COLOURS[view.phase] if view.phase is not Phase.DISCONNECTED else self.theme.text
+        colour = themes.STATE_COLOURS[view.phase] if view.phase is not EngineState.DISCONNECTED else self.theme.text
         pal = self.headline.palette()  # a palette, not a style sheet: no re-polish of the window per state
         pal.setColor(pal.ColorRole.WindowText, QColor(colour))
         self.headline.setPalette(pal)
         self.detail.setText(view.detail)
         self.advice.setText(view.advice)
         self.advice.setVisible(bool(view.advice))
-        self.action_button.setVisible(bool(view.action))
-        self.action_button.setText(ACTION_TEXT.get(view.action, ""))
-        self.mode_badge.setText("VPN mode" if view.mode == "vpn" else "Probe mode")
-        self.mode_badge.setToolTip("All traffic goes through the circuit." if view.mode == "vpn" else
+        self.action_button.setVisible(view.action is not None)
+        self.action_button.setText(ACTION_TEXT[view.action] if view.action is not None else "")
+        self.mode_badge.setText("VPN mode" if view.mode is EngineMode.VPN else "Probe mode")
+        self.mode_badge.setToolTip("All traffic goes through the circuit." if view.mode is EngineMode.VPN else
                                    "Circuit only: your system's traffic is not routed through it.")
         self.circuit_view.show_circuit(view.hops, view.phase)
         self.new_circuit_button.setEnabled(view.can_new_circuit)
         self.new_circuit_action.setEnabled(view.can_new_circuit)
         self.tray.show_state(view)
-        if view.phase is Phase.DISCONNECTED:
+        if view.phase is EngineState.DISCONNECTED:
             self.graph.clear()
-        if view.phase is not Phase.CONNECTED:  # no stale speeds beside a headline that says otherwise
+        if view.phase is not EngineState.CONNECTED:  # no stale speeds beside a headline that says otherwise
             self.stat_up.value.setText("\u2013")
             self.stat_down.value.setText("\u2013")
 
-    def show_snapshot(self, snap: Snapshot | None) -> None:
+    def show_snapshot(self, snap: StatusSnapshot | None) -> None:
         if snap is None:
             self.circuit_note.setText(" ")
             return
@@ -301,10 +303,10 @@ class MainWindow(QMainWindow):
         self.stat_rtt.value.setText(format_ms(snap.rtt_ms) if snap.circuit else "\u2013")
         if snap.circuit and snap.build_ms is not None:
             note = f"Built in {format_ms(snap.build_ms)} (one round trip) · circuit #{snap.circuits_built}"
-            if snap.mode != "vpn":
+            if snap.mode is not EngineMode.VPN:
                 note += " · probe mode: pings the exit's echo service"
             self.circuit_note.setText(note)
-        elif snap.state is Phase.DISCONNECTED:
+        elif snap.state is EngineState.DISCONNECTED:
             self.circuit_note.setText(" ")
         self._tick()
 
@@ -315,7 +317,7 @@ class MainWindow(QMainWindow):
 
     def _tick(self) -> None:
         snap = self.controller.snapshot
-        if snap is not None and snap.connected_since is not None and snap.state is not Phase.DISCONNECTED:
+        if snap is not None and snap.connected_since is not None and snap.state is not EngineState.DISCONNECTED:
             self.stat_time.value.setText(format_duration(time.time() - snap.connected_since))
         else:
             self.stat_time.value.setText("\u2013")
@@ -344,13 +346,11 @@ class MainWindow(QMainWindow):
         self.controller.choose_exit(self.exit_choice.itemData(index) or "")
 
     def _action(self) -> None:
+        run = {ViewAction.PROBE_MODE: self.controller.use_probe_mode, ViewAction.SETTINGS: self.open_settings,
+               ViewAction.RETRY: self.controller.retry}
         action = self.controller.view.action
-        if action == "probe-mode":
-            self.controller.use_probe_mode()
-        elif action == "settings":
-            self.open_settings()
-        elif action == "retry":
-            self.controller.retry()
+        if action is not None:
+            run[action]()
 
     def _settings_changed(self, settings: Settings) -> None:
         self._reload_exits()
@@ -394,7 +394,7 @@ class MainWindow(QMainWindow):
     def request_quit(self) -> None:
         """Quit: when connected, ask whether to disconnect first."""
         snap = self.controller.snapshot
-        if self.demo or snap is None or snap.state is Phase.DISCONNECTED:
+        if self.demo or snap is None or snap.state is EngineState.DISCONNECTED:
             self.finish_quit(disconnect=self.demo)
             return
         box = QMessageBox(self)

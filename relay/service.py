@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shallot.core.control import ControlServer
+from shallot.core.control.api import Circuits, Peers, PeersReply, Role, Status
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint
@@ -140,8 +141,8 @@ class RelayService:
                                                 bind_host=host)
                 await self.discovery.start()
                 stack.push_async_callback(self.discovery.close)
-            self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, self.role,
-                                         {"status": self._status, "circuits": self._circuits, "peers": self._peers})
+            self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, Role(self.role),
+                                         {Status: self._status, Circuits: self._circuits, Peers: self._peers})
             await self.control.start()
             stack.push_async_callback(self.control.close)
             loop = asyncio.get_running_loop()
@@ -270,7 +271,7 @@ class RelayService:
                 self.discovery.publish_now()
             log.info("descriptor re-signed (%s)", "onion key rotated" if rotated else "half its lifetime passed")
 
-    async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _status(self, request: Status) -> dict[str, Any]:
         assert self.node is not None
         return {"role": self.role, "id": self.keys.relay_id.hex(), "nickname": self.settings.nickname,
                 "address": list(self.settings.address), "uptime_s": round(time.time() - self.started, 1),
@@ -279,10 +280,8 @@ class RelayService:
                 "ip": self.part.status() if self.part is not None else None,
                 "dht": self.discovery.status() if self.discovery is not None else None}
 
-    async def _peers(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.discovery is None:
-            return {"dht_peers": [], "relays": [], "dht": False}
-        return {**self.discovery.peers(), "dht": True}
+    async def _peers(self, request: Peers) -> PeersReply:
+        return self.discovery.peers() if self.discovery is not None else PeersReply(dht=False)
 
     def _io_stats(self) -> dict[str, Any]:
         ep = self.endpoint
@@ -292,7 +291,7 @@ class RelayService:
                 "batched_reads": ep.batched_reads, "batched_sends": ep.batched_sends,
                 "send_errors": ep.send_errors, "recv_errors": ep.recv_errors}
 
-    async def _circuits(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _circuits(self, request: Circuits) -> list[dict[str, Any]]:
         """What this relay knows about each circuit: its neighbours' addresses and nothing else."""
         assert self.node is not None
         out = []

@@ -49,9 +49,10 @@ def main() -> int:
 async def shoot(app: object, out: Path) -> int:
     from shallot.app.controller import AppController
     from shallot.app.demo_network import DemoNetwork
-    from shallot.app.presenter import Phase, Problem
+    from shallot.app.presenter import Problem
     from shallot.app.settings import Settings, SettingsStore
     from shallot.app.window import MainWindow
+    from shallot.core.control.api import EngineState, ErrorKind
 
     demo = DemoNetwork()
     directory = await demo.start()
@@ -82,13 +83,13 @@ async def shoot(app: object, out: Path) -> int:
         grab("disconnected")
 
         controller.connect_vpn()
-        await until(lambda: controller.view.phase is Phase.CONNECTED and controller.snapshot is not None
+        await until(lambda: controller.view.phase is EngineState.CONNECTED and controller.snapshot is not None
                     and controller.snapshot.rtt_ms is not None)
         await settle(6.5)  # a few speed samples and a second ping in the graph
         grab("connected")
         real = controller.snapshot
         assert real is not None
-        hops = [{"id": h.id, "nickname": h.nickname, "address": h.address, "exit": h.role == "exit",
+        hops = [{"id": h.id, "nickname": h.nickname, "address": h.address, "exit": h.exit,
                  "rtt_ms": h.rtt_ms} for h in real.circuit]
         base = {"directory": str(directory), "exit": None, "build_ms": real.build_ms, "rtt_ms": real.rtt_ms,
                 "circuit_since": real.circuit_since, "circuits_built": real.circuits_built,
@@ -103,7 +104,7 @@ async def shoot(app: object, out: Path) -> int:
         await until(lambda: controller.snapshot is not None
                     and controller.snapshot.circuits_built > real.circuits_built)
         controller.disconnect_vpn()
-        await until(lambda: controller.view.phase is Phase.DISCONNECTED)
+        await until(lambda: controller.view.phase is EngineState.DISCONNECTED)
         await controller.link.shutdown_engine()  # the stand-in snapshots below must not race a live engine
 
         names = " ".join(h["nickname"] for h in hops)
@@ -124,7 +125,7 @@ async def shoot(app: object, out: Path) -> int:
         grab("error-helper-missing")
 
         controller.snapshot = None
-        controller.fail(Problem("directory", f"directory file {Path.home()}/relays.dir does not exist"))
+        controller.fail(Problem(ErrorKind.BAD_DIRECTORY, f"directory file {Path.home()}/relays.dir does not exist"))
         await settle()
         grab("error-directory")
         controller.problem = None

@@ -8,10 +8,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from shallot import __version__
 from shallot.core.errors import ShallotError
+
+if TYPE_CHECKING:  # each command imports what it runs when it runs (a fast start for the others)
+    from shallot.core.control.api import EngineConfig, Request, Role
 
 DESCRIPTION = """Shallot: an onion-routed VPN over UDP.
 
@@ -295,17 +298,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["echoed"] == result["sent"] else 1
 
 
+def _engine_config(args: argparse.Namespace, *, vpn: bool) -> EngineConfig:
+    """The flags of ``engine`` and ``connect`` as the settings the app would send with ``configure``."""
+    from shallot.core.control.api import EngineConfig
+    _seeds(args)  # a bad seed is reported before anything starts
+    return EngineConfig(directory=str(args.directory) if args.directory else None,
+                        bootstrap=tuple(p.strip() for p in (args.bootstrap or "").split(",") if p.strip()),
+                        cache=str(args.cache) if args.cache else None, vpn=vpn,
+                        kill_switch=not args.no_kill_switch, dns=not args.no_dns)
+
+
 def _cmd_engine(args: argparse.Namespace) -> int:
     from shallot.core.control import default_socket
     from shallot.core.engine import run_engine
     from shallot.core.io.udp import run
-    from shallot.core.vpn.tunnel import Tunnel
     if args.directory and args.bootstrap:
         raise ShallotError("give --directory or --bootstrap, not both")
-    tunnel = Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd) \
-        if args.vpn else None
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
-                   cache=args.cache, own_ids=_own_ids(args), tunnel=tunnel))
+    run(run_engine(args.socket or default_socket(create=True), _engine_config(args, vpn=args.vpn),
+                   own_ids=_own_ids(args), helper_fd=args.helper_fd))
     return 0
 
 
@@ -328,7 +338,6 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     from shallot.core.engine import run_engine
     from shallot.core.io.udp import run
     from shallot.core.vpn.netconfig import cleanup
-    from shallot.core.vpn.tunnel import Tunnel
     if args.cleanup:
         from shallot.core.vpn.helper_client import can_admin_network
         if not can_admin_network():
@@ -339,10 +348,8 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         return 0
     if (args.directory is None) == (args.bootstrap is None):
         raise ShallotError("connect needs --directory FILE or --bootstrap HOST:PORT[,...] (or --cleanup)")
-    run(run_engine(args.socket or default_socket(create=True), directory=args.directory, seeds=_seeds(args),
-                   cache=args.cache, own_ids=_own_ids(args),
-                   tunnel=Tunnel(kill_switch=not args.no_kill_switch, dns=not args.no_dns, helper_fd=args.helper_fd),
-                   autoconnect=True, path=args.path,
+    run(run_engine(args.socket or default_socket(create=True), _engine_config(args, vpn=True),
+                   own_ids=_own_ids(args), helper_fd=args.helper_fd, autoconnect=True, path=args.path,
                    exit_spec=args.exit))
     return 0
 
@@ -352,16 +359,16 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return run_app(args)
 
 
-def _ask(args: argparse.Namespace, cmd: str) -> dict[str, object]:
+def _ask(args: argparse.Namespace, request: Request) -> tuple[Role, Any]:
+    """The answer of the engine, relay or exit that ``--state``/``--socket`` names, and its role."""
     from shallot.core.control import ControlClient, ControlError, default_socket
     from shallot.relay.state import CONTROL_SOCKET
     path = args.state / CONTROL_SOCKET if args.state else (args.socket or default_socket())
 
-    async def ask() -> dict[str, object]:
+    async def ask() -> tuple[Role, Any]:
         client = await ControlClient.connect(path)
         try:
-            result = await client.call(cmd)
-            return result if isinstance(result, dict) else {cmd: result}
+            return client.hello.role, await client.ask(request)
         except ControlError as exc:
             raise ShallotError(f"{path}: {exc}") from None
         finally:
@@ -381,7 +388,15 @@ def _print_tree(value: object, indent: str = "") -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    result = _ask(args, "status")
+    from shallot.core.control.api import Role, SnapshotError, Status, StatusSnapshot
+    role, result = _ask(args, Status())
+    if role is Role.CLIENT:  # an engine: its snapshot, read as the app reads it
+        try:
+            result = StatusSnapshot.from_json(result).to_json()
+        except SnapshotError as exc:
+            raise ShallotError(f"the engine's status is not a snapshot: {exc}") from None
+    elif not isinstance(result, dict):  # a relay's or exit's own status object
+        result = {"status": result}
     if args.json:
         print(json.dumps(result))
     else:
@@ -390,18 +405,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
-    result = _ask(args, "peers")
+    from shallot.core.control.api import Peers, PeersReply
+    reply = PeersReply.from_json(_ask(args, Peers())[1])
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(reply.to_json()))
         return 0
-    peers = result.get("dht_peers") or []
-    relays = result.get("relays") or []
-    print(f"DHT peers ({len(peers)}):")
-    for p in peers:  # type: ignore[union-attr]
-        print(f"  {p['id'][:16]}  {p['address']}")
-    print(f"relays known ({len(relays)}):")
-    for r in relays:  # type: ignore[union-attr]
-        print(f"  {r['id'][:16]}  {r['nickname']:<20} {r['address']:<22} {'exit' if r['exit'] else ''}")
+    print(f"DHT peers ({len(reply.dht_peers)}):")
+    for p in reply.dht_peers:
+        print(f"  {p.id[:16]}  {p.address}")
+    print(f"relays known ({len(reply.relays)}):")
+    for r in reply.relays:
+        print(f"  {r.id[:16]}  {r.nickname:<20} {r.address:<22} {'exit' if r.exit else ''}")
     return 0
 
 

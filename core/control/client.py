@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from shallot.core.control.protocol import CONTROL_VERSION, MAX_LINE, ControlError
+from shallot.core.control.errors import ControlError, ErrorKind
+from shallot.core.control.messages import MAX_LINE, Hello, Request, Subscribe, encode_request
 from shallot.core.errors import ShallotError
 
 
 class ControlClient:
-    """Async client of the control API, used by ``shallot status`` and the desktop app."""
+    """Async client of the control API, used by ``shallot status`` and the desktop app.  ``hello`` is what the
+    server said it is: its role, its protocol version and the commands it answers (an older engine is
+    recognised there, by ``hello.can``)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict[str, Any]) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello) -> None:
         self._reader, self._writer = reader, writer
         self.hello = hello
         self._next_id = 1
@@ -28,31 +31,28 @@ class ControlClient:
     async def connect(cls, path: Path, timeout: float = 5.0) -> ControlClient:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout)
-            hello = json.loads(await asyncio.wait_for(reader.readline(), timeout))
+            raw = json.loads(await asyncio.wait_for(reader.readline(), timeout))
         except FileNotFoundError:
             raise ShallotError(f"nothing is running there: {path} does not exist") from None
         except (TimeoutError, OSError, ValueError) as exc:
             raise ShallotError(f"cannot talk to {path}: {exc}") from None
-        if not isinstance(hello, dict) or hello.get("shallot") != "control":
-            raise ShallotError(f"{path} is not a Shallot control socket")
-        if hello.get("version") != CONTROL_VERSION:
-            raise ShallotError(f"{path} speaks control version {hello.get('version')}, we speak {CONTROL_VERSION}")
+        try:
+            hello = Hello.from_json(raw)
+        except ControlError as exc:
+            writer.close()
+            raise ShallotError(f"{path} {exc}") from None
         return cls(reader, writer, hello)
 
+    async def ask(self, request: Request, timeout: float = 30.0) -> Any:
+        """Send a typed request; the reply's JSON (its command's reply type parses it), or ControlError."""
+        return await self._send(encode_request(self._take_id(), request), timeout)
+
     async def call(self, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
-        rid = self._next_id
-        self._next_id += 1
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        self._writer.write(json.dumps({"id": rid, "cmd": cmd, "args": args}).encode() + b"\n")
-        await self._writer.drain()
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pending.pop(rid, None)
+        """Any command by name, arguments unchecked: for tools and for tests of the server's own checks."""
+        return await self._send({"id": self._take_id(), "cmd": cmd, "args": args}, timeout)
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        await self.call("subscribe")
+        await self.ask(Subscribe())
         while True:
             item = await self._events.get()
             if item is None:
@@ -64,6 +64,22 @@ class ControlClient:
         self._writer.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
+
+    def _take_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    async def _send(self, message: dict[str, Any], timeout: float) -> Any:
+        rid = message["id"]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._writer.write(json.dumps(message).encode() + b"\n")
+        await self._writer.drain()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
 
     async def _read_loop(self) -> None:
         try:
@@ -82,8 +98,9 @@ class ControlClient:
                     fut.set_result(msg.get("result"))
                 else:
                     err = msg.get("error") or {}
-                    fut.set_exception(ControlError(str(err.get("kind")), str(err.get("message"))))
-        except (ConnectionError, ValueError, asyncio.CancelledError):
+                    kind = ErrorKind.from_wire(err.get("kind")) or ErrorKind.ERROR  # a newer server's kind
+                    fut.set_exception(ControlError(kind, str(err.get("message"))))
+        except (ConnectionError, ValueError, AttributeError, asyncio.CancelledError):
             pass
         finally:
             for fut in self._pending.values():

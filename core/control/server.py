@@ -3,38 +3,45 @@
 A running engine, relay or exit serves it; the CLI and the desktop app speak it (client.py).  The server checks the
 peer's credentials (SO_PEERCRED): only the same user (or root) may connect.
 
-    server hello : {"shallot": "control", "version": 1, "role": "client"|"relay"|"exit"}
+    server hello : {"shallot": "control", "version": 2, "role": "client"|"relay"|"exit", "supports": [cmd, ...]}
     request      : {"id": int, "cmd": str, "args": {...}}
     response     : {"id": int, "ok": true, "result": ...} | {"id": int, "ok": false, "error": {"kind", "message"}}
     event        : {"event": str, "data": {...}}          (after a "subscribe" request)
+
+Requests are decoded by messages.py into their dataclass and handed to the handler registered for that
+class; a handler returns a typed reply (anything with ``to_json``) or plain JSON.  What the server
+answers is what its handlers cover, and its hello says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shallot.core.control.protocol import CONTROL_VERSION, MAX_LINE, ControlError
+from shallot.core.control.errors import ControlError, ErrorKind
+from shallot.core.control.messages import MAX_LINE, REQUESTS, Hello, Request, Role, Subscribe
 from shallot.core.errors import ShallotError
 from shallot.core.peercred import peer_uid
 
 log = logging.getLogger("shallot.core.control")
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# a handler takes the decoded request (its own class) and returns the reply, or an awaitable of it
+Handler = Callable[[Any], Awaitable[object] | object]
 
 
 class ControlServer:
-    def __init__(self, path: Path, role: str, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: Path, role: Role, handlers: Mapping[type[Request], Handler]) -> None:
         self.path = path
-        self.role = role
-        self.handlers = handlers
+        self.handlers = dict(handlers)
+        self.hello = Hello(role, frozenset({cls.CMD for cls in self.handlers} | {Subscribe.CMD}))
         self._server: asyncio.AbstractServer | None = None
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -65,7 +72,9 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def publish(self, event: str, data: dict[str, Any]) -> None:
+    def publish(self, event: str, data: object) -> None:
+        """``data``: plain JSON or a typed message (anything with ``to_json``)."""
+        data = _json(data)
         for queue in list(self._subscribers):
             if queue.qsize() < 1000:  # a stuck subscriber loses events, never memory
                 queue.put_nowait({"event": event, "data": data})
@@ -86,13 +95,13 @@ class ControlServer:
                 await writer.drain()
 
         try:
-            await send({"shallot": "control", "version": CONTROL_VERSION, "role": self.role})
+            await send(self.hello.to_json())
             while True:
                 try:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     self.bad_requests += 1
-                    await send({"id": None, "ok": False, "error": {"kind": "bad-request", "message": "line too long"}})
+                    await send(_failure(None, ErrorKind.BAD_REQUEST, "line too long"))
                     break
                 if not line:
                     break
@@ -105,11 +114,11 @@ class ControlServer:
                         raise ValueError("'args' must be an object")
                 except ValueError as exc:
                     self.bad_requests += 1
-                    await send({"id": None, "ok": False, "error": {"kind": "bad-request", "message": str(exc)}})
+                    await send(_failure(None, ErrorKind.BAD_REQUEST, str(exc)))
                     continue
                 rid = req.get("id")
                 cmd = req["cmd"]
-                if cmd == "subscribe":
+                if cmd == Subscribe.CMD:
                     if queue is None:
                         queue = asyncio.Queue()
                         self._subscribers.add(queue)
@@ -118,21 +127,7 @@ class ControlServer:
                         pump.add_done_callback(self._tasks.discard)
                     await send({"id": rid, "ok": True, "result": None})
                     continue
-                handler = self.handlers.get(cmd)
-                if handler is None:
-                    await send({"id": rid, "ok": False,
-                                "error": {"kind": "unknown-command", "message": f"unknown command {cmd!r}"}})
-                    continue
-                try:
-                    result = await handler(args)
-                    await send({"id": rid, "ok": True, "result": result})
-                except ControlError as exc:
-                    await send({"id": rid, "ok": False, "error": {"kind": exc.kind, "message": str(exc)}})
-                except ShallotError as exc:
-                    await send({"id": rid, "ok": False, "error": {"kind": "error", "message": str(exc)}})
-                except Exception as exc:  # a handler bug must not kill the server
-                    log.exception("control command %s failed", cmd)
-                    await send({"id": rid, "ok": False, "error": {"kind": "internal", "message": repr(exc)}})
+                await send(await self._answer(rid, cmd, args))
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -142,10 +137,37 @@ class ControlServer:
                 pump.cancel()
             writer.close()
 
+    async def _answer(self, rid: object, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        cls = REQUESTS.get(cmd)
+        handler = self.handlers.get(cls) if cls is not None else None
+        if cls is None or handler is None:
+            return _failure(rid, ErrorKind.UNKNOWN_COMMAND, f"unknown command {cmd[:80]!r}")
+        try:
+            result = handler(cls.from_args(args))
+            if inspect.isawaitable(result):
+                result = await result
+        except ControlError as exc:
+            return _failure(rid, exc.kind, str(exc))
+        except ShallotError as exc:
+            return _failure(rid, ErrorKind.ERROR, str(exc))
+        except Exception as exc:  # a handler bug must not kill the server
+            log.exception("control command %s failed", cmd)
+            return _failure(rid, ErrorKind.INTERNAL, repr(exc))
+        return {"id": rid, "ok": True, "result": _json(result)}
+
     async def _pump(self, queue: asyncio.Queue[dict[str, Any]], send: Callable[[dict[str, Any]], Awaitable[None]]) \
             -> None:
         while True:
             await send(await queue.get())
+
+
+def _json(value: object) -> Any:
+    to_json = getattr(value, "to_json", None)
+    return to_json() if callable(to_json) else value
+
+
+def _failure(rid: object, kind: ErrorKind, message: str) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"kind": kind.value, "message": message}}
 
 
 async def _is_live(path: Path) -> bool:

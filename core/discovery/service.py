@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shallot.core.control.messages import DhtPeer, PeersReply, RelayEntry
 from shallot.core.discovery.addresses import Address, dht_address, usable_address
 from shallot.core.discovery.cache import load_view, save_view
 from shallot.core.discovery.dht import DhtNode
@@ -262,16 +263,15 @@ class RelayDiscovery:
                 "counters": {**rpc_counters, **{f"store_{k}": v for k, v in self.node.storage.counters.items()},
                              **{f"view_{k}": v for k, v in self.view.counters.items()}}}
 
-    def peers(self) -> dict[str, Any]:
+    def peers(self) -> PeersReply:
         wall = time.time()
         self.relays_known()
-        return {"dht_peers": [{"id": pid.hex(), "address": f"{a[0]}:{a[1]}"} for pid, a in self.node.peers()],
-                "relays": [_relay_entry(d) for d in self.view.relays(wall)]}
+        return _peers_reply(self.node.peers(), self.view.relays(wall))
 
 
-def _relay_entry(d: Descriptor) -> dict[str, Any]:
-    return {"id": d.id_hex, "nickname": d.nickname, "address": f"{d.address[0]}:{d.address[1]}", "exit": d.is_exit,
-            "published": d.published, "expires": d.expires}
+def _peers_reply(peers: list[tuple[bytes, Address]], relays: list[Descriptor]) -> PeersReply:
+    return PeersReply(True, tuple(DhtPeer(pid.hex(), f"{a[0]}:{a[1]}") for pid, a in peers),
+                      tuple(RelayEntry.of(d) for d in relays))
 
 
 class ClientDiscovery:
@@ -349,9 +349,8 @@ class ClientDiscovery:
                 "last_crawl": self.last_crawl, "rejected": self.view.rejected(),
                 "counters": {**self.view.counters, **(self.node.rpc.counters if self.node else {})}}
 
-    def peers(self) -> dict[str, Any]:
-        return {"dht_peers": [{"id": pid.hex(), "address": f"{a[0]}:{a[1]}"} for pid, a in self.dht_peers],
-                "relays": [_relay_entry(d) for d in self.relays()]}
+    def peers(self) -> PeersReply:
+        return _peers_reply(self.dht_peers, self.relays())
 
     def close(self) -> None:
         if self.node is not None:

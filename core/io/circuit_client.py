@@ -1,4 +1,8 @@
-"""Asyncio client around ClientNode: build circuits, send datagrams, await echoes and events."""
+"""Asyncio client around ClientNode: build circuits, send datagrams, await echoes and events.
+
+``sink(circ)`` hands out one circuit as a ``CircuitPipe`` (send a packet, flush the batch): what the VPN
+tunnel writes to (core/vpn/tunnel.py ``CircuitSink``), so that it never reaches into the node or the socket.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from shallot.core.circuit import (
@@ -91,10 +96,19 @@ class CircuitClient:
         self.node.send(circ, data, time.monotonic())
         self.endpoint.flush()
 
+    def request_config(self, circ: ClientCircuit) -> None:
+        """Ask the exit of an IP circuit for its CONFIG (the answer comes as a ConfigReceived event)."""
+        assert self.endpoint is not None
+        self.node.request_config(circ, time.monotonic())
+        self.endpoint.poke()
+
     def close_circuit(self, circ: ClientCircuit) -> None:
         assert self.endpoint is not None
         self.node.close(circ, time.monotonic())
         self.endpoint.poke()
+
+    def sink(self, circ: ClientCircuit) -> CircuitPipe:
+        return CircuitPipe(self, circ)
 
     def _mark(self, circ: ClientCircuit) -> None:
         # the CREATE goes out once the guard link is up; start counting there
@@ -143,3 +157,19 @@ class CircuitClient:
                     fut.set_exception(ShallotError(f"circuit failed: {event.reason}"))
             if self.on_event is not None:
                 self.on_event(event)
+
+
+@dataclass(frozen=True)
+class CircuitPipe:
+    """One circuit of a CircuitClient as a packet sink: ``send`` encrypts into the node's outbox (ValueError:
+    too big for a cell, or the circuit closed), ``flush`` puts the batch on the wire (GSO)."""
+
+    client: CircuitClient
+    circuit: ClientCircuit
+
+    def send(self, packet: bytes) -> None:
+        self.client.node.send(self.circuit, packet, time.monotonic())
+
+    def flush(self) -> None:
+        if self.client.endpoint is not None:
+            self.client.endpoint.flush()

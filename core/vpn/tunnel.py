@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
-from typing import Any
+from typing import Any, Protocol
 
 from shallot.core.circuit import CircuitState, ClientCircuit
 from shallot.core.errors import ShallotError
@@ -24,6 +23,23 @@ from shallot.core.vpn.tunio import read_batch
 from shallot.core.wire.ipconfig import decode_config
 
 log = logging.getLogger("shallot.connect")
+
+
+class CircuitSink(Protocol):
+    """Where the tunnel sends what it reads from the TUN: one circuit (core/io/circuit_client.py CircuitPipe)."""
+
+    @property
+    def circuit(self) -> ClientCircuit:
+        """The circuit behind the sink: packets from it are delivered, it must be open to take any."""
+        ...
+
+    def send(self, packet: bytes) -> None:
+        """Raises ValueError when the packet cannot go: too big for a cell, or the circuit closed."""
+        ...
+
+    def flush(self) -> None:
+        """Put what ``send`` queued on the wire (once per batch read from the TUN)."""
+        ...
 
 
 class Tunnel:
@@ -36,8 +52,7 @@ class Tunnel:
         self.helper_fd = helper_fd
         self._net: Any = None
         self._fd = -1
-        self.client: Any = None  # the engine's CircuitClient, set when it exists
-        self.circuit: ClientCircuit | None = None
+        self.sink: CircuitSink | None = None  # the circuit in use, from the last CONFIG answer
         self.address: str | None = None
         self.packets_out = 0
         self.packets_in = 0
@@ -69,9 +84,10 @@ class Tunnel:
             self._net = start_helper(kill_switch=self.kill_switch, helper_fd=self.helper_fd)
             self.helper_fd = None  # that socket now belongs to the HelperNetConfig
 
-    def configure(self, config: bytes, endpoints: list[tuple[str, int]], circuit: ClientCircuit) -> None:
-        """``endpoints``: where the guard's link sends (engine.guard_endpoints): routed around the tunnel and
-        let through the kill switch."""
+    def configure(self, config: bytes, endpoints: list[tuple[str, int]], sink: CircuitSink) -> None:
+        """The exit of ``sink``'s circuit answered CONFIG: the device gets its address and MTU, and packets go
+        through that circuit from now on.  ``endpoints``: where the guard's link sends
+        (core/engine/circuits.py guard_endpoints): routed around the tunnel and let through the kill switch."""
         address, resolver, mtu = decode_config(config)
         if self.fd < 0:
             fd = self._fd = self.net.open_tun(mtu)
@@ -82,9 +98,9 @@ class Tunnel:
             self.net.route_through_tunnel(endpoints)  # only the endpoints of the circuit in use from now on
         if self.dns:
             self.net.set_dns([str(resolver)])  # a no-op when unchanged
-        if self.circuit is not circuit:
+        if self.sink is None or self.sink.circuit is not sink.circuit:
             log.info("tunnel %s on %s through the circuit via %s", address, TUN_NAME, endpoints[0][0])
-        self.circuit, self.address = circuit, str(address)
+        self.sink, self.address = sink, str(address)
 
     def prepare(self, endpoints: list[tuple[str, int]]) -> None:
         """A circuit through a guard reached at ``endpoints`` is about to be built: let its link out (kill
@@ -96,7 +112,7 @@ class Tunnel:
 
     def deliver(self, circuit: ClientCircuit, packet: bytes) -> None:
         """A packet from the exit: into the TUN, if it belongs to the current circuit."""
-        if circuit is not self.circuit or self.fd < 0:
+        if self.sink is None or circuit is not self.sink.circuit or self.fd < 0:
             self.dropped += 1
             return
         try:
@@ -106,20 +122,20 @@ class Tunnel:
             self.dropped += 1
 
     def _on_readable(self) -> None:
+        sink = self.sink
         sent = False
         for packet in read_batch(self._fd):
-            circ = self.circuit
-            if circ is None or circ.state is not CircuitState.OPEN or self.client is None:
+            if sink is None or sink.circuit.state is not CircuitState.OPEN:
                 self.dropped += 1  # no circuit: the packet dies here (fail closed), it never leaks
                 continue
             try:
-                self.client.node.send(circ, packet, time.monotonic())
+                sink.send(packet)
                 self.packets_out += 1
                 sent = True
             except ValueError:
                 self.dropped += 1  # too big for a cell or the circuit just closed
-        if sent and self.client.endpoint is not None:
-            self.client.endpoint.flush()
+        if sent and sink is not None:
+            sink.flush()
 
     def close(self) -> None:
         """Disconnected: routes, kill switch, DNS and device go; the helper session stays for the next connect."""
@@ -129,7 +145,7 @@ class Tunnel:
         self._fd = -1
         if self._net is not None:
             self._net.restore()
-        self.circuit = None
+        self.sink = None
         self.address = None
 
     def shutdown(self) -> None:

@@ -18,6 +18,12 @@ class Layer:
     independent: bool = False  # the names of this layer must not import each other
 
 
+# the control API's vocabulary (core/control/api.py and the modules it gathers): pure types every layer speaks,
+# from the circuit manager that decides in EngineState and ErrorKind up to the app; the control server and
+# client that carry them stay in core.control's own layer
+CONTROL_VOCABULARY = ("shallot.core.control.api", "shallot.core.control.state", "shallot.core.control.errors",
+                      "shallot.core.control.config", "shallot.core.control.messages")
+
 # top to bottom; a module may import its own layer and the layers below, never one above
 LAYERS = (
     Layer(("shallot.cli", "shallot.__main__", "shallot.commands", "shallot")),  # the composition root
@@ -29,14 +35,14 @@ LAYERS = (
     Layer(("shallot.core.circuit", "shallot.core.nat", "shallot.core.discovery"), independent=True),
     Layer(("shallot.core.link",)),
     Layer(("shallot.core.wire", "shallot.core.ratelimit", "shallot.core.peercred", "shallot.core.errors",
-           "shallot.core")),
+           "shallot.core", *CONTROL_VOCABULARY)),
     Layer(("shallot.crypto",)),
     Layer(("shallot.resources",)),
 )
 
 # sans-I/O code: time, randomness and I/O are passed in
 PURE = ("shallot.crypto", "shallot.core.wire", "shallot.core.link", "shallot.core.circuit", "shallot.core.nat",
-        "shallot.core.ratelimit", "shallot.core.errors",
+        "shallot.core.ratelimit", "shallot.core.errors", *CONTROL_VOCABULARY,
         "shallot.core.discovery.addresses", "shallot.core.discovery.records", "shallot.core.discovery.storage",
         "shallot.core.discovery.wire", "shallot.core.discovery.view", "shallot.core.vpn.helper_protocol",
         "shallot.relay.forwarder", "shallot.relay.endpoints",

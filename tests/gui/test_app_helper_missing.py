@@ -11,9 +11,9 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 
-from shallot.app.presenter import Phase
 from shallot.app.settings import Settings, SettingsStore
 from shallot.core.control import ControlServer
+from shallot.core.control.api import Configure, Connect, Disconnect, EngineState, Role, SetDirectory, Status
 
 HELPER_MISSING = {"state": "error", "step": "", "mode": "vpn", "error_code": "helper-missing", "trying": False,
                   "error": "the privileged helper (shallot-helper, via pkexec) is not installed", "circuit": [],
@@ -25,15 +25,15 @@ def test_helper_missing_is_explained_and_probe_mode_offered(qtbot, qloop, make_a
     sock = short_tmp / "vpn.sock"
     calls: list[str] = []
 
-    async def answer(args: dict[str, Any]) -> dict[str, Any]:
+    async def answer(request: object) -> dict[str, Any]:
         return HELPER_MISSING
 
-    async def disconnect(args: dict[str, Any]) -> dict[str, Any]:
+    async def disconnect(request: Disconnect) -> dict[str, Any]:
         calls.append("disconnect")
         return {**HELPER_MISSING, "state": "disconnected", "error_code": "", "error": ""}
 
-    server = ControlServer(sock, "client", {"status": answer, "connect": answer, "set_directory": answer,
-                                            "disconnect": disconnect})
+    server = ControlServer(sock, Role.CLIENT, {Status: answer, Connect: answer, SetDirectory: answer,
+                                               Configure: answer, Disconnect: disconnect})
     started = qloop.create_task(server.start())
     qtbot.waitUntil(started.done, timeout=5000)
     try:
@@ -42,7 +42,7 @@ def test_helper_missing_is_explained_and_probe_mode_offered(qtbot, qloop, make_a
         attach = c.spawn(c.attach_existing())
         qtbot.waitUntil(attach.done, timeout=5000)
         assert attach.result() is True
-        qtbot.waitUntil(lambda: c.view.phase is Phase.ERROR, timeout=5000)
+        qtbot.waitUntil(lambda: c.view.phase is EngineState.ERROR, timeout=5000)
         assert w.headline.text() == "The VPN helper is not installed"
         assert "not installed" in w.detail.text() and "probe mode" in w.advice.text()
         assert w.mode_badge.text() == "VPN mode"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt, QTimer
 
-from shallot.app.presenter import Phase
 from shallot.app.settings import Settings
+from shallot.core.control.api import EngineState
 from tests.gui.conftest import engine_status
 from tests.integration.conftest import Proc, ProcGroup, RunningNetwork
 
@@ -24,9 +24,9 @@ def directory_settings(network: RunningNetwork, **kw: object) -> Settings:
     return Settings(source="directory", directory=str(network.directory), **kw)
 
 
-def wait_phase(qtbot, controller, phase: Phase, timeout: int = CONNECT_MS) -> None:
+def wait_phase(qtbot, controller, phase: EngineState, timeout: int = CONNECT_MS) -> None:
     qtbot.waitUntil(lambda: controller.view.phase is phase and
-                    (phase is not Phase.CONNECTED or len(controller.view.hops) == 3), timeout=timeout)
+                    (phase is not EngineState.CONNECTED or len(controller.view.hops) == 3), timeout=timeout)
 
 
 def shown_ids(window) -> list[str]:
@@ -42,9 +42,9 @@ def assert_readable(text: str) -> None:
 def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: RunningNetwork) -> None:
     app = make_app(directory_settings(network))
     c, w = app.controller, app.window
-    assert c.view.phase is Phase.DISCONNECTED and w.button.text() == "Connect"
+    assert c.view.phase is EngineState.DISCONNECTED and w.button.text() == "Connect"
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.CONNECTED)
+    wait_phase(qtbot, c, EngineState.CONNECTED)
     assert c.link.started_by_us
 
     status = engine_status(app.sock)
@@ -60,7 +60,7 @@ def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: Runnin
     before = shown_ids(w)
     qtbot.waitUntil(lambda: w.new_circuit_button.isEnabled(), timeout=5000)
     qtbot.mouseClick(w.new_circuit_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: c.view.phase is Phase.CONNECTED and len(c.view.hops) == 3
+    qtbot.waitUntil(lambda: c.view.phase is EngineState.CONNECTED and len(c.view.hops) == 3
                     and shown_ids(w) != before, timeout=CONNECT_MS)
     after_status = engine_status(app.sock)
     assert [h["id"][:8] for h in after_status["circuit"]] == shown_ids(w)
@@ -68,7 +68,7 @@ def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: Runnin
     assert after_status["circuits_built"] >= 2
 
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.DISCONNECTED, 10000)
+    wait_phase(qtbot, c, EngineState.DISCONNECTED, 10000)
     assert engine_status(app.sock)["state"] == "disconnected"
     assert w.button.text() == "Connect" and w.headline.text() == "Not connected"
     assert all(nick == "\u2014" for nick, _s, _a in w.circuit_view.shown())
@@ -84,10 +84,10 @@ def test_gui_keeps_serving_timers_while_circuits_are_built(qtbot, make_app, netw
     timer.start()
     qtbot.wait(100)
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)  # starts the engine process, then builds
-    wait_phase(qtbot, c, Phase.CONNECTED)
+    wait_phase(qtbot, c, EngineState.CONNECTED)
     first = [h.id for h in c.view.hops]
     c.new_circuit()
-    qtbot.waitUntil(lambda: c.view.phase is Phase.CONNECTED and len(c.view.hops) == 3
+    qtbot.waitUntil(lambda: c.view.phase is EngineState.CONNECTED and len(c.view.hops) == 3
                     and [h.id for h in c.view.hops] != first, timeout=CONNECT_MS)
     qtbot.wait(50)
     timer.stop()
@@ -102,7 +102,7 @@ def test_missing_directory_file_is_a_readable_error(qtbot, make_app, tmp_path: P
     app = make_app(Settings(directory=str(tmp_path / "no-such-directory")))
     c, w = app.controller, app.window
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.ERROR, 20000)
+    wait_phase(qtbot, c, EngineState.ERROR, 20000)
     assert w.headline.text() == "The directory file cannot be used"
     assert "does not exist" in w.detail.text()
     assert_readable(w.detail.text())
@@ -118,7 +118,7 @@ def test_corrupt_directory_file_is_a_readable_error(qtbot, make_app, tmp_path: P
     app = make_app(Settings(directory=str(bad)))
     c, w = app.controller, app.window
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.ERROR, 20000)
+    wait_phase(qtbot, c, EngineState.ERROR, 20000)
     assert w.headline.text() == "The directory file cannot be used"
     assert str(bad) in w.detail.text()
     assert_readable(w.detail.text())
@@ -128,7 +128,7 @@ def test_no_bootstrap_peers_is_a_settings_error(qtbot, make_app) -> None:
     app = make_app(Settings(source="bootstrap", bootstrap=()))
     c, w = app.controller, app.window
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.ERROR, 5000)
+    wait_phase(qtbot, c, EngineState.ERROR, 5000)
     assert w.headline.text() == "Settings need attention"
     assert "bootstrap peers" in w.detail.text()
     assert c.link.engine_pid is None  # nothing was started for settings that cannot work
@@ -140,7 +140,7 @@ def test_unreachable_bootstrap_peer_is_a_readable_error(qtbot, make_app) -> None
     app = make_app(Settings(source="bootstrap", bootstrap=(f"127.0.0.1:{port}",)))
     c, w = app.controller, app.window
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)
-    wait_phase(qtbot, c, Phase.ERROR, 60000)
+    wait_phase(qtbot, c, EngineState.ERROR, 60000)
     assert_readable(w.headline.text())
     assert_readable(w.detail.text())
     assert w.action_button.isVisible()
@@ -159,7 +159,7 @@ def test_reattaches_to_a_running_engine_and_quit_can_keep_it_connected(qtbot, ma
         qtbot.waitUntil(task.done, timeout=10000)
         assert task.result() is True and c.link.attached and not c.link.started_by_us
         c.connect_vpn()
-        wait_phase(qtbot, c, Phase.CONNECTED)
+        wait_phase(qtbot, c, EngineState.CONNECTED)
         done = c.spawn(c.shutdown(disconnect=False))  # "Quit, stay connected"
         qtbot.waitUntil(done.done, timeout=10000)
         assert engine.popen.poll() is None

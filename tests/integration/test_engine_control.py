@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from shallot.core.control import ControlClient, ControlError
+from shallot.core.control.api import CONTROL_VERSION, Configure, EngineConfig, ErrorKind, Role
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from shallot.relay.localnet import free_udp_ports
@@ -71,7 +72,10 @@ async def test_socket_mode_and_hello(engine: Engine, network: RunningNetwork) ->
     assert stat.S_ISSOCK(engine.sock.stat().st_mode)
     assert stat.S_IMODE(engine.sock.stat().st_mode) == 0o600
     async with control(engine.sock) as c:
-        assert c.hello == {"shallot": "control", "version": 1, "role": "client"}
+        # version 2 lists what it answers; a client knows an older engine by its hello (no "configure")
+        assert (c.hello.version, c.hello.role) == (CONTROL_VERSION, Role.CLIENT) == (2, Role.CLIENT)
+        assert {"status", "connect", "disconnect", "new_circuit", "configure", "set_directory", "peers", "shutdown",
+                "subscribe"} == set(c.hello.supports)
         snap = await c.call("status")
         assert snap["state"] == "disconnected"
         assert snap["circuit"] == []
@@ -159,6 +163,41 @@ async def test_new_circuit_is_not_reported_as_an_error(engine: Engine) -> None:
     assert "circuit problem" not in engine.proc.stderr()
 
 
+async def test_configure_applies_when_idle_and_is_refused_while_connected(engine: Engine, network: RunningNetwork,
+                                                                           tmp_path: Path) -> None:
+    directory = str(network.directory)
+    base = {"directory": directory, "bootstrap": [], "cache": None, "vpn": False, "kill_switch": True, "dns": True}
+    async with control(engine.sock) as c:
+        snap = await c.call("configure", **base)  # what the command line said: nothing changes
+        assert (snap["state"], snap["directory"], snap["mode"]) == ("disconnected", directory, "probe")
+        for args, kind in ((dict(base, directory=str(tmp_path / "missing")), ErrorKind.BAD_DIRECTORY),
+                           (dict(base, bootstrap=["127.0.0.1:7001"]), ErrorKind.BAD_CONFIG),
+                           (dict(base, directory=None, bootstrap=["relay.example:7001"]), ErrorKind.BAD_CONFIG),
+                           (dict(base, vpn="yes"), ErrorKind.BAD_REQUEST),
+                           (dict(base, bootstrap="127.0.0.1:7001"), ErrorKind.BAD_REQUEST)):
+            with pytest.raises(ControlError) as err:
+                await c.call("configure", **args)
+            assert err.value.kind is kind, (args, err.value)
+            assert "Traceback" not in str(err.value)
+        assert (await c.call("status"))["directory"] == directory  # a refused configure changed nothing
+
+        await c.call("connect")
+        await wait_state(c, _connected_with_rtt, 20, "state connected")
+        assert (await c.ask(Configure(EngineConfig(directory=directory))))["state"] == "connected"  # the same: fine
+        with pytest.raises(ControlError) as err:
+            await c.call("configure", **dict(base, vpn=True))
+        assert err.value.kind is ErrorKind.BUSY and "disconnect" in str(err.value)
+        snap = await c.call("status")
+        assert (snap["state"], snap["mode"]) == ("connected", "probe")
+
+        await c.call("disconnect")
+        snap = await c.call("configure", **dict(base, directory=None))
+        assert snap["directory"] is None
+        with pytest.raises(ControlError) as err:
+            await c.call("connect")
+        assert err.value.kind is ErrorKind.NO_DIRECTORY
+
+
 # ---------------------------------------------------------------------------------------------- bad requests
 
 
@@ -208,7 +247,7 @@ async def test_unknown_command_and_bad_arguments(engine: Engine, tmp_path: Path)
     async with control(engine.sock) as c:
         with pytest.raises(ControlError) as err:
             await c.call("make_coffee")
-        assert err.value.kind == "unknown-command"
+        assert err.value.kind is ErrorKind.UNKNOWN_COMMAND
 
         missing = tmp_path / "no-such-directory-file"
         with pytest.raises(ControlError) as err:
@@ -218,11 +257,11 @@ async def test_unknown_command_and_bad_arguments(engine: Engine, tmp_path: Path)
 
         with pytest.raises(ControlError) as err:
             await c.call("set_directory")
-        assert err.value.kind == "bad-request"
+        assert err.value.kind is ErrorKind.BAD_REQUEST
 
         with pytest.raises(ControlError) as err:
             await c.call("new_circuit")
-        assert err.value.kind == "not-connected"
+        assert err.value.kind is ErrorKind.NOT_CONNECTED
 
         snap = await c.call("status")  # a failed set_directory leaves the old one in place
         assert snap["directory"] and snap["directory"] != str(missing)
@@ -379,6 +418,37 @@ async def test_vpn_mode_without_the_helper_says_what_is_missing(short_tmp: Path,
             await asyncio.sleep(1.0)  # it does not retry on its own: the user has to act
             snap = await c.call("status")
             assert snap["state"] == "error" and snap["circuits_built"] == 0 and snap["trying"] is False
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_configure_turns_vpn_mode_on_and_off_without_a_restart(short_tmp: Path, network: RunningNetwork) -> None:
+    """What the app does: an engine started with nothing but its socket takes VPN mode with ``configure``,
+    stops at the missing helper (a final error), and after a ``configure`` back to probe mode connects with
+    a circuit only, the same process throughout.  Unprivileged as above: nothing of the host changes."""
+    from tests.integration.conftest import ENV, SHALLOT
+    sock = short_tmp / "cfg.sock"
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"] if os.geteuid() == 0 else []
+    env = {**ENV, "SHALLOT_HELPER": str(short_tmp / "no-such-helper")}
+    proc = await asyncio.create_subprocess_exec(*prefix, *SHALLOT, "engine", "--socket", str(sock), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert b"listening" in await asyncio.wait_for(proc.stdout.readline(), 20)
+        vpn = EngineConfig(directory=str(network.directory), vpn=True)
+        async with control(sock) as c:
+            snap = await c.ask(Configure(vpn))
+            assert (snap["mode"], snap["kill_switch"], snap["directory"]) == ("vpn", True, str(network.directory))
+            await c.call("connect")
+            snap = await wait_state(c, lambda s: s["state"] == "error", 10, "an error state")
+            assert snap["error_code"] == "helper-missing" and snap["trying"] is False
+            snap = await c.ask(Configure(vpn.replace(vpn=False)))  # the engine gave up: settings may change
+            assert (snap["mode"], snap["kill_switch"]) == ("probe", False)
+            await c.call("connect")
+            snap = await wait_state(c, _connected_with_rtt, 20, "a probe-mode circuit")
+            assert snap["error_code"] == "" and snap["mode"] == "probe"
+            await c.call("disconnect")
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 15) == 0

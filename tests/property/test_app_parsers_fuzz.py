@@ -10,15 +10,18 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shallot.app.presenter import Snapshot, SnapshotError, parse_snapshot, present
+from shallot.app.presenter import present
 from shallot.app.settings import THEMES, Settings, SettingsError, SettingsStore, parse_peers, parse_settings
+from shallot.core.control.api import SnapshotError, StatusSnapshot
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
     max_leaves=6)
 snapshot_keys = st.sampled_from(["state", "step", "error", "error_code", "mode", "circuit", "rtt_ms", "build_ms",
-                                 "connected_since", "bytes_sent", "bytes_received", "circuits_built", "exit"])
+                                 "connected_since", "bytes_sent", "bytes_received", "circuits_built", "exit",
+                                 "trying", "kill_switch", "directory", "relays_known", "dht_peers", "discovery",
+                                 "nat"])
 hop = st.dictionaries(st.sampled_from(["id", "nickname", "address", "rtt_ms", "exit"]), json_values, max_size=5)
 snapshot_like = st.dictionaries(snapshot_keys, json_values | st.lists(hop | json_values, min_size=3, max_size=3)
                                 | st.sampled_from(["connected", "connecting", "error", "reconnecting"]),
@@ -29,12 +32,13 @@ snapshot_like = st.dictionaries(snapshot_keys, json_values | st.lists(hop | json
 @given(st.one_of(json_values, snapshot_like))
 def test_snapshot_parser_total(raw: object) -> None:
     try:
-        snap = parse_snapshot(raw)
+        snap = StatusSnapshot.from_json(raw)
     except SnapshotError:
         return
-    assert isinstance(snap, Snapshot) and len(snap.circuit) in (0, 3)
+    assert isinstance(snap, StatusSnapshot) and len(snap.circuit) in (0, 3)
     view = present(snap)  # and whatever parsed can be shown
     assert view.headline
+    assert StatusSnapshot.from_json(snap.to_json()) == snap  # and what it reads, it writes back the same
 
 
 settings_like = st.dictionaries(st.sampled_from(["source", "directory", "bootstrap", "route_all", "kill_switch",

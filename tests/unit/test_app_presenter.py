@@ -1,5 +1,5 @@
 """What the window shows for each engine state and problem, the notifications, the speed meter, and the
-engine command line the app builds: pure functions, no Qt."""
+engine settings the app sends: pure functions, no Qt."""
 
 from __future__ import annotations
 
@@ -7,21 +7,32 @@ from pathlib import Path
 
 import pytest
 
-from shallot.app.engine_link import engine_argv, explain_start_failure
+from shallot.app.engine_link import engine_argv, engine_config, start_failure
 from shallot.app.presenter import (
     ADVICE,
+    Button,
     Notifier,
-    Phase,
     Problem,
     RateMeter,
-    SnapshotError,
+    ViewAction,
     format_bytes,
     format_duration,
     format_ms,
-    parse_snapshot,
     present,
 )
 from shallot.app.settings import Settings
+from shallot.core.control.api import (
+    EngineConfig,
+    EngineMode,
+    EngineState,
+    ErrorKind,
+    Hello,
+    Role,
+    SnapshotError,
+    StatusSnapshot,
+)
+
+parse_snapshot = StatusSnapshot.from_json  # the app reads an engine's JSON with the control API's own parser
 
 HOPS = [{"id": f"{i:x}" * 40, "nickname": n, "address": f"127.0.0.1:{7000 + i}", "exit": n == "x",
          "rtt_ms": r} for i, (n, r) in enumerate((("g", 0.4), ("m", None), ("x", 1.9)))]
@@ -33,7 +44,8 @@ def snap(**kw: object) -> dict[str, object]:
 
 def test_connected_shows_the_circuit_and_the_exit() -> None:
     v = present(parse_snapshot(snap(state="connected", circuit=HOPS, rtt_ms=1.9, connected_since=1.0)))
-    assert (v.phase, v.headline, v.button_text, v.button_busy) == (Phase.CONNECTED, "Connected", "Disconnect", False)
+    assert (v.phase, v.headline, v.button_text, v.button_busy) == (EngineState.CONNECTED, "Connected", "Disconnect",
+                                                                   False)
     assert [h.nickname for h in v.hops] == ["g", "m", "x"] and v.hops[0].short_id == "00000000"
     assert [h.rtt_ms for h in v.hops] == [0.4, None, 1.9]
     assert v.detail == "Through x · 1.90 ms round trip" and v.can_new_circuit
@@ -42,42 +54,45 @@ def test_connected_shows_the_circuit_and_the_exit() -> None:
 def test_connecting_shows_the_step_and_a_drop_reads_as_reconnecting() -> None:
     v = present(parse_snapshot(snap(state="connecting", step="building a circuit through a, b, c")))
     assert (v.phase, v.headline, v.detail, v.button_text) == (
-        Phase.CONNECTING, "Connecting…", "Building a circuit through a, b, c.", "Cancel")
+        EngineState.CONNECTING, "Connecting…", "Building a circuit through a, b, c.", "Cancel")
     # the engine says "reconnecting" after a failed first build too; it was never connected, so: connecting
     first = present(parse_snapshot(snap(state="reconnecting", step="retrying in 1 s", error="circuit build timed out")))
-    assert first.phase is Phase.CONNECTING and first.advice == "Circuit build timed out."
+    assert first.phase is EngineState.CONNECTING and first.advice == "Circuit build timed out."
     dropped = present(parse_snapshot(snap(state="reconnecting", connected_since=5.0, step="retrying in 1 s")))
-    assert (dropped.phase, dropped.headline, dropped.button_text) == (Phase.RECONNECTING, "Reconnecting…", "Disconnect")
+    assert (dropped.phase, dropped.headline, dropped.button_text) == (EngineState.RECONNECTING, "Reconnecting…",
+                                                                      "Disconnect")
 
 
 @pytest.mark.parametrize("code", ["helper-missing", "helper-denied"])
 def test_helper_errors_say_what_is_missing_and_offer_probe_mode(code: str) -> None:
     v = present(parse_snapshot(snap(state="error", error_code=code, mode="vpn", trying=False,
                                     error="pkexec: the shallot helper is not installed")))
-    assert v.phase is Phase.ERROR and v.action == "probe-mode" and v.mode == "vpn"
-    assert v.headline == ADVICE[code][0] and "probe mode" in v.advice
+    assert v.phase is EngineState.ERROR and v.action is ViewAction.PROBE_MODE and v.mode is EngineMode.VPN
+    assert v.headline == ADVICE[ErrorKind(code)][0] and "probe mode" in v.advice
     assert v.detail == "Pkexec: the shallot helper is not installed."
-    assert v.button_text == "Connect"  # the engine stopped trying: the button starts over
+    assert v.button is Button.CONNECT and v.button_text == "Connect"  # the engine stopped trying: start over
 
 
 def test_a_retrying_error_offers_to_stop() -> None:
     v = present(parse_snapshot(snap(state="error", error="the circuit stopped answering", step="retrying in 5 s")))
-    assert v.button_text == "Disconnect"
+    assert v.button is Button.DISCONNECT and v.button_text == "Disconnect"
 
 
 def test_engine_errors_and_app_problems_are_sentences_with_advice() -> None:
     v = present(parse_snapshot(snap(state="error", error="the circuit stopped answering", step="retrying in 5 s")))
     assert v.headline == "No circuit right now" and v.detail == "The circuit stopped answering. Retrying in 5 s."
-    p = present(None, Problem("directory", "directory file /x does not exist"))
-    assert (p.phase, p.button_text, p.action) == (Phase.ERROR, "Connect", "settings")
+    p = present(None, Problem(ErrorKind.BAD_DIRECTORY, "directory file /x does not exist"))
+    assert (p.phase, p.button_text, p.action) == (EngineState.ERROR, "Connect", ViewAction.SETTINGS)
     assert p.detail == "Directory file /x does not exist."
-    unknown = present(None, Problem("never-heard-of-it", "boom"))
-    assert unknown.headline == ADVICE["engine"][0]
+    unknown = present(None, Problem(ErrorKind.UNKNOWN_COMMAND, "boom"))  # a kind without words of its own
+    assert unknown.headline == ADVICE[ErrorKind.ERROR][0]
+    engine_said = present(parse_snapshot(snap(state="error", error="boom", error_code="never-heard-of-it")))
+    assert engine_said.headline == ADVICE[ErrorKind.CIRCUIT][0]
 
 
 def test_starting_and_disconnected() -> None:
     assert present(None, starting="starting the Shallot engine").detail == "Starting the Shallot engine."
-    assert present(None).mode == "probe" and present(None, route_all=True).mode == "vpn"
+    assert present(None).mode is EngineMode.PROBE and present(None, route_all=True).mode is EngineMode.VPN
     assert present(None).button_text == "Connect"
 
 
@@ -90,20 +105,21 @@ def test_not_a_snapshot(raw: object) -> None:
 def test_odd_fields_fall_back() -> None:
     s = parse_snapshot({"state": "connected", "circuit": [1, 2, 3], "rtt_ms": float("nan"), "bytes_sent": -5,
                         "build_ms": True, "mode": "warp", "error": 7})
-    assert (s.circuit, s.rtt_ms, s.bytes_sent, s.build_ms, s.mode, s.error) == ((), None, 0, None, "probe", "")
+    assert (s.circuit, s.rtt_ms, s.bytes_sent, s.build_ms, s.mode, s.error) == ((), None, 0, None, EngineMode.PROBE,
+                                                                                "")
 
 
 def test_notifications_only_for_drop_and_recovery() -> None:
     n = Notifier()
-    assert n.feed(Phase.CONNECTING, user_action=True) is None
-    assert n.feed(Phase.CONNECTED) is None  # the user asked for it: no notification
-    drop = n.feed(Phase.RECONNECTING)
+    assert n.feed(EngineState.CONNECTING, user_action=True) is None
+    assert n.feed(EngineState.CONNECTED) is None  # the user asked for it: no notification
+    drop = n.feed(EngineState.RECONNECTING)
     assert drop is not None and "dropped" in drop[0]
-    assert n.feed(Phase.ERROR) is None  # once per drop
-    back = n.feed(Phase.CONNECTED)
+    assert n.feed(EngineState.ERROR) is None  # once per drop
+    back = n.feed(EngineState.CONNECTED)
     assert back is not None and "restored" in back[0]
-    assert n.feed(Phase.DISCONNECTED, user_action=True) is None
-    assert n.feed(Phase.ERROR) is None  # never connected since: nothing dropped
+    assert n.feed(EngineState.DISCONNECTED, user_action=True) is None
+    assert n.feed(EngineState.ERROR) is None  # never connected since: nothing dropped
 
 
 def test_rate_meter() -> None:
@@ -121,23 +137,28 @@ def test_formats() -> None:
     assert (format_ms(None), format_ms(1.234), format_ms(42.4)) == ("\u2013", "1.23 ms", "42 ms")
 
 
-def test_engine_command_line_follows_the_settings() -> None:
-    sock = Path("/run/s.sock")
-    probe = engine_argv(Settings(directory="/d"), sock)
-    assert probe[-5:] == ["engine", "--socket", "/run/s.sock", "--directory", "/d"]
-    vpn = engine_argv(Settings(directory="/d", route_all=True, kill_switch=False), sock)
-    assert vpn[-2:] == ["--vpn", "--no-kill-switch"]
-    assert engine_argv(Settings(directory="/d", route_all=True), sock)[-1] == "--vpn"
-    no_dns = engine_argv(Settings(directory="/d", route_all=True, dns_through_tunnel=False), sock)
-    assert no_dns[-2:] == ["--vpn", "--no-dns"]
-    dht = engine_argv(Settings(source="bootstrap", bootstrap=("192.0.2.1:7001", "h.example:7")), sock)
-    assert dht[-2:] == ["--bootstrap", "192.0.2.1:7001,h.example:7"] and "--directory" not in dht
+def test_engine_settings_follow_the_app_settings() -> None:
+    # the engine starts with nothing but its socket; the settings go over the socket (``configure``)
+    assert engine_argv(Path("/run/s.sock"))[-3:] == ["engine", "--socket", "/run/s.sock"]
+    assert engine_config(Settings(directory="/d")) == EngineConfig(directory="/d")
+    vpn = engine_config(Settings(directory="/d", route_all=True, kill_switch=False))
+    assert (vpn.vpn, vpn.kill_switch, vpn.dns) == (True, False, True)
+    assert engine_config(Settings(directory="/d", route_all=True, dns_through_tunnel=False)).dns is False
+    dht = engine_config(Settings(source="bootstrap", directory="/d", bootstrap=("192.0.2.1:7001", "h.example:7")))
+    assert dht.bootstrap == ("192.0.2.1:7001", "h.example:7") and dht.directory is None
+    assert EngineConfig.from_json(vpn.to_json()) == vpn
 
 
 def test_engine_start_failures_are_worded() -> None:
-    usage = "usage: shallot [-h]\nshallot: error: unrecognized arguments: --vpn --no-kill-switch\n"
-    assert explain_start_failure(usage).code == "no-vpn"
-    assert explain_start_failure("shallot: error: unrecognized arguments: --bootstrap x\n").code == "no-bootstrap"
-    e = explain_start_failure("x\nshallot: error: cannot create /run/shallot: Permission denied\n")
-    assert (e.code, str(e)) == ("engine-start", "cannot create /run/shallot: Permission denied")
-    assert str(explain_start_failure("")) == "it exited without a word"
+    e = start_failure("x\nshallot: error: cannot create /run/shallot: Permission denied\n")
+    assert (e.kind, str(e)) == (ErrorKind.ENGINE_START, "cannot create /run/shallot: Permission denied")
+    assert str(start_failure("")) == "it exited without a word"
+
+
+def test_an_older_engine_is_known_by_its_hello() -> None:
+    # an engine of control version 1 (before ``configure``) says only its version; it is not asked to guess
+    old = Hello.from_json({"shallot": "control", "version": 1, "role": "client"})
+    assert old.role is Role.CLIENT and not old.can("configure") and old.can("connect")
+    new = Hello.from_json(Hello(Role.CLIENT, frozenset({"configure", "connect", "status"})).to_json())
+    assert new.can("configure") and not new.can("circuits")
+    assert ADVICE[ErrorKind.ENGINE_OUTDATED][2] is ViewAction.RETRY
