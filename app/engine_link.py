@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from shallot.app.settings import Settings
-from shallot.core.control import ControlClient, ControlError
 from shallot.core.control.api import Configure, EngineConfig, ErrorKind, Request, Role, Shutdown, Status
+from shallot.core.control.client import ControlClient
+from shallot.core.control.errors import ControlError
 from shallot.core.errors import ShallotError
 
 log = logging.getLogger("shallot.app.engine")

@@ -76,7 +76,7 @@ class AppSession:
         from shallot.app.icons import app_icon
         from shallot.app.settings import SettingsStore
         from shallot.app.window import MainWindow
-        from shallot.core.control import default_socket
+        from shallot.core.control.paths import default_socket
 
         self.app, self.args = app, args
         self.status = 0

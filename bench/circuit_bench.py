@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shallot.core.circuit import CircuitBuilt, ClientCircuit, ClientNode, DatagramReceived
-from shallot.core.control import ControlClient
+from shallot.core.control.client import ControlClient
 from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import SOCKET_BUFFER_BYTES, open_endpoint, run

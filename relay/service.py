@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from shallot.core.control import ControlServer
 from shallot.core.control.api import Circuits, Peers, PeersReply, Role, Status
+from shallot.core.control.server import ControlServer
 from shallot.core.discovery.service import RelayDiscovery
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint

@@ -309,7 +309,7 @@ def _engine_config(args: argparse.Namespace, *, vpn: bool) -> EngineConfig:
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
-    from shallot.core.control import default_socket
+    from shallot.core.control.paths import default_socket
     from shallot.core.engine import run_engine
     from shallot.core.io.udp import run
     if args.directory and args.bootstrap:
@@ -334,7 +334,7 @@ def _cmd_helper(args: argparse.Namespace) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
-    from shallot.core.control import default_socket
+    from shallot.core.control.paths import default_socket
     from shallot.core.engine import run_engine
     from shallot.core.io.udp import run
     from shallot.core.vpn.netconfig import cleanup
@@ -361,7 +361,9 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def _ask(args: argparse.Namespace, request: Request) -> tuple[Role, Any]:
     """The answer of the engine, relay or exit that ``--state``/``--socket`` names, and its role."""
-    from shallot.core.control import ControlClient, ControlError, default_socket
+    from shallot.core.control.client import ControlClient
+    from shallot.core.control.errors import ControlError
+    from shallot.core.control.paths import default_socket
     from shallot.relay.state import CONTROL_SOCKET
     path = args.state / CONTROL_SOCKET if args.state else (args.socket or default_socket())
 

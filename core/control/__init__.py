@@ -7,13 +7,6 @@ relay or exit, over a 0600 Unix socket with line-delimited JSON.  The app's one 
     server.py    ControlServer (engine, relay, exit): decodes requests and hands them to typed handlers
     client.py    ControlClient (CLI, app)
     paths.py     default_socket: where the engine listens
+
+Nothing is imported here, so the pure vocabulary modules load without the asyncio server and client.
 """
-
-from shallot.core.control.client import ControlClient
-from shallot.core.control.errors import ControlError, ErrorKind
-from shallot.core.control.messages import CONTROL_VERSION, MAX_LINE
-from shallot.core.control.paths import default_socket
-from shallot.core.control.server import ControlServer
-
-__all__ = ["CONTROL_VERSION", "MAX_LINE", "ControlClient", "ControlError", "ControlServer", "ErrorKind",
-           "default_socket"]

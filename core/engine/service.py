@@ -9,7 +9,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from shallot.core.control import ControlServer
 from shallot.core.control.api import (
     Configure,
     Connect,
@@ -24,6 +23,7 @@ from shallot.core.control.api import (
     Status,
     StatusSnapshot,
 )
+from shallot.core.control.server import ControlServer
 from shallot.core.engine.engine import ClientEngine
 
 

@@ -94,21 +94,47 @@ def layer_violations(graph: dict[str, list[Import]]) -> list[str]:
     return sorted(out)
 
 
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _runs_pure(package: str, graph: dict[str, list[Import]], seen: set[str]) -> bool:
+    """Running ``package``'s ``__init__`` (Python does before any module below it) imports only pure code."""
+    if is_pure(package) or package in seen or package not in graph:
+        return True
+    seen.add(package)
+    for imp in graph[package]:
+        if imp.typing_only:
+            continue
+        if any(covers(name, imp.target) for name in NOT_PURE):
+            return False
+        if imp.target.startswith("shallot.") and not (is_pure(imp.target) or _runs_pure(imp.target, graph, seen)):
+            return False
+    return True
+
+
 def purity_violations(graph: dict[str, list[Import]]) -> list[str]:
+    """Pure modules import only pure modules, and every package ``__init__`` that importing them runs (a
+    re-export of an asyncio module there would load it behind the pure module's back) is pure too."""
     out = []
     for module, imports in graph.items():
         if not is_pure(module):
             continue
+        for parent in _parents(module):
+            if not _runs_pure(parent, graph, set()):
+                out.append(f"{module}: its package {parent} imports impure code when it loads")
         for imp in imports:
             if imp.typing_only:
                 continue
             bad = any(covers(name, imp.target) for name in NOT_PURE)
-            if imp.target.startswith("shallot.") and not is_pure(imp.target):
+            if imp.target.startswith("shallot.") and (not is_pure(imp.target) or not all(
+                    _runs_pure(parent, graph, set()) for parent in _parents(imp.target))):
                 bad = True
             if bad:
                 out.append(f"{module}:{imp.line} imports {imp.target}: pure code gets time, randomness and I/O "
                            "passed in")
-    return sorted(out)
+    return sorted(set(out))
 
 
 def door_violations(graph: dict[str, list[Import]]) -> list[str]:

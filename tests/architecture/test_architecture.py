@@ -88,6 +88,19 @@ def test_impure_imports_in_pure_code_are_violations() -> None:
     assert not purity_violations({"shallot.core.io.udp": [Import("socket", 1, False)]})
 
 
+def test_a_package_init_that_loads_impure_code_taints_the_pure_modules_below_it() -> None:
+    graph = {"shallot.core.control": [Import("shallot.core.control.server", 1, False)],
+             "shallot.core.control.server": [Import("asyncio", 1, False)],
+             "shallot.core.control.state": [],
+             "shallot.core.circuit.manager": [Import("shallot.core.control.state", 3, False)]}
+    assert purity_violations(graph) == [
+        "shallot.core.circuit.manager:3 imports shallot.core.control.state: pure code gets time, randomness and "
+        "I/O passed in",
+        "shallot.core.control.state: its package shallot.core.control imports impure code when it loads"]
+    graph["shallot.core.control"] = []  # an __init__ that imports nothing is fine
+    assert purity_violations(graph) == []
+
+
 def test_the_app_may_not_reach_into_the_engine() -> None:
     assert door_violations({"shallot.app.controller": [Import("shallot.core.engine.engine", 1, False)]})
     assert not door_violations({"shallot.app.controller": [Import("shallot.core.control", 1, False)]})

@@ -12,8 +12,8 @@ from typing import Any
 from PySide6.QtCore import Qt
 
 from shallot.app.settings import Settings, SettingsStore
-from shallot.core.control import ControlServer
 from shallot.core.control.api import Configure, Connect, Disconnect, EngineState, Role, SetDirectory, Status
+from shallot.core.control.server import ControlServer
 
 HELPER_MISSING = {"state": "error", "step": "", "mode": "vpn", "error_code": "helper-missing", "trying": False,
                   "error": "the privileged helper (shallot-helper, via pkexec) is not installed", "circuit": [],

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from shallot.core.control import ControlClient
+from shallot.core.control.client import ControlClient
 from shallot.core.discovery.directory import load_directory
 from shallot.crypto.descriptor import Descriptor
 from shallot.relay import state as state_dir

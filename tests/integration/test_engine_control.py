@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from shallot.core.control import ControlClient, ControlError
 from shallot.core.control.api import CONTROL_VERSION, Configure, EngineConfig, ErrorKind, Role
+from shallot.core.control.client import ControlClient
+from shallot.core.control.errors import ControlError
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from shallot.relay.localnet import free_udp_ports

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from shallot.core.control import ControlClient
+from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from tests.netns.testbed import StandardTopology

@@ -177,7 +177,7 @@ def test_path_selection_never_puts_a_natted_relay_after_the_guard(net: Net, tmp_
 def test_engine_with_a_dht_view_connects_through_a_natted_guard(net: Net, tmp_path: Path) -> None:
     """The engine dials the NATed guard through its introducers from a descriptor it got from the DHT,
     and keeps measuring round trips through the circuit."""
-    from shallot.core.control import ControlClient
+    from shallot.core.control.client import ControlClient
     sock = tmp_path / "engine.sock"
     guard = "nat1adf"
     ids = net.ids()

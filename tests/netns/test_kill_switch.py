@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core.control import ControlClient
+from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from tests.netns.test_circuit_through_nat import PORT, _wait_line

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shallot.core.control import default_socket
+from shallot.core.control.paths import default_socket
 from shallot.core.errors import ShallotError
 
 
