@@ -25,6 +25,7 @@ from shallot.core.link import (
     new_circuit_id,
     peer_may_create,
 )
+from shallot.core.link.owner import LinkOwner
 from shallot.core.ratelimit import TokenBuckets
 from shallot.core.wire.addresses import extend_target_allowed
 from shallot.core.wire.cells import (
@@ -129,7 +130,7 @@ def relay_link_layer(keys: RelayKeys, *, rng: RandomBytes, wall: float, cert_lif
         rng=rng)
 
 
-class RelayNode:
+class RelayNode(LinkOwner):
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
                  cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
                  services: Mapping[int, EndpointService] | None = None, link: LinkLayer | None = None,
@@ -165,25 +166,9 @@ class RelayNode:
         self._relay_creates = TokenBuckets(cfg.relay_creates_per_second, cfg.relay_creates_burst)
         self.on_destroyed: Callable[[RelayCircuit], None] | None = None
 
-    # ------------------------------------------------------------------ I/O entry points
-    @property
-    def outbox(self) -> list[tuple[bytes, Address]]:
-        return self.link.outbox
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        return self.link.datagrams_to_send()
-
-    def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
-        self._now = now
-        self._wall = wall
-        self.link.receive_datagram(data, addr, now, wall)
-        if self.link.events:
-            self._drain_link_events()
-
+    # ------------------------------------------------------------------ I/O entry points (and LinkOwner's)
     def handle_timer(self, now: float, wall: float) -> None:
-        self._now, self._wall = now, wall
-        self.link.handle_timer(now, wall)
-        self._drain_link_events()
+        self._tick_link(now, wall)
         self.reply_keys.refill()
         if now < self._next_sweep:
             return
@@ -205,9 +190,6 @@ class RelayNode:
                 if cache[first] >= wall:
                     break
                 del cache[first]
-
-    def timer(self) -> float | None:
-        return self.link.timer()
 
     def renew_link_cert(self, wall: float, lifetime_s: int = 7 * 86400) -> bool:
         """Re-sign our link certificate once less than half its lifetime is left.  Returns True if renewed."""

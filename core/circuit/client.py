@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shallot.core.link import (
-    Address,
     CellHandOff,
     Link,
     LinkConfig,
@@ -24,6 +23,7 @@ from shallot.core.link import (
     LinkUp,
     new_circuit_id,
 )
+from shallot.core.link.owner import LinkOwner
 from shallot.core.wire.cells import (
     CMD_CREATE,
     CMD_CREATED,
@@ -155,7 +155,7 @@ def client_link_layer(rng: RandomBytes) -> LinkLayer:
     return LinkLayer(LinkConfig(link_private=priv, link_pub=pub), rng=rng)
 
 
-class ClientNode:
+class ClientNode(LinkOwner):
     def __init__(self, *, rng: RandomBytes, link: LinkLayer | None = None, dialer: Dialer | None = None,
                  nat_cells: CellHandOff | None = None) -> None:
         """``link``: from ``client_link_layer`` when the caller builds more on it (a NAT part, core/nat/stack.py);
@@ -175,13 +175,6 @@ class ClientNode:
         self._next_id = 1
         self._now = 0.0
         self._wall = 0.0
-
-    @property
-    def outbox(self) -> list[tuple[bytes, Address]]:
-        return self.link.outbox
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        return self.link.datagrams_to_send()
 
     # ------------------------------------------------------------------ commands
     def build(self, path: list[Descriptor], now: float, wall: float, *,
@@ -228,24 +221,13 @@ class ClientNode:
         self._finish(circ, reason, failed=circ.state is not CircuitState.OPEN)
 
     # ------------------------------------------------------------------ inputs
-    def receive_datagram(self, data: bytes, addr: Address, now: float, wall: float) -> None:
-        self._now, self._wall = now, wall
-        self.link.receive_datagram(data, addr, now, wall)
-        if self.link.events:
-            self._drain_link_events()
-
     def handle_timer(self, now: float, wall: float) -> None:
-        self._now, self._wall = now, wall
-        self.link.handle_timer(now, wall)
-        self._drain_link_events()
+        self._tick_link(now, wall)
         self.keys.refill()
         for circ in list(self.circuits.values()):
             if circ.state in (CircuitState.WAITING_LINK, CircuitState.BUILDING) and \
                     now - circ.started_at > CREATE_TIMEOUT_S:
                 self.close(circ, now, reason="circuit build timed out", code=DestroyReason.TIMEOUT)
-
-    def timer(self) -> float | None:
-        return self.link.timer()
 
     # ------------------------------------------------------------------ internals
     def _send_create(self, circ: ClientCircuit) -> None:
