@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 from shallot.core.control.api import CONTROL_VERSION, Configure, EngineConfig, ErrorKind, Role
 from shallot.core.control.client import ControlClient
 from shallot.core.control.errors import ControlError
+from shallot.core.vpn.netconfig import TUN_NAME
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from shallot.relay.localnet import free_udp_ports
@@ -52,6 +54,23 @@ async def control(sock: Path) -> AsyncIterator[ControlClient]:
         yield client
     finally:
         await client.close()
+
+
+def host_network_state() -> dict[str, str]:
+    """What a VPN engine would change in this network namespace: routes and policy rules (both families, every
+    table), the tunnel device, the nftables ruleset (readable as root only) and resolv.conf.  Read-only."""
+    def run(*argv: str) -> str:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return res.stdout if res.returncode == 0 else f"exit {res.returncode}: {res.stderr.strip()}"
+
+    state = {"routes4": run("ip", "-4", "route", "show", "table", "all"),
+             "routes6": run("ip", "-6", "route", "show", "table", "all"),
+             "rules4": run("ip", "-4", "rule", "show"), "rules6": run("ip", "-6", "rule", "show"),
+             "tun": run("ip", "link", "show", "dev", TUN_NAME),
+             "resolv.conf": Path("/etc/resolv.conf").read_text(errors="replace")}
+    if os.geteuid() == 0:
+        state["nftables"] = run("nft", "list", "ruleset")
+    return state
 
 
 async def wait_state(c: ControlClient, pred: Any, timeout: float, what: str) -> dict[str, Any]:
@@ -403,6 +422,8 @@ async def test_vpn_mode_without_the_helper_says_what_is_missing(short_tmp: Path,
     sock = short_tmp / "vpn.sock"
     prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"] if os.geteuid() == 0 else []
     env = {**ENV, "SHALLOT_HELPER": str(short_tmp / "no-such-helper")}
+    before = host_network_state()
+    assert "does not exist" in before["tun"], "a tunnel device is already there: the comparison would show nothing"
     proc = await asyncio.create_subprocess_exec(*prefix, *SHALLOT, "engine", "--vpn", "--socket", str(sock),
                                                 "--directory", str(network.directory), env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -419,9 +440,11 @@ async def test_vpn_mode_without_the_helper_says_what_is_missing(short_tmp: Path,
             await asyncio.sleep(1.0)  # it does not retry on its own: the user has to act
             snap = await c.call("status")
             assert snap["state"] == "error" and snap["circuits_built"] == 0 and snap["trying"] is False
+            assert host_network_state() == before, "the engine changed the host's network while it failed"
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert host_network_state() == before
 
 
 async def test_configure_turns_vpn_mode_on_and_off_without_a_restart(short_tmp: Path, network: RunningNetwork) -> None:

@@ -107,6 +107,34 @@ def addr_of(desc: Descriptor) -> tuple[str, int]:
     return desc.address[0], desc.address[1]
 
 
+async def nothing_before_the_control(sock: socket.socket, relay: Descriptor, timeout: float = 15.0) -> int:
+    """A silence window with a positive control: after the packets under test, send a valid INIT_CLIENT (which
+    the relay must answer) from the same socket; the first datagram back must be its RESPONSE.  The relay
+    reads one socket's datagrams in order and answers in order, so a reply to anything sent earlier would
+    have come first; the window closes on the control's answer, however slow the machine, instead of after a
+    fixed time (in which a late reply is missed, a false pass).  The relay's per-IP handshake rate limit may
+    refuse a control (fuzzing drains it): a fresh one goes out every 0.5 s.  Returns how many were sent."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    ours: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        index = random.randrange(1, 2**32)
+        _state, init = lh.client_initiation(responder_link_pub=relay.link_pub, sender_index=index,
+                                            timestamp_ns=time.time_ns(), rng=os.urandom)
+        ours.add(index)
+        sock.sendto(init, addr_of(relay))
+        try:
+            data, _ = await asyncio.wait_for(loop.sock_recvfrom(sock, 65536), 0.5)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                pytest.fail("the relay never answered the control initiation: the silence before it shows nothing")
+            continue
+        is_ours = len(data) == lh.RESPONSE_LEN and data[0] == 0x53 and lh.response_receiver(data) in ours
+        assert is_ours, f"the relay answered a packet under test: {data[:16].hex()}... ({len(data)} bytes)"
+        return len(ours)
+
+
 def addresses_in(entries: list[dict[str, Any]]) -> set[tuple[str, int]]:
     out = set()
     for e in entries:
@@ -147,15 +175,11 @@ def path_of(network: RunningNetwork) -> list[Descriptor]:
 async def test_one_round_trip_build_and_intact_datagrams(network: RunningNetwork) -> None:
     path = path_of(network)
     rng = random.Random(1234)
-    async with contextlib.AsyncExitStack() as stack:
-        # one datagram out (the CREATE) and one in (the CREATED), counted at the client's UDP socket.  A fresh
-        # client now and then sees a spurious keepalive from the guard during the build (a known bug, see
-        # test_slow_build_is_still_one_datagram_each_way): only that is retried, with another fresh client.
-        for _ in range(3):
-            client = await stack.enter_async_context(open_client())
-            circ = await client.build(path)
-            if client.build_datagrams[circ.circuit_id] == (1, 1):
-                break
+    async with open_client() as client:
+        # one datagram out (the CREATE) and one in (the CREATED), counted at the socket of a fresh client,
+        # first try.  (The guard's keepalive that used to slip into the build now and then is pinned in memory,
+        # with every relay timer running: tests/unit/test_circuit_sim.py.)
+        circ = await client.build(path)
         assert client.build_datagrams[circ.circuit_id] == (1, 1)
         assert circ.build_s > 0
 
@@ -267,10 +291,7 @@ async def test_replayed_link_packets_are_dropped(network: RunningNetwork) -> Non
             for _ in range(3):
                 plain.sendto(data_packets[0], addr_of(guard))
             plain.sendto(initiations[0], addr_of(guard))
-            plain.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                reply = plain.recvfrom(4096)
-                pytest.fail(f"the guard answered a replayed packet: {reply!r}")
+            await nothing_before_the_control(plain, guard)
         finally:
             plain.close()
         g1, e1 = await relay_status(network.state(guard)), await relay_status(network.state(exit_))
@@ -507,10 +528,7 @@ async def test_fuzzing_a_live_relay(network: RunningNetwork) -> None:
                 if i % 500 == 499:  # and let a slow (loaded) relay catch up now and then
                     await _caught_up(state, s0, i + 1)
             total = len(datagrams) + await _send_gso_trains(plain, addr_of(target), rng)
-            await asyncio.sleep(0.5)
-            with pytest.raises(BlockingIOError):
-                reply = plain.recvfrom(65536)
-                pytest.fail(f"the relay answered a fuzz datagram: {reply!r}")
+            controls = await nothing_before_the_control(plain, target)
         finally:
             plain.close()
 
@@ -523,7 +541,7 @@ async def test_fuzzing_a_live_relay(network: RunningNetwork) -> None:
             assert delta.get(name, 0) > 0, f"{name} did not increase: {drops}"
         assert delta.get("link_drop_bad_initiation", 0) + delta.get("link_drop_handshake_rate", 0) > 0, drops
         assert sum(drops.values()) >= total // 2, (total, drops)
-        assert delta.get("link_handshake_responded", 0) == 0, "the relay answered a fuzzed initiation"
+        assert 1 <= delta.get("link_handshake_responded", 0) <= controls, "the relay answered a fuzzed initiation"
 
         # the circuit that was open during the fuzzing still works, and so does a fresh one
         for i in range(5):

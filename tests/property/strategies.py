@@ -20,12 +20,17 @@ from functools import cache
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from shallot.core.circuit import ClientNode, client_link_layer
 from shallot.core.link import LinkConfig, LinkLayer
+from shallot.core.nat import NatPart, NodeStack
+from shallot.core.wire import nat_frames as nm
+from shallot.core.wire import stun
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto import link_handshake as lh
 from shallot.crypto.descriptor import DESCRIPTOR_MAGIC, MAX_LIFETIME_S, Descriptor, ExitPolicySummary
 from shallot.crypto.keys import OnionKey, RelayKeys
 from shallot.crypto.primitives import x25519_public
+from shallot.relay.forwarder import RelayNode, relay_link_layer
 from tests.simnet import WALL0, SimNet, det_rng, make_client, make_relays
 
 FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -323,20 +328,34 @@ def _pending_indices(layer: LinkLayer) -> list[int]:
 
 @dataclass
 class Target:
-    """A node under fuzz with the indices a forged packet could name to get past the first lookup."""
+    """A node under fuzz with the indices a forged packet could name to get past the first lookup.  ``nat`` is
+    the NAT part of a production node stack (core/nat/stack.py: the first-byte demux in front of the node),
+    None for the bare machines."""
 
     name: str
-    node: object  # LinkLayer | RelayNode | ClientNode (all have receive_datagram and outbox)
+    node: object  # LinkLayer | RelayNode | ClientNode | NodeStack (all have receive_datagram)
     layer: LinkLayer
     link_pub: bytes
     established: list[int]
     pending: list[int]
+    nat: NatPart | None = None
+
+    @property
+    def machine(self) -> object:
+        """The node behind the demux (itself for the bare targets)."""
+        return self.node.node if isinstance(self.node, NodeStack) else self.node
+
+    def events(self) -> list[object]:
+        queues = [self.layer.events, getattr(self.machine, "events", ())]
+        return [e for q in queues for e in q] + (list(self.nat.events) if self.nat is not None else [])
 
 
 @cache
 def link_targets() -> tuple[Target, ...]:
-    """A bare LinkLayer (accepting clients and relays), a RelayNode and a ClientNode, each with one
-    established session and one handshake in flight, detached from the SimNet they were set up in."""
+    """A bare LinkLayer (accepting clients and relays), a RelayNode and a ClientNode, and a relay and a client
+    node stack built as the services build them (a public relay serving STUN and introductions; a client
+    dialing through its NAT part), each with one established session and one handshake in flight, detached
+    from the SimNet they were set up in."""
     net = SimNet()
     (relay, _desc), = make_relays(net, 1, exits=set(), seed=91)
     client = make_client(net, seed=92)
@@ -353,21 +372,38 @@ def link_targets() -> tuple[Target, ...]:
     relay_addr = next(a for a, n in net.nodes.items() if n is relay)
     client.link.open_link(relay_addr, relay.keys.link_pub, net.now, net.wall)
     peer.open_link(bare_addr, keys.link_pub, net.now, net.wall)
+    # the production stacks: the client stack links up with the relay stack
+    skeys = RelayKeys.generate(det_rng(96), net.wall)
+    slink = relay_link_layer(skeys, rng=det_rng(97), wall=net.wall)
+    snat = NatPart(slink, rng=det_rng(98), serve=True)
+    relay_stack = NodeStack(RelayNode(skeys, rng=det_rng(97), wall=net.wall, link=slink,
+                                      nat_cells=snat.control_cell), snat)
+    stack_addr = ("10.60.0.1", 9000)
+    net.add(stack_addr, relay_stack)
+    clink = client_link_layer(det_rng(99))
+    cnat = NatPart(clink, rng=det_rng(100))
+    client_stack = NodeStack(ClientNode(rng=det_rng(99), link=clink, dialer=cnat.dialer,
+                                        nat_cells=cnat.control_cell), cnat)
+    net.add(("192.0.2.88", 4321), client_stack)
+    clink.open_link(stack_addr, skeys.link_pub, net.now, net.wall)
     net.run()
     absent = x25519_public(bytes(range(32)))
-    for layer in (bare, relay.link, client.link):  # a handshake to nowhere stays pending (no timers run)
+    for layer in (bare, relay.link, client.link, slink, clink):  # a handshake to nowhere stays pending (no timers)
         layer.open_link(("10.99.0.1", 9), absent, net.now, net.wall)
         layer.outbox.clear()
         layer.events.clear()
 
     client.events.clear()
     out = []
-    for name, node, layer, pub in (("LinkLayer", bare, bare, keys.link_pub),
-                                   ("RelayNode", relay, relay.link, relay.keys.link_pub),
-                                   ("ClientNode", client, client.link, client.link.config.link_pub)):
+    for name, node, layer, pub, nat in (
+            ("LinkLayer", bare, bare, keys.link_pub, None),
+            ("RelayNode", relay, relay.link, relay.keys.link_pub, None),
+            ("ClientNode", client, client.link, client.link.config.link_pub, None),
+            ("RelayStack", relay_stack, slink, skeys.link_pub, snat),
+            ("ClientStack", client_stack, clink, clink.config.link_pub, cnat)):
         est, pend = _established_indices(layer), _pending_indices(layer)
         assert est and pend, name
-        out.append(Target(name, node, layer, pub, est, pend))
+        out.append(Target(name, node, layer, pub, est, pend, nat))
     return tuple(out)
 
 
@@ -395,16 +431,25 @@ def datagram_for(target: Target, mode: int, g: Gen) -> bytes:
         return body + lh.mac1(target.link_pub, body)
     if mode == 4:  # transport naming a live session: random counter and ciphertext
         return bytes([0x54]) + g.choice(target.established).to_bytes(4, "big") + g.bytes(1429 - 5)
-    # response naming a handshake in flight
-    return bytes([0x53]) + g.choice(target.pending).to_bytes(4, "big") + g.bytes(lh.RESPONSE_LEN - 5)
+    if mode == 5:  # response naming a handshake in flight
+        return bytes([0x53]) + g.choice(target.pending).to_bytes(4, "big") + g.bytes(lh.RESPONSE_LEN - 5)
+    # what the NAT demux of a node stack takes (the bare machines drop it as an unknown type): a STUN Binding
+    # request (a serving relay answers it), or a NAT frame type with random content
+    if g.chance(0.3):
+        return stun.binding_request(g.bytes(stun.TXID_LEN), fingerprint=g.chance(0.5))
+    return bytes([g.choice((nm.MSG_INTRO_REQUEST, nm.MSG_INTRO_ANSWER, nm.MSG_PUNCH, nm.MSG_RELAYED))]) + g.bytes(
+        g.choice((0, 8, 9, 30, 60, 200)))
 
 
-DATAGRAM_MODES = 6
+DATAGRAM_MODES = 7
 
 
-def counters_of(target: Target) -> tuple[dict, dict]:
-    node_counters = getattr(target.node, "counters", None) if target.node is not target.layer else None
-    return dict(target.layer.counters), dict(node_counters or {})
+def counters_of(target: Target) -> tuple[dict, dict, dict]:
+    """(link layer, node, NAT part) counters."""
+    machine = target.machine
+    node_counters = getattr(machine, "counters", None) if machine is not target.layer else None
+    return (dict(target.layer.counters), dict(node_counters or {}),
+            dict(target.nat.counters) if target.nat is not None else {})
 
 
 # ---------------------------------------------------------------------------------------- link handshakes

@@ -14,11 +14,15 @@ Ed25519 keys) follow the two property tests.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
 from hypothesis import given
 
+from shallot.core.nat import NodeStack
+from shallot.core.nat.demux import Kind, kind_of
+from shallot.core.wire import stun
 from shallot.core.wire.cells import (
     CMD_PADDING,
     COMMANDS,
@@ -466,25 +470,45 @@ def test_relay_keys_from_json_infinite_created_is_value_error() -> None:
 
 
 def _check_receive_datagram(c: Case) -> None:
-    """LinkLayer, RelayNode and ClientNode: no exception, nothing sent, no event, exactly one drop counter."""
+    """LinkLayer, RelayNode, ClientNode and the production node stacks (the NAT demux in front of a relay and a
+    client node): no exception, no event, no link changed.  A datagram the demux hands to the link layer (all
+    of them, for the bare machines): nothing sent and exactly one link drop counter, the NAT part untouched.
+    One it hands to the NAT part (STUN, NAT frames): the link layer and the node untouched, exactly one NAT
+    counter, and an answer (unauthenticated STUN and introduction requests get one) only to the source."""
     mode = c.mode(7, DATAGRAM_MODES)
+    source = ("198.51.100.9", 4000)
     for n, target in enumerate(link_targets()):
         g = c.gen(8 + n)
         data = datagram_for(target, mode, g)
-        before_link, before_node = counters_of(target)
+        to_link = target.nat is None or _routes_to_link(data)
+        before = counters_of(target)
         links = dict(target.layer.links)
         _clock[0] += 1.0  # the handshake rate limit refills between examples
-        target.node.receive_datagram(data, ("198.51.100.9", 4000), _clock[0], WALL)  # type: ignore[attr-defined]
-        assert target.node.outbox == [], f"{target.name} answered an unauthenticated packet"  # type: ignore[attr-defined]
-        assert not target.layer.events and not getattr(target.node, "events", None)
+        target.node.receive_datagram(data, source, _clock[0], WALL)  # type: ignore[attr-defined]
+        sent = target.layer.datagrams_to_send()
+        assert not target.events(), target.name
         assert target.layer.links == links
-        after_link, after_node = counters_of(target)
-        assert after_node == before_node
-        changed = {k: after_link.get(k, 0) - before_link.get(k, 0) for k in after_link if
-                   after_link.get(k, 0) != before_link.get(k, 0)}
-        assert len(changed) == 1, f"{target.name}: {changed}"
-        (name, delta), = changed.items()
-        assert name.startswith("drop_") and delta == 1, f"{target.name}: {changed}"
+        after = counters_of(target)
+        changed = [_changes(b, a) for b, a in zip(before, after)]
+        assert changed[1] == {}, f"{target.name}: the node counted {changed[1]}"
+        counted = changed[0] if to_link else changed[2]
+        assert changed[2 if to_link else 0] == {}, f"{target.name}: {changed}"
+        assert len(counted) == 1, f"{target.name}: {changed}"
+        (name, delta), = counted.items()
+        if to_link:
+            assert sent == [], f"{target.name} answered an unauthenticated link packet"
+            assert name.startswith("drop_") and delta == 1, f"{target.name}: {counted}"
+        else:
+            assert delta == 1 and all(addr == source for _, addr in sent), f"{target.name}: {counted}, {sent}"
+
+
+def _routes_to_link(data: bytes) -> bool:
+    kind = kind_of(data[0] if data else 0)
+    return kind is Kind.LINK or (kind is Kind.STUN and not stun.is_stun(data))
+
+
+def _changes(before: dict, after: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
 
 
 _clock = [1000.0]
@@ -537,8 +561,9 @@ def test_descriptor_directory_and_key_file_parsers(case: bytes) -> None:
 @given(cases)
 def test_wire_parsers(case: bytes) -> None:
     """What arrives from the network.  From anyone: handshake messages and arbitrary datagrams into
-    LinkLayer / RelayNode / ClientNode.  Inside authenticated links: cells, end-to-end messages, build
-    records (relay_open with a real key ring) and the anti-replay window every packet goes through."""
+    LinkLayer / RelayNode / ClientNode and the production node stacks (the NAT demux in front of them).
+    Inside authenticated links: cells, end-to-end messages, build records (relay_open with a real key ring)
+    and the anti-replay window every packet goes through."""
     c = Case(case)
     _check_link_handshake_parsers(c)
     _check_receive_datagram(c)
@@ -548,9 +573,15 @@ def test_wire_parsers(case: bytes) -> None:
 
 
 def test_fuzz_targets_are_live() -> None:
-    """The datagram targets really have the sessions the fuzzer aims at (else modes 4/5 test nothing)."""
-    for target in link_targets():
+    """The datagram targets really have the sessions the fuzzer aims at (else modes 4/5 test nothing), and the
+    stacks are the production ones: a link packet goes through the demux to the node's link layer."""
+    targets = {t.name: t for t in link_targets()}
+    assert set(targets) == {"LinkLayer", "RelayNode", "ClientNode", "RelayStack", "ClientStack"}
+    for target in targets.values():
         assert target.established and target.pending
+    for name in ("RelayStack", "ClientStack"):
+        stack = targets[name].node
+        assert isinstance(stack, NodeStack) and stack.node.link is targets[name].layer is stack.nat.link
 
 
 # ============================================================================ descriptor creation limits
@@ -586,11 +617,18 @@ def test_bad_nicknames_are_rejected_by_create_and_decode(nickname: str) -> None:
 ], ids=["no_address", "five_addresses", "family_17", "ranges_33", "range_lo_gt_hi", "lifetime_0",
         "lifetime_too_long"])
 def test_create_refuses_what_decode_would_reject(overrides: dict) -> None:
-    try:
-        desc = _create(**overrides)
-    except DescriptorError:
-        return
-    Descriptor.decode(desc.encode())  # raises DescriptorError today: create() signed an unusable descriptor
+    """Both ends enforce each limit: create() refuses to sign it, and decode() refuses it when someone signs
+    it anyway (the same descriptor built field by field, past create's checks, then correctly signed)."""
+    with pytest.raises(DescriptorError):
+        _create(**overrides)
+    good = _create()
+    fields = {k: v for k, v in overrides.items() if k != "lifetime_s"}
+    if "lifetime_s" in overrides:
+        fields["expires"] = good.published + overrides["lifetime_s"]  # type: ignore[operator]
+    forged = dataclasses.replace(good, **fields, signature=b"")
+    body = forged.body()
+    with pytest.raises(DescriptorError):
+        Descriptor.decode(body + key_pool()[0].sign(LABEL_DESCRIPTOR + body))
 
 
 # ============================================================================ small-order Ed25519 keys

@@ -7,8 +7,10 @@ import dataclasses
 import hashlib
 from typing import Any
 
+from shallot.core.wire.cells import MSG_DATA, decode_message, encode_message
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.keys import OnionKey, RelayKeys
+from shallot.crypto.onion import ClientLayers, EndpointLayer, RelayLayer
 from shallot.crypto.params import CREATE_SLOTS_LEN, CREATED_SLOTS_LEN, RECORD_LEN, REPLY_LEN
 from shallot.crypto.primitives import x25519_public
 from shallot.relay.forwarder import OnionKeyRing
@@ -97,6 +99,26 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     client_keys = ch.client_created(pending, created_slots[0])
     assert client_keys == relay_keys, "client and relays derived different HopKeys"
 
+    # §6.4: the first RELAY cell each way (onion header | body), as each hop receives it going forward and as
+    # each hop sends it going backward
+    forward_inner = encode_message(MSG_DATA, bytes.fromhex(inputs["forward_data"]))
+    backward_inner = encode_message(MSG_DATA, bytes.fromhex(inputs["backward_data"]))
+    client_layers = ClientLayers(client_keys)
+    header, body = client_layers.wrap(forward_inner)
+    forward_cells = [header + body]
+    for keys in relay_keys[:-1]:
+        header, body = RelayLayer(keys).forward(header, body)
+        forward_cells.append(header + body)
+    exit_layer = EndpointLayer(relay_keys[-1])
+    assert exit_layer.open_forward(header, body) == forward_inner
+    header, body = exit_layer.seal_backward(backward_inner)
+    backward_cells = [header + body]
+    for keys in reversed(relay_keys[:-1]):
+        header, body = RelayLayer(keys).backward(header, body)
+        backward_cells.insert(0, header + body)
+    inner = client_layers.unwrap(header, body)
+    assert inner == backward_inner and decode_message(inner)[0] == MSG_DATA
+
     return {
         "onion_public": [p.hex() for p in onion_pubs],
         "x_public": [p.x_pub.hex() for p in pending],
@@ -104,6 +126,8 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         "replies": [r.hex() for r in replies],
         "created_slots": [s.hex() for s in created_slots],
         "hop_keys": [{name: getattr(k, name).hex() for name in HOP_KEY_FIELDS} for k in relay_keys],
+        "forward_cells": [c.hex() for c in forward_cells],
+        "backward_cells": [c.hex() for c in backward_cells],
     }
 
 
@@ -128,4 +152,6 @@ def make_inputs() -> dict[str, Any]:
         "minutes": 30_000_000,
         "client_rng": det_bytes("client rng", CREATE_SLOTS_LEN).hex(),
         "hops": hops,
+        "forward_data": b"shallot vector: forward".hex(),
+        "backward_data": b"shallot vector: backward".hex(),
     }

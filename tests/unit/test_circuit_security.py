@@ -392,7 +392,7 @@ def test_fixed_ephemerals_derive_identical_hop_keys_on_both_sides(n_hops: int) -
 
 
 def test_one_hop_vector_from_the_protocol_document() -> None:
-    """docs/PROTOCOL.md §11.2, "One-hop build": reproduced by an independent re-implementation."""
+    """docs/PROTOCOL.md §11.2, "One-hop build" (all of §11.2: test_protocol_vectors.py, vectors/independent.py)."""
     onion_private = bytes([0x01]) * 32
     x, y = bytes([0x40]) * 32, bytes([0x60]) * 32
     hop = ch.HopTarget(x25519_public(onion_private), ch.Terminate(ch.SERVICE_ECHO))

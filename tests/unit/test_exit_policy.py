@@ -93,11 +93,22 @@ def test_port_rules_leave_non_first_fragments_to_address_rules() -> None:
     assert not allowed(policy, v4("198.51.100.7", PROTO_TCP, None, frag_offset=100))
 
 
-@pytest.mark.parametrize("line", ["reject tcp *:25", "accept * 192.0.2.0/24:*", "reject udp *:137-139",
-                                  "accept [2001:db8::/32]:443", "reject 10.0.0.1", "accept icmp *"])
-def test_rule_syntax(line: str) -> None:
+@pytest.mark.parametrize(("line", "parsed"), [
+    ("reject tcp *:25", (False, PROTO_TCP, None, (25, 25))),
+    ("accept * 192.0.2.0/24:*", (True, None, "192.0.2.0/24", None)),
+    ("reject udp *:137-139", (False, PROTO_UDP, None, (137, 139))),
+    ("accept [2001:db8::/32]:443", (True, None, "2001:db8::/32", (443, 443))),
+    ("accept tcp [2001:db8::1]", (True, PROTO_TCP, "2001:db8::1/128", None)),
+    ("reject 10.0.0.1", (False, None, "10.0.0.1/32", None)),
+    ("reject 10.1.2.3/8:1-1024", (False, None, "10.0.0.0/8", (1, 1024))),
+    ("accept icmp *", (True, PROTO_ICMP, None, None)),
+])
+def test_rule_syntax(line: str, parsed: tuple) -> None:
+    """Every part of a rule is read: verdict, protocol, address (host bits dropped) and port range."""
     rule = parse_rule(line)
-    assert rule.accept == line.startswith("accept")
+    accept, proto, network, ports = parsed
+    assert (rule.accept, rule.proto, rule.network, rule.ports) == (
+        accept, proto, ipaddress.ip_network(network) if network else None, ports)
 
 
 @pytest.mark.parametrize("line", ["allow *", "reject tcp *:0", "reject tcp *:99999", "reject tcp *:80-20",

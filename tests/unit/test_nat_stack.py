@@ -4,6 +4,8 @@ adapters react to."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from shallot.core.circuit import ClientNode
 from shallot.core.link import Link, LinkState, PeerKind
 from shallot.core.nat import LinkMethod, LinkUpgraded, NatClassified, PublicAddressChanged
@@ -12,11 +14,14 @@ from shallot.core.nat.limits import REBIND_CHECK_S, UPGRADE_INTERVAL_S
 from shallot.core.nat.virtual import is_virtual
 from shallot.core.wire import nat_frames as nm
 from shallot.core.wire.cells import encode_cell
+from shallot.crypto import link_handshake as lh
+from shallot.crypto.params import LINK_PACKET_LEN, MSG_INIT_CLIENT, MSG_RESPONSE, MSG_TRANSPORT
 from shallot.relay.forwarder import RelayNode
 from tests.simnet import SimNet, det_rng
 from tests.unit.helpers_nat import CLIENT_ADDR, Scene, client_stack, keys, relay_stack
 
 EI, APD = Behaviour.ENDPOINT_INDEPENDENT, Behaviour.ADDRESS_AND_PORT_DEPENDENT
+LINK_LENGTHS = {MSG_INIT_CLIENT: lh.INIT_CLIENT_LEN, MSG_RESPONSE: lh.RESPONSE_LEN, MSG_TRANSPORT: LINK_PACKET_LEN}
 
 
 # ---------------------------------------------------------------- whole introductions
@@ -38,9 +43,7 @@ def test_impossible_punch_goes_through_the_relay_then_upgrades_when_a_path_opens
     assert link.state is LinkState.UP and link.addr[1] == 0 and scene.a.nat.link_method(link) is LinkMethod.RELAYED
     relayed = scene.intro.nat.counters["nat_relayed"]
     assert relayed >= 2 and scene.a.nat.counters["nat_relay_fallback"] == 1
-    # the introducer saw only link packets (ciphertext) and the two addresses
-    assert all(src in (scene.a_addr, scene.b_addr) for src, dst, _ in scene.net.log if dst == scene.i_addr
-               and _[:1] == b"\x58")
+    _introducer_saw_only_ciphertext_of_the_two_ends(scene)
     scene.direct_ok = True  # e.g. one NAT was replaced: the next punch gets through and both ends roam
     for _ in range(25):
         scene.net.advance(1.0)
@@ -51,6 +54,24 @@ def test_impossible_punch_goes_through_the_relay_then_upgrades_when_a_path_opens
     # and the dialer says so at its next look (at most one upgrade interval later)
     scene.net.advance(UPGRADE_INTERVAL_S)
     assert [e for e in scene.a.nat.events if isinstance(e, LinkUpgraded)] == [LinkUpgraded(link)]
+
+
+def _introducer_saw_only_ciphertext_of_the_two_ends(scene: Scene) -> None:
+    """What the relay-server (the introducer) sees of a relayed link: A's and B's link packets, which it holds
+    no key for, each passed on unchanged to the other end and to no one else."""
+    log = scene.net.log
+    into = [(src, data) for src, dst, data in log if dst == scene.i_addr and data[:1] == bytes((nm.MSG_RELAYED,))]
+    out = [(dst, data) for src, dst, data in log if src == scene.i_addr and data[:1] == bytes((nm.MSG_RELAYED,))]
+    assert {src for src, _ in into} == {scene.a_addr, scene.b_addr}, "both ends' packets went through it"
+    other = {scene.a_addr: scene.b_addr, scene.b_addr: scene.a_addr}
+    assert Counter((other[src], data) for src, data in into) == Counter(out), "forwarded unchanged, to the other end"
+    own_indexes = {s.local_index for lk in scene.intro.node.link.links.values()
+                   for s in (lk.session, lk.previous, lk.next_session) if s is not None}
+    for _, data in into:
+        inner = data[nm.RELAYED_HEADER_LEN:]
+        assert LINK_LENGTHS.get(inner[0]) == len(inner), f"not a link packet: {inner[:8].hex()}"
+        if inner[0] == MSG_TRANSPORT:  # a session of the A-B link, not one of the introducer's own
+            assert int.from_bytes(inner[1:5], "big") not in own_indexes
 
 
 def test_punch_that_times_out_falls_back_to_the_relay() -> None:

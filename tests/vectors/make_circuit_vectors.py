@@ -25,10 +25,17 @@ OUT = Path(__file__).with_name("circuit_build_v1.json")
 def main() -> int:
     inputs = make_inputs()
     vector = {
-        "description": "Shallot circuit build v1: client_create -> relay_open/relay_reply per hop -> "
-                       "relay_created_first/relay_created_wrap -> client_created, with fixed keys, ephemerals "
-                       "and random tapes (hex).  create_slots[i] is what hop i receives; created_slots[i] is "
-                       "what hop i sends back; hop_keys[i] is what hop i and the client both derive.",
+        "description": "Shallot circuit build v1 (docs/PROTOCOL.md §5, §6.4): a 3-hop build with fixed onion keys, "
+                       "client ephemerals x, hop ephemerals y and random tapes (hex).  client_rng is 4 x 148 bytes: "
+                       "the filler of slot k is client_rng[148k:148(k+1)], used by slots n..3 only.  A hop's "
+                       "relay_rng is the 148-byte filler slot it appends to the CREATE it forwards, then (last hop "
+                       "only) the 144 filler bytes after its reply in CREATED.  create_slots[i] is the 592 slot "
+                       "bytes hop i receives; created_slots[i] the 192 reply bytes hop i sends back; hop_keys[i] "
+                       "what hop i and the client both derive; forward_cells[i] the first forward RELAY cell "
+                       "(onion header | body; DATA forward_data, seq 0) as hop i receives it; backward_cells[i] "
+                       "the first backward one (DATA backward_data, seq 0) as hop i sends it.  Written by the "
+                       "product code (tests/vectors/make_circuit_vectors.py); tests/vectors/independent.py "
+                       "derives it again from the specification alone.",
         "inputs": inputs,
         "expected": compute(inputs),
     }
