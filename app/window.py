@@ -253,9 +253,14 @@ class MainWindow(QMainWindow):
         return frame
 
     def _actions(self) -> None:
-        def add(text: str, keys: QKeySequence | str, slot: object) -> QAction:
+        def add(text: str, keys: str, slot: object, also: QKeySequence.StandardKey | None = None) -> QAction:
+            """``keys`` always (what APP.md promises); ``also`` the platform's own bindings for the same command
+            (QKeySequence(StandardKey) would keep only the first, and some platforms have none for Quit)."""
             action = QAction(text, self)
-            action.setShortcut(QKeySequence(keys))
+            shortcuts = [QKeySequence(keys)]
+            if also is not None:
+                shortcuts += [k for k in QKeySequence.keyBindings(also) if k not in shortcuts]
+            action.setShortcuts(shortcuts)
             action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
             action.triggered.connect(slot)
             self.addAction(action)
@@ -265,8 +270,8 @@ class MainWindow(QMainWindow):
         self.new_circuit_action = add("New circuit", "Ctrl+N", self.controller.new_circuit)
         add("Settings", "Ctrl+,", self.open_settings)
         add("Log", "Ctrl+L", self.toggle_log)
-        add("Quit", QKeySequence.StandardKey.Quit, self.request_quit)
-        add("Close window", QKeySequence.StandardKey.Close, self.close)
+        add("Quit", "Ctrl+Q", self.request_quit, QKeySequence.StandardKey.Quit)
+        add("Close window", "Ctrl+W", self.close, QKeySequence.StandardKey.Close)
 
     # ------------------------------------------------------------------ showing
     def show_view(self, view: ViewState) -> None:

@@ -1,7 +1,8 @@
 """The engine's state and status snapshot (pure): built by the engine, parsed by the app and ``shallot status``.
 
 ``StatusSnapshot.to_json`` writes exactly the object of docs/PROTOCOL.md §9.5.  ``from_json`` reads what
-an engine sent as untrusted input: text is bounded, numbers must be finite and not negative, a wrong type
+an engine sent as untrusted input: text is bounded, numbers must be finite and not negative, counts must fit
+in 64 bits (a larger one would overflow the float arithmetic of whoever shows it), a wrong type
 falls back to "unknown", unknown fields are ignored, and the only error it raises is SnapshotError (the
 object is not a snapshot at all: not an object, or no known state).
 """
@@ -18,6 +19,7 @@ from shallot.core.control.errors import ErrorKind
 ROLES = ("guard", "middle", "exit")  # a circuit's hops, in order
 MAX_TEXT = 500  # messages and names: enough for any the engine writes, bounded for the window
 MAX_PATH = 4096
+MAX_COUNT = 2**64 - 1  # the engine's counters (bytes, circuits) are 64-bit
 
 
 class SnapshotError(ValueError):
@@ -132,14 +134,18 @@ def _text(raw: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:
 
 def _number(raw: dict[str, Any], key: str) -> float | None:
     v = raw.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v)
+    try:
+        f = float(v)  # JSON integers have no limit: 10**400 does not fit a float
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
 
 
 def _count(raw: dict[str, Any], key: str) -> int | None:
     v = raw.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT else None
 
 
 def _object(raw: dict[str, Any], key: str) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """pytest-qt fixtures for the desktop app: offscreen Qt, a qasync loop the sync tests drive through
 qtbot.waitUntil/waitSignal (../shared/DEPENDENCIES.md, recipe A), a real local network of relay processes,
-and windows whose engines are always shut down (polite first, then by the PID the app started)."""
+and windows whose engines are always shut down (polite first, then by the PID the app started); a shutdown
+that hangs, raises or leaves an engine to be killed fails the test at teardown."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from shallot.app.window import MainWindow
 from tests.integration.conftest import RunningNetwork, running_network
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+SHUTDOWN_MS = 20000  # the app waits up to 10 s for its engine to exit, then kills it
 
 
 @pytest.fixture
@@ -94,16 +96,37 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
         return app
 
     yield make
-    for app in made:
-        if app.controller.link.engine_pid is not None:
-            pids.append(app.controller.link.engine_pid)
-        task = app.controller.spawn(app.controller.shutdown(disconnect=True))
-        with contextlib.suppress(Exception):
-            qtbot.waitUntil(task.done, timeout=15000)
-    for pid in pids:  # only engines these tests' apps started, by PID
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+    problems: list[str] = []
+    try:
+        for app in made:
+            problems += shut_down(qtbot, app, pids)
+    finally:
+        for pid in pids:  # whatever happened above: only engines these tests' apps started, by PID
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    if problems:  # an engine that hangs or crashes on shutdown is a failure, not something to hide
+        pytest.fail("engine shutdown at teardown: " + "; ".join(problems), pytrace=False)
+
+
+def shut_down(qtbot: Any, app: App, pids: list[int]) -> list[str]:
+    """Quit as "Disconnect and quit" does; what went wrong, in words (an empty list when nothing did)."""
+    proc = app.controller.link.proc  # the engine this app started, if any: its exit status tells the story
+    if proc is not None:
+        pids.append(proc.pid)
+    task = app.controller.spawn(app.controller.shutdown(disconnect=True))
+    try:
+        qtbot.waitUntil(task.done, timeout=SHUTDOWN_MS)
+    except qtbot.TimeoutError:
+        task.cancel()
+        return [f"the app's shutdown did not finish within {SHUTDOWN_MS / 1000:.0f} s"]
+    if task.cancelled():
+        return ["the app's shutdown was cancelled"]
+    if task.exception() is not None:
+        return [f"the app's shutdown raised {task.exception()!r}"]
+    if proc is not None and proc.returncode != 0:  # -9: it ignored the shutdown and was killed after 10 s
+        return [f"the engine (pid {proc.pid}) ended with status {proc.returncode} instead of exiting on shutdown"]
+    return []
 
 
 def engine_status(sock: Path) -> dict[str, Any]:

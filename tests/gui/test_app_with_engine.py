@@ -5,12 +5,14 @@ inputs end in a readable error state; the Qt loop keeps serving timers while cir
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 
 import pytest
 from PySide6.QtCore import Qt, QTimer
 
+from shallot.app.presenter import format_ms
 from shallot.app.settings import Settings
 from shallot.core.control.api import EngineState
 from tests.gui.conftest import engine_status
@@ -39,6 +41,41 @@ def assert_readable(text: str) -> None:
         assert junk not in text, text
 
 
+def shown_rtt_ms(window, role: str) -> float | None:
+    """The round trip a hop's card shows, in ms; None for the dash of "not measured"."""
+    text = window.circuit_view.cards[role].latency.text()
+    if text == "rtt \u2013":
+        return None
+    match = re.fullmatch(r"rtt (\d+(?:\.\d+)?) ms", text)
+    assert match, f"the {role} card shows {text!r}"
+    return float(match.group(1))
+
+
+def assert_latency_is_the_engines(qtbot, window, sock: Path) -> None:
+    """APP.md: per-hop latency is measured or absent.  The guard (its link handshake) and the exit (the echo
+    through the circuit) show a real number, the one the engine reports; the middle shows a dash."""
+    def engine_hop_rtts() -> list[float | None]:
+        return [h["rtt_ms"] for h in engine_status(sock)["circuit"]]
+
+    seen: list[object] = []
+
+    def cards_show_the_engines() -> bool:  # the window polls once a second; the exit's echo changes every ping
+        guard, middle, exit_ = engine_hop_rtts()
+        shown = [window.circuit_view.cards[r].latency.text() for r in ("guard", "middle", "exit")]
+        seen[:] = [(guard, middle, exit_), shown]
+        return guard is not None and exit_ is not None and middle is None and \
+            shown == [f"rtt {format_ms(guard)}", "rtt \u2013", f"rtt {format_ms(exit_)}"]
+
+    try:
+        qtbot.waitUntil(cards_show_the_engines, timeout=15000)
+    except qtbot.TimeoutError:
+        pytest.fail(f"the circuit's latencies (engine, window) never matched: {seen}")
+    for role in ("guard", "exit"):
+        rtt = shown_rtt_ms(window, role)
+        assert rtt is not None and 0 < rtt < 5000, (role, rtt)
+    assert shown_rtt_ms(window, "middle") is None
+
+
 def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: RunningNetwork) -> None:
     app = make_app(directory_settings(network))
     c, w = app.controller, app.window
@@ -54,8 +91,7 @@ def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: Runnin
     assert len({h["id"] for h in status["circuit"]}) == 3
     assert [h["id"] for h in status["circuit"]] == [h.id for h in c.view.hops]
     assert w.headline.text() == "Connected" and w.button.text() == "Disconnect"
-    exit_card = w.circuit_view.cards["exit"].latency.text()
-    assert exit_card.startswith("rtt ")  # the exit's round trip is measured, or shown as a dash
+    assert_latency_is_the_engines(qtbot, w, app.sock)
 
     before = shown_ids(w)
     qtbot.waitUntil(lambda: w.new_circuit_button.isEnabled(), timeout=5000)

@@ -151,7 +151,7 @@ class Proc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 pytest.fail(f"{self.argv[3:]} printed no {needle!r} line in {timeout:.0f} s; "
-                            f"stdout={''.join(self.stdout_lines)!r} stderr={self.stderr():r}")
+                            f"stdout={''.join(self.stdout_lines)!r} stderr={self.stderr()!r}")
             try:
                 line = self._lines.get(timeout=min(remaining, 0.2))
             except queue.Empty:

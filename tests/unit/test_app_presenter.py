@@ -109,6 +109,16 @@ def test_odd_fields_fall_back() -> None:
                                                                                 "")
 
 
+def test_numbers_out_of_range_are_unknown() -> None:
+    """JSON has no integer limit: a time beyond a float's range and counts beyond 64 bits (the window divides
+    byte counts as floats) read as unknown, like any other odd value (found by the widget fuzz)."""
+    s = parse_snapshot({"state": "connected", "bytes_sent": 2**64, "bytes_received": 10**400,
+                        "circuits_built": 2**64 - 1, "relays_known": 2**70, "build_ms": 10**400, "rtt_ms": 2**64})
+    assert (s.bytes_sent, s.bytes_received, s.circuits_built, s.relays_known) == (0, 0, 2**64 - 1, None)
+    assert (s.build_ms, s.rtt_ms) == (None, float(2**64))
+    assert format_bytes(s.circuits_built) and RateMeter().add(1.0, 2**64 - 1, 2**64 - 1) is None
+
+
 def test_notifications_only_for_drop_and_recovery() -> None:
     n = Notifier()
     assert n.feed(EngineState.CONNECTING, user_action=True) is None
