@@ -1,6 +1,8 @@
 """The engine process (``shallot engine``, ``shallot connect``): a ClientEngine behind the control API on a
-Unix socket until shutdown, SIGTERM or SIGINT.  Each typed request goes to one engine method
-(docs/PROTOCOL.md §9.5), and each change of state is a "state" event and one line on stdout."""
+Unix socket until shutdown, SIGTERM or SIGINT, which put the VPN set-up back.  A crash (an exception that
+unwinds ``run_engine``) leaves a kill switch on instead (docs/PRIVILEGES.md).  Each typed request goes to
+one engine method (docs/PROTOCOL.md §9.5), and each change of state is a "state" event and one line on
+stdout."""
 
 from __future__ import annotations
 
@@ -60,12 +62,17 @@ async def run_engine(socket_path: Path, config: EngineConfig, *, own_ids: tuple[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
+    asked_to_stop = False
     try:
         if autoconnect:
             await engine.connect(exit_spec=exit_spec, path_spec=path)
         await stop.wait()
+        asked_to_stop = True
     finally:
-        await engine.close()
+        if asked_to_stop:
+            await engine.close()  # shutdown, SIGTERM, SIGINT: put everything back
+        else:
+            await engine.abandon()  # a crash: the kill switch stays on
         await server.close()
 
 
