@@ -10,7 +10,7 @@ EngineLink are the app's own."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -22,7 +22,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from shallot.app.controller import AppController
-from shallot.app.settings import Settings, SettingsStore
+from shallot.app.settings import Settings
 from shallot.app.window import MainWindow
 from shallot.core.control.api import (
     Configure,
@@ -64,21 +64,18 @@ class StandIn:
 
 
 @pytest.fixture
-def window(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> Iterator[Callable[..., tuple]]:
-    made: list[tuple[AppController, MainWindow]] = []
+def window(qtbot: Any, qloop: asyncio.AbstractEventLoop, make_app: Callable[..., Any],
+           short_tmp: Path) -> Iterator[tuple[Callable[..., tuple], Callable[..., StandIn]]]:
+    """``make(block_kept)``: the app's window (conftest's make_app) with a stand-in for the marker;
+    ``serve(answers)``: a stand-in engine on the app's socket, closed at the end."""
     servers: list[StandIn] = []
 
     def make(block_kept: Callable[[], bool]) -> tuple[AppController, MainWindow]:
         directory = short_tmp / "directory"
         directory.write_text("unused: the stand-in engines never read it\n")
-        store = SettingsStore()
-        store.save(Settings(directory=str(directory), route_all=True, kill_switch=True))
-        controller = AppController(store, socket=short_tmp / "engine.sock", block_kept=block_kept)
-        w = MainWindow(controller)
-        qtbot.addWidget(w)
-        w.show()
-        made.append((controller, w))
-        return controller, w
+        app = make_app(Settings(directory=str(directory), route_all=True, kill_switch=True))
+        app.controller.block_kept = block_kept
+        return app.controller, app.window
 
     def serve(answers: dict[type, Callable[[Any], Any]]) -> StandIn:
         engine = StandIn(short_tmp / "engine.sock", answers)
@@ -88,18 +85,14 @@ def window(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> Ite
         servers.append(engine)
         return engine
 
-    def stop(engine: StandIn) -> None:
+    yield make, serve
+    for engine in servers:
         closing = qloop.create_task(engine.server.close())
         qtbot.waitUntil(closing.done, timeout=5000)
-
-    yield make, serve, stop
-    for controller, _ in made:
-        task = controller.spawn(controller.link.detach())
-        with contextlib.suppress(Exception):
-            qtbot.waitUntil(task.done, timeout=5000)
-        assert controller.link.engine_pid is None  # the app never started a real engine here
-    for engine in servers:
-        stop(engine)
+    # the controllers are cyclic garbage (controller -> EngineLink -> its bound methods): collect them here, on
+    # the main thread while the loop lives, not whenever a later allocation (perhaps on a helper thread) does;
+    # without this a later test's Qt event processing can crash on them
+    gc.collect()
 
 
 def attach(qtbot: Any, controller: AppController) -> bool:
@@ -109,7 +102,7 @@ def attach(qtbot: Any, controller: AppController) -> bool:
 
 
 def test_the_engine_dies_connected_and_unblock_lifts_the_kept_kill_switch(qtbot, window, short_tmp: Path) -> None:
-    make, serve, _ = window
+    make, serve = window
     marker = [False]
     first = subprocess.Popen([sys.executable, str(HERE / "standin_engine.py"), str(short_tmp / "engine.sock"),
                               json.dumps(CONNECTED)], stdout=subprocess.PIPE, text=True)
@@ -142,7 +135,7 @@ def test_the_engine_dies_connected_and_unblock_lifts_the_kept_kill_switch(qtbot,
 
 
 def test_a_block_found_at_start_and_reconnect_takes_it_over(qtbot, window) -> None:
-    make, serve, _ = window
+    make, serve = window
     c, w = make(lambda: True)
     assert attach(qtbot, c) is False  # no engine runs: the marker alone says what happened
     assert w.headline.text() == BLOCKED and w.button.text() == "Reconnect"
@@ -159,7 +152,7 @@ def test_a_block_found_at_start_and_reconnect_takes_it_over(qtbot, window) -> No
 
 
 def test_an_unblock_the_engine_cannot_carry_out_keeps_the_blocked_view(qtbot, window) -> None:
-    make, serve, _ = window
+    make, serve = window
     helper_failed = {**DISCONNECTED, "state": "error", "error": "the privileged helper quit",
                      "error_code": "helper-failed", "blocked": True}
 

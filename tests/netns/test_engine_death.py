@@ -44,7 +44,8 @@ from tests.netns.test_ip_exit import (
     nft_chains,
 )
 from tests.netns.test_kill_switch_proof import wait_status
-from tests.netns.testbed import StandardTopology, TestbedError
+from tests.netns.testbed import StandardTopology
+from tests.netns.testbed import TestbedError as SetupFailed
 
 pytestmark = pytest.mark.timeout(240)
 TUNNEL_DNS = "nameserver 100.64.0.1"
@@ -74,9 +75,10 @@ class Unprivileged:
 
 
 def spawn_unprivileged(topology: StandardTopology, directory: Path, workdir: Path, *extra: str,
-                       path: str = "guard,middle,exit") -> Unprivileged:
-    """``shallot connect --helper-fd`` as an ordinary user, the helper as root the way pkexec starts it (the
-    socket as stdin, the user's uid in PKEXEC_UID).  Not waited for."""
+                       path: str = "guard,middle,exit", connect: bool = True) -> Unprivileged:
+    """``shallot connect --helper-fd`` (or ``shallot engine --vpn --helper-fd``, which waits for commands, as
+    the app's engine does) as an ordinary user, the helper as root the way pkexec starts it (the socket as
+    stdin, the user's uid in PKEXEC_UID).  Not waited for."""
     prefix, who = _unprivileged_prefix()
     os.chmod(workdir, 0o700)
     shutil.copy(directory, workdir / "directory")
@@ -91,8 +93,9 @@ def spawn_unprivileged(topology: StandardTopology, directory: Path, workdir: Pat
                                   stdin=ours, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**env, "PKEXEC_UID": "65534" if who == "nobody" else "0"})
         topology.tb.procs.append(helper)
-        engine = subprocess.Popen(["ip", "netns", "exec", ns, *prefix, sys.executable, "-m", "shallot", "connect",
-                                   "--directory", str(workdir / "directory"), "--path", path,
+        command = ["connect", "--path", path] if connect else ["engine", "--vpn"]
+        engine = subprocess.Popen(["ip", "netns", "exec", ns, *prefix, sys.executable, "-m", "shallot", *command,
+                                   "--directory", str(workdir / "directory"),
                                    "--socket", str(workdir / "engine.sock"), "--helper-fd", str(theirs.fileno()),
                                    *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   pass_fds=(theirs.fileno(),), env=env)
@@ -106,7 +109,7 @@ def spawn_unprivileged(topology: StandardTopology, directory: Path, workdir: Pat
 def wait_connected(proc: subprocess.Popen[str], timeout: float = 30) -> None:
     try:
         _wait_line(proc, "shallot: connected", timeout=timeout)
-    except TestbedError:
+    except SetupFailed:
         proc.terminate()
         _, err = proc.communicate(timeout=15)
         raise AssertionError(f"the engine did not connect; its stderr:\n{err[-3000:]}") from None
@@ -122,7 +125,7 @@ def connected_while_probing(spawn: Callable[[], subprocess.Popen[str]], capture:
         proc = spawn()
         try:
             _wait_line(proc, "shallot: connected", timeout=timeout)
-        except TestbedError:
+        except SetupFailed:
             proc.terminate()
             _, err = proc.communicate(timeout=15)
             raise AssertionError(f"the new engine did not connect: {err[-3000:]}") from None
@@ -214,6 +217,34 @@ def test_helper_keeps_the_block_when_the_engine_is_killed_until_a_disconnect(
         second.engine.terminate()
         assert second.engine.wait(15) == 0
         assert second.helper.wait(15) == 0
+    finally:
+        capture.stop()
+        for d in workdirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unblock_a_fresh_engine_lifts_the_kept_block(
+        topology: StandardTopology, ip_network: dict[str, Path], client: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The app's Unblock after its engine died: it starts an engine (no connection of its own) and asks it
+    to disconnect; the engine opens a helper session for it (hello keeps the block, restore lifts it)."""
+    capture = Capture(topology, tmp_path / "uplink.pcap")
+    workdirs = [Path(tempfile.mkdtemp(prefix="shallot-death-")) for _ in range(2)]
+    try:
+        first = spawn_unprivileged(topology, ip_network["directory"], workdirs[0])
+        wait_connected(first.engine)
+        capture.start()
+        first.engine.kill()
+        first.engine.wait()
+        assert first.helper.wait(15) == 0
+        fresh = spawn_unprivileged(topology, ip_network["directory"], workdirs[1], connect=False)
+        _wait_line(fresh.engine, "listening")
+        assert control(fresh.sock, "status")["blocked"] is True  # what the app reads to show "Blocked"
+        assert_blocked(topology, capture, "helper, a fresh engine before Unblock")  # starting it changed nothing
+        snap = control(fresh.sock, "disconnect")
+        assert (snap["state"], snap["blocked"]) == ("disconnected", False)
+        assert_open(topology, capture, "helper, after Unblock", client)
+        fresh.engine.terminate()
+        assert fresh.engine.wait(15) == 0 and fresh.helper.wait(15) == 0
     finally:
         capture.stop()
         for d in workdirs:
