@@ -62,17 +62,19 @@ async def run_engine(socket_path: Path, config: EngineConfig, *, own_ids: tuple[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
-    asked_to_stop = False
+    crashed = False
     try:
         if autoconnect:
             await engine.connect(exit_spec=exit_spec, path_spec=path)
         await stop.wait()
-        asked_to_stop = True
+    except Exception:
+        crashed = True
+        raise
     finally:
-        if asked_to_stop:
-            await engine.close()  # shutdown, SIGTERM, SIGINT: put everything back
+        if crashed:
+            await engine.abandon()  # a bug unwound the engine: the kill switch stays on
         else:
-            await engine.abandon()  # a crash: the kill switch stays on
+            await engine.close()  # shutdown, SIGTERM, SIGINT (or Ctrl-C before its handler): put everything back
         await server.close()
 
 

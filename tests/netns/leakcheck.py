@@ -30,6 +30,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.netns.testbed import StandardTopology
 
 PROBE_UDP_PORT, PROBE_TCP_PORT, PROBE_GUARD_PORT, CANARY_PORT = 7791, 7793, 7792, 7795
@@ -295,13 +297,26 @@ def probing(topology: StandardTopology, workdir: Path, *, iface: str = "eth0") -
     done.append(_probe(nonce, out))
 
 
+REPORT: list[str] = []  # one line per counted round; shown_in_the_log prints them even under -q
+
+
 def leaks(capture: Capture, topology: StandardTopology, label: str) -> dict[str, int]:
     """One round of probes, counted on the uplink; printed with what the sends got."""
     p = probe(topology)
     counts = p.count(capture.packets(), capture.client)
     sends = {k: ",".join(sorted(set(v))) for k, v in p.results.items()}
-    print(f"[{label}] probe packets on the uplink: {counts}  (sends: {sends})")
+    REPORT.append(f"[{label}] probe packets on the uplink: {counts}  (sends: {sends})")
     return counts
+
+
+@pytest.fixture
+def shown_in_the_log(capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
+    """The packet counts of a test, printed past pytest's capture (CI logs show them, pass or fail)."""
+    REPORT.clear()
+    yield REPORT
+    with capsys.disabled():
+        print("".join(f"\n    {line}" for line in REPORT))
+    REPORT.clear()
 
 
 def marker_file(topology: StandardTopology, role: str = "client") -> Path:

@@ -31,7 +31,7 @@ import pytest
 
 from shallot.core.control.client import ControlClient
 from shallot.core.control.errors import ControlError, ErrorKind
-from tests.netns.leakcheck import KINDS, Capture, leaks, marker_file, probing
+from tests.netns.leakcheck import KINDS, REPORT, Capture, leaks, marker_file, probing, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import _wait_line
 from tests.netns.test_ip_exit import (
     ECHO_PORT,
@@ -47,7 +47,7 @@ from tests.netns.test_kill_switch_proof import wait_status
 from tests.netns.testbed import StandardTopology
 from tests.netns.testbed import TestbedError as SetupFailed
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("shown_in_the_log")]
 TUNNEL_DNS = "nameserver 100.64.0.1"
 OTHER_PATH = "middle,guard,exit"  # a new engine through another guard than the kept kill switch lets out
 
@@ -131,9 +131,9 @@ def connected_while_probing(spawn: Callable[[], subprocess.Popen[str]], capture:
             raise AssertionError(f"the new engine did not connect: {err[-3000:]}") from None
         took = time.monotonic() - start
     counts = done[0].count(capture.packets(), capture.client)
-    print(f"[{label}] {done[0].rounds} probe rounds over the {took:.1f} s the new engine took to connect: "
-          f"{counts} probe packets on the uplink (sends: "
-          f"{ {k: ','.join(sorted(set(v))) for k, v in done[0].results.items()} })")
+    REPORT.append(f"[{label}] {done[0].rounds} probe rounds over the {took:.1f} s the new engine took to "
+                  f"connect: {counts} probe packets on the uplink (sends: "
+                  f"{ {k: ','.join(sorted(set(v))) for k, v in done[0].results.items()} })")
     assert done[0].rounds >= 3
     return counts
 

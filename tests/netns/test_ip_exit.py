@@ -22,7 +22,7 @@ import pytest
 from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
-from tests.netns.leakcheck import Capture
+from tests.netns.leakcheck import REPORT, Capture, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.testbed import TESTBED_RESOLV_MARK, StandardTopology
 from tests.netns.testbed import TestbedError as SetupFailed
@@ -274,11 +274,12 @@ def _v6_probes(topology: StandardTopology, capture: Capture, label: str) -> tupl
     packets = [p for p in capture.packets() if p.src == "fd00:10::2"]
     counts = {kind: sum(1 for p in packets if p.payload.startswith(f"{nonce} {kind} ".encode())
                         and (p.proto, p.icmp[0]) in ((17, 0), (58, 128))) for kind in ("udp6", "icmp6")}
-    print(f"[IPv6, {label}] probe packets on the link: {counts} (sends: {sends})")
+    REPORT.append(f"[IPv6, {label}] probe packets on the link: {counts} (sends: {sends})")
     return counts, sends
 
 
 @pytest.mark.parametrize("kill_switch", [False, True], ids=["no-kill-switch", "kill-switch"])
+@pytest.mark.usefixtures("shown_in_the_log")
 def test_no_ipv6_leak_even_without_the_kill_switch(topology: StandardTopology, ip_network: dict[str, Path],
                                                    tmp_path: Path, kill_switch: bool) -> None:
     """The tunnel is IPv4 only, so while connected IPv6 must not go out at all, kill switch or not.  The

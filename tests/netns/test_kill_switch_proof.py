@@ -21,12 +21,12 @@ import pytest
 from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
-from tests.netns.leakcheck import KINDS, Capture, leaks
+from tests.netns.leakcheck import KINDS, REPORT, Capture, leaks, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.test_ip_exit import ECHO_PORT, HERE, UDP_ASK, _start_connect, nft_chains
 from tests.netns.testbed import StandardTopology
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("shown_in_the_log")]
 
 
 def status(sock: Path) -> dict:
@@ -111,8 +111,8 @@ def test_the_firewall_stops_what_routing_lets_out(topology: StandardTopology, tm
         for proc in relays.values():
             proc.wait(15)  # the exit takes its nftables table with it before the next test starts one
     total = sum(sum(c.values()) for c in counts.values())
-    print(f"{'kill switch' if kill_switch else 'control (--no-kill-switch)'}: {total} probe packets left the "
-          f"client in all ({counts})")
+    REPORT.append(f"{'KILL SWITCH' if kill_switch else 'CONTROL (--no-kill-switch)'}: {total} probe packets "
+                  f"left the client in all")
     if kill_switch:
         assert total == 0, f"packets left outside the tunnel: {counts}"
     else:  # the control: everything routing lets out is seen, so the capture would see a leak
