@@ -4,6 +4,10 @@ conversation as an asyncio task on Qt's loop (qasync) and tells the widgets what
 Widgets never await anything: they call the plain methods here (``toggle``, ``new_circuit``, ...), which
 start a task and return at once.  qasync 0.28's ``asyncSlot`` keeps no reference to its task, so this class
 starts tasks itself and keeps every one in ``self._tasks`` until it ends.
+
+A kill switch kept after the engine stopped (docs/PRIVILEGES.md) is read from its marker
+(core/vpn/killmark.py) when the engine goes away or none runs at start, and from the engine's snapshot
+otherwise; the window then offers Reconnect and Unblock (an explicit disconnect through the engine).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,10 @@ from shallot.core.control.api import (
 )
 from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
+from shallot.core.vpn import killmark
 
 log = logging.getLogger("shallot.app")
+UNBLOCK_TIMEOUT_S = 320.0  # the engine may wait for polkit's password dialog (core/vpn/helper_client.py)
 # problems that a change of settings may have fixed
 SETTINGS_KINDS = (ErrorKind.SETTINGS, ErrorKind.NO_DIRECTORY, ErrorKind.BAD_DIRECTORY, ErrorKind.BAD_CONFIG)
 
@@ -63,9 +69,12 @@ class AppController(QObject):
     settings_changed = Signal(object)  # Settings
 
     def __init__(self, store: SettingsStore, *, socket: Path, settings: Settings | None = None,
-                 persist: bool = True, parent: QObject | None = None) -> None:
+                 persist: bool = True, block_kept: Callable[[], bool] | None = None,
+                 parent: QObject | None = None) -> None:
+        """``block_kept``: whether a kill switch blocks traffic (its marker; a stand-in in tests)."""
         super().__init__(parent)
         self.store = store
+        self.block_kept = block_kept or killmark.is_marked
         self.persist = persist  # the demo never writes the user's settings
         self.load_problems: list[str] = []
         if settings is None:
@@ -89,7 +98,7 @@ class AppController(QObject):
 
     # ------------------------------------------------------------------ commands from the widgets
     def toggle(self) -> None:
-        if self.view.button is Button.CONNECT:
+        if self.view.button in (Button.CONNECT, Button.RECONNECT):
             self.connect_vpn()
         else:
             self.disconnect_vpn()
@@ -125,6 +134,10 @@ class AppController(QObject):
         self.problem = None
         self.connect_vpn()
 
+    def unblock(self) -> None:
+        """Lift a kill switch kept after the engine stopped: the engine's disconnect does it through the helper."""
+        self.spawn(self._unblock())
+
     def apply_settings(self, new: Settings) -> None:
         old, self.settings = self.settings, new
         if self.persist:
@@ -155,14 +168,17 @@ class AppController(QObject):
 
     async def attach_existing(self) -> bool:
         """At start: show the state of an engine that is already running (never starts one)."""
-        if not self.link.sock.exists():
-            return False
-        try:
-            await self.link.ensure(lambda _s: None, start=False)
-        except EngineProblem:
-            return False
-        await self._refresh_status()
-        return True
+        if self.link.sock.exists():
+            try:
+                await self.link.ensure(lambda _s: None, start=False)
+            except EngineProblem:
+                pass
+            else:
+                await self._refresh_status()
+                return True
+        if self.block_kept():
+            self.fail(Problem(ErrorKind.BLOCKED, "an earlier connection stopped without disconnecting"))
+        return False
 
     async def shutdown(self, *, disconnect: bool) -> None:
         """Quit: with ``disconnect`` the engine is told to disconnect and exit; without it, an engine we
@@ -236,6 +252,20 @@ class AppController(QObject):
         else:
             self._refresh()
 
+    async def _unblock(self) -> None:
+        self._user_action = True
+        self.problem = None
+        log.info("lifting the kill switch")
+        try:
+            await self.link.ensure(lambda _s: None)
+            snap = await self.link.ask(Disconnect(), timeout=UNBLOCK_TIMEOUT_S)
+        except (ControlError, EngineProblem) as exc:
+            self.fail(Problem(ErrorKind.BLOCKED, f"the kill switch could not be lifted: {exc}"))
+            return
+        self._on_snapshot(snap, False)
+        if self.block_kept():
+            self.fail(Problem(ErrorKind.BLOCKED, "the kill switch is still on (see the log)"))
+
     async def _command(self, request: Request) -> None:
         what = request.CMD.replace("_", " ")
         try:
@@ -306,7 +336,9 @@ class AppController(QObject):
         was = self.snapshot
         self.snapshot = None
         self.meter.reset()
-        if was is not None and was.state is not EngineState.DISCONNECTED:
+        if self.block_kept():  # it died connected with the kill switch on: the block stays (docs/PRIVILEGES.md)
+            self.fail(Problem(ErrorKind.BLOCKED, f"the engine stopped ({reason})"))
+        elif was is not None and was.state is not EngineState.DISCONNECTED:
             self.fail(Problem(ErrorKind.ENGINE_LOST, f"the engine stopped ({reason})"))
         else:
             log.info("the engine stopped (%s)", reason)

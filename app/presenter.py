@@ -34,6 +34,7 @@ class ViewAction(enum.Enum):
     PROBE_MODE = "probe-mode"  # turn off "Route all traffic" and connect with a circuit only
     SETTINGS = "settings"  # open the settings dialog
     RETRY = "retry"  # connect again
+    UNBLOCK = "unblock"  # lift a kill switch kept after the engine stopped (an explicit disconnect)
 
 
 class Button(enum.Enum):
@@ -42,9 +43,11 @@ class Button(enum.Enum):
     CONNECT = "connect"
     DISCONNECT = "disconnect"
     CANCEL = "cancel"  # stop a connection that is being made (a disconnect)
+    RECONNECT = "reconnect"  # connect again while a kill switch blocks traffic (a new engine takes it over)
 
 
-BUTTON_TEXT = {Button.CONNECT: "Connect", Button.DISCONNECT: "Disconnect", Button.CANCEL: "Cancel"}
+BUTTON_TEXT = {Button.CONNECT: "Connect", Button.DISCONNECT: "Disconnect", Button.CANCEL: "Cancel",
+               Button.RECONNECT: "Reconnect"}
 
 _REFUSED = ("The engine refused", "See the log (Ctrl+L) for details, then try again.", ViewAction.RETRY)
 _SETTINGS = ("Settings need attention", "Open Settings (Ctrl+,) and fix what is named above.", ViewAction.SETTINGS)
@@ -74,6 +77,10 @@ ADVICE: dict[ErrorKind, tuple[str, str, ViewAction]] = {
     ErrorKind.ENGINE_START: ("The Shallot engine did not start",
                              "See the log (Ctrl+L) for details, then try again.", ViewAction.RETRY),
     ErrorKind.ENGINE_LOST: ("The Shallot engine stopped", "Connect again to restart it.", ViewAction.RETRY),
+    ErrorKind.BLOCKED: (
+        "Blocked: the connection stopped",
+        "The kill switch still keeps your traffic from leaving outside the tunnel. Reconnect to go on through a "
+        "new circuit, or Unblock to let your traffic out directly, unprotected.", ViewAction.UNBLOCK),
     ErrorKind.ERROR: _REFUSED,
     ErrorKind.CIRCUIT: (
         "No circuit right now",
@@ -122,11 +129,16 @@ def present(snap: StatusSnapshot | None, problem: Problem | None = None, *, star
     mode = snap.mode if snap is not None else (EngineMode.VPN if route_all else EngineMode.PROBE)
     if problem is not None:
         title, what, action = advice(problem.kind)
-        return ViewState(EngineState.ERROR, title, sentence(problem.message), what, action, Button.CONNECT, False,
+        button = Button.RECONNECT if problem.kind is ErrorKind.BLOCKED else Button.CONNECT
+        return ViewState(EngineState.ERROR, title, sentence(problem.message), what, action, button, False,
                          (), mode, False)
     if starting:
         return ViewState(EngineState.CONNECTING, "Connecting…", sentence(starting), "", None, Button.CANCEL, True,
                          (), mode, False)
+    if snap is not None and snap.blocked and not snap.trying:  # the engine says a kill switch was kept
+        title, what, action = advice(ErrorKind.BLOCKED)
+        detail = sentence(snap.error) or "An earlier connection stopped without disconnecting."
+        return ViewState(EngineState.ERROR, title, detail, what, action, Button.RECONNECT, False, (), mode, False)
     if snap is None or snap.state is EngineState.DISCONNECTED:
         return ViewState(EngineState.DISCONNECTED, "Not connected",
                          "Your traffic goes out directly." if mode is EngineMode.VPN or route_all else

@@ -39,7 +39,7 @@ from shallot.core.control.api import EngineMode, EngineState, StatusSnapshot
 
 log = logging.getLogger("shallot.app")
 ACTION_TEXT = {ViewAction.PROBE_MODE: "Connect in probe mode", ViewAction.SETTINGS: "Open settings…",
-               ViewAction.RETRY: "Try again"}
+               ViewAction.RETRY: "Try again", ViewAction.UNBLOCK: "Unblock"}
 
 
 def card(title: str | None = None) -> tuple[QFrame, QVBoxLayout]:
@@ -352,7 +352,7 @@ class MainWindow(QMainWindow):
 
     def _action(self) -> None:
         run = {ViewAction.PROBE_MODE: self.controller.use_probe_mode, ViewAction.SETTINGS: self.open_settings,
-               ViewAction.RETRY: self.controller.retry}
+               ViewAction.RETRY: self.controller.retry, ViewAction.UNBLOCK: self.controller.unblock}
         action = self.controller.view.action
         if action is not None:
             run[action]()

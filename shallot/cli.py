@@ -151,7 +151,9 @@ def _add_connect(sub: Subparsers) -> None:
                                    "with a kill switch (nftables) that lets nothing else out while connected or "
                                    "reconnecting, and DNS through the exit.  As an ordinary user the privileged "
                                    "part goes through the helper (pkexec; docs/PRIVILEGES.md).  Serves the control "
-                                   "API like 'shallot engine'.  SIGINT/SIGTERM restore routes, firewall and DNS.")
+                                   "API like 'shallot engine'.  SIGINT/SIGTERM restore routes, firewall and DNS; "
+                                   "a crash or kill -9 leaves the kill switch on (nothing leaks) until a "
+                                   "disconnect, the next connect or --cleanup.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
     c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
     _add_cache_and_own_relay(c)
@@ -163,7 +165,8 @@ def _add_connect(sub: Subparsers) -> None:
                    help="a socket to an already running privileged helper (tests, service managers)")
     _add_socket(c)
     c.add_argument("--cleanup", action="store_true",
-                   help="remove the routes, firewall table and device a crashed client left, then exit")
+                   help="remove the routes, firewall table (a kill switch kept after a crash too), DNS change "
+                        "and device a crashed client left, then exit")
 
 
 def _add_helper(sub: Subparsers) -> None:

@@ -14,7 +14,8 @@ The rules (docs/PROTOCOL.md §9.5):
 2. A failure whose kind is FINAL (the privileged helper is missing, refused, or died) stops trying:
    ERROR, and nothing more until the next connect.  Any other drops the circuit, reports the failed
    path's guard to the GuardPolicy and retries after RECONNECT_BACKOFF_S[n] (the last one repeats):
-   RECONNECTING, ERROR from the third failure in a row.  A built circuit resets the count.
+   RECONNECTING, ERROR from the third failure in a row.  A built circuit resets the count.  The privileged
+   helper quitting at any time (``PrivilegesLost``) is such a final failure.
 3. Connected: a ping goes out PING_INTERVAL_S after the last round ended and has PING_TIMEOUT_S for its
    answer; MAX_MISSED_PINGS rounds in a row without one, or the circuit closing, is a failure (rule 2).
 4. ``new_circuit`` builds a circuit avoiding every relay of the current one (any path if none is left)
@@ -94,6 +95,14 @@ class CircuitLost:
 
 
 @dataclass(frozen=True)
+class PrivilegesLost:
+    """The means to keep the tunnel are gone (the privileged helper quit): a final failure, whatever the phase."""
+
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class PingAnswered:
     """Something came back on the circuit in use: an echo (``payload``), or a CONFIG answer (None)."""
 
@@ -101,7 +110,7 @@ class PingAnswered:
     payload: bytes | None = None
 
 
-Event = PrivilegesAcquired | RelaysFetched | Built | Failed | CircuitLost | PingAnswered
+Event = PrivilegesAcquired | RelaysFetched | Built | Failed | CircuitLost | PrivilegesLost | PingAnswered
 
 # ---------------------------------------------------------------------------------------------- actions (outputs)
 
@@ -199,6 +208,7 @@ Action = (Publish | AcquirePrivileges | FetchRelays | Build | Use | SendPing | R
 #   OPEN        --MAX_MISSED_PINGS, CircuitLost-->     BACKOFF | IDLE (final)
 #   BACKOFF     --timer-->               PRIVILEGES | RELAYS
 #   any         --disconnect-->          IDLE
+#   any, trying --PrivilegesLost-->      IDLE (final)
 class Phase(enum.Enum):
     IDLE = "idle"  # not trying: disconnected, or given up (rule 2)
     PRIVILEGES = "privileges"  # AcquirePrivileges out
@@ -246,7 +256,7 @@ class CircuitManager:
         self._missed = 0
         self._handlers = {PrivilegesAcquired: self._privileges_acquired, RelaysFetched: self._relays_fetched,
                           Built: self._built, Failed: self._failed, CircuitLost: self._circuit_lost,
-                          PingAnswered: self._ping_answered}
+                          PrivilegesLost: self._privileges_lost, PingAnswered: self._ping_answered}
 
     # ------------------------------------------------------------------ commands
     def connect(self, now: float, *, exit_spec: str | None = None, path_spec: str | None = None,
@@ -371,6 +381,14 @@ class CircuitManager:
             self._lost = (event.reason, event.kind)  # the switch ends first, then the loss counts
             return []
         return self._fail(event.now, event.reason, event.kind, self._guard_of(self.path))
+
+    def _privileges_lost(self, event: PrivilegesLost) -> list[Action]:
+        if not self.trying:
+            return []  # nothing to stop; the next connect asks for privileges anew
+        self._rotating = self._rotate_requested = False
+        self._lost = None
+        self._need_privileges = True
+        return self._fail(event.now, event.reason, ErrorKind.HELPER_FAILED, None)
 
     def _ping_answered(self, event: PingAnswered) -> list[Action]:
         if self.phase is not Phase.OPEN or self._outstanding is None:

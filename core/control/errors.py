@@ -33,6 +33,7 @@ class ErrorKind(enum.Enum):
     ENGINE_START = "engine-start"  # the engine process did not come up
     ENGINE_LOST = "engine-lost"  # the engine went away
     ENGINE_OUTDATED = "engine-outdated"  # an engine older than the app answers on the socket
+    BLOCKED = "blocked"  # the engine stopped and its kill switch stays on (docs/PRIVILEGES.md): reconnect or unblock
     CIRCUIT = "circuit"  # no circuit right now (an engine error without a kind of its own)
 
     @classmethod

@@ -85,6 +85,8 @@ class StatusSnapshot:
     dht_peers: int | None = None
     discovery: dict[str, Any] | None = field(default=None, hash=False)  # core/discovery status (§12)
     nat: dict[str, Any] | None = field(default=None, hash=False)  # core/nat status (§9.4, §13.6)
+    # not trying, and a kill switch kept after an engine died blocks traffic outside the tunnel (§9.5, §9.6)
+    blocked: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,7 +98,7 @@ class StatusSnapshot:
             "connected_since": self.connected_since, "circuit_since": self.circuit_since,
             "circuits_built": self.circuits_built, "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received, "relays_known": self.relays_known, "dht_peers": self.dht_peers,
-            "discovery": self.discovery, "nat": self.nat,
+            "discovery": self.discovery, "nat": self.nat, "blocked": self.blocked,
         }
 
     @classmethod
@@ -124,7 +126,8 @@ class StatusSnapshot:
             connected_since=_number(raw, "connected_since"), circuit_since=_number(raw, "circuit_since"),
             circuits_built=_count(raw, "circuits_built") or 0, bytes_sent=_count(raw, "bytes_sent") or 0,
             bytes_received=_count(raw, "bytes_received") or 0, relays_known=_count(raw, "relays_known"),
-            dht_peers=_count(raw, "dht_peers"), discovery=_object(raw, "discovery"), nat=_object(raw, "nat"))
+            dht_peers=_count(raw, "dht_peers"), discovery=_object(raw, "discovery"), nat=_object(raw, "nat"),
+            blocked=raw.get("blocked") is True)
 
 
 def _text(raw: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:

@@ -7,6 +7,10 @@ EngineCircuits (circuits.py: the circuits on the wire) and EngineStats (stats.py
 Every input reaches the manager from the loop, never from inside another: commands from the control
 handlers, results at the end of the one piece of work out (privileges, relays, a build), what happens
 to circuits on the next loop turn (it is seen inside CircuitClient's dispatch), and its one timer.
+
+The kill switch fails closed (docs/PRIVILEGES.md): ``close`` (shutdown, SIGTERM) puts the VPN set-up back,
+``abandon`` (a crash) leaves a kill switch on, and the ``disconnect`` command also removes one that was
+kept after an engine died (``blocked`` in the snapshot).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from shallot.core.circuit import ClientCircuit
 from shallot.core.circuit import manager as m
 from shallot.core.circuit.guards import AvoidFailedGuards
 from shallot.core.control.api import (
+    FINAL,
     ControlError,
     EngineConfig,
     EngineMode,
@@ -35,6 +40,8 @@ from shallot.core.control.api import (
 from shallot.core.engine.circuits import EngineCircuits, failure
 from shallot.core.engine.setup import EngineSetup
 from shallot.core.engine.stats import EngineStats
+from shallot.core.vpn import killmark
+from shallot.core.vpn.tunnel import Tunnel
 
 log = logging.getLogger("shallot.engine")
 T = TypeVar("T")
@@ -70,7 +77,8 @@ class ClientEngine:
             relays_known=len(d.view) if d else None, dht_peers=len(d.dht_peers) if d else None,
             discovery=d.status() if d else None,
             # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
-            nat=self.circuits.client.nat.status() if self.circuits.client is not None else None)
+            nat=self.circuits.client.nat.status() if self.circuits.client is not None else None,
+            blocked=not self.manager.trying and killmark.is_marked())
 
     def peers(self) -> PeersReply:
         """With discovery, the DHT nodes of the last crawl and the view; else the directory file's relays."""
@@ -83,13 +91,19 @@ class ClientEngine:
         if not self.setup.has_relays:
             raise ControlError(ErrorKind.NO_DIRECTORY, "no directory file is set: choose one in the settings")
         tunnel = self.setup.tunnel
+        if tunnel is not None:
+            tunnel.on_trouble = self._tunnel_trouble
         self._run(self.manager.connect(time.monotonic(), exit_spec=exit_spec, path_spec=path_spec,
                                        need_privileges=tunnel is not None and not tunnel.privileged))
         return self.snapshot()
 
-    async def disconnect(self) -> StatusSnapshot:
+    async def disconnect(self, *, unblock: bool = True) -> StatusSnapshot:
+        """The user's disconnect (``unblock``): also removes a kill switch kept after an engine died, through
+        a helper session of its own if need be.  Raises ControlError (a helper's kind) when that fails."""
         await self._stop_work()
         self._run(self.manager.disconnect(time.monotonic()))
+        if unblock and killmark.is_marked():
+            await self._unblock()
         return self.snapshot()
 
     async def new_circuit(self) -> StatusSnapshot:
@@ -113,9 +127,45 @@ class ClientEngine:
         return self.snapshot()
 
     async def close(self) -> None:
-        await self.disconnect()
+        """Shutdown, SIGTERM, SIGINT: what this engine set up is put back (a kill switch kept by an engine
+        that died earlier is not this engine's to open: that takes a disconnect)."""
+        await self.disconnect(unblock=False)
         self.setup.close()
         self.circuits.shutdown()
+
+    async def abandon(self) -> None:
+        """The engine crashed: everything stops, and a kill switch in place stays on (with the DNS change)
+        until an explicit disconnect, ``shallot connect --cleanup`` or a new engine."""
+        await self._stop_work()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.setup.tunnel is not None:
+            self.setup.tunnel.abandon()
+            self.setup.tunnel = None
+        self.setup.close()
+        self.circuits.shutdown()
+
+    async def _unblock(self) -> None:
+        """Remove a kept kill switch: ``hello`` then ``restore`` in a helper session (or in-process as root).
+        May wait for polkit's dialog."""
+        tunnel = self.setup.tunnel or Tunnel(kill_switch=True, dns=False)
+        try:
+            tunnel.forget_helper()
+            await asyncio.get_running_loop().run_in_executor(None, tunnel.ensure_ready)
+            tunnel.watch()
+            tunnel.close()
+        except Exception as exc:
+            reason, kind = failure(exc)
+            raise ControlError(kind if kind in FINAL else ErrorKind.ERROR,
+                               f"the kill switch stays on: {reason}") from None
+        finally:
+            if tunnel is not self.setup.tunnel:
+                tunnel.shutdown()
+        if killmark.is_marked():
+            raise ControlError(ErrorKind.HELPER_FAILED, "the kill switch stays on: the privileged helper did not "
+                                                        "remove it (see the log)")
+        log.info("the kill switch kept after an engine died is removed")
 
     # ------------------------------------------------------------------ running the manager
     def _run(self, actions: list[m.Action]) -> None:
@@ -135,6 +185,16 @@ class ClientEngine:
 
     def _handle(self, event: m.Event) -> None:
         self._run(self.manager.handle(event))
+
+    def _tunnel_trouble(self, reason: str, final: bool) -> None:
+        """The helper quit (final: its kill switch stays, the session is let go of) or the device went away
+        (the circuit is rebuilt, which makes a new device)."""
+        if final:
+            if self.setup.tunnel is not None:
+                self.setup.tunnel.forget_helper()
+            self._handle(m.PrivilegesLost(time.monotonic(), reason))
+        elif self.manager.circuit is not None:
+            self._handle(m.CircuitLost(time.monotonic(), self.manager.circuit, reason))
 
     def _start_work(self, token: int, job: Callable[[], Awaitable[T]], done: Callable[[float, T], m.Event]) -> None:
         """The manager's one piece of work; what comes of it, or why it failed, goes back with ``token``.
@@ -164,8 +224,14 @@ class ClientEngine:
     def _acquire(self, action: m.AcquirePrivileges) -> None:
         tunnel = self.setup.tunnel
         assert tunnel is not None  # ensure_ready may block while polkit asks the user: in a thread
+        tunnel.forget_helper()  # one that quit: a new session (its hello keeps the kill switch it left)
+
+        def acquired(now: float, _: object) -> m.Event:
+            tunnel.watch()
+            return m.PrivilegesAcquired(now, action.token)
+
         self._start_work(action.token, lambda: asyncio.get_running_loop().run_in_executor(None, tunnel.ensure_ready),
-                         lambda now, _: m.PrivilegesAcquired(now, action.token))
+                         acquired)
 
     def _fetch(self, action: m.FetchRelays) -> None:
         self._start_work(action.token, self.setup.relays,

@@ -1,6 +1,8 @@
 """The engine process (``shallot engine``, ``shallot connect``): a ClientEngine behind the control API on a
-Unix socket until shutdown, SIGTERM or SIGINT.  Each typed request goes to one engine method
-(docs/PROTOCOL.md §9.5), and each change of state is a "state" event and one line on stdout."""
+Unix socket until shutdown, SIGTERM or SIGINT, which put the VPN set-up back.  A crash (an exception that
+unwinds ``run_engine``) leaves a kill switch on instead (docs/PRIVILEGES.md).  Each typed request goes to
+one engine method (docs/PROTOCOL.md §9.5), and each change of state is a "state" event and one line on
+stdout."""
 
 from __future__ import annotations
 
@@ -60,12 +62,19 @@ async def run_engine(socket_path: Path, config: EngineConfig, *, own_ids: tuple[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"shallot engine listening on {socket_path}", flush=True)
+    crashed = False
     try:
         if autoconnect:
             await engine.connect(exit_spec=exit_spec, path_spec=path)
         await stop.wait()
+    except Exception:
+        crashed = True
+        raise
     finally:
-        await engine.close()
+        if crashed:
+            await engine.abandon()  # a bug unwound the engine: the kill switch stays on
+        else:
+            await engine.close()  # shutdown, SIGTERM, SIGINT (or Ctrl-C before its handler): put everything back
         await server.close()
 
 

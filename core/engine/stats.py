@@ -49,7 +49,7 @@ class EngineStats:
 
     def snapshot(self, manager: CircuitManager, *, mode: EngineMode, kill_switch: bool, directory: str | None,
                  discovery: dict[str, Any] | None, relays_known: int | None, dht_peers: int | None,
-                 nat: dict[str, Any] | None) -> StatusSnapshot:
+                 nat: dict[str, Any] | None, blocked: bool = False) -> StatusSnapshot:
         path = manager.path if manager.state is EngineState.CONNECTED else ()
         return StatusSnapshot(
             state=manager.state, step=manager.step, error=manager.error, error_kind=manager.error_kind, mode=mode,
@@ -59,4 +59,4 @@ class EngineStats:
             build_ms=self.build_ms, rtt_ms=self.rtt_ms, connected_since=self.connected_since,
             circuit_since=self.circuit_since, circuits_built=self.circuits_built, bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received, relays_known=relays_known, dht_peers=dht_peers, discovery=discovery,
-            nat=nat)
+            nat=nat, blocked=blocked)

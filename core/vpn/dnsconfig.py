@@ -10,7 +10,8 @@ Two methods, chosen by what the system runs:
   ``/etc/resolv.conf``) and one on the host never restore each other's file.  Our file carries a marker
   line, so ``cleanup`` restores only a file we wrote and never clobbers one somebody changed since.
 
-Runs as root (in-process for ``shallot connect`` as root, or in the privileged helper).
+Runs as root (in-process for ``shallot connect`` as root, or in the privileged helper).  The paths are a
+``DnsPaths`` (the system's by default), so tests run this code on files of their own.
 """
 
 from __future__ import annotations
@@ -22,31 +23,31 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from shallot.core.errors import ShallotError
+from shallot.core.vpn.killmark import RUN_DIR, netns_id
 
 log = logging.getLogger("shallot.dns")
-RESOLV_CONF = Path("/etc/resolv.conf")
-BACKUP_DIR = Path("/run/shallot")
 MARKER = "# written by shallot connect: the original comes back on disconnect or `shallot connect --cleanup`"
-RESOLVED_DIR = Path("/run/systemd/resolve")
 
 
-def _netns_id() -> int:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return 0
+@dataclass(frozen=True)
+class DnsPaths:
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    backup_dir: Path = RUN_DIR  # 0755: it also holds the kill switch's marker; the backup itself is 0600
+    resolved_dir: Path = Path("/run/systemd/resolve")  # exists where systemd-resolved runs
+
+    def backup(self) -> Path:
+        return self.backup_dir / f"resolv.conf.{netns_id()}.json"
+
+    def uses_resolved(self) -> bool:
+        return self.resolved_dir.is_dir() and shutil.which("resolvectl") is not None
 
 
-def _backup_path() -> Path:
-    return BACKUP_DIR / f"resolv.conf.{_netns_id()}.json"
-
-
-def _uses_resolved() -> bool:
-    return RESOLVED_DIR.is_dir() and shutil.which("resolvectl") is not None
+SYSTEM = DnsPaths()
 
 
 def _write_in_place(path: Path, text: str) -> None:
@@ -68,8 +69,9 @@ def _write_in_place(path: Path, text: str) -> None:
 
 
 class DnsConfig:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, paths: DnsPaths = SYSTEM) -> None:
         self.device = device
+        self.paths = paths
         self.servers: list[str] = []
         self.method: str | None = None
 
@@ -77,7 +79,7 @@ class DnsConfig:
         servers = [str(IPv4Address(s)) for s in servers]
         if servers == self.servers:
             return
-        if _uses_resolved():
+        if self.paths.uses_resolved():
             self._apply_resolved(servers)
         else:
             self._apply_file(servers)
@@ -93,25 +95,26 @@ class DnsConfig:
         self.method = "systemd-resolved"
 
     def _apply_file(self, servers: list[str]) -> None:
-        backup = _backup_path()
-        if not backup.exists():
+        resolv_conf, backup = self.paths.resolv_conf, self.paths.backup()
+        if not backup.exists():  # (one exists when a kill switch was kept after an engine died: keep it)
             saved: dict[str, str | None] = {"link": None, "text": None}
-            if RESOLV_CONF.is_symlink():
-                saved["link"] = os.readlink(RESOLV_CONF)
+            if resolv_conf.is_symlink():
+                saved["link"] = os.readlink(resolv_conf)
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    saved["text"] = RESOLV_CONF.read_text()
+                    saved["text"] = resolv_conf.read_text()
             if saved["text"] is not None and MARKER in saved["text"]:
-                raise ShallotError(f"{RESOLV_CONF} was written by an earlier shallot connect that did not clean "
+                raise ShallotError(f"{resolv_conf} was written by an earlier shallot connect that did not clean "
                                    "up: run `shallot connect --cleanup` first")
-            BACKUP_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.paths.backup_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(self.paths.backup_dir, 0o755)  # whatever the umask: the kill switch's marker is read here
             fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(saved, f)
         text = MARKER + "\n" + "".join(f"nameserver {s}\n" for s in servers) + "options edns0\n"
-        if RESOLV_CONF.is_symlink():
-            RESOLV_CONF.unlink()  # the symlink is in the backup; a dangling one would break every lookup
-        _write_in_place(RESOLV_CONF, text)
+        if resolv_conf.is_symlink():
+            resolv_conf.unlink()  # the symlink is in the backup; a dangling one would break every lookup
+        _write_in_place(resolv_conf, text)
         self.method = "resolv.conf"
 
     def restore(self) -> list[str]:
@@ -120,38 +123,38 @@ class DnsConfig:
             subprocess.run(["resolvectl", "revert", self.device], capture_output=True)
             done.append(f"reverted systemd-resolved settings of {self.device}")
         elif self.method == "resolv.conf":
-            done.extend(restore_resolv_conf())
+            done.extend(restore_resolv_conf(self.paths))
         self.method, self.servers = None, []
         return done
 
 
-def restore_resolv_conf() -> list[str]:
+def restore_resolv_conf(paths: DnsPaths = SYSTEM) -> list[str]:
     """Put back the resolv.conf saved for this network namespace, if ours is still in place."""
-    backup = _backup_path()
+    resolv_conf, backup = paths.resolv_conf, paths.backup()
     try:
         saved = json.loads(backup.read_text())
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        log.warning("cannot read %s (%s): leaving %s as it is", backup, exc, RESOLV_CONF)
+        log.warning("cannot read %s (%s): leaving %s as it is", backup, exc, resolv_conf)
         return []
     try:
-        current = RESOLV_CONF.read_text() if not RESOLV_CONF.is_symlink() else ""
+        current = resolv_conf.read_text() if not resolv_conf.is_symlink() else ""
     except FileNotFoundError:
         current = MARKER
     if MARKER not in current:  # somebody (a network manager, the user) replaced our file: theirs wins
         backup.unlink()
-        return [f"left {RESOLV_CONF} alone: it was changed by something else while connected"]
+        return [f"left {resolv_conf} alone: it was changed by something else while connected"]
     if saved.get("link"):
         with contextlib.suppress(FileNotFoundError):
-            RESOLV_CONF.unlink()
-        os.symlink(saved["link"], RESOLV_CONF)
+            resolv_conf.unlink()
+        os.symlink(saved["link"], resolv_conf)
     elif saved.get("text") is not None:
-        _write_in_place(RESOLV_CONF, saved["text"])
+        _write_in_place(resolv_conf, saved["text"])
     else:  # there was none
         try:
-            RESOLV_CONF.unlink()
+            resolv_conf.unlink()
         except OSError:
-            _write_in_place(RESOLV_CONF, "")
+            _write_in_place(resolv_conf, "")
     backup.unlink()
-    return [f"restored {RESOLV_CONF}"]
+    return [f"restored {resolv_conf}"]

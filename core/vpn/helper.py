@@ -6,17 +6,23 @@ It speaks JSON lines on a Unix stream socket handed to it as file descriptor 0 (
 socketpair and starts ``pkexec /usr/libexec/shallot/shallot-helper`` with one end as stdin; a test or a
 service manager can start ``shallot helper`` as root the same way).  Every request is checked before
 anything runs, so the caller can make the helper do exactly these things to Shallot's own device, routes,
-table and resolver settings, and nothing more.  When the socket closes (the engine quit or crashed) the
-helper restores everything and exits: no route, rule, device or DNS change outlives the engine.
+table and resolver settings, and nothing more.
+
+When the socket closes the helper exits.  After an explicit ``restore`` nothing is left.  An engine that
+vanished without one (a crash, ``kill -9``) leaves the kill switch on: with a block in place the table,
+its marker and the DNS change stay (the device goes with its fds), so the user's traffic never leaves in
+the clear because the engine failed; without one (kill switch off) everything is restored.  A new
+session's ``hello`` keeps such a block for its own ``route`` to replace (docs/PRIVILEGES.md).
 """
 
 from __future__ import annotations
 
 import array
-import fcntl
 import logging
 import os
 import socket
+from collections.abc import Callable
+from typing import Protocol
 
 from shallot.core.errors import ShallotError
 from shallot.core.peercred import peer_uid
@@ -40,7 +46,27 @@ from shallot.core.vpn.helper_protocol import (
 from shallot.core.vpn.netconfig import NetConfig, cleanup
 
 log = logging.getLogger("shallot.helper")
-TUNSETOWNER = 0x400454CC
+
+
+class SessionNet(Protocol):
+    """What a session does its work with: NetConfig (core/vpn/netconfig.py), or a test's stand-in."""
+
+    fd: int
+
+    def open_tun(self, mtu: int, owner: int | None = None) -> int: ...
+    def set_address(self, address: str) -> None: ...
+    def route_through_tunnel(self, guards: list[tuple[str, int]]) -> None: ...
+    def set_dns(self, servers: list[str]) -> None: ...
+    def restore(self) -> None: ...
+    def abandon(self) -> bool: ...
+
+
+def _new_session() -> Callable[[bool], SessionNet]:
+    """The real thing: leftovers of an earlier session cleaned up, except a kept kill switch."""
+    def start(kill_switch: bool) -> SessionNet:
+        cleanup(quiet=True, keep_block=True)
+        return NetConfig(kill_switch=kill_switch)
+    return start
 
 
 def _caller_uid(sock: socket.socket) -> int:
@@ -53,12 +79,14 @@ def _caller_uid(sock: socket.socket) -> int:
 
 
 class _Session:
-    """One engine's session: its NetConfig exists from ``hello`` on, and everything it did is put back
-    when the session ends."""
+    """One engine's session: its NetConfig exists from ``hello`` on; when the session ends it is put back,
+    unless the engine vanished with the kill switch on (``end``).  ``start``: makes the session's NetConfig
+    at ``hello`` (after cleaning up what an earlier session left)."""
 
-    def __init__(self, uid: int) -> None:
+    def __init__(self, uid: int, start: Callable[[bool], SessionNet] | None = None) -> None:
         self.uid = uid
-        self.net: NetConfig | None = None
+        self.net: SessionNet | None = None
+        self._start = start or _new_session()
 
     def handle(self, line: bytes) -> tuple[Reply, list[int]]:
         """One request line -> its reply and the fds to pass with it.  A refusal changes nothing more."""
@@ -90,20 +118,20 @@ class _Session:
     def hello(self, request: Hello) -> Welcome:
         if self.net is not None:
             raise BadRequest("hello once")
-        cleanup(quiet=True)  # start from nothing, even after a crashed session
-        self.net = NetConfig(kill_switch=request.kill_switch)
+        # start from nothing, even after a crashed session; but a kill switch kept after an engine died stays
+        # until this session's route replaces it or its restore removes it: no window opens in between
+        self.net = self._start(request.kill_switch)
         return Welcome(self.uid)
 
-    def open_tun(self, net: NetConfig, mtu: int) -> int:
-        if net.fd < 0:
-            net.open_tun(mtu)
-            if self.uid > 0:
-                fcntl.ioctl(net.fd, TUNSETOWNER, self.uid)  # the user's device, as far as the kernel cares
-        return net.fd
+    def open_tun(self, net: SessionNet, mtu: int) -> int:
+        """A new device each time: the engine asks again only when it lost the one it had (removed by hand)."""
+        return net.open_tun(mtu, owner=self.uid if self.uid > 0 else None)
 
     def end(self) -> None:
+        """The socket closed.  After a ``restore`` there is nothing left to put back; without one the engine
+        vanished, and a kill switch in place stays on (``abandon``)."""
         if self.net is not None:
-            self.net.restore()  # the engine is gone: put everything back
+            self.net.abandon()
 
 
 def _send(sock: socket.socket, reply: Reply, fds: list[int]) -> None:
@@ -114,11 +142,12 @@ def _send(sock: socket.socket, reply: Reply, fds: list[int]) -> None:
         sock.sendall(data)
 
 
-def serve(sock: socket.socket) -> int:
-    """Run the helper on ``sock`` until it closes; returns the exit status."""
-    if os.geteuid() != 0:
+def serve(sock: socket.socket, *, start: Callable[[bool], SessionNet] | None = None) -> int:
+    """Run the helper on ``sock`` until it closes; returns the exit status.  ``start``: a stand-in for
+    NetConfig (tests only; the real helper must run as root)."""
+    if start is None and os.geteuid() != 0:
         raise ShallotError("the helper must run as root (through pkexec, or by root)")
-    session = _Session(_caller_uid(sock))
+    session = _Session(_caller_uid(sock), start)
     reader = sock.makefile("rb")
     log.info("helper serving uid %d", session.uid)
     try:
@@ -128,5 +157,5 @@ def serve(sock: socket.socket) -> int:
         log.warning("helper socket: %s", exc)
     finally:
         session.end()
-        log.info("helper done; everything restored")
+        log.info("helper done")
     return 0

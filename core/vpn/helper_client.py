@@ -6,7 +6,6 @@ netlink.  The requests and replies are in core/vpn/helper_protocol.py.
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
 import os
 import shutil
@@ -68,12 +67,14 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 class HelperNetConfig:
-    """NetConfig's interface, carried out by the privileged helper."""
+    """NetConfig's interface, carried out by the privileged helper.  ``alive`` turns false for good once the
+    helper failed (it quit, stopped answering or sent garbage): a new session is needed then."""
 
     def __init__(self, sock: socket.socket, *, kill_switch: bool, proc: subprocess.Popen[bytes] | None = None) -> None:
         self.sock = sock
         self.proc = proc
         self.kill_switch = kill_switch
+        self.alive = True
         self.fd = -1
         self.guards: list[tuple[str, int]] = []
         self.address: str | None = None
@@ -100,6 +101,15 @@ class HelperNetConfig:
         return line, fd
 
     def _call(self, request: bytes, *, want_fd: bool = False) -> tuple[Reply, int]:
+        if not self.alive:
+            raise PrivilegeError("helper-failed", "the privileged helper quit")
+        try:
+            return self._exchange(request, want_fd=want_fd)
+        except PrivilegeError:
+            self.alive = False
+            raise
+
+    def _exchange(self, request: bytes, *, want_fd: bool) -> tuple[Reply, int]:
         try:
             self.sock.sendall(request)
             line, fd = self._receive(want_fd=want_fd)
@@ -122,12 +132,21 @@ class HelperNetConfig:
         return reply.uid if isinstance(reply, Welcome) else -1
 
     def open_tun(self, mtu: int) -> int:
+        self.close_device()
         _, fd = self._call(encode_open_tun(mtu), want_fd=True)
         if fd < 0:
+            self.alive = False
             raise PrivilegeError("helper-failed", "the privileged helper did not pass the TUN device")
         os.set_blocking(fd, False)
         self.fd = fd
         return fd
+
+    def close_device(self) -> None:
+        """Let go of our fd of the device (it went away, or the session ends); a new one has no address."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.address = None
 
     def set_address(self, address: str) -> None:
         if self.address != address:
@@ -144,18 +163,21 @@ class HelperNetConfig:
             self.dns_servers = list(servers)
 
     def restore(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # the device goes when the helper closes its fd too
-            self.fd = -1
-        with contextlib.suppress(ShallotError):
+        """An explicit disconnect: the helper puts everything back, a kept kill switch included.  Raises
+        PrivilegeError when the helper is gone (then nothing was restored: its kill switch stays)."""
+        self.close_device()  # the device goes when the helper closes its fd too
+        self.guards, self.dns_servers = [], []
+        try:
             self._call(encode_restore())
-        self.guards, self.address, self.dns_servers = [], None, []
+        except PrivilegeError:
+            raise
+        except ShallotError as exc:  # refused: it did what it could
+            log.warning("%s", exc)
 
     def close(self) -> None:
-        """End the session: the helper restores everything and exits."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """End the session.  After a ``restore`` the helper has nothing to put back; without one it keeps a
+        kill switch that is in place (an engine that crashes ends its session this way)."""
+        self.close_device()
         self.sock.close()
         if self.proc is not None:
             try:

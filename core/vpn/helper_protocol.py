@@ -48,7 +48,8 @@ class BadReply(ValueError):
 # ---------------------------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class Hello:
-    """First, once: start a session (the helper cleans up whatever an earlier one left)."""
+    """First, once: start a session (the helper cleans up whatever an earlier one left, except a kill switch
+    kept after an engine died: the session's ``route`` replaces that, its ``restore`` removes it)."""
     kill_switch: bool
 
 

@@ -71,6 +71,11 @@ def delete_table(family: str, table: str) -> Ruleset:
     return {"nftables": [{"delete": {"table": {"family": family, "name": table}}}]}
 
 
+def list_table(family: str, table: str) -> Ruleset:
+    """Runs without error only if the table exists."""
+    return {"nftables": [{"list": {"table": {"family": family, "name": table}}}]}
+
+
 def run(ruleset: Ruleset) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["nft", "-j", "-f", "-"], input=json.dumps(ruleset), capture_output=True, text=True)
 

@@ -52,9 +52,10 @@ NOT_PURE = ("asyncio", "socket", "time", "threading", "secrets", "os", "select",
             "random", "shutil", "signal", "fcntl", "pathlib", "tempfile", "uvloop", "qasync", "PySide6",
             "pytun", "pyroute2", "rpcudp", "kademlia.network", "kademlia.protocol", "kademlia.crawling")
 
-# the desktop app reaches the core only through the control API (and names a few plain helpers)
+# the desktop app reaches the core only through the control API (and names a few plain helpers; killmark:
+# whether a kill switch outlived its engine, which no engine may be left to say)
 APP_DOORS = ("shallot.app", "shallot.core.control", "shallot.core.errors", "shallot.core.discovery.directory",
-             "shallot.relay.localnet")
+             "shallot.relay.localnet", "shallot.core.vpn.killmark")
 
 
 def covers(name: str, module: str) -> bool:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
+from tests.netns.leakcheck import REPORT, Capture, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.testbed import TESTBED_RESOLV_MARK, StandardTopology
 from tests.netns.testbed import TestbedError as SetupFailed
@@ -243,31 +245,78 @@ def test_cleanup_after_a_crashed_connect_leaves_nothing(topology: StandardTopolo
     assert again.stdout.strip() == "nothing to clean up"
 
 
+V6_PROBE = r"""
+import errno, json, socket, struct, sys
+nonce, dst = sys.argv[1], sys.argv[2]
+out = {}
+def result(kind, fn):
+    try:
+        fn()
+        out.setdefault(kind, []).append("ok")
+    except OSError as exc:
+        out.setdefault(kind, []).append(errno.errorcode.get(exc.errno, str(exc.errno)))
+for i in range(3):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        result("udp6", lambda: s.sendto(f"{nonce} udp6 {i}".encode(), (dst, 53)))
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:  # the kernel sums it
+        result("icmp6", lambda: s.sendto(struct.pack("!BBHHH", 128, 0, 0, 0x5348, i) + f"{nonce} icmp6 {i}".encode(),
+                                         (dst, 0)))
+print(json.dumps(out))
+"""
+
+
+def _v6_probes(topology: StandardTopology, capture: Capture, label: str) -> tuple[dict[str, int], dict]:
+    """UDP and ICMPv6 echoes from the client to natgw's IPv6 address, each with a nonce; how many the
+    capture on natgw's side of the link saw, and what each send got."""
+    nonce = f"v6-{secrets.token_hex(6)}"
+    res = topology.tb.exec(topology.ns["client"], sys.executable, "-c", V6_PROBE, nonce, "fd00:10::1")
+    sends = json.loads(res.stdout)
+    packets = [p for p in capture.packets() if p.src == "fd00:10::2"]
+    counts = {kind: sum(1 for p in packets if p.payload.startswith(f"{nonce} {kind} ".encode())
+                        and (p.proto, p.icmp[0]) in ((17, 0), (58, 128))) for kind in ("udp6", "icmp6")}
+    REPORT.append(f"[IPv6, {label}] probe packets on the link: {counts} (sends: {sends})")
+    return counts, sends
+
+
+@pytest.mark.parametrize("kill_switch", [False, True], ids=["no-kill-switch", "kill-switch"])
+@pytest.mark.usefixtures("shown_in_the_log")
 def test_no_ipv6_leak_even_without_the_kill_switch(topology: StandardTopology, ip_network: dict[str, Path],
-                                                   tmp_path: Path) -> None:
-    """The tunnel is IPv4 only, so while connected IPv6 must not go out at all, kill switch or not."""
+                                                   tmp_path: Path, kill_switch: bool) -> None:
+    """The tunnel is IPv4 only, so while connected IPv6 must not go out at all, kill switch or not.  The
+    capture on natgw is known to be running (a canary across the link came through, tests/netns/leakcheck.py),
+    and the same sends before connecting and after disconnecting are its positive control."""
     tb, client_ns, natgw = topology.tb, topology.ns["client"], topology.ns["natgw"]
-    tb.exec(client_ns, "ip", "-6", "addr", "add", "fd00:10::2/64", "dev", "eth0", "nodad")
-    tb.exec(natgw, "ip", "-6", "addr", "add", "fd00:10::1/64", "dev", "lan0", "nodad")
+    tb.exec(client_ns, "ip", "-6", "addr", "replace", "fd00:10::2/64", "dev", "eth0", "nodad")
+    tb.exec(natgw, "ip", "-6", "addr", "replace", "fd00:10::1/64", "dev", "lan0", "nodad")
     assert tb.exec(client_ns, "ping", "-6", "-c", "1", "-W", "2", "fd00:10::1", check=False).returncode == 0
-    connect = _start_connect(topology, ip_network["directory"], tmp_path, "--no-kill-switch")
-    output = nft_chains(topology, client_ns, "inet", "shallot_client")["output"]
-    assert (output["hook"], output["policy"]) == ("output", "accept")
-    assert output["rules"] == [[_is("oifname", "lo"), {"accept": None}], [_is("nfproto", "ipv6"), {"drop": None}]]
-    capture = tb.spawn(natgw, ["tcpdump", "-n", "-l", "-i", "lan0", "ip6 and src fd00:10::2"])
-    time.sleep(1.0)  # tcpdump attaches
-    ping6 = tb.exec(client_ns, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", "fd00:10::1", check=False)
-    udp6 = tb.exec(client_ns, sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET6, "
-                   "socket.SOCK_DGRAM); s.sendto(b'leak?', ('fd00:10::1', 53))", check=False)
-    # IPv4 still flows through the tunnel (the kill switch is off, so the v4 side proves the table is the v6 block)
-    assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
-    time.sleep(0.5)
-    capture.terminate()
-    out, err = capture.communicate(timeout=10)
-    assert ping6.returncode != 0 and udp6.returncode != 0  # refused locally: EPERM from the firewall
-    assert "0 packets captured" in err, out + err
-    connect.terminate()
-    assert connect.wait(15) == 0
+    capture = Capture(topology, tmp_path / "lan0.pcap", iface="lan0", at="natgw", canary_from="natgw",
+                      canary_to="fd00:10::2", filter="ip6").start()
+    try:
+        before, _ = _v6_probes(topology, capture, "before connecting (the control)")
+        assert before == {"udp6": 3, "icmp6": 3}, "the capture does not see IPv6 from the client at all"
+        connect = _start_connect(topology, ip_network["directory"], tmp_path,
+                                 *([] if kill_switch else ["--no-kill-switch"]))
+        output = nft_chains(topology, client_ns, "inet", "shallot_client")["output"]
+        if kill_switch:  # the policy drops IPv6 with everything else that is not the tunnel
+            assert (output["hook"], output["policy"]) == ("output", "drop")
+        else:
+            assert (output["hook"], output["policy"]) == ("output", "accept")
+            assert output["rules"] == [[_is("oifname", "lo"), {"accept": None}],
+                                       [_is("nfproto", "ipv6"), {"drop": None}]]
+        ping6 = tb.exec(client_ns, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", "fd00:10::1", check=False)
+        connected, sends = _v6_probes(topology, capture,
+                                      "connected, " + ("kill switch" if kill_switch else "--no-kill-switch"))
+        # IPv4 still flows through the tunnel (with the kill switch off, the v4 side proves the table is the v6 block)
+        assert tb.exec(client_ns, "ping", "-c", "1", "-W", "3", topology.addr["web"], check=False).returncode == 0
+        assert ping6.returncode != 0
+        assert set(sends["udp6"]) == set(sends["icmp6"]) == {"EPERM"}  # refused locally: the firewall
+        assert connected == {"udp6": 0, "icmp6": 0}
+        connect.terminate()
+        assert connect.wait(15) == 0
+        after, _ = _v6_probes(topology, capture, "after disconnecting")
+        assert after == {"udp6": 3, "icmp6": 3}
+    finally:
+        capture.stop()
     # and IPv6 works again afterwards
     assert tb.exec(client_ns, "ping", "-6", "-c", "1", "-W", "2", "fd00:10::1", check=False).returncode == 0
 

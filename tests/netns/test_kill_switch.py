@@ -1,11 +1,14 @@
 """Kill switch and recovery: the guard dies under a running `shallot connect`; while there is no
-circuit, a capture on the client's uplink shows nothing but UDP to the guard; then traffic resumes
-on a new circuit through the other guard, without anyone doing anything."""
+circuit, a capture on the client's uplink shows nothing but UDP to the relays; then traffic resumes
+on a new circuit through the other guard, without anyone doing anything.
+
+The application's traffic here goes into the TUN, where the engine drops it while there is no circuit:
+this test shows recovery, not the firewall.  That the firewall stops what routing lets out is
+tests/netns/test_kill_switch_proof.py, with its control."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
+from tests.netns.leakcheck import Capture
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.test_ip_exit import ECHO_PORT, HERE, UDP_ASK
 from tests.netns.testbed import StandardTopology
@@ -69,11 +73,8 @@ def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology
     guard = first["circuit"][0]["nickname"]
     assert guard != "exit"
 
-    capture = tmp_path / "uplink.txt"
-    dump = subprocess.Popen(["ip", "netns", "exec", client_ns, "tcpdump", "-l", "-n", "-i", "eth0", "-Q", "out",
-                             "not arp"], stdout=capture.open("w"), stderr=subprocess.DEVNULL)
+    capture = Capture(topology, tmp_path / "uplink.pcap").start()  # known to be running (a canary came through)
     try:
-        time.sleep(1.0)
         procs[guard].kill()  # the guard vanishes without a word
         procs[guard].wait()
         # the application keeps trying while the circuit is dead: nothing may leak
@@ -87,13 +88,12 @@ def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology
             time.sleep(0.5)
         else:
             pytest.fail(f"no new circuit: {snap}")
+        sent = [p for p in capture.packets() if p.src == topology.addr["client"]]  # what left the client
     finally:
-        dump.terminate()
-        dump.wait(5)
-    lines = [ln for ln in capture.read_text().splitlines() if ln.strip()]
-    relay_udp = tuple(f"> {addr}.{PORT + 2}: UDP" for addr in addrs.values())
-    leaks = [ln for ln in lines if not any(r in ln for r in relay_udp)]
-    assert lines, "the capture saw nothing at all (is tcpdump working?)"
+        capture.stop()
+    relay_udp = {(addr, PORT + 2) for addr in addrs.values()}
+    leaks = [p for p in sent if not (p.proto == 17 and (p.dst, p.dport) in relay_udp)]
+    assert any(p.proto == 17 and (p.dst, p.dport) in relay_udp for p in sent), "no link traffic seen at all"
     assert not leaks, f"packets left outside the tunnel: {leaks[:5]}"
     res = tb.exec(client_ns, *ask, check=False)  # and traffic flows again, through the new guard
     assert res.returncode == 0 and res.stdout.strip().endswith("through the tunnel"), res.stderr
