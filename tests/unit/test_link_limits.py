@@ -296,3 +296,24 @@ def test_a_transport_packet_that_fails_its_tag_is_dropped() -> None:
     relay.receive_datagram(packet, client_addr(net, client), net.now, net.wall)
     relay.receive_datagram(packet, client_addr(net, client), net.now, net.wall)
     assert sink.payloads() == [relay_cell(1)] and relay.counters["drop_replay"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- retarget (NAT)
+
+
+def test_only_a_handshake_in_flight_is_retargeted_and_only_to_a_new_address_unless_forced() -> None:
+    net = SimNet()
+    _relay, rkeys = relay_layer(net, 1, R_ADDR)
+    client = client_layer(net, 2)
+    link = client.open_link(("198.51.100.9", 9000), rkeys.link_pub, net.now, net.wall)  # nobody there
+    client.datagrams_to_send()
+    client.retarget(link, ("198.51.100.9", 9000), net.now, net.wall)  # the same address: nothing new
+    assert client.datagrams_to_send() == [] and link.attempts == 1
+    client.retarget(link, ("198.51.100.9", 9000), net.now, net.wall, force=True)  # a punch said: again, now
+    (init, dest), = client.datagrams_to_send()
+    assert init[0] == MSG_INIT_CLIENT and dest == ("198.51.100.9", 9000) and link.attempts == 1
+    client.retarget(link, R_ADDR, net.now, net.wall)  # where the relay really is
+    net.run()
+    assert link.state is LinkState.UP and link.addr == R_ADDR
+    client.retarget(link, ("203.0.113.7", 1), net.now, net.wall, force=True)  # an established link stays put
+    assert link.addr == R_ADDR and client.datagrams_to_send() == []
