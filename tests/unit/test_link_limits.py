@@ -317,3 +317,68 @@ def test_only_a_handshake_in_flight_is_retargeted_and_only_to_a_new_address_unle
     assert link.state is LinkState.UP and link.addr == R_ADDR
     client.retarget(link, ("203.0.113.7", 1), net.now, net.wall, force=True)  # an established link stays put
     assert link.addr == R_ADDR and client.datagrams_to_send() == []
+
+
+def test_a_link_rekeying_is_established_and_is_not_retargeted() -> None:
+    net = SimNet()
+    _relay, rkeys = relay_layer(net, 1, R_ADDR)
+    client = client_layer(net, 2)
+    link = client.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
+    net.run()
+    link.users = next(iter(_relay.links.values())).users = 1
+    net.tap = lambda src, dst, data: None if data[0] == MSG_RESPONSE else data  # the rekey stays unanswered
+    step_until(net, lambda: link.pending is not None, limit=REKEY_AFTER_S + 10)  # a rekey handshake in flight
+    client.retarget(link, ("203.0.113.7", 1), net.now, net.wall, force=True)
+    assert link.addr == R_ADDR and link.state is LinkState.UP
+
+
+def test_keepalives_are_consumed_by_the_link_layer() -> None:
+    net = SimNet()
+    relay, rkeys = relay_layer(net, 1, R_ADDR)
+    sink = CellSink(relay)
+    client = client_layer(net, 2)
+    link = client.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
+    net.run()
+    link.users = 1  # in use: keepalives flow when nothing else does
+    sent = client.counters["handshake_sent"]
+    for _ in range(25):
+        net.advance(1.0)
+    assert packets(net, client_addr(net, client), R_ADDR, MSG_TRANSPORT), "no keepalive was sent"
+    assert sink.cells == [] and client.counters["handshake_sent"] == sent
+
+
+def test_closing_a_closed_link_changes_nothing() -> None:
+    net = SimNet()
+    _relay, rkeys = relay_layer(net, 1, R_ADDR)
+    client = client_layer(net, 2)
+    link = client.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
+    net.run()
+    client.events.clear()
+    client.close_link(link, "done")
+    client.close_link(link, "again")
+    assert [type(e).__name__ for e in client.events] == ["LinkDown"] and client.events[0].reason == "done"
+
+
+def test_a_session_that_reaches_reject_after_s_without_a_rekey_ends_its_link() -> None:
+    net = SimNet()
+    relay, rkeys = relay_layer(net, 1, R_ADDR)
+    sink = CellSink(relay)
+    client = client_layer(net, 2)
+    link = client.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
+    net.run()
+    (accepted,) = relay.links.values()
+    start = net.now
+    # cells keep both ends talking, but nothing is in use, so nobody rekeys: the session only ages
+    while net.now - start < REJECT_AFTER_S - 2:
+        client.send_cell(link, relay_cell(1), net.now)
+        relay.send_cell(accepted, relay_cell(2), net.now)
+        net.advance(2.0)
+    assert link.state is LinkState.UP and accepted.state is LinkState.UP
+    packet = packets(net, client_addr(net, client), R_ADDR, MSG_TRANSPORT)[-1]
+    relay.events.clear()
+    net.advance(4.0)
+    assert accepted.state is LinkState.CLOSED and link.state is LinkState.CLOSED
+    assert [e.reason for e in relay.events] == ["session expired"]
+    delivered = len(sink.cells)
+    relay.receive_datagram(packet, client_addr(net, client), net.now, net.wall)  # under the retired session
+    assert len(sink.cells) == delivered and relay.counters["drop_unknown_index"] >= 1
