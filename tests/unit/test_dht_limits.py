@@ -216,10 +216,58 @@ async def test_a_contact_whose_address_answers_with_another_id_is_not_admitted()
         c = a.rpc.counters
         await _until(lambda: c.get("reject_unproven_contact", 0) == 1)
         assert a.peers() == []
-        # control: the same node with its own id and the record that binds it is admitted
+        # control: the same node with its own id and the record that binds it is admitted, at once
         ok, _ = await b.rpc.ping(a.transport.get_extra_info("sockname")[:2], b_desc.relay_id, b_desc.encode())
         assert ok and [pid for pid, _ in a.peers()] == [b_desc.relay_id]
-        assert c["reject_unproven_contact"] == 1
+        assert c["reject_unproven_contact"] == 1 and c["rpc_out_ping"] == 1  # no ping back was needed
+        # and forgotten once it stops answering
+        b_addr = b.transport.get_extra_info("sockname")[:2]
+        b.stop()
+        assert await a.rpc.call_ping(Node(b_desc.relay_id, *b_addr)) == (False, None)
+        assert a.peers() == []
     finally:
         for node, _ in nodes:
             node.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_record_that_does_not_bind_the_sender_admits_nobody() -> None:
+    relay = _serving()
+    addr = await relay.start(("127.0.0.1", 0))
+    elsewhere = _descriptor(9000)  # a valid record, but its DHT address is 127.0.0.1:9001, not the sender's
+    raw = _raw()
+    c = relay.rpc.counters
+    try:
+        raw.sendto(wire.encode_request(os.urandom(wire.MSG_ID_LEN), "ping", (elsewhere.relay_id, elsewhere.encode())),
+                   addr)
+        await _until(lambda: c.get("reject_binding") == 1 and c.get("rpc_out_ping") == 1)  # so it is asked back
+        await _until(lambda: c.get("reject_unproven_contact") == 1)  # and never answers
+        assert relay.peers() == []
+    finally:
+        raw.close()
+        relay.stop()
+
+
+@pytest.mark.asyncio
+async def test_answers_nobody_asked_for_and_requests_in_our_own_name_are_dropped() -> None:
+    relay = _serving()
+    addr = await relay.start(("127.0.0.1", 0))
+    raw = _raw()
+    c = relay.rpc.counters
+    try:
+        raw.sendto(wire.encode_response(os.urandom(wire.MSG_ID_LEN), [relay.node.id, None]), addr)
+        await _until(lambda: c.get("drop_unknown_response") == 1)
+        raw.sendto(_ping(relay.node.id), addr)  # someone claims to be us: not a contact to verify
+        await _until(lambda: c.get("rpc_in_ping") == 1)
+        await asyncio.sleep(0.1)
+        assert "rpc_out_ping" not in c and relay.peers() == []
+    finally:
+        raw.close()
+        relay.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_request_without_a_socket_is_refused_not_raised() -> None:
+    rpc = _serving()._create_protocol()
+    fut = rpc.find_node(("127.0.0.1", 9), None, os.urandom(20))
+    assert fut.done() and fut.result() == (False, None) and rpc.counters["rpc_not_sent"] == 1
