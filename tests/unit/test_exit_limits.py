@@ -296,13 +296,18 @@ async def test_answers_are_taken_only_from_the_resolver(dns) -> None:
     spoofer.sock.sendto(forged, addr)
     await _until(lambda: fwd.counters["dns_drop_unexpected_answer"] == 1)
     assert resolver.transport is not None
-    resolver.transport.sendto(b"\x00" * (DNS_HEADER_LEN - 1), addr)  # from the resolver, but no header
+    resolver.transport.sendto(query[:2] + bytes(DNS_HEADER_LEN - 3), addr)  # from the resolver, but no header
     await _until(lambda: fwd.counters["dns_drop_unexpected_answer"] == 2)
     resolver.answer(query, addr)
     await _until(lambda: fwd.counters["dns_answers"] == 1)
     await asyncio.sleep(0.05)
     (answer,) = client.received()
     assert answer.endswith(b"answer") and answer[:2] == b"\x00\x07"
+    client.sock.sendto(_query(8), fwd.address())  # a bare header is a whole answer (e.g. SERVFAIL)
+    await _until(lambda: len(resolver.queries) == 2)
+    query, addr = resolver.queries[1]
+    resolver.transport.sendto(query[:DNS_HEADER_LEN], addr)
+    await _until(lambda: fwd.counters["dns_answers"] == 2)
     client.sock.close()
     spoofer.sock.close()
 
