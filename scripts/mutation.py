@@ -99,9 +99,14 @@ TARGETS: tuple[Target, ...] = (
 )
 
 # Mutants no test can kill because the program behaves the same with and without them:
-# (file, function, kind, detail as --list prints it) -> why.
+# (file, function, kind, detail as --list prints it) -> why.  Most are a second check of what another
+# check (named in the reason) already guarantees; a test can only reach them by breaking that one first.
 _HOT_PATH = ("the forwarding hot path is a faster copy of the general path below it (one onion layer, then the "
              "next link's AEAD): with this off, every RELAY cell takes the general path, with the same output")
+_CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link starts one, and a link whose "
+               "handshake gives up without a session is closed (LinkLayer.handle_timer)")
+_REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
+_ANSWER = "IntroAnswer.decode gives a peer exactly when the status is OK, so either half alone decides"
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
@@ -109,6 +114,34 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if cmd == CMD_RELAY  ->  if False"): _HOT_PATH,
     ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if route is not None  ->  if False"): _HOT_PATH,
     ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if session is not None  ->  if False"): _HOT_PATH,
+    ("core/link/layer.py", "LinkLayer.retarget", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,
+    ("core/link/layer.py", "LinkLayer._receive_response", "disjunct-off", "link.pending is None  ->  False"):
+        "an index is in _pending_by_index exactly while its link's handshake is pending: every path that clears "
+        "link.pending removes the index first",
+    ("core/link/layer.py", "LinkLayer.handle_timer", "guard-off", "if link.state is LinkState.CLOSED  ->  if False"):
+        "the loop runs over self.links, which close_link leaves at once, and no link is closed during another "
+        "link's turn: a CLOSED link never gets here",
+    ("core/link/layer.py", "LinkLayer.handle_timer", "guard-off", "if link.pending is None  ->  if False"):
+        "a link with neither a session nor a handshake in flight never reaches this tick: " + _CONNECTING
+        + ", and one whose session expires with no handshake in flight is closed right there (tested)",
+    ("core/circuit/client.py", "ClientNode._finish", "guard-off", "if circ.state is CircuitState.CLOSED  ->  if False"):
+        "every caller finds the circuit where a closed one no longer is (circuits, _by_wire) or checks first "
+        "(close, tested twice in a row)",
+    ("core/discovery/view.py", "NetworkView.offer", "guard-off", "if not isinstance(raw, bytes)  ->  if False"):
+        "validate_record below refuses a value that is not bytes with the same reason, 'type'",
+    ("core/nat/stun_server.py", "StunServer.answer_binding", "guard-off",
+     "if len(resp) > len(data) + STUN_MAX_GROWTH  ->  if False"):
+        "unreachable: an answer is the request's header plus one XOR-MAPPED-ADDRESS (at most 24 bytes) and a "
+        "FINGERPRINT only if the request had one, so it never outgrows the request by more than 24 "
+        "(STUN_MAX_GROWTH); the bound itself is tested with an IPv6 requester, whose answer is exactly at it",
+    ("core/nat/dialer.py", "peer_nat", "guard-off", "if reach is None  ->  if False"):
+        "its one caller (NatDialer.dial) returns earlier for a descriptor without introducers",
+    ("core/nat/dialer.py", "NatDialer.dial", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,
+    ("core/nat/dialer.py", "NatDialer.on_intro_answer", "disjunct-off", "dial is None  ->  False"): _REACH,
+    ("core/nat/dialer.py", "NatDialer.on_intro_answer", "disjunct-off", "reach is None  ->  False"): _REACH,
+    ("core/nat/dialer.py", "NatDialer.on_intro_answer", "disjunct-off", "ans.status != nm.STATUS_OK  ->  False"):
+        _ANSWER,
+    ("core/nat/dialer.py", "NatDialer.on_intro_answer", "disjunct-off", "ans.peer is None  ->  False"): _ANSWER,
     ("exit/policy.py", "ExitPolicy.builtin_reason", "guard-off", "if dst == ipaddress.IPv4Address('255.255.255.255')"
                                                                  "  ->  if False"):
         "dead code: 255.255.255.255 lies in 240.0.0.0/4, which the built-in table rejects first (as reserved)",
