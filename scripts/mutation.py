@@ -127,6 +127,10 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("core/circuit/client.py", "ClientNode._finish", "guard-off", "if circ.state is CircuitState.CLOSED  ->  if False"):
         "every caller finds the circuit where a closed one no longer is (circuits, _by_wire) or checks first "
         "(close, tested twice in a row)",
+    ("core/circuit/manager.py", "CircuitManager._ping_answered", "disjunct-off",
+     "self.phase is not Phase.OPEN  ->  False"):
+        "a ping is outstanding only in OPEN: _ping runs only there, and every way out of OPEN (_fail, disconnect, a "
+        "switch, which starts only once the round has ended) clears it",
     ("core/discovery/view.py", "NetworkView.offer", "guard-off", "if not isinstance(raw, bytes)  ->  if False"):
         "validate_record below refuses a value that is not bytes with the same reason, 'type'",
     ("core/nat/stun_server.py", "StunServer.answer_binding", "guard-off",

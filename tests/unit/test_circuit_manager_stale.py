@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shallot.core.circuit import manager as m
 from shallot.core.control.api import EngineState
-from tests.unit.test_circuit_manager import Drive
+from tests.unit.test_circuit_manager import RELAYS, Drive
 
 
 def test_a_timer_called_before_it_is_due_or_with_nothing_due_does_nothing() -> None:
@@ -27,7 +27,7 @@ def test_late_answers_to_abandoned_work_change_nothing() -> None:
     assert d.m.state is EngineState.DISCONNECTED and d.m.phase is m.Phase.IDLE
     fetch = d.one(m.FetchRelays, d.connect())
     d.said(d.m.disconnect(d.now))
-    assert d.feed(m.RelaysFetched(d.now, fetch.token, ())) == []
+    assert d.feed(m.RelaysFetched(d.now, fetch.token, RELAYS)) == []  # relays enough for a path: still nothing
     assert d.m.phase is m.Phase.IDLE
     # on time, the same answers move the machine
     ask = d.one(m.AcquirePrivileges, d.connect(need_privileges=True))
@@ -39,6 +39,16 @@ def test_an_answer_of_another_kind_with_the_current_token_changes_nothing() -> N
     fetch = d.one(m.FetchRelays, d.connect())
     assert d.feed(m.PrivilegesAcquired(d.now, fetch.token)) == []  # waiting for relays, not privileges
     assert d.m.phase is m.Phase.RELAYS
+
+
+def test_a_late_failure_of_earlier_work_does_not_fail_the_build_out() -> None:
+    d = Drive()
+    connect = d.connect()
+    fetch = d.one(m.FetchRelays, connect)
+    build = d.one(m.Build, d.fetched(connect))
+    assert d.feed(m.Failed(d.now, fetch.token, "the relay fetch, reported late")) == []
+    assert d.m.phase is m.Phase.BUILDING and d.m.state is EngineState.CONNECTING
+    assert any(isinstance(a, m.Backoff) for a in d.feed(m.Failed(d.now, build.token, "timed out")))  # on time
 
 
 def test_a_failure_after_the_build_succeeded_is_not_a_second_result() -> None:
@@ -54,6 +64,7 @@ def test_a_failure_after_the_build_succeeded_is_not_a_second_result() -> None:
 def test_a_lost_circuit_that_is_not_the_one_in_use_changes_nothing() -> None:
     d = Drive()
     assert d.feed(m.CircuitLost(d.now, "nothing-in-use", "gone")) == []  # idle
+    assert d.feed(m.CircuitLost(d.now, None, "gone")) == []  # not even a circuit
     assert d.m.phase is m.Phase.IDLE and d.m.timer() is None
     circuit = d.connected()
     assert d.feed(m.CircuitLost(d.now, "some-old-circuit", "gone")) == []

@@ -187,12 +187,18 @@ async def test_the_crawl_ends_at_its_time_limit(nodes) -> None:
 
 @pytest.mark.asyncio
 async def test_a_client_keeps_no_routing_table(nodes) -> None:
-    _node, addr = await _scripted(nodes, Script())
+    node, addr = await _scripted(nodes, Script())
     client = await _client(nodes)
     result = await client.crawl([addr], time_limit_s=10)
     assert len(result.nodes) == 1
     await asyncio.sleep(0.1)  # a verification, if one were started, would have left by now
     assert client.peers() == [] and client.rpc.counters["rpc_out_ping"] == 1
+    # kademlia's own helpers answer through handle_call_response: a proven, answering node is still not kept
+    from kademlia.node import Node
+
+    assert (await client.rpc.call_ping(Node(node.keys.relay_id, *addr)))[0]
+    await asyncio.sleep(0.1)
+    assert client.peers() == []
 
 
 def _record() -> bytes:
