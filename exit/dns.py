@@ -50,9 +50,12 @@ class _Listener(asyncio.DatagramProtocol):
 
 
 class DnsForwarder:
-    def __init__(self, listen: str, resolver: str) -> None:
-        self.listen = listen
-        self.resolver = (resolver, 53)
+    def __init__(self, listen: str, resolver: str, *, port: int = 53, resolver_port: int = 53,
+                 max_pending: int = MAX_PENDING, timeout_s: float = QUERY_TIMEOUT_S) -> None:
+        """The ports and bounds are parameters so that a unit test can run it on loopback, unprivileged."""
+        self.listen, self.port = listen, port
+        self.resolver = (resolver, resolver_port)
+        self.max_pending, self.timeout_s = max_pending, timeout_s
         self.counters: Counter[str] = Counter()
         self._pending: OrderedDict[bytes, tuple[tuple[str, int], bytes, float]] = OrderedDict()
         self._down: asyncio.DatagramTransport | None = None
@@ -61,26 +64,27 @@ class DnsForwarder:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self._down, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), local_addr=(self.listen, 53))
+            self._down, _ = await loop.create_datagram_endpoint(lambda: _Listener(self),
+                                                                local_addr=(self.listen, self.port))
             family = socket.AF_INET6 if ":" in self.resolver[0] else socket.AF_INET
             self._up, _ = await loop.create_datagram_endpoint(lambda: _Upstream(self), family=family)
         except OSError as exc:
             raise ShallotError(f"cannot start the exit's DNS forwarder: {exc.strerror}") from None
-        log.info("DNS forwarder on %s:53 -> %s", self.listen, self.resolver[0])
+        log.info("DNS forwarder on %s:%d -> %s", self.listen, self.port, self.resolver[0])
 
     def query(self, data: bytes, addr: tuple[str, int]) -> None:
         if not DNS_HEADER_LEN <= len(data) <= MAX_DNS_LEN or data[2] & 0x80:  # too short/long, or a response
             self.counters["dns_drop_malformed"] += 1
             return
         self._expire()
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= self.max_pending:
             self.counters["dns_drop_busy"] += 1
             return
         while True:
             txid = secrets.token_bytes(2)
             if txid not in self._pending:
                 break
-        self._pending[txid] = (addr, data[:2], time.monotonic() + QUERY_TIMEOUT_S)
+        self._pending[txid] = (addr, data[:2], time.monotonic() + self.timeout_s)
         assert self._up is not None
         self._up.sendto(txid + data[2:], self.resolver)
         self.counters["dns_queries"] += 1
@@ -106,6 +110,11 @@ class DnsForwarder:
                 break
             del self._pending[txid]
             self.counters["dns_timeouts"] += 1
+
+    def address(self) -> tuple[str, int]:
+        """Where the forwarder listens for clients."""
+        assert self._down is not None, "start() first"
+        return self._down.get_extra_info("sockname")[:2]
 
     def close(self) -> None:
         for transport in (self._down, self._up):

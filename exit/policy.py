@@ -120,8 +120,10 @@ DEFAULT_TAIL = (parse_rule("reject tcp *:25"), parse_rule("accept *"))
 class ExitPolicy:
     """Per-packet decisions with counters of every rejection and why."""
 
-    def __init__(self, rules: list[Rule] | None = None, own_networks: list[Network] | None = None) -> None:
+    def __init__(self, rules: list[Rule] | None = None, own_networks: list[Network] | None = None, *,
+                 verdict_cache: int = VERDICT_CACHE) -> None:
         self.rules = list(rules or []) + list(DEFAULT_TAIL)
+        self.verdict_cache = verdict_cache
         self.counters: Counter[str] = Counter()
         self._builtin = [(ipaddress.ip_network(net), why) for net, why in BUILTIN_REJECTS]
         self.own_networks: list[Network] = []
@@ -168,7 +170,7 @@ class ExitPolicy:
         address = ipaddress.ip_address(dst)
         # _judge reads only the destination, protocol and port (the key above)
         verdict = self._judge(PacketInfo(address.version, address, address, proto, None, dst_port, False, 0))
-        if len(self._verdicts) >= VERDICT_CACHE:
+        if len(self._verdicts) >= self.verdict_cache:
             self._verdicts.clear()
         self._verdicts[key] = verdict
         return verdict

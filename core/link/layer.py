@@ -224,7 +224,7 @@ class LinkLayer:
         if init.ephemeral in self._seen_ephemerals:
             self.counters["drop_initiation_replay"] += 1
             return
-        if len(self._seen_ephemerals) >= 1_000_000:
+        if len(self._seen_ephemerals) >= cfg.max_seen_ephemerals:
             self.counters["drop_replay_cache_full"] += 1
             return
         self._seen_ephemerals[init.ephemeral] = now + 2 * HANDSHAKE_SKEW_S

@@ -41,6 +41,7 @@ class LinkConfig:
     handshake_burst: float = 40.0
     max_links: int = 4096
     max_queued_cells: int = 256
+    max_seen_ephemerals: int = 1_000_000  # the initiation replay cache (§4.5): full means fail closed
 
 
 @dataclass(eq=False)
