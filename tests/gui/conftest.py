@@ -24,6 +24,7 @@ os.environ.setdefault("QT_API", "pyside6")
 import pytest
 import qasync
 from PySide6.QtWidgets import QApplication
+from pytestqt.exceptions import TimeoutError as QtTimeoutError
 
 from shallot.app.controller import AppController
 from shallot.app.settings import Settings, SettingsStore
@@ -94,16 +95,29 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
         return app
 
     yield make
+    problems: list[str] = []  # a shutdown that hangs or fails is a finding, not something to swallow
     for app in made:
         if app.controller.link.engine_pid is not None:
             pids.append(app.controller.link.engine_pid)
+        proc = app.controller.link.proc  # an engine this app started and that still runs
+        running = proc is not None and proc.poll() is None
         task = app.controller.spawn(app.controller.shutdown(disconnect=True))
-        with contextlib.suppress(Exception):
+        try:
             qtbot.waitUntil(task.done, timeout=15000)
+        except QtTimeoutError:
+            problems.append(f"the app's shutdown ({app.sock}) did not finish within 15 s")
+            continue
+        if not task.cancelled() and task.exception() is not None:
+            problems.append(f"the app's shutdown ({app.sock}) failed: {task.exception()!r}")
+        elif running and proc is not None and proc.returncode != 0:
+            problems.append(f"the engine (pid {proc.pid}) ended with {proc.returncode} after a shutdown request "
+                            "(-9: the app had to kill it after 10 s)")
     for pid in pids:  # only engines these tests' apps started, by PID
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 def engine_status(sock: Path) -> dict[str, Any]:
