@@ -420,6 +420,38 @@ async def test_a_relay_behind_a_nat_publishes_only_and_republishes_past_a_dead_s
 
 
 @pytest.mark.asyncio
+async def test_a_relay_started_before_its_seed_keeps_trying_and_joins_once_the_seed_is_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start order must not matter: the relay's first joins find nobody, it retries (JOIN_RETRY_S), joins
+    when the seed comes up, says so once, and its descriptor reaches the seed."""
+    import shallot.core.discovery.service as service
+    monkeypatch.setattr(service, "JOIN_RETRY_S", 0.1)
+    now = int(time.time())
+    _, seed_desc = make(host="127.0.0.1", port=_free_link_port(), published=now, nick="seed")
+    _, relay_desc = make(host="127.0.0.1", port=_free_link_port(), published=now, nick="early")
+    seed = RelayDiscovery([], lambda: seed_desc)
+    relay = RelayDiscovery([seed_desc.address], lambda: relay_desc)
+    joined: list[int] = []
+    try:
+        await relay.start()
+        relay.launch(on_joined=joined.append)
+        deadline = time.monotonic() + 5
+        while relay.node.rpc.counters.get("rpc_out_ping", 0) + relay.node.rpc.counters.get("rpc_out_find_node", 0) < 2:
+            assert time.monotonic() < deadline, relay.node.rpc.counters
+            await asyncio.sleep(0.02)
+        assert not relay.joined.is_set() and joined == []  # tried, found nobody, still trying
+        await seed.start()
+        seed.launch()
+        await asyncio.wait_for(relay.joined.wait(), 10)
+        await asyncio.wait_for(relay.published.wait(), 10)
+        assert len(joined) == 1 and joined[0] >= 1
+        assert seed.node.storage.get(relay_desc.relay_id) == relay_desc.encode()
+    finally:
+        await relay.close()
+        await seed.close()
+
+
+@pytest.mark.asyncio
 async def test_a_client_never_pings_natted_relays_nor_holds_their_silence_against_them(tmp_path: Path) -> None:
     now = int(time.time())
     _, public = make(host="127.0.0.1", port=_free_link_port(), published=now, nick="public")
