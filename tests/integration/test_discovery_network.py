@@ -240,8 +240,11 @@ def test_cached_view_works_when_every_seed_is_down(dht_net: DhtNet, tmp_path: Pa
     cache = tmp_path / "view"
     first = probe(dht_net, dht_net.addr(2), cache)
     assert first["relays_known"] >= 0.95 * len(dht_net.live_ids())
-    # the seed (states[0]) is dead since the previous test: the client has only its cache to go on, and
-    # it crawls again from the relays the cache names
+    # the seed (states[0]) is dead (killed here too, so the premise holds when this test runs alone): the
+    # client has only its cache to go on, and it crawls again from the relays the cache names
+    seed = dht_net.procs[dht_net.states[0]]
+    seed.kill()
+    assert seed.popen.poll() is not None
     again = probe(dht_net, dht_net.seed, cache)
     assert again["relays_known"] >= first["relays_known"] - 1
     assert again["dht_nodes"] >= 0.9 * len(dht_net.live_ids())
