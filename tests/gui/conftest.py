@@ -102,22 +102,31 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
         proc = app.controller.link.proc  # an engine this app started and that still runs
         running = proc is not None and proc.poll() is None
         task = app.controller.spawn(app.controller.shutdown(disconnect=True))
-        try:
-            qtbot.waitUntil(task.done, timeout=15000)
+        try:  # the app's own worst case: 5 s for the engine's answer, 10 s for it to exit, then SIGKILL
+            qtbot.waitUntil(task.done, timeout=25000)
         except QtTimeoutError:
-            problems.append(f"the app's shutdown ({app.sock}) did not finish within 15 s")
+            problems.append(f"the app's shutdown ({app.sock}) did not finish within 25 s{_engine_log(app)}")
             continue
         if not task.cancelled() and task.exception() is not None:
             problems.append(f"the app's shutdown ({app.sock}) failed: {task.exception()!r}")
         elif running and proc is not None and proc.returncode != 0:
             problems.append(f"the engine (pid {proc.pid}) ended with {proc.returncode} after a shutdown request "
-                            "(-9: the app had to kill it after 10 s)")
+                            f"(-9: the app had to kill it after 10 s){_engine_log(app)}")
     for pid in pids:  # only engines these tests' apps started, by PID
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+def _engine_log(app: App, lines: int = 30) -> str:
+    """The end of the log of the engine this app started (where a hang or a crash at exit shows)."""
+    try:
+        tail = app.controller.link.log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\nthe engine's log ends with:\n" + "\n".join(tail)
 
 
 def engine_status(sock: Path) -> dict[str, Any]:
