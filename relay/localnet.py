@@ -68,6 +68,9 @@ class LocalNetwork:
             except TimeoutError:
                 line = b""
             if b"listening" not in line:
+                if not line:  # its output ended: it is exiting, and asyncio may not have reaped it yet
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 5)
                 err = b""
                 if proc.returncode is not None and proc.stderr is not None:
                     err = await proc.stderr.read()

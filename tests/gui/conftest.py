@@ -25,6 +25,7 @@ os.environ.setdefault("QT_API", "pyside6")
 import pytest
 import qasync
 from PySide6.QtWidgets import QApplication
+from pytestqt.exceptions import TimeoutError as QtTimeoutError
 
 from shallot.app.controller import AppController
 from shallot.app.settings import Settings, SettingsStore
@@ -32,7 +33,7 @@ from shallot.app.window import MainWindow
 from tests.integration.conftest import RunningNetwork, running_network
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-SHUTDOWN_MS = 20000  # the app waits up to 10 s for its engine to exit, then kills it
+SHUTDOWN_MS = 25000  # the app's worst case: 5 s for the engine's answer, 10 s for it to exit, then SIGKILL
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
         return app
 
     yield make
-    problems: list[str] = []
+    problems: list[str] = []  # a shutdown that hangs or fails is a finding, not something to swallow
     try:
         for app in made:
             problems += shut_down(qtbot, app, pids)
@@ -105,28 +106,39 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-    if problems:  # an engine that hangs or crashes on shutdown is a failure, not something to hide
+    if problems:
         pytest.fail("engine shutdown at teardown: " + "; ".join(problems), pytrace=False)
 
 
 def shut_down(qtbot: Any, app: App, pids: list[int]) -> list[str]:
     """Quit as "Disconnect and quit" does; what went wrong, in words (an empty list when nothing did)."""
-    proc = app.controller.link.proc  # the engine this app started, if any: its exit status tells the story
-    if proc is not None:
-        pids.append(proc.pid)
+    if app.controller.link.engine_pid is not None:
+        pids.append(app.controller.link.engine_pid)
+    proc = app.controller.link.proc  # an engine this app started: its exit status tells the story
+    running = proc is not None and proc.poll() is None
     task = app.controller.spawn(app.controller.shutdown(disconnect=True))
     try:
         qtbot.waitUntil(task.done, timeout=SHUTDOWN_MS)
-    except qtbot.TimeoutError:
+    except QtTimeoutError:
         task.cancel()
-        return [f"the app's shutdown did not finish within {SHUTDOWN_MS / 1000:.0f} s"]
+        return [f"the app's shutdown ({app.sock}) did not finish within {SHUTDOWN_MS / 1000:.0f} s{_engine_log(app)}"]
     if task.cancelled():
         return ["the app's shutdown was cancelled"]
     if task.exception() is not None:
-        return [f"the app's shutdown raised {task.exception()!r}"]
-    if proc is not None and proc.returncode != 0:  # -9: it ignored the shutdown and was killed after 10 s
-        return [f"the engine (pid {proc.pid}) ended with status {proc.returncode} instead of exiting on shutdown"]
+        return [f"the app's shutdown ({app.sock}) raised {task.exception()!r}{_engine_log(app)}"]
+    if running and proc is not None and proc.returncode != 0:
+        return [f"the engine (pid {proc.pid}) ended with {proc.returncode} after a shutdown request "
+                f"(-9: the app had to kill it after 10 s){_engine_log(app)}"]
     return []
+
+
+def _engine_log(app: App, lines: int = 30) -> str:
+    """The end of the log of the engine this app started (where a hang or a crash at exit shows)."""
+    try:
+        tail = app.controller.link.log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\nthe engine's log ends with:\n" + "\n".join(tail)
 
 
 def engine_status(sock: Path) -> dict[str, Any]:

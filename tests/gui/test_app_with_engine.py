@@ -128,10 +128,14 @@ def test_gui_keeps_serving_timers_while_circuits_are_built(qtbot, make_app, netw
     qtbot.wait(50)
     timer.stop()
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    worst = max(gaps)
-    print(f"{len(ticks)} ticks over {ticks[-1] - ticks[0]:.2f} s; worst gap {worst * 1000:.1f} ms")
+    span, worst = ticks[-1] - ticks[0], max(gaps)
+    print(f"{len(ticks)} ticks over {span:.2f} s; worst gap {worst * 1000:.1f} ms ({worst / span:.0%} of the run)")
     assert len(ticks) > 20
-    assert worst < 0.050, f"the Qt loop stalled for {worst * 1000:.1f} ms"
+    # A bound relative to the run, which load stretches as much as the gaps: on a loaded machine the scheduler
+    # alone delays a tick now and then (53 and 88 ms seen with a CPU burner, so an absolute 50 ms bound flaked;
+    # at most 7 % of the run), while a GUI thread that waits for the engine's start, most of this run, stalls
+    # for 50-66 % of it (tried: docs/APP.md)
+    assert worst < 0.25 * span, f"the Qt loop stalled for {worst * 1000:.1f} ms of a {span:.2f} s run"
 
 
 def test_missing_directory_file_is_a_readable_error(qtbot, make_app, tmp_path: Path) -> None:

