@@ -83,6 +83,29 @@ def test_client_link_handshake_completes_and_carries_cells_both_ways() -> None:
     assert not any(cell[:40] in p for cell, p in zip(sent, wire)), "cells must be encrypted on the wire"
 
 
+def test_transport_counters_start_at_a_random_48_bit_value_per_session() -> None:
+    """PROTOCOL §4.4: each session's first counter is random, so counters on two links never line up (a
+    counter starting at 0 or shared by both directions would let an observer match a packet's place in
+    two streams)."""
+    net = SimNet()
+    relay, rkeys = relay_layer(net, 1, R_ADDR)
+    addrs = [("10.0.0.9", 5000 + i) for i in range(3)]
+    clients = [client_layer(net, 2 + i, addr) for i, addr in enumerate(addrs)]
+    links = [c.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall) for c in clients]
+    net.run()
+    firsts: list[int] = []
+    for addr, client, link in zip(addrs, clients, links):
+        client.send_cell(link, relay_cell(1), net.now)
+        net.run()
+        (wire,) = packets(net, addr, R_ADDR, MSG_TRANSPORT)
+        firsts.append(int.from_bytes(wire[5:13], "little"))  # type(1) + receiver index(4) + counter(8)
+    for rlink in relay.links.values():
+        assert rlink.session is not None
+        firsts.append(rlink.session.send_counter)
+    assert len(set(firsts)) == len(firsts) == 6, firsts
+    assert all(0 < c < 1 << 48 for c in firsts), firsts
+
+
 def test_cells_sent_before_the_link_is_up_are_queued_then_delivered() -> None:
     net, relay, _rkeys, client, link = _client_and_relay()
     sink = CellSink(relay)
