@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from shallot.crypto.codec import Address, DecodeError, EncodeError, Reader, decode_address, encode_address
 from shallot.crypto.keys import RELAY_ID_LEN, RelayKeys, onion_key_id, relay_id_of
@@ -96,7 +97,7 @@ class Descriptor:
     reachability: Reachability | None = None
     signature: bytes = b""
 
-    @property
+    @cached_property  # a hash: path selection asks for it hundreds of times per path
     def relay_id(self) -> bytes:
         return relay_id_of(self.identity_pub)
 

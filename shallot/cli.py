@@ -37,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"shallot {__version__} (protocol 1)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_keygen, _add_directory, _add_relay_and_exit, _add_probe, _add_demo, _add_engine, _add_connect,
-                _add_helper, _add_netcheck, _add_app, _add_status_and_peers):
+    for add in (_add_keygen, _add_directory, _add_relay_and_exit, _add_probe, _add_paths, _add_demo, _add_engine,
+                _add_connect, _add_helper, _add_netcheck, _add_app, _add_status_and_peers):
         add(sub)
     return p
 
@@ -108,6 +108,24 @@ def _add_probe(sub: Subparsers) -> None:
     pr.add_argument("--count", type=int, default=10, metavar="N", help="datagrams to send (default 10)")
     pr.add_argument("--size", type=int, default=256, metavar="BYTES", help="datagram size (default 256)")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_paths(sub: Subparsers) -> None:
+    pa = sub.add_parser("paths", help="sample paths as a fresh client would and show their concentration",
+                        description="Sample N paths exactly as a fresh client would choose them now (same caps "
+                                    "and weights) and print how often each relay, IP address, /16 and mutual "
+                                    "family lands in each position, and the share of paths whose guard and exit "
+                                    "look like one operator (same IP, same /16 or mutual family).")
+    src = pa.add_mutually_exclusive_group(required=True)
+    src.add_argument("--directory", type=Path, metavar="FILE", help="directory file of signed relay descriptors")
+    src.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="crawl the DHT from these seed relays")
+    pa.add_argument("--sample", type=int, required=True, metavar="N", help="paths to sample (1..1000000)")
+    pa.add_argument("--cache", type=Path, metavar="FILE",
+                    help="with --bootstrap: start from this view cache and its first-seen history, as this "
+                         "client would (default: none, as a fresh client)")
+    pa.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
+    pa.add_argument("--seed", type=int, metavar="INT", help="seed the draws (reproducible audits)")
+    pa.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_demo(sub: Subparsers) -> None:
@@ -282,13 +300,43 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         relays, disc = run(discover(seeds, args.cache or default_cache_path(), self_ids=_own_ids(args)))
         extra = {"relays_known": len(relays), "discovery_ms": round((time.monotonic() - started) * 1000, 1),
                  "dht_nodes": disc.last_crawl.get("nodes", 0), "records_rejected": disc.view.rejected()}
+        known = disc.known_s()
     else:
         own = set(_own_ids(args))
         relays = [d for d in load_directory(args.directory) if d.relay_id not in own]
-    path = choose_path(relays, random.SystemRandom(), path_spec=args.path, exit_spec=args.exit)
+        known = {}
+    path = choose_path(relays, random.SystemRandom(), path_spec=args.path, exit_spec=args.exit, known=known)
     result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
     print(json.dumps(result) if args.json else describe(result, relays))
     return 0 if result["echoed"] == result["sent"] else 1
+
+
+def _cmd_paths(args: argparse.Namespace) -> int:
+    import random
+
+    from shallot.commands.paths import describe, sample, tally
+    from shallot.core.circuit.path import PathError
+    from shallot.core.discovery.directory import load_directory
+    from shallot.core.io.udp import run
+    if not 1 <= args.sample <= 1_000_000:
+        raise ShallotError("--sample must be 1..1000000")
+    own = frozenset(_own_ids(args))
+    seeds = _seeds(args)
+    known: dict[bytes, float] = {}
+    if seeds is not None:
+        from shallot.core.discovery.service import discover
+        relays, disc = run(discover(seeds, args.cache, self_ids=tuple(own)))
+        known = disc.known_s()
+    else:
+        relays = load_directory(args.directory)
+    rng = random.Random(args.seed) if args.seed is not None else random.SystemRandom()
+    try:
+        paths = sample(relays, rng, args.sample, known=known, exclude=own)
+    except PathError as exc:
+        raise ShallotError(str(exc)) from None
+    result = tally(paths, relays)
+    print(json.dumps(result) if args.json else describe(result, relays))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -449,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "app"])
     handlers = {
-        "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "demo": _cmd_demo,
+        "keygen": _cmd_keygen, "directory": _cmd_directory, "probe": _cmd_probe, "paths": _cmd_paths,
+        "demo": _cmd_demo,
         "engine": _cmd_engine, "status": _cmd_status, "peers": _cmd_peers, "connect": _cmd_connect,
         "helper": _cmd_helper, "netcheck": _cmd_netcheck, "app": _cmd_app,
         "relay": lambda a: _cmd_relay(a, expect_exit=None),

@@ -9,11 +9,11 @@ reporting as in arti's tor-guardmgr) replaces it without touching the manager.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from shallot.core.circuit.path import choose_path
+from shallot.core.circuit.path import NO_HISTORY, Known, choose_path
 from shallot.core.errors import ShallotError
 from shallot.crypto.descriptor import Descriptor
 
@@ -49,8 +49,10 @@ class GuardPolicy(Protocol):
 
 
 class AvoidFailedGuards:
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, known: Callable[[], Known] = lambda: NO_HISTORY) -> None:
+        """``known``: how long this client has known each relay, now (path selection weights by it)."""
         self.rng = rng
+        self.known = known
         self.avoided: set[bytes] = set()  # guards that failed since the last connect
 
     def plan(self, relays: Sequence[Descriptor], request: PathRequest) -> list[Descriptor]:
@@ -72,4 +74,5 @@ class AvoidFailedGuards:
         self.avoided.clear()
 
     def _choose(self, relays: list[Descriptor], request: PathRequest) -> list[Descriptor]:
-        return choose_path(relays, self.rng, path_spec=request.path_spec, exit_spec=request.exit_spec)
+        return choose_path(relays, self.rng, path_spec=request.path_spec, exit_spec=request.exit_spec,
+                           known=self.known())

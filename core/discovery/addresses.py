@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from shallot.core.wire.addresses import subnet_key
+from shallot.core.wire.addresses import host_key, subnet_key
 from shallot.crypto.codec import Address
 
 
@@ -32,13 +32,9 @@ def usable_address(host: str, port: int, *, allow_loopback: bool) -> bool:
 
 
 def host_group(host: str, port: int) -> str:
-    """The per-address cap's group: the IPv4 address, the IPv6 /64, or loopback address and port."""
-    ip = ipaddress.ip_address(host)
-    if ip.is_loopback:
-        return f"loopback {host} {port}"
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return host
+    """The per-address cap's group: the IPv4 address, the IPv6 /64, or loopback address and port (the
+    same groups path selection caps: core/wire/addresses.py host_key)."""
+    return host_key(host, port)
 
 
 def net_group(host: str, port: int) -> str:

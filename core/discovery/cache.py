@@ -2,7 +2,9 @@
 
 The file is an ordinary directory file (docs/PROTOCOL.md §3.5): it needs no new parser, and every
 descriptor in it is checked again (signature, expiry) when it is read, so a stale or tampered cache
-can only ever shrink the view.
+can only ever shrink the view.  Beside it, ``<cache>.seen`` (0600) keeps when this client first met
+each relay (core/discovery/view.py encode_seen), which path selection weights by: a lost or damaged one
+only makes relays look new.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from shallot.core.discovery.view import decode_seen, encode_seen
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory, encode_directory
 
 log = logging.getLogger(__name__)
@@ -21,16 +24,37 @@ def default_cache_path() -> Path:
     return Path(base) / "shallot" / "network-view"
 
 
+def seen_path(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".seen")
+
+
 def save_view(path: Path, descriptors: list[Descriptor]) -> None:
     """Write atomically with mode 0600 (the view says which relays this user may be using)."""
     if not descriptors:
         return  # never replace a good cache with an empty view
+    _write_private(path, encode_directory(descriptors))
+
+
+def save_seen(cache: Path, seen: dict[bytes, tuple[float, float]]) -> None:
+    """The first-seen history next to the cache, atomically, 0600."""
+    if seen:
+        _write_private(seen_path(cache), encode_seen(seen))
+
+
+def load_seen(cache: Path) -> dict[bytes, tuple[float, float]]:
+    try:
+        return decode_seen(seen_path(cache).read_text())
+    except (OSError, UnicodeDecodeError):
+        return {}  # none yet, or unreadable: every relay starts as just met
+
+
+def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(encode_directory(descriptors))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)

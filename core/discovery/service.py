@@ -25,7 +25,7 @@ from typing import Any
 
 from shallot.core.control.messages import DhtPeer, PeersReply, RelayEntry
 from shallot.core.discovery.addresses import Address, dht_address, usable_address
-from shallot.core.discovery.cache import load_view, save_view
+from shallot.core.discovery.cache import load_seen, load_view, save_seen, save_view
 from shallot.core.discovery.dht import DhtNode
 from shallot.core.discovery.records import newest_first
 from shallot.core.discovery.view import NetworkView
@@ -292,6 +292,7 @@ class ClientDiscovery:
         if self.cache_path is None:
             return 0
         wall = time.time()
+        self.view.remember(load_seen(self.cache_path), wall)  # first: cached relays keep their age
         for desc in load_view(self.cache_path, wall):
             if self.view.offer_descriptor(desc, wall) == "added":
                 self.from_cache += 1
@@ -328,6 +329,7 @@ class ClientDiscovery:
         if self.cache_path is not None and relays:
             try:
                 save_view(self.cache_path, relays)
+                save_seen(self.cache_path, self.view.seen(wall))
             except OSError as exc:
                 log.warning("cannot write the network view cache %s: %s", self.cache_path, exc.strerror)
         log.info("crawled %d DHT nodes in %.2f s: %d relays known (%s)", len(result.nodes), result.elapsed_s,
@@ -342,6 +344,10 @@ class ClientDiscovery:
         relays = self.view.relays(time.time())
         alive = [d for d in relays if d.relay_id not in self.silent or d.reachability is not None]
         return alive or relays
+
+    def known_s(self) -> dict[bytes, float]:
+        """Seconds this client has known each relay (path selection weights by it)."""
+        return self.view.known_s(time.time())
 
     def status(self) -> dict[str, Any]:
         return {"relays_known": len(self.view), "relays_silent": len(self.silent), "dht_peers": len(self.dht_peers),

@@ -51,7 +51,8 @@ class ClientEngine:
     def __init__(self, *, own_ids: tuple[bytes, ...] = (), helper_fd: int | None = None,
                  rng: random.Random | None = None) -> None:
         self.setup = EngineSetup(own_ids=own_ids, helper_fd=helper_fd)
-        self.manager = m.CircuitManager(AvoidFailedGuards(rng or random.SystemRandom()), never=frozenset(own_ids))
+        self.manager = m.CircuitManager(AvoidFailedGuards(rng or random.SystemRandom(), known=self.setup.known_s),
+                                        never=frozenset(own_ids))
         self.stats = EngineStats()
         self.circuits = EngineCircuits(self.setup, self.stats, current=lambda: self.manager.circuit,
                                        report=self._handle)

@@ -89,6 +89,10 @@ class EngineSetup:
             raise ShallotError("no relay known yet: the DHT seeds did not answer and there is no cached view")
         return relays
 
+    def known_s(self) -> dict[bytes, float]:
+        """How long the DHT view has known each relay (a directory file has no history: every relay is new)."""
+        return self.discovery.known_s() if self.discovery is not None and self.directory is None else {}
+
     def close(self) -> None:
         self._drop_tunnel()
         self._stop_discovery()

@@ -11,7 +11,7 @@ import ipaddress
 from shallot.core.errors import ShallotError
 from shallot.crypto.codec import Address
 
-__all__ = ["Address", "Scope", "extend_target_allowed", "parse_hostport", "scope", "subnet_key"]
+__all__ = ["Address", "Scope", "extend_target_allowed", "host_key", "parse_hostport", "scope", "subnet_key"]
 
 
 class Scope(enum.Enum):
@@ -71,6 +71,17 @@ def subnet_key(host: str, port: int) -> str:
         return f"loopback {host} {port}"
     prefix = 16 if ip.version == 4 else 32
     return str(ipaddress.ip_network(f"{host}/{prefix}", strict=False))
+
+
+def host_key(host: str, port: int) -> str:
+    """The address an operator cannot cheaply have many of: the IPv4 address or the IPv6 /64.  Loopback
+    relays (a test network on one machine) count one address per address *and port*, as in subnet_key."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback:
+        return f"loopback {host} {port}"
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return host
 
 
 def parse_hostport(text: str) -> Address:
