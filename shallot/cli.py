@@ -125,6 +125,9 @@ def _add_paths(sub: Subparsers) -> None:
                          "client would (default: none, as a fresh client)")
     pa.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
     pa.add_argument("--seed", type=int, metavar="INT", help="seed the draws (reproducible audits)")
+    pa.add_argument("--colluding", metavar="CIDR[,...]",
+                    help="treat the relays in these networks as one adversary and also report the share of "
+                         "paths whose guard and exit are both inside them")
     pa.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -314,12 +317,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_paths(args: argparse.Namespace) -> int:
     import random
 
-    from shallot.commands.paths import describe, sample, tally
+    from shallot.commands.paths import describe, parse_networks, sample, tally
     from shallot.core.circuit.path import PathError
     from shallot.core.discovery.directory import load_directory
     from shallot.core.io.udp import run
     if not 1 <= args.sample <= 1_000_000:
         raise ShallotError("--sample must be 1..1000000")
+    try:
+        colluding = parse_networks(args.colluding) if args.colluding else []
+    except ValueError as exc:
+        raise ShallotError(f"bad --colluding {args.colluding!r}: {exc}") from None
     own = frozenset(_own_ids(args))
     seeds = _seeds(args)
     known: dict[bytes, float] = {}
@@ -334,7 +341,7 @@ def _cmd_paths(args: argparse.Namespace) -> int:
         paths = sample(relays, rng, args.sample, known=known, exclude=own)
     except PathError as exc:
         raise ShallotError(str(exc)) from None
-    result = tally(paths, relays)
+    result = tally(paths, relays, colluding)
     print(json.dumps(result) if args.json else describe(result, relays))
     return 0
 

@@ -54,8 +54,21 @@ def sample(relays: Sequence[Descriptor], rng: random.Random, n: int, *, known: K
     return [draw_path(cands, rng) for _ in range(n)]
 
 
-def tally(paths: Sequence[Sequence[Descriptor]], relays: Sequence[Descriptor]) -> dict[str, Any]:
-    """The audit as one JSON-able object."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> list[Network]:
+    """``CIDR[,CIDR...]`` for ``--colluding`` (a bare address is its own /32 or /128); ValueError if bad."""
+    nets = [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+    if not nets:
+        raise ValueError("no network given")
+    return nets
+
+
+def tally(paths: Sequence[Sequence[Descriptor]], relays: Sequence[Descriptor],
+          colluding: Sequence[Network] = ()) -> dict[str, Any]:
+    """The audit as one JSON-able object.  ``colluding``: networks to treat as one adversary; the result then
+    also says in what share of paths the guard and the exit are both inside them."""
     fam = families(relays)
     positions: dict[str, dict[str, Counter[str]]] = {
         pos: {"relays": Counter(), "ips": Counter(), "slash16": Counter(), "families": Counter()} for pos in POSITIONS}
@@ -72,7 +85,15 @@ def tally(paths: Sequence[Sequence[Descriptor]], relays: Sequence[Descriptor]) -
         shared.update(k for k, v in same.items() if v)
         shared["any"] += any(same.values())
     n = len(paths)
-    return {"sample": n, "relays_in_view": len(relays),
+    extra: dict[str, Any] = {}
+    if colluding:
+        def inside(d: Descriptor) -> bool:
+            ip = ipaddress.ip_address(d.address[0])
+            return any(ip in net for net in colluding)
+        both = sum(inside(p[0]) and inside(p[-1]) for p in paths)
+        extra["colluding"] = {"networks": [str(net) for net in colluding],
+                              "guard_and_exit": round(both / n, 6) if n else 0.0}
+    return {**extra, "sample": n, "relays_in_view": len(relays),
             "positions": {pos: {k: dict(c.most_common()) for k, c in row.items()} for pos, row in positions.items()},
             "guard_exit_same_operator": {k: round(shared[k] / n, 6) if n else 0.0
                                          for k in ("any", "ip", "slash16", "family")}}
@@ -97,4 +118,7 @@ def describe(result: Mapping[str, Any], relays: Sequence[Descriptor], top: int =
     share = result["guard_exit_same_operator"]
     lines.append(f"guard and exit look like one operator in {share['any']:.2%} of paths "
                  f"(same IP {share['ip']:.2%}, same /16 {share['slash16']:.2%}, mutual family {share['family']:.2%})")
+    if "colluding" in result:
+        c = result["colluding"]
+        lines.append(f"guard and exit both in {', '.join(c['networks'])}: {c['guard_and_exit']:.2%} of paths")
     return "\n".join(lines)
