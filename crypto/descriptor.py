@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from shallot.crypto.codec import Address, DecodeError, EncodeError, Reader, decode_address, encode_address
 from shallot.crypto.keys import RELAY_ID_LEN, RelayKeys, onion_key_id, relay_id_of
@@ -97,7 +96,7 @@ class Descriptor:
     reachability: Reachability | None = None
     signature: bytes = b""
 
-    @cached_property  # a hash: path selection asks for it hundreds of times per path
+    @property
     def relay_id(self) -> bytes:
         return relay_id_of(self.identity_pub)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from shallot.crypto.params import (
     LABEL_LINK_CERT,
@@ -32,6 +32,7 @@ from shallot.crypto.primitives import (
 RELAY_ID_LEN = 20
 
 
+@lru_cache(maxsize=1 << 14)  # a hash that path selection asks for hundreds of times per path
 def relay_id_of(identity_pub: bytes) -> bytes:
     return blake2s(LABEL_RELAY_ID + identity_pub)[:RELAY_ID_LEN]
 

@@ -55,11 +55,11 @@ def mutual_family(a: Descriptor, b: Descriptor) -> bool:
 def related(a: Descriptor, b: Descriptor) -> bool:
     """True if a and b must not share a circuit: same relay, dialed addresses in one /16, or mutual family.
     Extra descriptor addresses are never dialed and never verified, so they do not count."""
-    if a.relay_id == b.relay_id:
+    if a.identity_pub == b.identity_pub:  # the same relay (the id is a hash of it; comparing is cheaper)
         return True
     if _net(*a.address) == _net(*b.address):
         return True
-    return mutual_family(a, b)
+    return bool(a.family and b.family) and mutual_family(a, b)
 
 
 def _compatible(candidate: Descriptor, chosen: Sequence[Descriptor]) -> bool:

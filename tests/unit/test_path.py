@@ -247,13 +247,15 @@ def test_relays_weigh_by_how_long_they_are_known() -> None:
 
 
 def test_family_counts_only_when_mutual() -> None:
-    a, b = _plain(70, "10.70.0.1"), _plain(71, "10.71.0.1")
+    a = _plain(70, "10.70.0.1")
+    b = _plain(71, "10.71.0.1", family=(bytes(20),))  # b has a family, but a is not in it
     claims_b = _plain(70, "10.70.0.1", family=(b.relay_id,))  # a says b is family, b does not say so
     assert not related(claims_b, b) and not related(b, claims_b)
     b_back = _plain(71, "10.71.0.1", family=(a.relay_id,))
     assert related(claims_b, b_back) and related(b_back, claims_b)
     # the one-sided claim excludes nothing: b still serves in circuits through the claimant's exit
     claimant = _plain(72, "10.72.0.1", exit_node=True, family=(b.relay_id,))
+    assert not related(claimant, b)
     relays = [claimant, b, _plain(73, "10.73.0.1")]
     assert {d.nickname for d in select_path(relays, random.Random(1))} == {"p72", "p71", "p73"}
 
