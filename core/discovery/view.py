@@ -37,9 +37,7 @@ class NetworkView:
     def remember(self, seen: Mapping[bytes, tuple[float, float]], wall: float) -> None:
         """History from the cache (relay id -> (first, last seen)): the earlier first-seen time wins; times
         in the future (a clock that went back, an edited file) count as now, so nothing gains age that way."""
-        for rid, (first, last) in seen.items():
-            if rid in self.self_ids:
-                continue
+        for rid, (first, last) in seen.items():  # the own relay's entry is harmless: it never enters the view
             self.first_seen[rid] = min(self.first_seen.get(rid, wall), first, wall)
             self.last_seen[rid] = max(self.last_seen.get(rid, 0.0), min(last, wall))
 

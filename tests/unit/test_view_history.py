@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shallot.core.discovery.cache import load_seen, save_seen, save_view, seen_path
 from shallot.core.discovery.service import ClientDiscovery
-from shallot.core.discovery.view import FORGET_S, SEEN_HEADER, NetworkView, decode_seen, encode_seen
+from shallot.core.discovery.view import FORGET_S, MAX_SEEN, SEEN_HEADER, NetworkView, decode_seen, encode_seen
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
 from tests.simnet import det_rng
@@ -70,6 +70,20 @@ def test_the_file_format_round_trips_and_damage_only_loses_entries() -> None:
     seen = {rid: (1000.0, 2000.0), bytes(20): (5.0, 5.0)}
     text = encode_seen(seen)
     assert text.splitlines()[0] == SEEN_HEADER and decode_seen(text) == seen
-    damaged = text + "zz" * 20 + " 1 2\n" + rid.hex() + " 9 1\nnot a line\n" + "ab" * 20 + " 3\n"
-    assert decode_seen(damaged) == seen  # bad hex, first after last, wrong field count: skipped
+    other = "cd" * 20
+    damaged = text + "\n".join([
+        "zz" * 20 + " 1 2",  # not hex
+        "ab" * 19 + " 1 2",  # a 19-byte id
+        other + " 9 1",  # first seen after last seen
+        other + " -1 5",  # negative
+        other + f" 1 {2**40}",  # beyond any plausible time
+        other + " 1",  # a field missing
+        rid.hex() + " 1 1",  # a second entry for a relay: the first one stays
+    ]) + "\n"
+    assert decode_seen(damaged) == seen
     assert decode_seen("shallot-seen 2\n" + text) == {}
+
+
+def test_a_history_file_is_read_up_to_its_cap() -> None:
+    seen = {i.to_bytes(20, "big"): (1.0, 2.0) for i in range(MAX_SEEN + 5)}
+    assert len(decode_seen(encode_seen(seen))) == MAX_SEEN
