@@ -109,6 +109,14 @@ _CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link st
 _REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
 _ANSWER = "IntroAnswer.decode gives a peer exactly when the status is OK, so either half alone decides"
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
+    ("core/circuit/path.py", "Candidates.__init__", "boundary",
+     "len(members) <= MAX_PER_ADDRESS  ->  len(members) < MAX_PER_ADDRESS"):
+        "an address with exactly MAX_PER_ADDRESS relays then goes through the cut, which keeps all of them too "
+        "(the ones above the cut plus MAX_PER_ADDRESS minus those from the tie); only the rng stream differs",
+    ("core/circuit/path.py", "Candidates.weights", "guard-off", "if len(ids) == 1  ->  if False"):
+        "a /16 with one relay then takes the general branch, whose scale is min(1, NET_WEIGHT_CAP * w / w) = 1 "
+        "(NET_WEIGHT_CAP >= 1): "
+        "the same weight, computed the long way",
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
         "tested, and PROTOCOL §7.3 lets them fire up to a second late",

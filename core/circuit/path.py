@@ -287,20 +287,17 @@ def choose_path(relays: list[Descriptor], rng: random.Random, *, path_spec: str 
 
 
 def resolve_relay(name: str, relays: list[Descriptor]) -> Descriptor:
-    """Find a relay by full id, unique id prefix (at least 4 hex digits) or nickname."""
+    """Find a relay by full id, unique id prefix (at least 4 hex digits) or nickname.  A name that fits
+    more than one relay is refused, also when one relay's nickname is another's id prefix: nicknames are
+    chosen by their operators, so a relay named like a popular relay's id prefix must not capture it."""
     key = name.strip().lower()
     if not key:
         raise ShallotError("empty relay id")
-    exact = [d for d in relays if d.id_hex == key]
-    if exact:
-        return exact[0]
-    by_nick = [d for d in relays if d.nickname.lower() == key]
-    if len(by_nick) == 1:
-        return by_nick[0]
+    found = {d.relay_id: d for d in relays if d.nickname.lower() == key}
     if len(key) >= 4:
-        by_prefix = [d for d in relays if d.id_hex.startswith(key)]
-        if len(by_prefix) == 1:
-            return by_prefix[0]
-        if len(by_prefix) > 1:
-            raise ShallotError(f"relay id {name!r} is ambiguous: give more digits")
+        found.update((d.relay_id, d) for d in relays if d.id_hex.startswith(key))
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if len(found) > 1:
+        raise ShallotError(f"relay {name!r} is ambiguous: it fits {len(found)} relays (give more id digits)")
     raise ShallotError(f"unknown relay {name!r}: not in the directory (or its descriptor expired)")
