@@ -109,6 +109,8 @@ _CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link st
 _REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
 _ANSWER = "IntroAnswer.decode gives a peer exactly when the status is OK, so either half alone decides"
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
+    ("core/circuit/path.py", "resolve_relay", "boundary", "len(found) > 1  ->  len(found) >= 1"):
+        "a name that fits exactly one relay has returned it on the line before",
     ("core/circuit/path.py", "Candidates.__init__", "boundary",
      "len(members) <= MAX_PER_ADDRESS  ->  len(members) < MAX_PER_ADDRESS"):
         "an address with exactly MAX_PER_ADDRESS relays then goes through the cut, which keeps all of them too "
