@@ -335,3 +335,36 @@ def test_the_client_pins_seeds_and_cached_relays_to_their_ids(tmp_path: Path) ->
     rid = secrets.token_bytes(20)
     disc = ClientDiscovery([Seed(("192.0.2.1", 9000), rid), ("198.51.100.1", 9000)], None)
     assert disc.pins == {dht_address(("192.0.2.1", 9000)): rid}
+
+
+# ---------------------------------------------------------------------------------------------- the spec's example
+
+
+def test_the_worked_example_of_protocol_md_12_3_is_what_the_code_sends() -> None:
+    """docs/PROTOCOL.md §12.3 prints a signed answer byte by byte (the §11.2 identity key): the code must
+    produce exactly those bytes, and verify them."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    block = text[text.index("Worked example (the §11.2 identity key"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    fields: dict[str, str] = {}
+    name = ""
+    for line in block.strip().splitlines():
+        m = re.match(r"^(\w+)(?: \(\d+\))?\s+([0-9a-f]+)$", line)
+        if m:
+            name = m.group(1)
+            fields[name] = m.group(2)
+        else:
+            fields[name] += line.strip()
+    seed = bytes(range(32))
+    keys = RelayKeys(identity_seed=seed, link_private=bytes(32), onion_keys=[])
+    msg_id = bytes(range(0xA0, 0xB4))
+    request = wire.encode_request(msg_id, "find_node", (None, b"\x42" * 20))
+    assert request.hex() == fields["request"]
+    assert wire.request_digest(request).hex() == fields["request_digest"]
+    response = wire.encode_response(msg_id, [], responder_id=keys.relay_id, request=request, sign=keys.sign)
+    assert response.hex() == fields["response"]
+    assert wire.verify_answer(wire.decode_datagram(response), identity_pub=keys.identity_pub,
+                              responder_id=keys.relay_id, digest=wire.request_digest(request))
