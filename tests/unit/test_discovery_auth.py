@@ -368,3 +368,21 @@ def test_the_worked_example_of_protocol_md_12_3_is_what_the_code_sends() -> None
     assert response.hex() == fields["response"]
     assert wire.verify_answer(wire.decode_datagram(response), identity_pub=keys.identity_pub,
                               responder_id=keys.relay_id, digest=wire.request_digest(request))
+
+
+def test_datagrams_over_the_bound_are_dropped_and_a_signature_must_be_64_bytes() -> None:
+    keys, _ = make()
+    request = wire.encode_request(os.urandom(20), "find_node", (None, os.urandom(20)))
+    body = b"x" * (wire.MAX_DATAGRAM - 21 - 64 - 3)  # msgpack bin 16: 3 bytes of header
+    at_bound = wire.encode_response(os.urandom(20), body, responder_id=keys.relay_id, request=request, sign=keys.sign)
+    assert len(at_bound) == wire.MAX_DATAGRAM
+    assert wire.decode_datagram(at_bound).body == body
+    with pytest.raises(wire.WireError, match="long"):
+        wire.decode_datagram(at_bound + b"\x00")
+    with pytest.raises(ValueError, match="64 bytes"):
+        wire.encode_response(os.urandom(20), [], responder_id=keys.relay_id, request=request,
+                             sign=lambda m: keys.sign(m)[:63])
+    # a request, or a response whose signature was cut, never verifies
+    req = wire.decode_datagram(request)
+    assert not wire.verify_answer(req, identity_pub=keys.identity_pub, responder_id=keys.relay_id,
+                                  digest=wire.request_digest(request))
