@@ -386,3 +386,10 @@ def test_datagrams_over_the_bound_are_dropped_and_a_signature_must_be_64_bytes()
     req = wire.decode_datagram(request)
     assert not wire.verify_answer(req, identity_pub=keys.identity_pub, responder_id=keys.relay_id,
                                   digest=wire.request_digest(request))
+
+
+def test_the_shortest_request_has_a_one_byte_body_and_anything_shorter_is_short() -> None:
+    msg_id = os.urandom(20)
+    assert wire.decode_datagram(bytes([wire.REQUEST]) + msg_id + b"\xc0").body is None  # 22 bytes: nil
+    with pytest.raises(wire.WireError, match="short"):
+        wire.decode_datagram(bytes([wire.REQUEST]) + msg_id)
