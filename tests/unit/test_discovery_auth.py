@@ -393,3 +393,116 @@ def test_the_shortest_request_has_a_one_byte_body_and_anything_shorter_is_short(
     assert wire.decode_datagram(bytes([wire.REQUEST]) + msg_id + b"\xc0").body is None  # 22 bytes: nil
     with pytest.raises(wire.WireError, match="short"):
         wire.decode_datagram(bytes([wire.REQUEST]) + msg_id)
+
+
+@pytest.mark.asyncio
+async def test_a_ping_answer_whose_descriptor_names_another_address_is_not_taken() -> None:
+    relay = FakeRelay()
+    elsewhere_keys, elsewhere = make("127.0.0.1", relay.addr[1] + 40, nick="far")  # validly signed, wrong place
+    client = await _client()
+    loop = asyncio.get_running_loop()
+    try:
+        fut = client.rpc.ping(relay.addr, None, None)
+        request = await loop.run_in_executor(None, relay.request)
+        relay.send(_signed(elsewhere_keys, request, [elsewhere.relay_id, elsewhere.encode()]))
+        await _settle(client, "drop_answer_unbound")
+        assert not fut.done()
+        relay.send(_signed(relay.keys, request, [relay.desc.relay_id, relay.desc.encode()]))
+        ok, result = await asyncio.wait_for(fut, 5)
+        assert ok and result[0] == relay.desc.relay_id
+    finally:
+        client.stop()
+        relay.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------- kademlia's calls
+
+
+@pytest.mark.asyncio
+async def test_a_contact_is_asked_only_once_proven_and_proven_only_once() -> None:
+    from kademlia.node import Node
+
+    node, d = await _serving_node("target")
+    client = await _client()
+    try:
+        contact = Node(d.relay_id, *dht_address(d.address))
+        # store at a contact some node named: a pinned ping proves it first, then the store is answered
+        assert await client.rpc.call_store(contact, d.relay_id, d.encode()) == (True, True)
+        c = client.rpc.counters
+        assert c["rpc_out_ping"] == 1
+        assert (await client.rpc.call_find_node(contact, Node(os.urandom(20))))[0]
+        assert c["rpc_out_ping"] == 1  # proven once: not pinged again
+    finally:
+        client.stop()
+        node.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the crawl's pins
+
+
+class Silent:
+    """An address that never answers; counts the pings it got."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+
+    def pings(self) -> int:
+        n = 0
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return n
+            n += wire.parse_request(wire.decode_datagram(data).body)[0] == "ping"
+
+
+async def _crawl_from_script(contacts: list[list[object]]) -> tuple[object, DhtNode, object]:
+    from tests.unit.test_dht_crawl import Script, ScriptedNode
+
+    node = ScriptedNode(Script(contacts=contacts))
+    addr = await node.listen()
+    client = await _client()
+    try:
+        result = await client.crawl([addr], time_limit_s=6)
+    finally:
+        client.stop()
+        node.stop()
+    return node, client, result
+
+
+@pytest.mark.asyncio
+async def test_an_address_named_under_many_ids_is_tried_under_at_most_four_and_one_id_once() -> None:
+    from shallot.core.discovery import dht
+
+    once, many = Silent(), Silent()
+    try:
+        same = os.urandom(20)  # named under one id in all nine find_node answers: pinged once
+        _, client, _ = await _crawl_from_script([[same, *once.addr]])
+        assert once.pings() == 1
+        ids = [os.urandom(20) for _ in range(10)]  # named under ten ids: tried under PINS_PER_ADDRESS of them
+        _, client, _ = await _crawl_from_script([[i, *many.addr] for i in ids])
+        assert many.pings() == dht.PINS_PER_ADDRESS == 4
+        assert client.rpc.counters["crawl_cap_pins"] >= 1
+    finally:
+        once.sock.close()
+        many.sock.close()
+
+
+@pytest.mark.asyncio
+async def test_a_relay_that_answered_is_not_pinged_again_when_named_under_its_own_id() -> None:
+    from tests.unit.test_dht_crawl import Script, ScriptedNode
+
+    node = ScriptedNode(Script())
+    addr = await node.listen()
+    node.script.contacts = [[node.keys.relay_id, *addr]]  # it names itself, under its real id
+    client = await _client()
+    try:
+        result = await client.crawl([addr], time_limit_s=6)
+        assert list(result.nodes) == [node.keys.relay_id]
+        assert node.script.asked["ping"] == 1
+    finally:
+        client.stop()
+        node.stop()
