@@ -49,6 +49,7 @@ LABEL_CIRCUIT = b"shallot-v1 circuit-keys"
 LABEL_CREATED = b"shallot-v1 created"
 LABEL_ONION_KEY_ID = b"shallot-v1 onion-key-id"
 LABEL_RELAY_ID = b"shallot-v1 relay-id"
+LABEL_DHT_ANSWER = b"shallot-v1 dht-answer\x00"  # DHT answers signed by the relay identity (§12.3)
 
 # --- timers and limits (seconds unless named otherwise) ---
 REKEY_AFTER_S = 120.0

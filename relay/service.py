@@ -9,13 +9,13 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from shallot.core.control.api import Circuits, Peers, PeersReply, Role, Status
 from shallot.core.control.server import ControlServer
-from shallot.core.discovery.service import RelayDiscovery
+from shallot.core.discovery.service import RelayDiscovery, Seed
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint
 from shallot.core.nat import NatClassified, NatPart, NodeStack, PublicAddressChanged
@@ -70,15 +70,17 @@ class RelayPart(Protocol):
 class RelayService:
     def __init__(self, state: Path, *, expect_exit: bool | None = None,
                  services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
-                 bootstrap: list[Address] | None = None, dht: bool = False,
-                 introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
+                 bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
+                 introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
+                 private_network: bool = False) -> None:
         """``services``: what circuits ending here may use (an exit's; exit/endpoints.py); ``part``: what an
         exit adds to the process (exit/service.py: the IP exit).  ``bootstrap``: DHT seeds (relay
         addresses); ``dht``: run the DHT node even without seeds (the first seed of a network).  Without
         either the relay runs without discovery.  ``introducers``: we are behind a NAT and reached through
-        these public relays."""
+        these public relays.  ``private_network``: the DHT accepts loopback and private relay addresses."""
         self.state = state
-        self.bootstrap = bootstrap or []
+        self.bootstrap = list(bootstrap or [])
+        self.private_network = private_network
         self.dht_enabled = dht or bool(bootstrap)
         self.discovery: RelayDiscovery | None = None
         self.desc: Descriptor | None = None
@@ -137,8 +139,9 @@ class RelayService:
                 stack.callback(self._close_alt_port)
             if self.dht_enabled:
                 # behind a NAT the descriptor names the public address; the DHT socket is bound on ours
-                self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc, behind_nat=behind_nat,
-                                                bind_host=host)
+                self.discovery = RelayDiscovery(self.bootstrap, lambda: self.desc, sign=self.keys.sign,
+                                                behind_nat=behind_nat, bind_host=host,
+                                                private_network=self.private_network)
                 await self.discovery.start()
                 stack.push_async_callback(self.discovery.close)
             self.control = ControlServer(self.state / state_dir.CONTROL_SOCKET, Role(self.role),
@@ -306,7 +309,8 @@ class RelayService:
 
 async def run_relay(state: Path, *, expect_exit: bool | None = None,
                     services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
-                    bootstrap: list[Address] | None = None, dht: bool = False,
-                    introducers: list[Descriptor] | None = None, stun_alt_port: bool = False) -> None:
+                    bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
+                    introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
+                    private_network: bool = False) -> None:
     await RelayService(state, expect_exit=expect_exit, services=services, part=part, bootstrap=bootstrap, dht=dht,
-                       introducers=introducers, stun_alt_port=stun_alt_port).run()
+                       introducers=introducers, stun_alt_port=stun_alt_port, private_network=private_network).run()

@@ -83,7 +83,11 @@ TARGETS: tuple[Target, ...] = (
         "BoundRoutingTable.add_contact", "ShallotRpc.datagram_received", "ShallotRpc._accept_response",
         "ShallotRpc._timeout", "ShallotRpc._rate_ok", "ShallotRpc.rpc_ping", "ShallotRpc._call",
         "ShallotRpc.welcome_if_new", "ShallotRpc._verify", "ShallotRpc.call_find_value", "ShallotRpc.call_store",
-        "ShallotRpc.handle_call_response", "DhtNode.crawl", "DhtNode.crawl.enqueue", "DhtNode.crawl.visit")),
+        "ShallotRpc.handle_call_response", "DhtNode.crawl", "DhtNode.crawl.enqueue", "DhtNode.crawl.visit",
+        "ShallotRpc._authentic", "ShallotRpc._learn_key", "ShallotRpc._proven")),
+    Target("core/discovery/wire.py", functions=("decode_datagram", "verify_answer", "encode_response")),
+    Target("core/discovery/addresses.py"),
+    Target("core/discovery/directory.py"),
     Target("core/discovery/storage.py"),
     Target("core/discovery/view.py"),
     Target("core/discovery/records.py"),
@@ -142,6 +146,10 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
      "self.phase is not Phase.OPEN  ->  False"):
         "a ping is outstanding only in OPEN: _ping runs only there, and every way out of OPEN (_fail, disconnect, a "
         "switch, which starts only once the round has ended) clears it",
+    ("core/discovery/addresses.py", "usable_address", "guard-off",
+     "if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None  ->  if False"):
+        "every v4-mapped address is in ::/8, which is_reserved (two lines below) refuses too; the explicit check "
+        "names why",
     ("core/discovery/view.py", "NetworkView.offer", "guard-off", "if not isinstance(raw, bytes)  ->  if False"):
         "validate_record below refuses a value that is not bytes with the same reason, 'type'",
     ("core/nat/stun_server.py", "StunServer.answer_binding", "guard-off",

@@ -15,6 +15,7 @@ from shallot.core.errors import ShallotError
 
 if TYPE_CHECKING:  # each command imports what it runs when it runs (a fast start for the others)
     from shallot.core.control.api import EngineConfig, Request, Role
+    from shallot.core.discovery.service import Seed
 
 DESCRIPTION = """Shallot: an onion-routed VPN over UDP.
 
@@ -22,6 +23,10 @@ Circuits go guard -> middle -> exit and are built in one round trip; relays forw
 fixed-size cells they cannot read.  Start with 'shallot demo' to see it work on one machine."""
 
 
+PRIVATE_NETWORK_HELP = ("accept relays at loopback and private addresses (10/8, 172.16/12, 192.168/16, "
+                        "100.64/10, fc00::/7): a test or private network; off, such relays are refused")
+SEED_HELP = ("ID@HOST:PORT pins the seed's relay id (40 hex digits, the id the relay prints); a plain HOST:PORT "
+             "works but is not pinned (whoever answers there is believed)")
 OWN_RELAY_HELP = ("this machine's relay state directory (the relay runs in its own process): it is never "
                   "used in this client's circuits")
 
@@ -69,9 +74,10 @@ def _add_relay_and_exit(sub: Subparsers) -> None:
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
         r = sub.add_parser(name, help=text, description=text + ".  SIGTERM or SIGINT stop it cleanly.")
         r.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory made by keygen")
-        r.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
+        r.add_argument("--bootstrap", metavar="[ID@]HOST:PORT[,...]",
                        help="join the discovery DHT through these seed relays (their relay addresses; a relay's "
-                            "DHT listens on its port + 1) and publish this relay's descriptor there")
+                            "DHT listens on its port + 1) and publish this relay's descriptor there; " + SEED_HELP)
+        r.add_argument("--private-network", action="store_true", help=PRIVATE_NETWORK_HELP)
         r.add_argument("--dht", action="store_true",
                        help="serve the discovery DHT even without --bootstrap (the first seed of a network)")
         r.add_argument("--introducers", type=Path, metavar="FILE",
@@ -98,8 +104,9 @@ def _add_probe(sub: Subparsers) -> None:
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--directory", type=Path, metavar="FILE",
                      help="directory file of signed relay descriptors (made by 'shallot directory')")
-    src.add_argument("--bootstrap", metavar="HOST:PORT[,...]",
-                     help="discover the whole network through the DHT from these seed relays instead")
+    src.add_argument("--bootstrap", metavar="[ID@]HOST:PORT[,...]",
+                     help="discover the whole network through the DHT from these seed relays instead; " + SEED_HELP)
+    pr.add_argument("--private-network", action="store_true", help=PRIVATE_NETWORK_HELP)
     pr.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache "
                                                                "(default ~/.cache/shallot/network-view)")
     pr.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
@@ -118,7 +125,8 @@ def _add_paths(sub: Subparsers) -> None:
                                     "look like one operator (same IP, same /16 or mutual family).")
     src = pa.add_mutually_exclusive_group(required=True)
     src.add_argument("--directory", type=Path, metavar="FILE", help="directory file of signed relay descriptors")
-    src.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="crawl the DHT from these seed relays")
+    src.add_argument("--bootstrap", metavar="[ID@]HOST:PORT[,...]", help="crawl the DHT from these seed relays")
+    pa.add_argument("--private-network", action="store_true", help=PRIVATE_NETWORK_HELP)
     pa.add_argument("--sample", type=int, required=True, metavar="N", help="paths to sample (1..1000000)")
     pa.add_argument("--cache", type=Path, metavar="FILE",
                     help="with --bootstrap: start from this view cache and its first-seen history, as this "
@@ -147,6 +155,7 @@ def _add_socket(p: argparse.ArgumentParser) -> None:
 
 def _add_cache_and_own_relay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, metavar="FILE", help="with --bootstrap: the network view cache")
+    p.add_argument("--private-network", action="store_true", help=PRIVATE_NETWORK_HELP)
     p.add_argument("--own-relay", type=Path, metavar="DIR", help=OWN_RELAY_HELP)
 
 
@@ -161,8 +170,8 @@ def _add_engine(sub: Subparsers) -> None:
     e.add_argument("--no-kill-switch", action="store_true", help="with --vpn: do not block traffic outside the tunnel")
     e.add_argument("--no-dns", action="store_true", help="with --vpn: leave the system's DNS settings alone")
     e.add_argument("--helper-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
-    e.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT from these seeds "
-                                                                  "instead of a directory file")
+    e.add_argument("--bootstrap", metavar="[ID@]HOST:PORT[,...]",
+                   help="discover relays through the DHT from these seeds instead of a directory file; " + SEED_HELP)
     _add_cache_and_own_relay(e)
 
 
@@ -176,7 +185,8 @@ def _add_connect(sub: Subparsers) -> None:
                                    "a crash or kill -9 leaves the kill switch on (nothing leaks) until a "
                                    "disconnect, the next connect or --cleanup.")
     c.add_argument("--directory", type=Path, metavar="FILE", help="directory file")
-    c.add_argument("--bootstrap", metavar="HOST:PORT[,...]", help="discover relays through the DHT instead")
+    c.add_argument("--bootstrap", metavar="[ID@]HOST:PORT[,...]",
+                   help="discover relays through the DHT instead; " + SEED_HELP)
     _add_cache_and_own_relay(c)
     c.add_argument("--exit", metavar="ID", help="use this exit")
     c.add_argument("--path", metavar="ID,ID,ID", help="guard,middle,exit")
@@ -261,7 +271,7 @@ def _cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(args: argparse.Namespace) -> list[tuple[str, int]] | None:
+def _seeds(args: argparse.Namespace) -> list[Seed] | None:
     from shallot.core.discovery.service import parse_seeds
     return parse_seeds(args.bootstrap) if getattr(args, "bootstrap", None) else None
 
@@ -272,14 +282,14 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     from shallot.exit.endpoints import endpoint_services
     from shallot.exit.service import IpExit
     from shallot.relay.service import run_relay
-    introducers = load_directory(args.introducers) if args.introducers else None
+    introducers = load_directory(args.introducers, private_network=args.private_network) if args.introducers else None
     if introducers is not None and any(d.reachability is not None for d in introducers):
         raise ShallotError("introducers must be public relays (one in the file is itself behind a NAT)")
     ip_exit = IpExit(uplink=args.uplink, policy_file=args.policy, resolver=args.resolver) \
         if getattr(args, "ip", False) else None
     run(run_relay(args.state, expect_exit=expect_exit, services=endpoint_services(ip_exit and ip_exit.ip_service),
                   part=ip_exit, bootstrap=_seeds(args), dht=args.dht, introducers=introducers,
-                  stun_alt_port=args.stun_alt_port))
+                  stun_alt_port=args.stun_alt_port, private_network=args.private_network))
     return 0
 
 
@@ -300,13 +310,15 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         from shallot.core.discovery.cache import default_cache_path
         from shallot.core.discovery.service import discover
         started = time.monotonic()
-        relays, disc = run(discover(seeds, args.cache or default_cache_path(), self_ids=_own_ids(args)))
+        relays, disc = run(discover(seeds, args.cache or default_cache_path(), self_ids=_own_ids(args),
+                                    private_network=args.private_network))
         extra = {"relays_known": len(relays), "discovery_ms": round((time.monotonic() - started) * 1000, 1),
                  "dht_nodes": disc.last_crawl.get("nodes", 0), "records_rejected": disc.view.rejected()}
         known = disc.known_s()
     else:
         own = set(_own_ids(args))
-        relays = [d for d in load_directory(args.directory) if d.relay_id not in own]
+        relays = [d for d in load_directory(args.directory, private_network=args.private_network)
+                  if d.relay_id not in own]
         known = {}
     path = choose_path(relays, random.SystemRandom(), path_spec=args.path, exit_spec=args.exit, known=known)
     result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
@@ -332,10 +344,10 @@ def _cmd_paths(args: argparse.Namespace) -> int:
     known: dict[bytes, float] = {}
     if seeds is not None:
         from shallot.core.discovery.service import discover
-        relays, disc = run(discover(seeds, args.cache, self_ids=tuple(own)))
+        relays, disc = run(discover(seeds, args.cache, self_ids=tuple(own), private_network=args.private_network))
         known = disc.known_s()
     else:
-        relays = load_directory(args.directory)
+        relays = load_directory(args.directory, private_network=args.private_network)
     rng = random.Random(args.seed) if args.seed is not None else random.SystemRandom()
     try:
         paths = sample(relays, rng, args.sample, known=known, exclude=own)
@@ -363,7 +375,8 @@ def _engine_config(args: argparse.Namespace, *, vpn: bool) -> EngineConfig:
     return EngineConfig(directory=str(args.directory) if args.directory else None,
                         bootstrap=tuple(p.strip() for p in (args.bootstrap or "").split(",") if p.strip()),
                         cache=str(args.cache) if args.cache else None, vpn=vpn,
-                        kill_switch=not args.no_kill_switch, dns=not args.no_dns)
+                        kill_switch=not args.no_kill_switch, dns=not args.no_dns,
+                        private_network=args.private_network)
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:

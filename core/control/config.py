@@ -26,13 +26,15 @@ class EngineConfig:
     vpn: bool = False  # route the system's IPv4 through the circuit (TUN, routes, kill switch, DNS)
     kill_switch: bool = True  # with vpn: nothing leaves outside the tunnel while connected or reconnecting
     dns: bool = True  # with vpn: the system's name lookups go to the exit's resolver
+    private_network: bool = False  # accept loopback/private relay addresses (a test or private network)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         return {"directory": self.directory, "bootstrap": list(self.bootstrap), "cache": self.cache,
-                "vpn": self.vpn, "kill_switch": self.kill_switch, "dns": self.dns}
+                "vpn": self.vpn, "kill_switch": self.kill_switch, "dns": self.dns,
+                "private_network": self.private_network}
 
     @classmethod
     def from_json(cls, raw: Any) -> EngineConfig:
@@ -45,7 +47,7 @@ class EngineConfig:
                 isinstance(p, str) and 0 < len(p) <= MAX_PEER_TEXT and "," not in p for p in peers):
             raise _bad(f"'bootstrap' must be a list of at most {MAX_PEERS} \"host:port\" strings")
         flags = {}
-        for key in ("vpn", "kill_switch", "dns"):
+        for key in ("vpn", "kill_switch", "dns", "private_network"):
             value = raw.get(key, getattr(cls, key))
             if not isinstance(value, bool):
                 raise _bad(f"'{key}' must be true or false")

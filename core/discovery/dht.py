@@ -8,6 +8,11 @@ What the wrapping changes in kademlia 2.2 / rpcudp 5 (read their source: it is s
 * **Datagrams are parsed where they arrive**, not in fire-and-forget tasks: bad input is counted and
   dropped, never an exception lost in a task.  Replies must come from the address the request went to,
   message ids are os.urandom, outstanding requests and per-source request rates are bounded.
+* **Answers are signed** by the answering relay's identity key over the request's digest (wire.py) and
+  verified *before* they consume the request: a forged or replayed answer is counted and dropped and
+  the request keeps waiting for the real one (rpcudp took the first datagram with the right id, so one
+  spoofed packet failed an honest relay: review C2).  Every request names the relay it expects to
+  answer; a ping may leave it open (the answer then proves some id bound to the address) or pin it.
 * **Node ids are relay ids** (a hash of the identity key) and a contact enters the routing table only
   after it proved the binding: it handed over its signed descriptor, whose first address puts its DHT
   socket exactly where the datagram came from (``records.binds``).  Routing-table caps per address and
@@ -40,7 +45,7 @@ from kademlia.routing import RoutingTable
 from rpcudp.protocol import RPCProtocol
 
 from shallot.core.discovery import wire
-from shallot.core.discovery.addresses import Address, host_group, net_group
+from shallot.core.discovery.addresses import Address, dht_address, host_group, net_group, same_address
 from shallot.core.discovery.records import RecordError, binds, validate_record
 from shallot.core.discovery.storage import MAX_PER_HOST, MAX_PER_NET, RecordStorage
 
@@ -57,6 +62,9 @@ CRAWL_TARGETS = 8  # find_node targets spread over the key space, asked of every
 CRAWL_CONCURRENCY = 16
 MAX_CRAWL_NODES = 4096
 MAX_PAGES_PER_NODE = 256
+NODE_SHARE_OF_CRAWL = 0.25  # one node may use at most this share of a crawl's time (slow nodes hog no slot)
+PINS_PER_ADDRESS = 4  # distinct ids the crawl tries at one address (one may be a liar's claim)
+MAX_KEYS = 8192  # identity keys remembered (relay id -> Ed25519 public key) to verify answers
 
 
 def _count(counters: dict[str, int], name: str, n: int = 1) -> None:
@@ -103,8 +111,12 @@ class BoundRoutingTable(RoutingTable):
 
 class ShallotRpc(KademliaProtocol):
     def __init__(self, source_node: Node, storage: RecordStorage, ksize: int, *, serve: bool,
-                 own_record: Callable[[], bytes | None], allow_loopback: bool,
-                 wait_timeout: float = RPC_TIMEOUT_S) -> None:
+                 own_record: Callable[[], bytes | None], allow_loopback: bool, allow_private: bool = False,
+                 sign: Callable[[bytes], bytes] | None = None, wait_timeout: float = RPC_TIMEOUT_S) -> None:
+        """``sign``: the relay identity's Ed25519 signing function; a node that serves must have one
+        (every answer is signed, docs/PROTOCOL.md §12.3)."""
+        if serve and sign is None:
+            raise ValueError("a DHT node that answers must sign its answers (give the identity's sign)")
         KademliaProtocol.__init__(self, source_node, storage, ksize)
         RPCProtocol.__init__(self, wait_timeout)
         self.router = BoundRoutingTable(self, ksize, source_node)
@@ -112,6 +124,9 @@ class ShallotRpc(KademliaProtocol):
         self.serve = serve
         self.own_record = own_record
         self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
+        self.sign = sign
+        self._keys: dict[bytes, bytes] = {}  # relay id -> identity key, from descriptors that validated
         self.counters: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._verified: dict[bytes, Address] = {}
@@ -135,7 +150,7 @@ class ShallotRpc(KademliaProtocol):
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for fut, timer, _addr, _name in list(self._outstanding.values()):
+        for fut, timer, *_rest in list(self._outstanding.values()):
             timer.cancel()
             if not fut.done():
                 fut.set_result((False, None))
@@ -150,7 +165,7 @@ class ShallotRpc(KademliaProtocol):
             _count(self.counters, f"drop_{exc.reason}")
             return
         if dg.kind == wire.RESPONSE:
-            self._accept_response(dg.msg_id, dg.body, addr)
+            self._accept_response(dg, addr)
             return
         if not self.serve:
             _count(self.counters, "drop_request_to_client")  # clients answer nothing
@@ -172,22 +187,65 @@ class ShallotRpc(KademliaProtocol):
             log.exception("DHT handler %s failed", name)
             _count(self.counters, "handler_error")
             return
-        if self.transport is not None:
-            self.transport.sendto(wire.encode_response(dg.msg_id, result), addr)
+        if self.transport is not None and self.sign is not None:
+            self.transport.sendto(wire.encode_response(dg.msg_id, result, responder_id=self.source_node.id,
+                                                       request=data, sign=self.sign), addr)
 
-    def _accept_response(self, msg_id: bytes, data: Any, address: Address) -> None:
-        entry = self._outstanding.get(msg_id)
+    def _accept_response(self, dg: wire.Datagram, address: Address) -> None:
+        entry = self._outstanding.get(dg.msg_id)
         if entry is None:
             _count(self.counters, "drop_unknown_response")
             return
-        fut, timer, expected, _name = entry
+        fut, timer, expected, name, digest, peer = entry
         if address != expected:
             _count(self.counters, "drop_response_wrong_source")  # keep waiting for the real one
             return
+        if not self._authentic(dg, name, digest, peer, address):
+            return  # counted; a forged, replayed or misdirected answer never consumes the request
         timer.cancel()
-        del self._outstanding[msg_id]
+        del self._outstanding[dg.msg_id]
         if not fut.done():
-            fut.set_result((True, data))
+            fut.set_result((True, dg.body))
+
+    def _authentic(self, dg: wire.Datagram, name: str, digest: bytes, peer: bytes | None, address: Address) -> bool:
+        """Is this answer signed, for this very request, by the relay we asked (``peer``; for a ping
+        without a pin: by the relay whose descriptor in the answer binds its id to ``address``)?"""
+        if name == "ping":
+            try:
+                node_id, record = wire.parse_ping_result(dg.body)
+                desc = validate_record(node_id, record, time.time(), allow_loopback=self.allow_loopback,
+                                       allow_private=self.allow_private)
+            except (wire.WireError, RecordError):
+                _count(self.counters, "drop_answer_unbound")
+                return False
+            if peer is not None and node_id != peer:
+                _count(self.counters, "drop_answer_pin")  # another identity at a pinned address
+                return False
+            if not same_address(dht_address(desc.address), address):
+                _count(self.counters, "drop_answer_unbound")
+                return False
+            identity = desc.identity_pub
+        else:
+            key = self._keys.get(peer) if peer is not None else None
+            if key is None:
+                _count(self.counters, "drop_answer_unverifiable")  # we never proved who lives there
+                return False
+            node_id, identity = peer, key
+        if not wire.verify_answer(dg, identity_pub=identity, responder_id=node_id, digest=digest):
+            _count(self.counters, "drop_answer_signature")
+            return False
+        self._learn_key(node_id, identity)
+        return True
+
+    def _learn_key(self, relay_id: bytes, identity_pub: bytes) -> None:
+        """Remember a relay's identity key (relay id = hash of it, so it never changes for an id)."""
+        if relay_id not in self._keys and len(self._keys) >= MAX_KEYS:
+            self._keys.pop(next(iter(self._keys)))  # the oldest: bounded memory
+        self._keys[relay_id] = identity_pub
+
+    def knows(self, relay_id: bytes) -> bool:
+        """True if answers from ``relay_id`` can be verified (its key came with a bound ping answer)."""
+        return relay_id in self._keys
 
     def _timeout(self, msg_id: bytes) -> None:
         entry = self._outstanding.pop(msg_id, None)
@@ -215,7 +273,8 @@ class ShallotRpc(KademliaProtocol):
 
     def rpc_ping(self, sender: Address, nodeid: bytes | None, record: bytes | None) -> list[bytes] | None:
         if nodeid is not None and record is not None:
-            if binds(nodeid, record, sender, time.time(), allow_loopback=self.allow_loopback):
+            if binds(nodeid, record, sender, time.time(), allow_loopback=self.allow_loopback,
+                     allow_private=self.allow_private):
                 self._verified[nodeid] = sender
             else:
                 _count(self.counters, "reject_binding")
@@ -248,7 +307,9 @@ class ShallotRpc(KademliaProtocol):
     def _my_id(self) -> bytes | None:
         return self.source_node.id if self.serve else None
 
-    def _call(self, address: Address, name: str, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+    def _call(self, address: Address, name: str, *args: Any, peer: bytes | None) -> asyncio.Future[tuple[bool, Any]]:
+        """Send one request; ``peer``: the relay id whose signed answer we accept (a ping may leave it
+        None, any other request without a known ``peer`` key can get no acceptable answer)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
         if self.transport is None or len(self._outstanding) >= MAX_OUTSTANDING:
@@ -257,53 +318,68 @@ class ShallotRpc(KademliaProtocol):
             return fut
         msg_id = os.urandom(wire.MSG_ID_LEN)
         address = (str(address[0]), int(address[1]))
-        self.transport.sendto(wire.encode_request(msg_id, name, args), address)
+        request = wire.encode_request(msg_id, name, args)
+        self.transport.sendto(request, address)
         _count(self.counters, f"rpc_out_{name}")
         timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (fut, timer, address, name)
+        self._outstanding[msg_id] = (fut, timer, address, name, wire.request_digest(request), peer)
         return fut
 
-    def ping(self, address: Address, nodeid: bytes | None, record: bytes | None) -> asyncio.Future[Any]:
-        return self._call(address, "ping", nodeid, record)
+    def ping(self, address: Address, nodeid: bytes | None, record: bytes | None, *,
+             peer: bytes | None = None) -> asyncio.Future[Any]:
+        return self._call(address, "ping", nodeid, record, peer=peer)
 
-    def store(self, address: Address, nodeid: bytes | None, key: bytes, value: bytes) -> asyncio.Future[Any]:
-        return self._call(address, "store", nodeid, key, value)
+    def store(self, address: Address, nodeid: bytes | None, key: bytes, value: bytes, *,
+              peer: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "store", nodeid, key, value, peer=peer)
 
-    def find_node(self, address: Address, nodeid: bytes | None, key: bytes) -> asyncio.Future[Any]:
-        return self._call(address, "find_node", nodeid, key)
+    def find_node(self, address: Address, nodeid: bytes | None, key: bytes, *,
+                  peer: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "find_node", nodeid, key, peer=peer)
 
-    def find_value(self, address: Address, nodeid: bytes | None, key: bytes) -> asyncio.Future[Any]:
-        return self._call(address, "find_value", nodeid, key)
+    def find_value(self, address: Address, nodeid: bytes | None, key: bytes, *,
+                   peer: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "find_value", nodeid, key, peer=peer)
 
-    def list_records(self, address: Address, nodeid: bytes | None, after: bytes | None) -> asyncio.Future[Any]:
-        return self._call(address, "list_records", nodeid, after)
+    def list_records(self, address: Address, nodeid: bytes | None, after: bytes | None, *,
+                     peer: bytes | None) -> asyncio.Future[Any]:
+        return self._call(address, "list_records", nodeid, after, peer=peer)
 
-    async def ping_address(self, address: Address) -> Node | None:
-        """Ping and check the answer binds a node id to this address; the Node, or None."""
+    async def ping_address(self, address: Address, pin: bytes | None = None) -> Node | None:
+        """Ping; the Node whose signed answer bound its id to this address (``pin``: only that id), or
+        None if no such answer came in time."""
         own = self.own_record() if self.serve else None
-        ok, result = await self.ping(address, self._my_id(), own)
+        ok, result = await self.ping(address, self._my_id(), own, peer=pin)
         if not ok:
             return None
-        try:
-            node_id, record = wire.parse_ping_result(result)
+        try:  # checked (and its signature verified) in _authentic already
+            node_id, _record = wire.parse_ping_result(result)
         except wire.WireError:
             _count(self.counters, "reject_bad_result")
             return None
         address = (str(address[0]), int(address[1]))
-        if not binds(node_id, record, address, time.time(), allow_loopback=self.allow_loopback):
-            _count(self.counters, "reject_binding")
-            return None
         self._verified[node_id] = address
         return Node(node_id, address[0], address[1])
 
+    async def _proven(self, node: Node) -> bool:
+        """True once ``node``'s id is bound to its address and its key known (pinging it if need be):
+        a contact some node named is only asked anything once it proved who it is."""
+        if self.knows(node.id) and self._verified.get(node.id) == (node.ip, node.port):
+            return True
+        proven = await self.ping_address((node.ip, node.port), pin=node.id)
+        return proven is not None
+
     # kademlia's call_* helpers, with every result checked before kademlia's crawlers see it
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        node = await self.ping_address((node_to_ask.ip, node_to_ask.port))
-        result = (node is not None and node.id == node_to_ask.id, None)
+        node = await self.ping_address((node_to_ask.ip, node_to_ask.port), pin=node_to_ask.id)
+        result = (node is not None, None)
         return self.handle_call_response(result, node_to_ask)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        ok, data = await self.find_node((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
+        if not await self._proven(node_to_ask):
+            return self.handle_call_response((False, None), node_to_ask)
+        ok, data = await self.find_node((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id,
+                                        peer=node_to_ask.id)
         result: tuple[bool, Any] = (False, None)
         if ok:
             try:
@@ -313,7 +389,10 @@ class ShallotRpc(KademliaProtocol):
         return self.handle_call_response(result, node_to_ask)
 
     async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        ok, data = await self.find_value((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
+        if not await self._proven(node_to_ask):
+            return self.handle_call_response((False, None), node_to_ask)
+        ok, data = await self.find_value((node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id,
+                                         peer=node_to_ask.id)
         result: tuple[bool, Any] = (False, None)
         if ok:
             try:
@@ -321,7 +400,8 @@ class ShallotRpc(KademliaProtocol):
                 if isinstance(found, bytes):
                     # kademlia would vote among the values; we only pass on one that validates
                     try:
-                        validate_record(node_to_find.id, found, time.time(), allow_loopback=self.allow_loopback)
+                        validate_record(node_to_find.id, found, time.time(), allow_loopback=self.allow_loopback,
+                                        allow_private=self.allow_private)
                         result = (True, {"value": found})
                     except RecordError as exc:
                         _count(self.counters, f"reject_{exc.reason}")
@@ -333,7 +413,10 @@ class ShallotRpc(KademliaProtocol):
         return self.handle_call_response(result, node_to_ask)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> tuple[bool, Any]:
-        ok, data = await self.store((node_to_ask.ip, node_to_ask.port), self._my_id(), key, value)
+        if not await self._proven(node_to_ask):
+            return self.handle_call_response((False, None), node_to_ask)
+        ok, data = await self.store((node_to_ask.ip, node_to_ask.port), self._my_id(), key, value,
+                                    peer=node_to_ask.id)
         result: tuple[bool, Any] = (False, None)
         if ok:
             try:
@@ -393,8 +476,8 @@ class CrawlResult:
     nodes: dict[bytes, Address] = field(default_factory=dict)  # DHT nodes that proved their id and answered
     records: set[bytes] = field(default_factory=set)  # raw, not yet validated: the view checks each
     unreachable: int = 0
-    failed: set[Address] = field(default_factory=set)  # addresses that did not answer (or prove an id)
-    claimed: dict[Address, bytes] = field(default_factory=dict)  # address -> id some node listed it under
+    failed: set[Address] = field(default_factory=set)  # addresses where no (pinned) id answered
+    pin_failed: set[tuple[Address, bytes]] = field(default_factory=set)  # (address, id) tried in vain
     elapsed_s: float = 0.0
 
 
@@ -403,19 +486,25 @@ class DhtNode(Server):
     (serve=False: crawls only).  The narrow interface: start, publish, crawl, peers, counters, stop."""
 
     def __init__(self, *, node_id: bytes | None, serve: bool, own_record: Callable[[], bytes | None],
-                 allow_loopback: bool, ksize: int = KSIZE, alpha: int = ALPHA) -> None:
-        storage = RecordStorage(time.time, allow_loopback=allow_loopback)
+                 allow_loopback: bool, allow_private: bool = False, sign: Callable[[bytes], bytes] | None = None,
+                 ksize: int = KSIZE, alpha: int = ALPHA) -> None:
+        """``sign``: the relay identity's signing function (required when ``serve``)."""
+        if serve and sign is None:
+            raise ValueError("a DHT node that answers must sign its answers (give the identity's sign)")
+        storage = RecordStorage(time.time, allow_loopback=allow_loopback, allow_private=allow_private)
         # a client's id is never sent; it only orders its own (unused) table
         super().__init__(ksize, alpha, node_id or secrets.token_bytes(20), storage)
         self.storage: RecordStorage = storage  # kademlia's ``storage or ForgetfulStorage()`` drops an empty one
         self.serve = serve
         self.own_record = own_record
         self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
+        self.sign = sign
         self.protocol: ShallotRpc | None = None
 
     def _create_protocol(self) -> ShallotRpc:
         return ShallotRpc(self.node, self.storage, self.ksize, serve=self.serve, own_record=self.own_record,
-                          allow_loopback=self.allow_loopback)
+                          allow_loopback=self.allow_loopback, allow_private=self.allow_private, sign=self.sign)
 
     async def start(self, local: Address) -> Address:
         """Bind the DHT socket (an explicit address, never kademlia's 0.0.0.0 default); our address."""
@@ -444,10 +533,14 @@ class DhtNode(Server):
     async def bootstrap_node(self, addr: Address) -> Node | None:
         return await self.rpc.ping_address(addr)
 
-    async def join(self, seeds: list[Address]) -> int:
-        """Ping the seeds, then look up our own id (fills the table); the number of contacts."""
+    async def join(self, seeds: list[Address], pins: dict[Address, bytes] | None = None) -> int:
+        """Ping the seeds (``pins``: the id expected at a seed's address), then look up our own id (fills
+        the table); the number of contacts."""
         if seeds:
-            await self.bootstrap(seeds)
+            pins = pins or {}
+            found = await asyncio.gather(*(self.rpc.ping_address(a, pins.get(a)) for a in seeds))
+            nodes = [n for n in found if n is not None]
+            await NodeSpiderCrawl(self.rpc, self.node, nodes, self.ksize, self.alpha).find()
         return len(self.rpc.router.contacts())
 
     async def refresh(self) -> None:
@@ -469,11 +562,14 @@ class DhtNode(Server):
         results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
         return sum(1 for ok, took in results if ok and took is True)
 
-    async def publish_from(self, contacts: list[Address], key: bytes, record: bytes) -> list[Address]:
+    async def publish_from(self, contacts: list[Address], key: bytes, record: bytes,
+                           pins: dict[Address, bytes] | None = None) -> list[Address]:
         """Publish without a routing table (a node that serves nothing, such as a relay behind a NAT):
-        prove the given contacts, look up the k nodes closest to the key through them and store there.
-        The addresses that took the record (the contacts for the next time)."""
-        found = await asyncio.gather(*(self.rpc.ping_address(a) for a in dict.fromkeys(contacts)))
+        prove the given contacts (``pins``: the id expected at an address), look up the k nodes closest to
+        the key through them and store there.  The addresses that took the record (the contacts for the
+        next time)."""
+        pins = pins or {}
+        found = await asyncio.gather(*(self.rpc.ping_address(a, pins.get(a)) for a in dict.fromkeys(contacts)))
         proven = [n for n in found if n is not None]
         if not proven:
             return []
@@ -481,9 +577,12 @@ class DhtNode(Server):
         results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
         return [(n.ip, n.port) for n, (ok, took) in zip(closest, results, strict=True) if ok and took is True]
 
-    async def store_at(self, addr: Address, key: bytes, record: bytes) -> bool:
+    async def store_at(self, addr: Address, key: bytes, record: bytes, pin: bytes | None = None) -> bool:
         """Store directly at one address (a publisher-only relay, e.g. behind a NAT, keeps no table)."""
-        ok, data = await self.rpc.store(addr, self.rpc._my_id(), key, record)
+        node = await self.rpc.ping_address(addr, pin)
+        if node is None:
+            return False
+        ok, data = await self.rpc.store(addr, self.rpc._my_id(), key, record, peer=node.id)
         return bool(ok and data is True)
 
     def replicate_old(self, older_than_s: float) -> list[Coroutine[Any, Any, int]]:
@@ -494,56 +593,72 @@ class DhtNode(Server):
             return []
         return [(n.id, (n.ip, n.port)) for n in self.protocol.router.contacts()]
 
-    async def crawl(self, seeds: list[Address], *, max_nodes: int = MAX_CRAWL_NODES,
-                    concurrency: int = CRAWL_CONCURRENCY, time_limit_s: float = 30.0) -> CrawlResult:
+    async def crawl(self, seeds: list[Address], *, pins: dict[Address, bytes] | None = None,
+                    max_nodes: int = MAX_CRAWL_NODES, concurrency: int = CRAWL_CONCURRENCY,
+                    time_limit_s: float = 30.0) -> CrawlResult:
         """Enumerate the whole DHT: every node reached through find_node over the key space, and every
         record each of them stores, page by page.  Everyone who crawls asks every node the same
-        questions, so the crawl says nothing about which relays the crawler will use."""
+        questions, so the crawl says nothing about which relays the crawler will use.
+
+        ``pins``: the relay id expected at a seed's address (``ID@HOST:PORT``, or a cached relay): only a
+        signed answer from that id counts there.  A contact some node named is pinned to the id it was
+        named with; an address is tried under up to PINS_PER_ADDRESS ids, so a liar naming an honest
+        address under a wrong id cannot keep the crawl from the honest node."""
         rpc = self.rpc
         started = time.monotonic()
         out = CrawlResult()
-        queue: deque[Address] = deque()
-        seen: set[Address] = set()
+        queue: deque[tuple[Address, bytes | None]] = deque()
+        seen: set[tuple[Address, bytes | None]] = set()
+        tries: dict[Address, int] = {}
+        answered: set[Address] = set()
         hosts: dict[str, int] = {}
         targets = [(i << (160 - 3)).to_bytes(20, "big") for i in range(CRAWL_TARGETS)]
+        pins = pins or {}
 
-        def enqueue(addr: Address) -> None:
+        def enqueue(addr: Address, pin: bytes | None) -> None:
             addr = (str(addr[0]), int(addr[1]))
-            if addr in seen or len(seen) >= max_nodes:
+            if (addr, pin) in seen or len(seen) >= max_nodes:
                 return
-            try:
-                group = host_group(*addr)
-            except ValueError:
+            if addr not in tries:
+                try:
+                    group = host_group(*addr)
+                except ValueError:
+                    return
+                if hosts.get(group, 0) >= MAX_PER_HOST:
+                    _count(rpc.counters, "crawl_cap_host")
+                    return
+                hosts[group] = hosts.get(group, 0) + 1
+            elif tries[addr] >= PINS_PER_ADDRESS:
+                _count(rpc.counters, "crawl_cap_pins")
                 return
-            if hosts.get(group, 0) >= MAX_PER_HOST:
-                _count(rpc.counters, "crawl_cap_host")
-                return
-            hosts[group] = hosts.get(group, 0) + 1
-            seen.add(addr)
-            queue.append(addr)
+            tries[addr] = tries.get(addr, 0) + 1
+            seen.add((addr, pin))
+            queue.append((addr, pin))
 
-        async def visit(addr: Address) -> None:
-            node = await rpc.ping_address(addr)
+        async def visit(addr: Address, pin: bytes | None) -> None:
+            if pin is not None and pin in out.nodes:
+                return  # that relay already answered (at another address, or under no pin)
+            node = await rpc.ping_address(addr, pin)
             if node is None:
-                out.unreachable += 1
-                out.failed.add(addr)
+                if pin is not None:
+                    out.pin_failed.add((addr, pin))
                 return
+            answered.add(addr)
             if node.id in out.nodes:
                 return
             out.nodes[node.id] = addr
-            answers = await asyncio.gather(*(rpc.find_node(addr, rpc._my_id(), t)
+            answers = await asyncio.gather(*(rpc.find_node(addr, rpc._my_id(), t, peer=node.id)
                                              for t in [node.id, *targets]))
             for ok, data in answers:
                 if ok:
                     try:
                         for cid, ip, port in wire.parse_contacts(data):
-                            out.claimed.setdefault((ip, port), cid)
-                            enqueue((ip, port))
+                            enqueue((ip, port), cid)
                     except wire.WireError:
                         _count(rpc.counters, "reject_bad_result")
             cursor: bytes | None = None
             for _ in range(MAX_PAGES_PER_NODE):
-                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor)
+                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor, peer=node.id)
                 if not ok:
                     break
                 try:
@@ -556,13 +671,20 @@ class DhtNode(Server):
                     break  # done, or a node paging backwards to keep us busy
                 cursor = nxt
 
+        async def bounded_visit(addr: Address, pin: bytes | None) -> None:
+            # a node that answers slowly keeps its slot for at most a share of the crawl (review M6);
+            # what it sent so far is kept
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(visit(addr, pin), max(2 * RPC_TIMEOUT_S, NODE_SHARE_OF_CRAWL * time_limit_s))
+
         for seed in seeds:
-            enqueue(seed)
+            seed = (str(seed[0]), int(seed[1]))
+            enqueue(seed, pins.get(seed))
         running: set[asyncio.Task[None]] = set()
         try:
             while queue or running:
                 while queue and len(running) < concurrency:
-                    running.add(asyncio.ensure_future(visit(queue.popleft())))
+                    running.add(asyncio.ensure_future(bounded_visit(*queue.popleft())))
                 left = started + time_limit_s - time.monotonic()
                 if left <= 0:
                     _count(rpc.counters, "crawl_time_limit")
@@ -576,5 +698,7 @@ class DhtNode(Server):
                 task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.gather(*running, return_exceptions=True)
+        out.failed = set(tries) - answered
+        out.unreachable = len(out.failed)
         out.elapsed_s = time.monotonic() - started
         return out

@@ -1,18 +1,54 @@
-"""Loading a directory file: the signed descriptors of a network, written by ``shallot directory``."""
+"""Loading a directory file: the signed descriptors of a network, written by ``shallot directory``.
+
+The same address rules as discovery (docs/PROTOCOL.md §12.1): a relay whose addresses (or introducers)
+include an unspecified, multicast, link-local, reserved or v4-mapped address is skipped, and so is one
+with a loopback or private (RFC 1918, CGNAT, ULA) address unless the file describes a network on one
+machine (every relay loopback) or the caller runs a private network on purpose (``private_network``,
+``--private-network``).  Otherwise a file could send the client's guard link to 0.0.0.0, to its own
+machine or into its LAN (review M6).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from pathlib import Path
 
+from shallot.core.discovery.addresses import usable_address
 from shallot.core.errors import ShallotError
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory
 
 log = logging.getLogger(__name__)
 
 
-def load_directory(path: Path, wall: float | None = None) -> list[Descriptor]:
+def _hosts(desc: Descriptor) -> list[tuple[str, int]]:
+    intro = [a for _, a in desc.reachability.introducers] if desc.reachability is not None else []
+    return [*desc.addresses, *intro]
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def usable_relays(relays: list[Descriptor], *, private_network: bool) -> tuple[list[Descriptor], list[str]]:
+    """(relays whose every address we would contact, a problem line for each one left out)."""
+    one_machine = all(_loopback(h) for d in relays for h, _ in _hosts(d))
+    good, problems = [], []
+    for desc in relays:
+        if all(usable_address(h, p, allow_loopback=private_network or one_machine, allow_private=private_network)
+               for h, p in _hosts(desc)):
+            good.append(desc)
+        else:
+            problems.append(f"relay {desc.nickname} ({desc.id_hex[:8]}): an address we never contact "
+                            f"{'' if private_network else '(give --private-network for a private network)'}".rstrip())
+    return good, problems
+
+
+def load_directory(path: Path, wall: float | None = None, *, private_network: bool = False) -> list[Descriptor]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -23,6 +59,9 @@ def load_directory(path: Path, wall: float | None = None) -> list[Descriptor]:
         relays, problems = decode_directory(text, time.time() if wall is None else wall)
     except DescriptorError as exc:
         raise ShallotError(f"{path}: {exc}") from None
-    for problem in problems:
+    relays, refused = usable_relays(relays, private_network=private_network)
+    for problem in [*problems, *refused]:
         log.warning("%s: skipped %s", path, problem)
+    if not relays:
+        raise ShallotError(f"{path}: directory has no usable relay: {'; '.join(refused[:3])}")
     return relays

@@ -34,7 +34,8 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-def validate_record(key: object, value: object, wall: float, *, allow_loopback: bool) -> Descriptor:
+def validate_record(key: object, value: object, wall: float, *, allow_loopback: bool,
+                    allow_private: bool = False) -> Descriptor:
     """The descriptor in ``value`` if it is a valid, live record for ``key``; raises RecordError."""
     if not isinstance(key, bytes) or len(key) != KEY_LEN or not isinstance(value, bytes):
         raise RecordError("type", "key and value must be bytes")
@@ -47,11 +48,11 @@ def validate_record(key: object, value: object, wall: float, *, allow_loopback: 
         raise RecordError(reason, str(exc)) from None
     if desc.relay_id != key:
         raise RecordError("key_mismatch", "record stored under another relay's key")
-    check_live(desc, wall, allow_loopback=allow_loopback)
+    check_live(desc, wall, allow_loopback=allow_loopback, allow_private=allow_private)
     return desc
 
 
-def check_live(desc: Descriptor, wall: float, *, allow_loopback: bool) -> None:
+def check_live(desc: Descriptor, wall: float, *, allow_loopback: bool, allow_private: bool = False) -> None:
     """Expiry, clock skew, protocol version and addresses of an already signature-checked descriptor."""
     if wall > desc.expires:
         raise RecordError("expired", f"descriptor of {desc.nickname} expired")
@@ -61,7 +62,8 @@ def check_live(desc: Descriptor, wall: float, *, allow_loopback: bool) -> None:
         raise RecordError("version", f"relay {desc.nickname} speaks no protocol version we support")
     # introducers too: a client dialling a relay behind a NAT sends its requests there (§3.4.1)
     intro = [a for _, a in desc.reachability.introducers] if desc.reachability is not None else []
-    if not all(usable_address(h, p, allow_loopback=allow_loopback) for h, p in [*desc.addresses, *intro]):
+    if not all(usable_address(h, p, allow_loopback=allow_loopback, allow_private=allow_private)
+               for h, p in [*desc.addresses, *intro]):
         raise RecordError("address", f"descriptor of {desc.nickname} has an address we never contact")
 
 
@@ -80,13 +82,14 @@ def supersedes(new: Descriptor, old: Descriptor) -> bool:
     return new.encode() > old.encode()
 
 
-def binds(node_id: bytes, raw: object, dht_addr: tuple[str, int], wall: float, *, allow_loopback: bool) -> bool:
+def binds(node_id: bytes, raw: object, dht_addr: tuple[str, int], wall: float, *, allow_loopback: bool,
+          allow_private: bool = False) -> bool:
     """True if ``raw`` is a valid record for ``node_id`` whose first address puts the relay's DHT socket
     (link port + 1) exactly at ``dht_addr``: the proof a DHT contact must give before it enters a
     routing table.  Only the holder of the identity key can sign it, and it names the address it
     came from, so it cannot be used from anywhere else."""
     try:
-        desc = validate_record(node_id, raw, wall, allow_loopback=allow_loopback)
+        desc = validate_record(node_id, raw, wall, allow_loopback=allow_loopback, allow_private=allow_private)
         return same_address(dht_address(desc.address), dht_addr)
     except (RecordError, ValueError):
         return False

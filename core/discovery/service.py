@@ -8,6 +8,12 @@
   publishes by a lookup from its seeds and the nodes that took its record last time.
 * ``ClientDiscovery``: a client's view of the whole network.  Starts from the disk cache, crawls the
   DHT from the seeds and from every cached relay, merges what validates, saves the result (0600).
+  Silence never removes a relay from path selection (review C2: an on-path adversary can make any
+  relay silent); when many DHT nodes that answered before go silent at once, the client warns and
+  keeps its view.
+
+Seeds are pinned by relay id (``ID@HOST:PORT``): only a signed answer from that identity counts at
+that address.  A plain ``HOST:PORT`` still works, with a warning: whoever answers there is believed.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shallot.core.control.messages import DhtPeer, PeersReply, RelayEntry
-from shallot.core.discovery.addresses import Address, dht_address, usable_address
+from shallot.core.discovery.addresses import Address, dht_address, is_private_range, usable_address
 from shallot.core.discovery.cache import load_seen, load_view, save_seen, save_view
 from shallot.core.discovery.dht import DhtNode
 from shallot.core.discovery.records import newest_first
@@ -44,25 +51,62 @@ RELAY_FIRST_CRAWL_S = (20.0, 40.0)  # random, so that a network started at once 
 RELAY_CRAWL_S = 600.0
 CLIENT_CRAWL_LIMIT_S = 8.0
 VIEW_REFRESH_S = 300.0
+VANISH_ALARM_SHARE = 0.5  # this share of the DHT nodes that answered last time silent at once: warn
+VANISH_ALARM_MIN = 3
 
 
-def parse_seeds(text: str) -> list[Address]:
-    """``HOST:PORT[,HOST:PORT...]``: seeds named by their relay (link) address."""
+@dataclass(frozen=True)
+class Seed:
+    """A seed: a relay (link) address, and the relay id pinned to it (None: unpinned)."""
+
+    address: Address
+    relay_id: bytes | None = None
+
+
+def _as_seed(seed: Seed | Address) -> Seed:
+    return seed if isinstance(seed, Seed) else Seed((str(seed[0]), int(seed[1])))
+
+
+def parse_seeds(text: str) -> list[Seed]:
+    """``[ID@]HOST:PORT[,...]``: seeds named by their relay (link) address, each pinned by its relay id
+    (40 hex digits, as ``shallot keygen`` and the relay's first line print it).  A seed without an id
+    is accepted with a warning: an on-path attacker could answer in its name."""
     seeds = []
     for part in text.split(","):
-        if not part.strip():
+        part = part.strip()
+        if not part:
             continue
-        host, port = parse_hostport(part.strip())
+        relay_id: bytes | None = None
+        if "@" in part:
+            ident, part = part.split("@", 1)
+            try:
+                relay_id = bytes.fromhex(ident)
+            except ValueError:
+                relay_id = None
+            if relay_id is None or len(relay_id) != 20:
+                raise ShallotError(f"bad seed {ident}@{part}: the relay id is 40 hex digits") from None
+        host, port = parse_hostport(part)
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise ShallotError(f"bad seed {part.strip()!r}: give an IP address, not a name") from None
+            raise ShallotError(f"bad seed {part!r}: give an IP address, not a name") from None
         if port >= 65535:
-            raise ShallotError(f"bad seed {part.strip()!r}: its DHT port would be {port + 1}")
-        seeds.append((host, port))
+            raise ShallotError(f"bad seed {part!r}: its DHT port would be {port + 1}")
+        seeds.append(Seed((host, port), relay_id))
     if not seeds:
-        raise ShallotError("--bootstrap needs at least one HOST:PORT")
+        raise ShallotError("--bootstrap needs at least one [ID@]HOST:PORT")
+    # loopback seeds are a network on one machine: nobody on a network path could answer in their name
+    unpinned = [f"{h}:{p}" for (h, p), rid in ((s.address, s.relay_id) for s in seeds)
+                if rid is None and not ipaddress.ip_address(h).is_loopback]
+    if unpinned:
+        log.warning("seed %s is not pinned by relay id: whoever answers at that address is believed; "
+                    "give ID@HOST:PORT (the relay id the seed prints)", ", ".join(unpinned))
     return seeds
+
+
+def seed_pins(seeds: Sequence[Seed]) -> dict[Address, bytes]:
+    """DHT address -> pinned relay id, for the seeds that have one."""
+    return {dht_address(s.address): s.relay_id for s in seeds if s.relay_id is not None}
 
 
 def loopback_only(addresses: list[Address]) -> bool:
@@ -78,22 +122,30 @@ def _bind_error(addr: Address, exc: OSError) -> ShallotError:
 
 
 class RelayDiscovery:
-    def __init__(self, seeds: list[Address], current: Callable[[], Descriptor], *,
-                 behind_nat: bool = False, bind_host: str | None = None) -> None:
-        """``behind_nat``: publish only (docs/DHT.md §6); ``bind_host``: the address to bind the DHT
-        socket on when it is not the descriptor's (behind a NAT the descriptor names the public one)."""
+    def __init__(self, seeds: Sequence[Seed | Address], current: Callable[[], Descriptor], *,
+                 sign: Callable[[bytes], bytes], behind_nat: bool = False, bind_host: str | None = None,
+                 private_network: bool = False) -> None:
+        """``sign``: the identity's signing function (DHT answers are signed); ``behind_nat``: publish
+        only (docs/DHT.md §6); ``bind_host``: the address to bind the DHT socket on when it is not the
+        descriptor's (behind a NAT the descriptor names the public one); ``private_network``: accept
+        loopback and private addresses in records (also implied when our own address is private)."""
         self.current = current
         desc = current()
         self.link_address: Address = desc.address
         self.behind_nat = behind_nat
         self.dht_address = dht_address((bind_host or self.link_address[0], self.link_address[1]))
-        self.seeds = [dht_address(s) for s in seeds if s != self.link_address]
-        self.allow_loopback = loopback_only([self.link_address, *seeds])
+        given = [_as_seed(s) for s in seeds]
+        self.seeds = [dht_address(s.address) for s in given if s.address != self.link_address]
+        self.pins = seed_pins([s for s in given if s.address != self.link_address])
+        self.allow_loopback = private_network or loopback_only([self.link_address, *(s.address for s in given)])
+        # a relay whose own address is private is in a private network: nobody outside could reach it
+        self.allow_private = private_network or is_private_range(self.link_address[0])
         self.node = DhtNode(node_id=desc.relay_id, serve=not behind_nat,
                             own_record=(lambda: None) if behind_nat else lambda: self.current().encode(),
-                            allow_loopback=self.allow_loopback)
+                            allow_loopback=self.allow_loopback, allow_private=self.allow_private,
+                            sign=None if behind_nat else sign)
         self.contacts: list[Address] = list(self.seeds)  # a publisher's way in: seeds, then who took its record
-        self.view = NetworkView(allow_loopback=self.allow_loopback)
+        self.view = NetworkView(allow_loopback=self.allow_loopback, allow_private=self.allow_private)
         self.joined = asyncio.Event()
         self.last_publish: dict[str, Any] = {}
         self.last_crawl: dict[str, Any] = {}
@@ -202,7 +254,7 @@ class RelayDiscovery:
                 cb(0)
             return
         while True:
-            peers = await self.node.join(self.seeds)
+            peers = await self.node.join(self.seeds, self.pins)
             if peers:
                 log.info("joined the DHT with %d peers", peers)
                 if not self.joined.is_set():
@@ -218,13 +270,13 @@ class RelayDiscovery:
         """Store our descriptor in the DHT; the number of nodes that took it."""
         desc = self.current()
         if self.behind_nat:
-            took = await self.node.publish_from(self.contacts, desc.relay_id, desc.encode())
+            took = await self.node.publish_from(self.contacts, desc.relay_id, desc.encode(), self.pins)
             if took:  # the seeds stay first: they are the ones the operator vouched for
                 self.contacts = list(dict.fromkeys([*self.seeds, *took]))
             return self._published(desc, len(took))
         stored = await self.node.publish(desc.relay_id, desc.encode())
         if stored == 0:  # no table (a publisher-only relay, or alone so far): hand it to the seeds directly
-            results = await asyncio.gather(*(self.node.store_at(s, desc.relay_id, desc.encode())
+            results = await asyncio.gather(*(self.node.store_at(s, desc.relay_id, desc.encode(), self.pins.get(s))
                                              for s in self.seeds))
             stored = sum(results)
         return self._published(desc, stored)
@@ -239,7 +291,8 @@ class RelayDiscovery:
         return stored
 
     async def _crawl(self) -> None:
-        result = await self.node.crawl([*self.contacts, *(a for _, a in self.node.peers())])
+        result = await self.node.crawl([*self.contacts, *(a for _, a in self.node.peers())],
+                                       pins={**{a: i for i, a in self.node.peers()}, **self.pins})
         wall = time.time()
         for raw in newest_first(result.records):
             self.view.offer(None, raw, wall)
@@ -277,14 +330,24 @@ def _peers_reply(peers: list[tuple[bytes, Address]], relays: list[Descriptor]) -
 class ClientDiscovery:
     """A client's network view: DHT client only (never in a routing table, answers nothing)."""
 
-    def __init__(self, seeds: list[Address], cache_path: Path | None, *, self_ids: tuple[bytes, ...] = ()) -> None:
-        self.seeds = [dht_address(s) for s in seeds]
+    def __init__(self, seeds: Sequence[Seed | Address], cache_path: Path | None, *, self_ids: tuple[bytes, ...] = (),
+                 private_network: bool = False) -> None:
+        """``private_network``: accept loopback and private (RFC 1918, CGNAT, ULA) relay addresses, for a
+        test or private network; off, loopback is accepted only when every seed is loopback (a network
+        on one machine) and private addresses never."""
+        given = [_as_seed(s) for s in seeds]
+        self.seeds = [dht_address(s.address) for s in given]
+        self.pins = seed_pins(given)
         self.cache_path = cache_path
-        self.allow_loopback = loopback_only(seeds)
-        self.view = NetworkView(allow_loopback=self.allow_loopback, self_ids=self_ids)
+        self.allow_loopback = private_network or loopback_only([s.address for s in given])
+        self.allow_private = private_network
+        self.view = NetworkView(allow_loopback=self.allow_loopback, allow_private=self.allow_private,
+                                self_ids=self_ids)
         self.node: DhtNode | None = None
         self.dht_peers: list[tuple[bytes, Address]] = []
-        self.silent: set[bytes] = set()  # relays whose DHT node did not answer the last crawl
+        self.silent: set[bytes] = set()  # relays whose DHT node did not answer the last crawl: shown, never excluded
+        self.answered: set[bytes] = set()  # the last good crawl's answering DHT nodes (the alarm's baseline)
+        self.alarm: str | None = None
         self.last_crawl: dict[str, Any] = {}
         self.from_cache = 0
 
@@ -301,22 +364,34 @@ class ClientDiscovery:
     async def refresh(self, time_limit_s: float = CLIENT_CRAWL_LIMIT_S) -> dict[str, Any]:
         """Crawl the whole DHT once and merge it into the view; the cache is rewritten if anything is known."""
         if self.node is None:
-            node = DhtNode(node_id=None, serve=False, own_record=lambda: None, allow_loopback=self.allow_loopback)
-            host = "127.0.0.1" if self.allow_loopback else ("::" if any(":" in h for h, _ in self.seeds) else "0.0.0.0")
+            node = DhtNode(node_id=None, serve=False, own_record=lambda: None, allow_loopback=self.allow_loopback,
+                           allow_private=self.allow_private)
+            host = "127.0.0.1" if loopback_only([link_address_of(a) for a in self.seeds]) else (
+                "::" if any(":" in h for h, _ in self.seeds) else "0.0.0.0")
             await node.start((host, 0))
             self.node = node
         wall = time.time()
-        # every cached relay is a contact too: discovery survives dead (or lying) seeds; not those behind a
-        # NAT, which publish only (their NAT would drop our ping: docs/DHT.md §6)
+        # every cached relay is a contact too, pinned to its id: discovery survives dead (or lying) seeds;
+        # not those behind a NAT, which publish only (their NAT would drop our ping: docs/DHT.md §6)
         cached = {dht_address(d.address): d.relay_id for d in self.view.relays(wall)
                   if d.reachability is None and d.address[1] < 65535
-                  and usable_address(*d.address, allow_loopback=self.allow_loopback)}
-        result = await self.node.crawl([*self.seeds, *cached], time_limit_s=time_limit_s)
-        # a relay whose DHT node was tried and stayed silent is most likely down: paths avoid it until it
-        # answers again (its descriptor stays valid until it expires, so the view alone cannot tell)
+                  and usable_address(*d.address, allow_loopback=self.allow_loopback,
+                                     allow_private=self.allow_private)}
+        result = await self.node.crawl([*self.seeds, *cached], pins={**cached, **self.pins},
+                                       time_limit_s=time_limit_s)
         answered = set(result.nodes)
-        self.silent = {rid for addr in result.failed for rid in (result.claimed.get(addr), cached.get(addr))
-                       if rid is not None and rid not in answered}
+        # silence is no evidence (an on-path attacker can drop any answer): it is reported, never used to
+        # leave a relay out.  A mass disappearance against the last good crawl raises an alarm.
+        self.silent = {rid for rid in cached.values() if rid not in answered}
+        vanished = self.answered - answered
+        if self.answered and len(vanished) >= max(VANISH_ALARM_MIN, VANISH_ALARM_SHARE * len(self.answered)):
+            self.alarm = (f"{len(vanished)} of the {len(self.answered)} DHT nodes that answered before are "
+                          "silent: the network view may be manipulated (or the network is down); keeping the "
+                          "last good view")
+            log.warning("%s", self.alarm)
+        else:
+            self.alarm = None
+            self.answered = answered
         wall = time.time()
         outcomes: dict[str, int] = {}
         for raw in newest_first(result.records):
@@ -324,7 +399,8 @@ class ClientDiscovery:
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self.dht_peers = list(result.nodes.items())
         self.last_crawl = {"nodes": len(result.nodes), "unreachable": result.unreachable, "silent": len(self.silent),
-                           "records_seen": len(result.records), "seconds": round(result.elapsed_s, 3)}
+                           "records_seen": len(result.records), "seconds": round(result.elapsed_s, 3),
+                           "alarm": self.alarm}
         relays = self.view.relays(wall)
         if self.cache_path is not None and relays:
             try:
@@ -337,13 +413,11 @@ class ClientDiscovery:
         return self.last_crawl
 
     def relays(self) -> list[Descriptor]:
-        """Relays to choose paths from: the live view, less those whose DHT node went silent (unless
-        that would leave nothing: a cached view with the network unreachable is still worth a try).
-        A relay behind a NAT serves no DHT node, so silence says nothing about it: it is never left out
-        here (if it is down, its introducers say so when a client dials it)."""
-        relays = self.view.relays(time.time())
-        alive = [d for d in relays if d.relay_id not in self.silent or d.reachability is not None]
-        return alive or relays
+        """Relays to choose paths from: the whole live view.  A relay leaves it only on evidence bound to
+        its key (a newer descriptor of its own, or expiry), never because its DHT node was silent: an
+        on-path attacker can silence any node (review C2).  Dead relays show up at dial time, where the
+        engine's guard and retry logic handle them."""
+        return self.view.relays(time.time())
 
     def known_s(self) -> dict[bytes, float]:
         """Seconds this client has known each relay (path selection weights by it)."""
@@ -351,7 +425,7 @@ class ClientDiscovery:
 
     def status(self) -> dict[str, Any]:
         return {"relays_known": len(self.view), "relays_silent": len(self.silent), "dht_peers": len(self.dht_peers),
-                "from_cache": self.from_cache,
+                "from_cache": self.from_cache, "alarm": self.alarm,
                 "last_crawl": self.last_crawl, "rejected": self.view.rejected(),
                 "counters": {**self.view.counters, **(self.node.rpc.counters if self.node else {})}}
 
@@ -364,10 +438,15 @@ class ClientDiscovery:
             self.node = None
 
 
-async def discover(seeds: list[Address], cache_path: Path | None, *, time_limit_s: float = CLIENT_CRAWL_LIMIT_S,
-                   self_ids: tuple[bytes, ...] = ()) -> tuple[list[Descriptor], ClientDiscovery]:
+def link_address_of(dht: Address) -> Address:
+    return dht[0], dht[1] - 1
+
+
+async def discover(seeds: Sequence[Seed | Address], cache_path: Path | None, *,
+                   time_limit_s: float = CLIENT_CRAWL_LIMIT_S, self_ids: tuple[bytes, ...] = (),
+                   private_network: bool = False) -> tuple[list[Descriptor], ClientDiscovery]:
     """One-shot discovery for ``probe``: the relays, and the ClientDiscovery (closed) for its status."""
-    disc = ClientDiscovery(seeds, cache_path, self_ids=self_ids)
+    disc = ClientDiscovery(seeds, cache_path, self_ids=self_ids, private_network=private_network)
     disc.load_cache()
     try:
         await disc.refresh(time_limit_s)

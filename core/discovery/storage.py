@@ -32,10 +32,12 @@ class _Entry:
 
 
 class RecordStorage(IStorage):
-    def __init__(self, clock: Callable[[], float], *, allow_loopback: bool, max_records: int = MAX_RECORDS,
-                 max_per_host: int = MAX_PER_HOST, max_per_net: int = MAX_PER_NET) -> None:
+    def __init__(self, clock: Callable[[], float], *, allow_loopback: bool, allow_private: bool = False,
+                 max_records: int = MAX_RECORDS, max_per_host: int = MAX_PER_HOST,
+                 max_per_net: int = MAX_PER_NET) -> None:
         self._clock = clock
         self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
         self.max_records, self.max_per_host, self.max_per_net = max_records, max_per_host, max_per_net
         self._data: dict[bytes, _Entry] = {}
         self._hosts: dict[str, int] = {}
@@ -47,7 +49,8 @@ class RecordStorage(IStorage):
         """Store if valid and newer.  Returns "stored", "same" (already held) or a rejection reason."""
         wall = self._clock()
         try:
-            desc = validate_record(key, value, wall, allow_loopback=self.allow_loopback)
+            desc = validate_record(key, value, wall, allow_loopback=self.allow_loopback,
+                                   allow_private=self.allow_private)
         except RecordError as exc:
             return self._count(exc.reason)
         assert isinstance(key, bytes) and isinstance(value, bytes)
@@ -137,7 +140,8 @@ class RecordStorage(IStorage):
         if entry is None:
             return None
         try:  # validated again on read: it may have expired since it was stored
-            validate_record(key, entry.raw, self._clock(), allow_loopback=self.allow_loopback)
+            validate_record(key, entry.raw, self._clock(), allow_loopback=self.allow_loopback,
+                            allow_private=self.allow_private)
         except RecordError:
             self._remove(key)
             self.counters["expired_dropped"] = self.counters.get("expired_dropped", 0) + 1

@@ -26,8 +26,9 @@ MAX_SEEN = 20000  # entries kept; beyond it the longest-absent go first
 
 
 class NetworkView:
-    def __init__(self, *, allow_loopback: bool, self_ids: Iterable[bytes] = ()) -> None:
+    def __init__(self, *, allow_loopback: bool, allow_private: bool = False, self_ids: Iterable[bytes] = ()) -> None:
         self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
         self.self_ids = frozenset(self_ids)
         self._relays: dict[bytes, Descriptor] = {}
         self.counters: dict[str, int] = {}
@@ -67,7 +68,7 @@ class NetworkView:
                     key = Descriptor.decode(raw).relay_id
                 except Exception:
                     key = b"\x00" * 20  # validate_record below names the real problem
-            desc = validate_record(key, raw, wall, allow_loopback=self.allow_loopback)
+            desc = validate_record(key, raw, wall, allow_loopback=self.allow_loopback, allow_private=self.allow_private)
         except RecordError as exc:
             return self._count(exc.reason)
         return self.offer_descriptor(desc, wall)
@@ -75,7 +76,7 @@ class NetworkView:
     def offer_descriptor(self, desc: Descriptor, wall: float) -> str:
         """Take an already signature-checked descriptor (from the disk cache, or validate_record)."""
         try:
-            check_live(desc, wall, allow_loopback=self.allow_loopback)
+            check_live(desc, wall, allow_loopback=self.allow_loopback, allow_private=self.allow_private)
         except RecordError as exc:
             return self._count(exc.reason)
         if desc.relay_id in self.self_ids:

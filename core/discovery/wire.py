@@ -2,28 +2,38 @@
 
 The datagram framing is rpcudp's, so the wrapped kademlia/rpcudp code and ours agree on the wire:
 
-    0x00 | msg id (20 bytes) | msgpack [name, [args...]]     request
-    0x01 | msg id (20 bytes) | msgpack result                response
+    0x00 | msg id (20 bytes) | msgpack [name, [args...]]                      request
+    0x01 | msg id (20 bytes) | msgpack result | Ed25519 signature (64 bytes)  response
 
 rpcudp itself dispatches any name it receives to ``rpc_<name>`` and turns any unknown attribute into
 a remote call.  Here only the names in ``RPCS`` exist, every argument and every result has a fixed type
 and size, and anything else is a ``WireError`` whose ``reason`` the caller counts and drops.
+
+Every answer is signed by the answering relay's identity key over the label, its relay id, the
+BLAKE2s-256 digest of the exact request datagram (which holds the requester's random message id and
+caller id) and the answer's own bytes (``answer_message``).  An answer therefore binds one relay key
+to one request: a forged answer, an answer to an altered request and a replayed old answer all fail
+``verify_answer`` (review C2).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import umsgpack
 
 from shallot.core.discovery.records import KEY_LEN, MAX_RECORD_LEN
+from shallot.crypto.params import LABEL_DHT_ANSWER
+from shallot.crypto.primitives import AuthFailure, blake2s, ed25519_verify
 
 REQUEST = 0x00
 RESPONSE = 0x01
 MSG_ID_LEN = 20
 HEADER_LEN = 1 + MSG_ID_LEN
+SIG_LEN = 64  # Ed25519 signature closing every response
 MAX_DATAGRAM = 4096  # our largest message (a list_records page) is about 1.2 KB
 MAX_CONTACTS = 20  # k: a find_node answer holds at most this many contacts
 MAX_PAGE_RECORDS = 16
@@ -67,6 +77,8 @@ class Datagram:
     kind: int
     msg_id: bytes
     body: Any
+    signed: bytes = b""  # a response: every byte before the signature
+    signature: bytes = b""  # a response: the 64-byte signature; empty for a request
 
 
 def decode_datagram(data: bytes) -> Datagram:
@@ -77,10 +89,17 @@ def decode_datagram(data: bytes) -> Datagram:
     kind = data[0]
     if kind not in (REQUEST, RESPONSE):
         raise WireError("kind")
+    end = len(data)
+    if kind == RESPONSE:
+        if len(data) < HEADER_LEN + 1 + SIG_LEN:
+            raise WireError("short")
+        end -= SIG_LEN
     try:
-        body = umsgpack.unpackb(data[HEADER_LEN:])
+        body = umsgpack.unpackb(data[HEADER_LEN:end])
     except Exception:  # umsgpack raises many types (and RecursionError on deep nesting): all are bad input
         raise WireError("msgpack") from None
+    if kind == RESPONSE:
+        return Datagram(kind, data[1:HEADER_LEN], body, data[:end], data[end:])
     return Datagram(kind, data[1:HEADER_LEN], body)
 
 
@@ -104,8 +123,36 @@ def encode_request(msg_id: bytes, name: str, args: tuple[Any, ...]) -> bytes:
     return bytes([REQUEST]) + msg_id + umsgpack.packb([name, list(args)])
 
 
-def encode_response(msg_id: bytes, result: Any) -> bytes:
-    return bytes([RESPONSE]) + msg_id + umsgpack.packb(result)
+def request_digest(request: bytes) -> bytes:
+    """BLAKE2s-256 of the exact request datagram: what an answer is bound to."""
+    return blake2s(request)
+
+
+def answer_message(responder_id: bytes, digest: bytes, unsigned: bytes) -> bytes:
+    """The bytes an answer's signature covers: label || responder relay id (20) || request digest (32) ||
+    the response datagram up to the signature (0x01 || msg id || msgpack result)."""
+    return LABEL_DHT_ANSWER + responder_id + digest + unsigned
+
+
+def encode_response(msg_id: bytes, result: Any, *, responder_id: bytes, request: bytes,
+                    sign: Callable[[bytes], bytes]) -> bytes:
+    """A signed response to the request datagram ``request``; ``sign`` is the relay identity's Ed25519."""
+    unsigned = bytes([RESPONSE]) + msg_id + umsgpack.packb(result)
+    signature = sign(answer_message(responder_id, request_digest(request), unsigned))
+    if len(signature) != SIG_LEN:
+        raise ValueError("an Ed25519 signature is 64 bytes")
+    return unsigned + signature
+
+
+def verify_answer(dg: Datagram, *, identity_pub: bytes, responder_id: bytes, digest: bytes) -> bool:
+    """True if the response ``dg`` is signed by ``identity_pub`` (the relay ``responder_id``) for the
+    request whose digest is ``digest``.  The caller has checked that ``responder_id`` is the relay id of
+    ``identity_pub`` (a descriptor that validated)."""
+    try:  # a request (no signature) or a short one fails here too: cryptography refuses the length
+        ed25519_verify(identity_pub, dg.signature, answer_message(responder_id, digest, dg.signed))
+    except AuthFailure:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- results

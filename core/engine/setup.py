@@ -12,7 +12,7 @@ from pathlib import Path
 from shallot.core.control.api import ControlError, EngineConfig, ErrorKind
 from shallot.core.discovery.cache import default_cache_path
 from shallot.core.discovery.directory import load_directory
-from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery, parse_seeds
+from shallot.core.discovery.service import VIEW_REFRESH_S, ClientDiscovery, Seed, parse_seeds
 from shallot.core.errors import ShallotError
 from shallot.core.vpn.tunnel import Tunnel
 from shallot.crypto.descriptor import Descriptor
@@ -50,12 +50,12 @@ class EngineSetup:
             raise ControlError(ErrorKind.BAD_CONFIG, str(exc)) from None
         if config.directory and check_directory:
             try:
-                load_directory(Path(config.directory))
+                load_directory(Path(config.directory), private_network=config.private_network)
             except ShallotError as exc:
                 raise ControlError(ErrorKind.BAD_DIRECTORY, str(exc)) from None
         old, self.config = self.config, config
         self.directory = Path(config.directory) if config.directory else None
-        if (config.bootstrap, config.cache) != (old.bootstrap, old.cache):
+        if (config.bootstrap, config.cache, config.private_network) != (old.bootstrap, old.cache, old.private_network):
             self._stop_discovery()
             if seeds:
                 self._start_discovery(seeds, Path(config.cache) if config.cache else default_cache_path())
@@ -69,7 +69,7 @@ class EngineSetup:
 
     def set_directory(self, path: Path) -> None:
         """Version 1's ``set_directory``: the file is loaded first; discovery, if any, stays (the file wins)."""
-        load_directory(path)  # validate now so the user gets the error at once
+        load_directory(path, private_network=self.config.private_network)  # the error at once
         self.directory = path
         self.config = self.config.replace(directory=str(path))
 
@@ -81,7 +81,7 @@ class EngineSetup:
 
     def relays_now(self) -> list[Descriptor]:
         if self.directory is not None:
-            return load_directory(self.directory)
+            return load_directory(self.directory, private_network=self.config.private_network)
         if self.discovery is None:
             raise ShallotError("no directory file is set: choose one in the settings")
         relays = self.discovery.relays()
@@ -97,8 +97,9 @@ class EngineSetup:
         self._drop_tunnel()
         self._stop_discovery()
 
-    def _start_discovery(self, seeds: list[tuple[str, int]], cache: Path) -> None:
-        self.discovery = ClientDiscovery(seeds, cache, self_ids=self._own_ids)
+    def _start_discovery(self, seeds: list[Seed], cache: Path) -> None:
+        self.discovery = ClientDiscovery(seeds, cache, self_ids=self._own_ids,
+                                         private_network=self.config.private_network)
         self.discovery.load_cache()
         self._view_ready = asyncio.Event()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh(self.discovery))

@@ -81,7 +81,7 @@ class EvilRpc(ShallotRpc):
 class EvilNode(DhtNode):
     def _create_protocol(self) -> ShallotRpc:
         return EvilRpc(self.node, self.storage, self.ksize, serve=True, own_record=self.own_record,
-                       allow_loopback=True)
+                       allow_loopback=True, sign=self.sign)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -92,7 +92,7 @@ async def main_async(args: argparse.Namespace) -> int:
     victims = [Path(v) for v in args.victims.split(",") if v]
     records = bad_records(victims, link)
     EvilRpc.poison = [raw for _kind, _key, raw in records]
-    node = EvilNode(node_id=me.relay_id, serve=True, own_record=me.encode, allow_loopback=True)
+    node = EvilNode(node_id=me.relay_id, serve=True, own_record=me.encode, allow_loopback=True, sign=keys.sign)
     await node.start(dht_address(link))
     await node.join([dht_address(parse_hostport(args.bootstrap))])
     crawl = await node.crawl([dht_address(parse_hostport(args.bootstrap))], time_limit_s=8)

@@ -46,7 +46,8 @@ class Net:
 
     @property
     def seed(self) -> str:
-        return f"{self.topo.public[0]}:{PORT}"
+        """The seed, pinned by its relay id (``ID@HOST:PORT``): only its signed answers count there."""
+        return f"{state_dir.read_descriptor(self.states['pub0r0']).id_hex}@{self.topo.public[0]}:{PORT}"
 
     def ids(self, nicknames: list[str] | None = None) -> dict[str, str]:
         return {n: state_dir.read_descriptor(self.states[n]).id_hex for n in (nicknames or self.states)}
@@ -245,6 +246,72 @@ def test_vpn_through_a_natted_guard_with_the_kill_switch(net: Net, tmp_path: Pat
         assert connect.wait(15) == 0
     assert tb.exec(client, "ip", "route", "show").stdout == routes_before
     assert "shallot" not in tb.exec(client, "nft", "list", "tables").stdout
+
+
+def test_an_on_path_attacker_forging_and_dropping_dht_answers_cannot_steer_the_paths(net: Net, tmp_path: Path
+                                                                                       ) -> None:
+    """Review C2: the client's own router (cgw) forges an answer to every DHT request the client sends to
+    an honest relay (garbage, a signed answer from the attacker's identity claiming the relay's address,
+    and a replay of that relay's last genuine answer) and drops every answer of half the honest public
+    relays; the attacker also runs three relays of its own (one exit), which answer normally.  Before
+    the fix every honest relay went "silent" and only the attacker's were left to choose from.  Now
+    every forgery is dropped, silence excludes nobody, and paths spread over the honest relays."""
+    tb, topo = net.topo.tb, net.topo
+    evil: dict[str, str] = {}
+    for nick, host, is_exit in (("evilr1", "198.51.100.31", False), ("evilr2", "198.18.0.31", False),
+                                ("evilx", "192.0.2.31", True)):
+        tb.address(topo.pub_ns(host), "eth0", f"{host}/32")
+        _relay(net, nick, topo.pub_ns(host), host, "--bootstrap", net.seed, is_exit=is_exit)
+        evil[nick] = host
+    for nick in evil:
+        wait_for_line(net.procs[nick], "descriptor published", timeout=60)
+    gw, client = topo.ns["clientgw"], topo.addr["client"]
+    honest_public = [h for h in topo.public if h not in evil.values()]
+    dropped = honest_public[1::2]  # every second honest public relay (never the seed): all its answers dropped
+    rules = (f"table ip dht_mitm {{\n chain answers {{\n  type filter hook forward priority mangle; policy accept;\n"
+             f"  oifname \"lan0\" ip saddr {{ {', '.join(dropped)} }} udp sport {PORT + 1} drop\n }}\n}}\n")
+    tb.exec(gw, "nft", "-f", "-", stdin=rules)
+    mitm = tb.spawn(gw, [sys.executable, str(Path(__file__).with_name("dht_mitm.py")), "--lan", "lan0", "--wan", "eth0",
+                         "--client", client, "--dht-port", str(PORT + 1), "--spare", ",".join(evil.values())])
+    try:
+        wait_for_line(mitm, "mitm: ready", timeout=20)
+        ids = net.ids()
+        attacker_ids = [ids[n] for n in evil]
+        seed = net.seed  # pinned: an imposter at the seed's address is not believed
+        res = tb.exec(topo.ns["client"], sys.executable, str(Path(__file__).with_name("discovery_paths.py")),
+                      "--bootstrap", seed, "--cache", str(tmp_path / "view"), "--samples", "3000",
+                      "--attacker", ",".join(attacker_ids), timeout=90)
+        out = json.loads(res.stdout)
+    finally:
+        mitm.terminate()
+        mitm.wait(10)
+        tb.exec(gw, "nft", "delete", "table", "ip", "dht_mitm", check=False)
+        for nick in evil:  # the later tests meet the network as it was
+            net.procs[nick].terminate()
+            net.procs[nick].wait(10)
+    counts = json.loads(mitm.stdout.read().split("mitm: ", 2)[-1].strip().splitlines()[0]) if mitm.stdout else {}
+    live = [n for n in net.live() if n not in evil]
+    view = set(out["view"])
+    honest_known = len(view & {ids[n] for n in live})
+    n = out["samples"]
+    share = {pos: hits / n for pos, hits in out["attacker_positions"].items()}
+    exits = 1 + 1  # exit0 and the attacker's
+    print(f"\non-path attacker at the client's router: forged {counts}; dropped every answer of "
+          f"{len(dropped)} honest relays")
+    print(f"client: {honest_known}/{len(live)} honest relays in its view, {out['relays_known']} usable, "
+          f"{out['dht_nodes']} DHT nodes answered, forgeries dropped {out['dropped']}, timeouts "
+          f"{out['rpc_timeouts']}, alarm {out['alarm']!r}")
+    print(f"attacker's share over {n} paths: guard {share['guard']:.1%}, middle {share['middle']:.1%}, "
+          f"exit {share['exit']:.1%} (fair: {len(evil) / (len(live) + len(evil)):.1%} of relays, "
+          f"{1 / exits:.0%} of exits); whole path {out['attacker_whole_paths'] / n:.2%}; "
+          f"honest guards {1 - share['guard']:.1%}")
+    assert counts.get("garbage", 0) >= len(honest_public) - 1 and counts.get("imposter", 0) >= 1, counts
+    assert out["dropped"].get("drop_answer_unbound", 0) >= 1 and out["dropped"].get("drop_answer_pin", 0) >= 1
+    assert honest_known >= 0.95 * len(live), (honest_known, len(live))
+    # guard and middle: the attacker holds about its fair share of relays (3 of ~24), never the paths
+    assert share["guard"] <= 2 * len(evil) / (len(live) + len(evil)), share
+    assert share["middle"] <= 2 * len(evil) / (len(live) + len(evil)), share
+    assert out["attacker_whole_paths"] / n <= 0.05, out
 
 
 def test_after_the_seed_dies_a_late_relay_is_found_through_another_node(net: Net, tmp_path: Path) -> None:

@@ -48,7 +48,8 @@ def test_hello_and_requests_on_the_wire() -> None:
     assert encode_request(3, SetDirectory("/d"))["args"] == {"path": "/d"}
     assert encode_request(4, Configure(EngineConfig(bootstrap=("192.0.2.1:7001",), vpn=True))) == {
         "id": 4, "cmd": "configure", "args": {"directory": None, "bootstrap": ["192.0.2.1:7001"], "cache": None,
-                                              "vpn": True, "kill_switch": True, "dns": True}}
+                                              "vpn": True, "kill_switch": True, "dns": True,
+                                              "private_network": False}}
     assert EngineConfig.from_json({}) == EngineConfig()  # every field has its default
 
 

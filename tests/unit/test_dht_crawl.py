@@ -61,12 +61,13 @@ class ScriptedNode(DhtNode):
     def __init__(self, script: Script, keys: RelayKeys | None = None) -> None:
         self.keys = keys or RelayKeys.generate(secrets.token_bytes, time.time())
         self.record = b""
-        super().__init__(node_id=self.keys.relay_id, serve=True, own_record=lambda: self.record, allow_loopback=True)
+        super().__init__(node_id=self.keys.relay_id, serve=True, own_record=lambda: self.record, allow_loopback=True,
+                         sign=self.keys.sign)
         self.script = script
 
     def _create_protocol(self) -> ShallotRpc:
         rpc = ScriptedRpc(self.node, self.storage, self.ksize, serve=True, own_record=self.own_record,
-                          allow_loopback=True)
+                          allow_loopback=True, sign=self.sign)
         rpc.script = self.script
         return rpc
 

@@ -27,10 +27,15 @@ from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
 
 BURST = 2 * RATE_PER_S
+SIGN = RelayKeys.generate(secrets.token_bytes, time.time()).sign  # for nodes whose answers nobody checks here
+
+
+KEYS: dict[bytes, RelayKeys] = {}  # relay id -> keys of the descriptors made here (their nodes sign with them)
 
 
 def _descriptor(port: int) -> Descriptor:
     keys = RelayKeys.generate(secrets.token_bytes, time.time())
+    KEYS[keys.relay_id] = keys
     return Descriptor.create(keys, nickname="d", addresses=(("127.0.0.1", port),), exit_node=False,
                              published=int(time.time()), lifetime_s=3600)
 
@@ -55,7 +60,7 @@ async def _until(check, timeout: float = 10.0) -> None:
 
 
 def _serving(**kw) -> DhtNode:
-    return DhtNode(node_id=os.urandom(20), serve=True, own_record=lambda: None, allow_loopback=True, **kw)
+    return DhtNode(node_id=os.urandom(20), serve=True, own_record=lambda: None, allow_loopback=True, sign=SIGN, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- request rate
@@ -120,7 +125,7 @@ def test_the_rate_table_is_bounded_and_a_flood_of_sources_only_resets_it(monkeyp
 
 
 def _table(ksize: int = 64):
-    rpc = DhtNode(node_id=bytes(20), serve=True, own_record=lambda: None, allow_loopback=True,
+    rpc = DhtNode(node_id=bytes(20), serve=True, own_record=lambda: None, allow_loopback=True, sign=SIGN,
                   ksize=ksize)._create_protocol()
     return rpc, rpc.router
 
@@ -162,9 +167,10 @@ async def test_outstanding_requests_are_bounded() -> None:
     await client.start(("127.0.0.1", 0))
     silent = _raw()
     try:
-        futures = [client.rpc.find_node(silent.getsockname(), None, os.urandom(20)) for _ in range(MAX_OUTSTANDING)]
+        futures = [client.rpc.find_node(silent.getsockname(), None, os.urandom(20), peer=None)
+                   for _ in range(MAX_OUTSTANDING)]
         assert not any(f.done() for f in futures) and client.rpc.counters["rpc_out_find_node"] == MAX_OUTSTANDING
-        over = client.rpc.find_node(silent.getsockname(), None, os.urandom(20))
+        over = client.rpc.find_node(silent.getsockname(), None, os.urandom(20), peer=None)
         assert over.done() and over.result() == (False, None) and client.rpc.counters["rpc_not_sent"] == 1
         received = 0
         with pytest.raises(BlockingIOError):
@@ -207,7 +213,8 @@ async def test_a_contact_whose_address_answers_with_another_id_is_not_admitted()
             port = sock.getsockname()[1] - 1  # the descriptor's link port; its DHT socket is port + 1
             sock.close()
             d = _descriptor(port)
-            node = DhtNode(node_id=d.relay_id, serve=True, own_record=d.encode, allow_loopback=True)
+            node = DhtNode(node_id=d.relay_id, serve=True, own_record=d.encode, allow_loopback=True,
+                           sign=KEYS[d.relay_id].sign)
             await node.start(("127.0.0.1", port + 1))
             nodes.append((node, d))
         (a, _), (b, b_desc) = nodes
@@ -255,7 +262,8 @@ async def test_answers_nobody_asked_for_and_requests_in_our_own_name_are_dropped
     raw = _raw()
     c = relay.rpc.counters
     try:
-        raw.sendto(wire.encode_response(os.urandom(wire.MSG_ID_LEN), [relay.node.id, None]), addr)
+        raw.sendto(wire.encode_response(os.urandom(wire.MSG_ID_LEN), [relay.node.id, None], responder_id=relay.node.id,
+                                        request=b"", sign=SIGN), addr)
         await _until(lambda: c.get("drop_unknown_response") == 1)
         raw.sendto(_ping(relay.node.id), addr)  # someone claims to be us: not a contact to verify
         await _until(lambda: c.get("rpc_in_ping") == 1)
@@ -269,5 +277,5 @@ async def test_answers_nobody_asked_for_and_requests_in_our_own_name_are_dropped
 @pytest.mark.asyncio
 async def test_a_request_without_a_socket_is_refused_not_raised() -> None:
     rpc = _serving()._create_protocol()
-    fut = rpc.find_node(("127.0.0.1", 9), None, os.urandom(20))
+    fut = rpc.find_node(("127.0.0.1", 9), None, os.urandom(20), peer=None)
     assert fut.done() and fut.result() == (False, None) and rpc.counters["rpc_not_sent"] == 1

@@ -126,12 +126,14 @@ def test_a_socket_directory_that_cannot_be_made_is_one_error(tmp_path: Path, mon
 
 
 def test_seeds_are_ip_addresses_with_room_for_the_dht_port() -> None:
-    assert parse_seeds(" 192.0.2.1:9000, ,[2001:db8::1]:9000,") == [("192.0.2.1", 9000), ("2001:db8::1", 9000)]
+    seeds = parse_seeds(" 192.0.2.1:9000, ,[2001:db8::1]:9000,")
+    assert [s.address for s in seeds] == [("192.0.2.1", 9000), ("2001:db8::1", 9000)]
+    assert [s.relay_id for s in seeds] == [None, None]  # unpinned (a warning says so)
     with pytest.raises(ShallotError, match="give an IP address, not a name"):
         parse_seeds("seed.example:9000")
     with pytest.raises(ShallotError, match="its DHT port would be 65536"):
         parse_seeds("192.0.2.1:65535")
-    with pytest.raises(ShallotError, match="at least one HOST:PORT"):
+    with pytest.raises(ShallotError, match=r"at least one \[ID@\]HOST:PORT"):
         parse_seeds(" , ")
 
 
