@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # the caller passes its Random in; this module draws no rando
 DAY = 86400.0
 PRIMARY_COUNT = 2  # primary guards: circuits use the first one that is not backing off
 SAMPLE_SPARE = 1  # usable sampled guards beyond the primaries, tried only when every primary backs off
-SAMPLE_MAX = 20  # sampled guards (dropped ones included while remembered): bounds how far failures can walk
+SAMPLE_MAX = 20  # sampled guards in the view (dropped ones included while remembered): bounds the walk
+MAX_ENTRIES = 3 * SAMPLE_MAX  # with those out of the view (another network, a directory file): oldest go first
 LIFETIME_S = (90 * DAY, 120 * DAY)  # a sampled guard is replaced at a uniformly drawn age in this range
 UNLISTED_DROP_S = 20 * DAY  # out of the view this long: forgotten (until then it keeps its place)
 OUTAGE_DROP_S = 3 * DAY  # unreachable this long while other guards worked: dropped
@@ -59,6 +60,9 @@ class PathRequest:
     # a new circuit for a live connection: leave these relays out (the current path) while a path remains;
     # None: a circuit for a connection that has none.  Entry guards keep the guard: only middle and exit change
     away_from: frozenset[bytes] | None = None
+    # the middle and exit of a circuit that just died or failed to build beyond its guard: entry guards leave
+    # them out of those positions while a path remains (a dead relay must not cost another build timeout)
+    recently_failed: frozenset[bytes] = frozenset()
 
 
 class Outcome(enum.Enum):
@@ -180,6 +184,7 @@ class GuardSet:
         self.last_success: float | None = None  # any guard: the network worked then
         self.notices: list[str] = []
         self.changed = False
+        self._now = 0.0  # of the plan under way
 
     # ------------------------------------------------------------------ the state file's contents
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +215,7 @@ class GuardSet:
         if request.path_spec:  # the user chose the whole path: their call, guards or not
             return choose_path(list(relays), self.rng, path_spec=request.path_spec, exit_spec=request.exit_spec)
         by_id = {d.relay_id: d for d in relays}
+        self._now = now
         self._refresh(by_id, now)
         tried: set[bytes] = set()
         while True:
@@ -299,6 +305,9 @@ class GuardSet:
                     and self.last_success is not None and self.last_success > g.down_since):
                 self._drop(g, now, "unreachable for days while other guards worked")
             keep.append(g)
+        unlisted = sorted((g for g in keep if g.unlisted_since is not None and not g.dropped), key=lambda g: g.added)
+        for g in unlisted[:max(0, len(keep) - MAX_ENTRIES)]:
+            keep.remove(g)
         if len(keep) != len(self.guards):
             self.changed = True
         self.guards = keep
@@ -323,7 +332,7 @@ class GuardSet:
     def _sample_one(self, by_id: dict[bytes, Descriptor], now: float, fits: Any = None) -> Guard | None:
         """Add one relay of the view to the sample (None when the sample is full or nothing fits).  Non-exits
         first (exit capacity is scarce), and one not sharing a /16 or family with the usable guards."""
-        if len(self.guards) >= SAMPLE_MAX:
+        if sum(1 for g in self.guards if g.dropped or g.unlisted_since is None) >= SAMPLE_MAX:
             return None
         known = {g.relay_id for g in self.guards}
         usable = [by_id[g.relay_id] for g in self.guards if g.usable() and g.relay_id in by_id]
@@ -346,8 +355,11 @@ class GuardSet:
         except ShallotError:
             raise  # an unknown exit: the same answer whatever the guard
         rest = [d for d in relays if not related(d, guard) and not behind_nat(d)]
-        away = request.away_from or frozenset()
-        for pool in ([d for d in rest if d.relay_id not in away], rest) if away else (rest,):
+        # guards that did not answer their link (backing off) are no better as middle or exit
+        down = frozenset(g.relay_id for g in self.guards if g.failures and self.in_backoff(g, self._now))
+        avoid = (request.away_from or frozenset()) | request.recently_failed | down
+        pools = [[d for d in rest if d.relay_id not in avoid], [d for d in rest if d.relay_id not in down], rest]
+        for pool in [p for i, p in enumerate(pools) if i == 0 or len(p) != len(pools[i - 1])]:
             try:
                 path = [guard, *select_path(pool, self.rng, exit_id=exit_id, hops=2)]
                 check_path(path)

@@ -275,6 +275,7 @@ class CircuitManager:
         self._failures = 0  # in a row (rule 2)
         self._need_privileges = False
         self._planned: Path = ()  # the path of the build out
+        self._recently_failed: frozenset[bytes] = frozenset()  # middle and exit of the circuit that just failed
         self._retry_at = 0.0
         self._rotating = False  # the work out is a new circuit for a live connection (rule 4)
         self._rotate_requested = False
@@ -304,6 +305,7 @@ class CircuitManager:
         self.exit_spec, self.path_spec = exit_spec, path_spec
         self.guards.reset()
         self._rotate_requested = False
+        self._recently_failed = frozenset()
         if self.phase is not Phase.IDLE:
             return []
         self.trying = True
@@ -376,7 +378,8 @@ class CircuitManager:
         relays = [d for d in event.relays if d.relay_id not in self.never]
         away = frozenset(d.relay_id for d in self.path) if self._rotating else None
         try:
-            path = tuple(self.guards.plan(relays, PathRequest(self.path_spec, self.exit_spec, away)))
+            path = tuple(self.guards.plan(relays, PathRequest(self.path_spec, self.exit_spec, away,
+                                                              self._recently_failed)))
         except ShallotError as exc:
             return self._failed(Failed(event.now, event.token, str(exc)))
         self.phase, self._planned = Phase.BUILDING, path
@@ -392,6 +395,7 @@ class CircuitManager:
         old = self.circuit if self._rotating else None
         self.circuit, self.path = event.circuit, self._planned
         self.guards.succeeded(self.path[0].relay_id)
+        self._recently_failed = frozenset()
         self._rotating, self._lost = False, None
         self._failures = 0
         self.phase = Phase.OPEN
@@ -414,6 +418,8 @@ class CircuitManager:
                 return actions + self._fail(event.now, reason, kind, self._guard_of(self.path), outcome)
             return actions + self._start_pings(event.now)
         guard = self._guard_of(self._planned) if self.phase is Phase.BUILDING else None
+        if guard is not None:
+            self._recently_failed = frozenset(d.relay_id for d in self._planned[1:])
         outcome = Outcome.UNREACHABLE if event.at_guard else Outcome.BUILD_FAILED
         return self._fail(event.now, event.reason, event.kind, guard, outcome)
 
@@ -562,6 +568,8 @@ class CircuitManager:
         return [*actions, Backoff(delay, reason), Publish()]
 
     def _drop(self) -> list[Action]:
+        if self.path:
+            self._recently_failed = frozenset(d.relay_id for d in self.path[1:])
         circuit, self.circuit, self.path = self.circuit, None, ()
         return [Drop(circuit)] if circuit is not None else []
 

@@ -67,7 +67,7 @@ def load_guards(path: Path, rng: random.Random) -> GuardSet:
 def save_guards(path: Path, guards: GuardSet) -> None:
     """Atomically, 0600 (the file says which relays this user enters the network through)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two engines sharing a state dir never mix
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as f:

@@ -196,7 +196,7 @@ def test_the_state_survives_a_round_trip_and_a_restart_keeps_the_primary(tmp_pat
     chosen = first.plan(RELAYS, PathRequest())[0].relay_id
     first.succeeded(chosen)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert not path.with_name("guards.tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["guards"]  # no temporary file left
     for seed in range(2, 12):  # whatever the new run's randomness
         clock[0] += 3600
         again = PersistentGuards(path, random.Random(seed), wall=lambda: clock[0])
@@ -348,3 +348,49 @@ def test_a_failed_build_counts_as_the_guards_only_when_it_did_not_answer() -> No
     build = d.one(m.Build, d.fetched(d.actions[-2:]))
     d.feed(m.Failed(d.now, build.token, "could not reach the guard"))
     assert guards.outcomes == [Outcome.BUILD_FAILED, Outcome.UNREACHABLE]
+
+
+def test_guards_of_another_network_do_not_use_up_the_sample() -> None:
+    gs = fresh()
+    other = tuple(_relay(100 + i) for i in range(40))
+    for i in range(0, 40, 3):  # a client moved between networks (directory files) many times
+        guard_of(gs, NOW + i, (*other[i:i + 3], *RELAYS[8:]))
+    assert guard_of(gs, NOW + 50) in BY_ID  # this network still gets its guards
+    assert len(gs.guards) <= gm.MAX_ENTRIES
+
+
+def test_a_guard_that_did_not_answer_is_no_middle_or_exit_either() -> None:
+    gs = fresh()
+    first = guard_of(gs)
+    gs.failed(first, Outcome.UNREACHABLE, NOW)
+    for _ in range(50):  # the dead first primary is in the directory still: never the middle of the rebuild
+        path = gs.plan(RELAYS, PathRequest(), NOW + 1)
+        assert first not in {d.relay_id for d in path}
+
+
+def test_the_rebuild_after_a_loss_leaves_out_the_lost_circuits_middle_and_exit() -> None:
+    gs = fresh()
+    lost = gs.plan(RELAYS, PathRequest(), NOW)
+    for _ in range(50):
+        path = gs.plan(RELAYS, PathRequest(recently_failed=frozenset(d.relay_id for d in lost[1:])), NOW)
+        assert path[0] == lost[0] and not {d.relay_id for d in path[1:]} & {d.relay_id for d in lost[1:]}
+    only = (*[r for r in RELAYS if not r.is_exit], RELAYS[8])  # one exit: it stays, a path beats none
+    lost = gs.plan(only, PathRequest(), NOW)
+    assert gs.plan(only, PathRequest(recently_failed=frozenset({lost[-1].relay_id})), NOW)[-1] == lost[-1]
+
+
+def test_the_manager_asks_to_leave_out_the_lost_circuits_relays_until_a_circuit_is_built() -> None:
+    from tests.unit.test_circuit_manager import RecordingGuards
+    guards = RecordingGuards()
+    d = Drive(guards=guards)
+    circuit = d.connected()
+    lost = d.m.path
+    d.feed(m.CircuitLost(d.now, circuit, "a relay could not reach the next hop", at_guard=False))
+    d.until(d.m.timer())
+    build = d.one(m.Build, d.fetched(d.actions[-2:]))
+    assert guards.requests[-1].recently_failed == frozenset(r.relay_id for r in lost[1:])
+    d.built([build])
+    d.feed(m.Failed(d.now, 99, "stale"))  # nothing
+    d.said(d.m.disconnect(d.now))
+    d.fetched(d.connect())
+    assert guards.requests[-1].recently_failed == frozenset()
