@@ -78,6 +78,7 @@ TARGETS: tuple[Target, ...] = (
     Target("core/link/circuit_ids.py"),
     Target("core/circuit/client.py"),
     Target("core/circuit/manager.py"),
+    Target("core/circuit/guards.py"),
     Target("core/discovery/dht.py", functions=(
         "BoundRoutingTable.add_contact", "ShallotRpc.datagram_received", "ShallotRpc._accept_response",
         "ShallotRpc._timeout", "ShallotRpc._rate_ok", "ShallotRpc.rpc_ping", "ShallotRpc._call",
