@@ -195,7 +195,8 @@ class GuardSet:
     def from_json(cls, raw: Any, rng: random.Random) -> GuardSet:
         """Raises ValueError if ``raw`` is not a guard state this version understands."""
         try:
-            if raw.get("version") != STATE_VERSION:
+            version = raw.get("version")
+            if type(version) is not int or version != STATE_VERSION:  # True == 1 in Python
                 raise ValueError(f"unknown guard state version {str(raw.get('version'))[:20]}")
             guards = [Guard.from_json(g) for g in _typed(raw["guards"], list)[:SAMPLE_MAX * 2]]
             last = _opt_time(raw.get("last_success"))
@@ -217,20 +218,18 @@ class GuardSet:
         by_id = {d.relay_id: d for d in relays}
         self._now = now
         self._refresh(by_id, now)
-        tried: set[bytes] = set()
-        while True:
-            for guard in self._order(now):
-                if guard.relay_id in tried:
-                    continue
-                tried.add(guard.relay_id)
-                path = self._path_through(by_id[guard.relay_id], relays, request)
-                if path is not None:
-                    return path
-            # no sampled guard fits this request (the chosen exit is one of them, or shares their /16):
-            # one more guard is sampled, within SAMPLE_MAX
-            if self._sample_one(by_id, now, fits=lambda d: self._path_through(d, relays, request) is not None) is None:
-                raise ShallotError("no entry guard fits this circuit: the guards and the chosen exit share a "
-                                   "network or family, or too few relays are known")
+        for guard in self._order(now):
+            path = self._path_through(by_id[guard.relay_id], relays, request)
+            if path is not None:
+                return path
+        # no sampled guard fits this request (the chosen exit is one of them, or shares their /16 or family):
+        # one more guard that fits is sampled, within SAMPLE_MAX
+        added = self._sample_one(by_id, now, fits=lambda d: self._path_through(d, relays, request) is not None)
+        path = self._path_through(by_id[added.relay_id], relays, request) if added is not None else None
+        if path is None:
+            raise ShallotError("no entry guard fits this circuit: the guards and the chosen exit share a "
+                               "network or family, or too few relays are known")
+        return path
 
     def succeeded(self, guard: bytes, now: float) -> None:
         g = self._find(guard)

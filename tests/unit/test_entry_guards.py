@@ -15,6 +15,7 @@ from shallot.core.circuit import guards as gm
 from shallot.core.circuit import manager as m
 from shallot.core.circuit.guards import GuardSet, Outcome, PathRequest
 from shallot.core.engine.guards import PersistentGuards, load_guards, save_guards
+from shallot.core.errors import ShallotError
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
 from tests.simnet import WALL0, det_rng
@@ -394,3 +395,94 @@ def test_the_manager_asks_to_leave_out_the_lost_circuits_relays_until_a_circuit_
     d.said(d.m.disconnect(d.now))
     d.fetched(d.connect())
     assert guards.requests[-1].recently_failed == frozenset()
+
+
+def test_an_exit_that_no_sampled_guard_fits_samples_one_more_that_fits_and_none_is_an_error() -> None:
+    gs = fresh()
+    guard_of(gs)
+    sampled = [BY_ID[g.relay_id] for g in gs.guards]
+    twins = [Descriptor.create(RelayKeys.generate(det_rng(9300 + i), WALL0), nickname=f"twin{i}",
+                               addresses=((d.address[0].replace(".0.1", ".0.2"), 9600),), exit_node=True,
+                               published=int(WALL0), lifetime_s=86400) for i, d in enumerate(sampled)]
+    # one exit that shares a /16 with every sampled guard is impossible; instead: only these exits exist
+    relays = (*[r for r in RELAYS if not r.is_exit], twins[0])
+    before = len(gs.guards)
+    path = gs.plan(relays, PathRequest(exit_spec="twin0"), NOW)
+    assert path[-1] == twins[0] and path[0].relay_id != sampled[0].relay_id
+    assert len(gs.guards) == before or path[0].relay_id in {g.relay_id for g in gs.guards}
+    lonely = (RELAYS[0], RELAYS[1], RELAYS[8])  # three relays: only RELAYS[0] or [1] can be the guard
+    tiny = fresh()
+    tiny.plan(lonely, PathRequest(), NOW)
+    with pytest.raises(ShallotError, match="no entry guard fits"):
+        tiny.plan((RELAYS[0], RELAYS[8]), PathRequest(), NOW)  # two relays: no three-hop path at all
+
+
+def test_the_sample_never_holds_more_than_sample_max_guards_in_the_view() -> None:
+    many = tuple(_relay(200 + i) for i in range(40)) + RELAYS[8:]
+    gs = fresh()
+    for i in range(100):  # a fresh client (no guard ever worked) whose every guard fails: the sample grows ...
+        gs.failed(guard_of(gs, NOW + i, many), Outcome.UNREACHABLE, NOW + i)
+    assert len(gs.guards) == gm.SAMPLE_MAX  # ... and stops at SAMPLE_MAX
+
+
+def test_reports_about_a_relay_outside_the_sample_change_nothing() -> None:
+    gs = fresh()
+    guard_of(gs)
+    before = json.dumps(gs.to_json()["guards"])
+    gs.succeeded(RELAYS[10].relay_id, NOW)  # e.g. the guard of a --path circuit
+    gs.failed(RELAYS[10].relay_id, Outcome.UNREACHABLE, NOW)
+    gs.failed(RELAYS[10].relay_id, Outcome.USE_FAILED, NOW)
+    assert json.dumps(gs.to_json()["guards"]) == before
+
+
+def test_a_dropped_guard_is_never_used_and_forgotten_after_dropped_keep_s() -> None:
+    gs = fresh()
+    first = guard_of(gs)
+    for i in range(gm.PB_MIN_CIRCUITS):
+        gs.failed(first, Outcome.BUILD_FAILED, NOW + i)
+    for _ in range(20):
+        assert guard_of(gs, NOW + 100) != first
+    assert first in {g.relay_id for g in gs.guards}  # remembered: never sampled again meanwhile
+    guard_of(gs, NOW + 100 + gm.DROPPED_KEEP_S)
+    assert first not in {g.relay_id for g in gs.guards[:1]} and not any(g.dropped for g in gs.guards)
+
+
+@pytest.mark.parametrize("bad", [
+    {"version": 2, "guards": []}, {"guards": []}, {"version": True, "guards": []},
+    {"version": 1, "guards": [{"id": "00" * 32, "nickname": "x", "added": 1, "expires": 2}]},  # wrong id length
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": 7, "added": 1, "expires": 2}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": True, "expires": 2}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": "1", "expires": 2}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": -1, "expires": 2}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": 1e13, "expires": 2}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": 1, "expires": 2, "failures": 1.5}]},
+    {"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": 1, "expires": 2, "failures": True}]},
+    {"version": 1, "guards": "none"},
+])
+def test_the_state_parser_refuses_what_is_not_a_guard_state(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        GuardSet.from_json(bad, random.Random(0))
+
+
+def test_the_state_parser_accepts_a_minimal_entry() -> None:
+    gs = GuardSet.from_json({"version": 1, "guards": [{"id": "00" * 20, "nickname": "x", "added": 1, "expires": 2}]},
+                            random.Random(0))
+    assert gs.guards[0].relay_id == bytes(20) and gs.guards[0].failures == 0
+
+
+def test_activity_of_another_circuit_or_outside_a_connection_is_ignored() -> None:
+    d = Drive()
+    circuit = d.connected()
+    d.answer()
+    t0 = d.now
+    assert d.feed(m.Activity(t0, "another circuit", 5, 0, t0)) == []
+    assert d.feed(m.Activity(t0 + 5 * m.SILENCE_S, "another circuit", 50, 0, t0)) == []
+    d.said(d.m.disconnect(d.now))
+    assert d.feed(m.Activity(t0 + 10, circuit, 5, 0, t0)) == []
+    assert d.feed(m.Activity(t0 + 20, circuit, 50, 0, t0)) == []
+    assert not any(isinstance(a, m.ProbeGuard) for a in d.actions)
+
+
+def test_the_old_policy_raises_when_no_path_exists_even_with_nothing_avoided() -> None:
+    with pytest.raises(ShallotError):
+        gm.AvoidFailedGuards(random.Random(0)).plan((RELAYS[0], RELAYS[8]), PathRequest())
