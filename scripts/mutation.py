@@ -109,6 +109,11 @@ _CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link st
 _REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
 _ANSWER = "IntroAnswer.decode gives a peer exactly when the status is OK, so either half alone decides"
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
+    ("core/circuit/guards.py", "AvoidFailedGuards.plan", "guard-off", "if not avoid  ->  if False"):
+        "with nothing avoided the fallback draws from the very same relays and raises the same error",
+    ("core/circuit/guards.py", "_time", "disjunct-off", "not isinstance(value, int | float)  ->  False"):
+        "a non-number then fails the range comparison with TypeError, which GuardSet.from_json turns into the "
+        "same ValueError",
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
         "tested, and PROTOCOL §7.3 lets them fire up to a second late",

@@ -486,3 +486,15 @@ def test_activity_of_another_circuit_or_outside_a_connection_is_ignored() -> Non
 def test_the_old_policy_raises_when_no_path_exists_even_with_nothing_avoided() -> None:
     with pytest.raises(ShallotError):
         gm.AvoidFailedGuards(random.Random(0)).plan((RELAYS[0], RELAYS[8]), PathRequest())
+
+
+def test_the_traffic_watch_pauses_while_a_new_circuit_is_built() -> None:
+    d = Drive()
+    circuit = d.connected()
+    d.answer()
+    d.said(d.m.new_circuit(d.now))  # a switch: relays are fetched for the new circuit, the old one carries on
+    assert d.m.phase is m.Phase.RELAYS
+    t0 = d.now
+    d.feed(m.Activity(t0, circuit, 5, 0, t0))
+    d.feed(m.Activity(t0 + 2 * m.SILENCE_S, circuit, 9, 0, t0))
+    assert not any(isinstance(a, m.ProbeGuard) for a in d.actions)
