@@ -5,8 +5,6 @@ behind fails at the end, saying what it found (tests/leaks.py), after removing i
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -17,9 +15,6 @@ from tests.ci_guard import pytest_configure, pytest_make_collect_report, pytest_
 __all__ = ["pytest_configure", "pytest_make_collect_report", "pytest_runtest_makereport"]
 
 leaks.mark_run()  # before any fixture or test starts a process: they all inherit the mark
-# every engine of the run (in-process or a child) keeps its entry guards here, never in the user's home or
-# /var/lib/shallot; removed at the end
-STATE_DIR = os.environ.setdefault("SHALLOT_STATE_DIR", tempfile.mkdtemp(prefix="shallot-test-state-"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,9 +22,20 @@ def nothing_left_behind() -> Iterator[None]:
     """Set up before, and torn down after, every other fixture of the run."""
     baseline = leaks.Baseline()
     yield
-    if os.path.basename(STATE_DIR).startswith("shallot-test-state-"):
-        shutil.rmtree(STATE_DIR, ignore_errors=True)
     found = leaks.wait_for_none(baseline)
     if found:
         leaks.remove(found)
         pytest.fail(f"the test run left this behind (now removed):\n{found.describe()}", pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every engine of the run (in-process, or a child process: they inherit the environment) keeps its entry
+    guards under pytest's own temporary directory, never in the user's home or /var/lib/shallot."""
+    old = os.environ.get("SHALLOT_STATE_DIR")
+    os.environ["SHALLOT_STATE_DIR"] = str(tmp_path_factory.mktemp("engine-state"))
+    yield
+    if old is None:
+        os.environ.pop("SHALLOT_STATE_DIR", None)
+    else:
+        os.environ["SHALLOT_STATE_DIR"] = old

@@ -498,3 +498,18 @@ def test_the_traffic_watch_pauses_while_a_new_circuit_is_built() -> None:
     d.feed(m.Activity(t0, circuit, 5, 0, t0))
     d.feed(m.Activity(t0 + 2 * m.SILENCE_S, circuit, 9, 0, t0))
     assert not any(isinstance(a, m.ProbeGuard) for a in d.actions)
+
+
+def test_where_the_guard_state_lives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from shallot.core.engine import guards as eg
+    monkeypatch.setenv("SHALLOT_STATE_DIR", str(tmp_path / "override"))
+    assert eg.default_state_dir() == tmp_path / "override"
+    monkeypatch.delenv("SHALLOT_STATE_DIR")
+    monkeypatch.setattr(eg.os, "geteuid", lambda: 0)
+    assert eg.default_state_dir() == Path("/var/lib/shallot")  # an engine run as a system service
+    monkeypatch.setattr(eg.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert eg.default_state_dir() == tmp_path / "xdg" / "shallot"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert eg.default_state_dir() == tmp_path / "home" / ".local" / "state" / "shallot"
