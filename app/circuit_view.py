@@ -121,7 +121,9 @@ class HopCard(QFrame):
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.show_hop(None)
 
-    def show_hop(self, hop: HopStatus | None) -> None:
+    def show_hop(self, hop: HopStatus | None, *, yours: str = "") -> None:
+        """``yours``: this hop is the user's entry guard, and what that means (the card says so)."""
+        self.role_label.setText(f"YOUR {self.role.upper()}" if yours else self.role.upper())
         if hop is None:
             self.nickname.setText("—")
             self.short_id.setText("not chosen")
@@ -133,7 +135,7 @@ class HopCard(QFrame):
         self.short_id.setText(hop.short_id)
         self.address.setText(hop.address)
         self.latency.setText(f"rtt {format_ms(hop.rtt_ms)}")
-        self.setToolTip(f"{hop.role}: {hop.nickname}\nid {hop.id}\n{hop.address}")
+        self.setToolTip(f"{hop.role}: {hop.nickname}\nid {hop.id}\n{hop.address}" + (f"\n\n{yours}" if yours else ""))
 
 
 class CircuitView(QWidget):
@@ -151,11 +153,12 @@ class CircuitView(QWidget):
             lay.addWidget(w, 3 if isinstance(w, HopCard) else 1 if isinstance(w, Arrow) else 0)
         self.hops: tuple[HopStatus, ...] = ()
 
-    def show_circuit(self, hops: tuple[HopStatus, ...], phase: EngineState) -> None:
+    def show_circuit(self, hops: tuple[HopStatus, ...], phase: EngineState, *, guard_tip: str = "") -> None:
+        """``guard_tip``: the guard is the user's entry guard (presenter.guard_tip), shown as "YOUR GUARD"."""
         self.hops = hops
         by_role = {h.role: h for h in hops}
         for role, card in self.cards.items():
-            card.show_hop(by_role.get(role))
+            card.show_hop(by_role.get(role), yours=guard_tip if role == "guard" else "")
         live = phase is EngineState.CONNECTED and bool(hops)
         for arrow in self.arrows:
             arrow.set_state(state_colour(phase), dashed=not live)

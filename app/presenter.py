@@ -117,6 +117,7 @@ class ViewState:
     hops: tuple[HopStatus, ...]
     mode: EngineMode
     can_new_circuit: bool
+    guard_tip: str = ""  # the circuit's guard is your entry guard: what that means (docs/PROTOCOL.md §5.10)
 
     @property
     def button_text(self) -> str:
@@ -154,8 +155,10 @@ def present(snap: StatusSnapshot | None, problem: Problem | None = None, *, star
             detail = sentence(snap.step)
         elif snap.error:  # e.g. a new circuit could not be built and the old one is kept
             what = sentence(snap.error)
+        elif snap.guard_warning:  # path bias, or a guard dropped: the user should know
+            what = sentence(snap.guard_warning)
         return ViewState(EngineState.CONNECTED, "Connected", detail, what, None, Button.DISCONNECT, False,
-                         snap.circuit, mode, not snap.step)
+                         snap.circuit, mode, not snap.step, guard_tip(snap))
     if snap.state is EngineState.ERROR:
         kind = snap.error_kind if snap.error_kind in ADVICE else ErrorKind.CIRCUIT
         title, what, action = advice(kind)
@@ -172,6 +175,20 @@ def present(snap: StatusSnapshot | None, problem: Problem | None = None, *, star
     what = sentence(snap.error) if snap.error else ""
     return ViewState(EngineState.RECONNECTING if dropped else EngineState.CONNECTING, headline, detail, what, None,
                      Button.DISCONNECT if dropped else Button.CANCEL, True, (), mode, False)
+
+
+def guard_tip(snap: StatusSnapshot) -> str:
+    """Words for "your guard" when the circuit's guard is one of the engine's entry guards, else ""."""
+    if not snap.circuit:
+        return ""
+    guard = next((g for g in snap.guards if g.id == snap.circuit[0].id), None)
+    if guard is None:
+        return ""
+    primaries = [g for g in snap.guards if g.primary]
+    rank = f"primary guard {primaries.index(guard) + 1} of {len(primaries)}" if guard in primaries \
+        else "a spare guard (your primary guards do not answer)"
+    return (f"Your entry guard ({rank}): every circuit starts here for months, so that a hostile relay "
+            "cannot become your first hop just by making circuits fail.")
 
 
 # ---------------------------------------------------------------------------------------------- notifications

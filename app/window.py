@@ -289,7 +289,7 @@ class MainWindow(QMainWindow):
         self.mode_badge.setText("VPN mode" if view.mode is EngineMode.VPN else "Probe mode")
         self.mode_badge.setToolTip("All traffic goes through the circuit." if view.mode is EngineMode.VPN else
                                    "Circuit only: your system's traffic is not routed through it.")
-        self.circuit_view.show_circuit(view.hops, view.phase)
+        self.circuit_view.show_circuit(view.hops, view.phase, guard_tip=view.guard_tip)
         self.new_circuit_button.setEnabled(view.can_new_circuit)
         self.new_circuit_action.setEnabled(view.can_new_circuit)
         self.tray.show_state(view)

@@ -79,6 +79,7 @@ TARGETS: tuple[Target, ...] = (
     Target("core/circuit/client.py"),
     Target("core/circuit/manager.py"),
     Target("core/circuit/path.py"),
+    Target("core/circuit/guards.py"),
     Target("core/discovery/dht.py", functions=(
         "BoundRoutingTable.add_contact", "ShallotRpc.datagram_received", "ShallotRpc._accept_response",
         "ShallotRpc._timeout", "ShallotRpc._rate_ok", "ShallotRpc.rpc_ping", "ShallotRpc._call",
@@ -123,6 +124,11 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
         "a /16 with one relay then takes the general branch, whose scale is min(1, NET_WEIGHT_CAP * w / w) = 1 "
         "(NET_WEIGHT_CAP >= 1): "
         "the same weight, computed the long way",
+    ("core/circuit/guards.py", "AvoidFailedGuards.plan", "guard-off", "if not avoid  ->  if False"):
+        "with nothing avoided the fallback draws from the very same relays and raises the same error",
+    ("core/circuit/guards.py", "_time", "disjunct-off", "not isinstance(value, int | float)  ->  False"):
+        "a non-number then fails the range comparison with TypeError, which GuardSet.from_json turns into the "
+        "same ValueError",
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
         "tested, and PROTOCOL §7.3 lets them fire up to a second late",

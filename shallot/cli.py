@@ -472,9 +472,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
         result = {"status": result}
     if args.json:
         print(json.dumps(result))
+    elif role is Role.CLIENT:
+        _print_tree({k: v for k, v in result.items() if k != "guards"})
+        print("\n".join(guard_lines(StatusSnapshot.from_json(result))))
     else:
         _print_tree(result)
     return 0
+
+
+def guard_lines(snap: Any) -> list[str]:
+    """The entry guards of an engine's snapshot (docs/PROTOCOL.md §5.10), one line each, in their order."""
+    lines = [f"guards: {len(snap.guards) or 'none'}"]
+    for g in snap.guards:
+        role = "primary" if g.primary else "sampled"
+        lines.append(f"  {'*' if g.in_use else ' '} {g.nickname:<20} {g.id[:16]}  {role:<8} {g.state}"
+                     + (f" ({g.note})" if g.note else "") + ("  <- your guard" if g.in_use else ""))
+    return lines
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:

@@ -196,6 +196,10 @@ class ClientNode(LinkOwner):
             self._send_create(circ)
         return circ
 
+    def guard_link(self, relay_id: bytes) -> Link | None:
+        """The link to this guard, if one was dialed (what it last heard tells whether the guard is alive)."""
+        return self._guard_links.get(relay_id)
+
     def send(self, circ: ClientCircuit, data: bytes, now: float) -> None:
         if circ.state is not CircuitState.OPEN:
             raise ValueError("circuit is not open")

@@ -17,8 +17,13 @@ The rules (docs/PROTOCOL.md §9.5):
    RECONNECTING, ERROR from the third failure in a row.  A built circuit resets the count.  The privileged
    helper quitting at any time (``PrivilegesLost``) is such a final failure.
 3. Connected: a ping goes out PING_INTERVAL_S after the last round ended and has PING_TIMEOUT_S for its
-   answer; MAX_MISSED_PINGS rounds in a row without one, or the circuit closing, is a failure (rule 2).
-4. ``new_circuit`` builds a circuit avoiding every relay of the current one (any path if none is left)
+   answer.  The circuit's own traffic is watched too (``Activity``, from the engine every ACTIVITY_POLL_S):
+   packets sent and nothing back for SILENCE_S.  Either makes the circuit suspect: the guard's link is
+   probed (``ProbeGuard``) and pings go out every PROBE_RETRY_S; nothing back within PROBE_WINDOW_S, or the
+   circuit closing, is a failure (rule 2).  Whether the guard answered its probe in that window decides
+   whose failure it was (an ``Outcome`` for the GuardPolicy: the guard's, or beyond it).
+4. ``new_circuit`` asks for a circuit avoiding every relay of the current one (any path if none is left;
+   entry guards keep the guard, docs/PROTOCOL.md §5.10)
    while the current one carries the traffic; the new one takes over once built and the old one is
    closed.  If the build fails the current circuit is kept and ``error`` says why.  Pings pause while
    it is built; a request during a ping round starts when the round ends.
@@ -30,16 +35,19 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shallot.core.circuit.guards import GuardPolicy, PathRequest
+from shallot.core.circuit.guards import GuardPolicy, Outcome, PathRequest
 from shallot.core.control.errors import FINAL, ControlError, ErrorKind
 from shallot.core.control.state import EngineState
 from shallot.core.errors import ShallotError
 from shallot.crypto.descriptor import Descriptor
 
 PING_INTERVAL_S = 5.0
-PING_TIMEOUT_S = 3.0
-MAX_MISSED_PINGS = 3
-RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+PING_TIMEOUT_S = 2.0  # a keepalive ping unanswered this long makes the circuit suspect
+SILENCE_S = 1.0  # traffic sent and nothing back this long makes the circuit suspect
+PROBE_RETRY_S = 0.5  # a suspect circuit is pinged this often (a lost ping is not a dead circuit) ...
+PROBE_WINDOW_S = 1.5  # ... and declared dead when nothing came back this long after the suspicion
+ACTIVITY_POLL_S = 0.25  # how often the engine reports the circuit's counters (Activity)
+RECONNECT_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
 ERROR_AFTER_FAILURES = 3  # failures in a row after which the state says ERROR (while still retrying)
 
 Path = tuple[Descriptor, ...]
@@ -82,6 +90,7 @@ class Failed:
     token: int
     reason: str
     kind: ErrorKind | None = None
+    at_guard: bool = True  # a build: the guard itself did not answer (False: it did; the failure lies beyond)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,19 @@ class CircuitLost:
     circuit: Circuit
     reason: str
     kind: ErrorKind | None = None
+    at_guard: bool = True  # the link to the guard went down (False: a relay beyond it ended the circuit)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """The circuit's counters (DATA cells sent and received) and when its guard's link last heard anything
+    (monotonic), reported every ACTIVITY_POLL_S while connected."""
+
+    now: float
+    circuit: Circuit
+    sent: int
+    received: int
+    guard_heard: float
 
 
 @dataclass(frozen=True)
@@ -110,7 +132,7 @@ class PingAnswered:
     payload: bytes | None = None
 
 
-Event = PrivilegesAcquired | RelaysFetched | Built | Failed | CircuitLost | PrivilegesLost | PingAnswered
+Event = PrivilegesAcquired | RelaysFetched | Built | Failed | CircuitLost | PrivilegesLost | PingAnswered | Activity
 
 # ---------------------------------------------------------------------------------------------- actions (outputs)
 
@@ -149,6 +171,14 @@ class Use:
 class SendPing:
     circuit: Circuit
     seq: int
+
+
+@dataclass(frozen=True)
+class ProbeGuard:
+    """The circuit looks dead: make its guard answer (a fresh link handshake), so that the failure, if it
+    comes, can be told to be the guard's or a relay's beyond it."""
+
+    circuit: Circuit
 
 
 @dataclass(frozen=True)
@@ -192,8 +222,8 @@ class KeepCurrent:
     reason: str  # why the new circuit could not be built
 
 
-Action = (Publish | AcquirePrivileges | FetchRelays | Build | Use | SendPing | RoundTrip | Close | Drop | Teardown
-          | Backoff | GiveUp | KeepCurrent)
+Action = (Publish | AcquirePrivileges | FetchRelays | Build | Use | SendPing | ProbeGuard | RoundTrip | Close | Drop
+          | Teardown | Backoff | GiveUp | KeepCurrent)
 
 # ---------------------------------------------------------------------------------------------- the machine
 
@@ -205,7 +235,7 @@ Action = (Publish | AcquirePrivileges | FetchRelays | Build | Use | SendPing | R
 #   RELAYS      --RelaysFetched-->       BUILDING       --Failed-->  BACKOFF | OPEN (a switch keeps the current)
 #   BUILDING    --Built-->               OPEN           --Failed-->  BACKOFF | IDLE (final) | OPEN (a switch)
 #   OPEN        --new_circuit, between ping rounds-->  RELAYS (a switch)
-#   OPEN        --MAX_MISSED_PINGS, CircuitLost-->     BACKOFF | IDLE (final)
+#   OPEN        --suspect, PROBE_WINDOW_S silent; CircuitLost-->  BACKOFF | IDLE (final)
 #   BACKOFF     --timer-->               PRIVILEGES | RELAYS
 #   any         --disconnect-->          IDLE
 #   any, trying --PrivilegesLost-->      IDLE (final)
@@ -214,7 +244,7 @@ class Phase(enum.Enum):
     PRIVILEGES = "privileges"  # AcquirePrivileges out
     RELAYS = "relays"  # FetchRelays out
     BUILDING = "building"  # Build out
-    OPEN = "open"  # a circuit carries the traffic: ping rounds (rule 3)
+    OPEN = "open"  # a circuit carries the traffic: ping rounds and traffic watch (rule 3)
     BACKOFF = "backoff"  # waiting to retry (rule 2)
 
 
@@ -245,18 +275,28 @@ class CircuitManager:
         self._failures = 0  # in a row (rule 2)
         self._need_privileges = False
         self._planned: Path = ()  # the path of the build out
+        self._recently_failed: frozenset[bytes] = frozenset()  # middle and exit of the circuit that just failed
         self._retry_at = 0.0
         self._rotating = False  # the work out is a new circuit for a live connection (rule 4)
         self._rotate_requested = False
-        self._lost: tuple[str, ErrorKind | None] | None = None  # the current circuit died during a switch
+        self._lost: tuple[str, ErrorKind | None, Outcome] | None = None  # the current circuit died in a switch
         self._seq = 0
-        self._outstanding: int | None = None  # the ping waiting for its answer
+        self._outstanding: int | None = None  # the latest ping of the round waiting for an answer
+        self._round_first = 0  # the round's first ping: an answer to any of its pings ends it
+        self._sent_times: dict[int, float] = {}  # the round's pings
         self._sent_at = 0.0
         self._next_ping_at = 0.0
-        self._missed = 0
+        # rule 3: the traffic watch
+        self._answered = False  # something came back on the current circuit
+        self._tx = self._rx = 0  # its counters at the last Activity
+        self._quiet_since: float | None = None  # sent without anything back since then
+        self._suspect_since: float | None = None
+        self._probes = 0
+        self._guard_heard = 0.0
         self._handlers = {PrivilegesAcquired: self._privileges_acquired, RelaysFetched: self._relays_fetched,
                           Built: self._built, Failed: self._failed, CircuitLost: self._circuit_lost,
-                          PrivilegesLost: self._privileges_lost, PingAnswered: self._ping_answered}
+                          PrivilegesLost: self._privileges_lost, PingAnswered: self._ping_answered,
+                          Activity: self._activity}
 
     # ------------------------------------------------------------------ commands
     def connect(self, now: float, *, exit_spec: str | None = None, path_spec: str | None = None,
@@ -265,6 +305,7 @@ class CircuitManager:
         self.exit_spec, self.path_spec = exit_spec, path_spec
         self.guards.reset()
         self._rotate_requested = False
+        self._recently_failed = frozenset()
         if self.phase is not Phase.IDLE:
             return []
         self.trying = True
@@ -301,6 +342,9 @@ class CircuitManager:
         if self.phase is Phase.BACKOFF:
             return self._retry_at
         if self.phase is Phase.OPEN:
+            if self._suspect_since is not None:
+                dead = self._suspect_since + PROBE_WINDOW_S
+                return min(dead, self._sent_at + PROBE_RETRY_S)
             return self._sent_at + PING_TIMEOUT_S if self._outstanding is not None else self._next_ping_at
         return None
 
@@ -310,13 +354,13 @@ class CircuitManager:
             return []
         if self.phase is Phase.BACKOFF:
             return self._attempt()
+        if self._suspect_since is not None:
+            if now >= self._suspect_since + PROBE_WINDOW_S:
+                return self._dead(now)
+            return self._ping(now)
         if self._outstanding is None:
             return self._ping(now)
-        self._outstanding = None  # unanswered in time
-        self._missed += 1
-        if self._missed >= MAX_MISSED_PINGS:
-            return self._fail(now, "the circuit stopped answering", None, self._guard_of(self.path))
-        return self._round_ended(now, answered=False)
+        return self._suspect(now)  # the ping went unanswered
 
     # ------------------------------------------------------------------ results of the work
     def _current(self, token: int, event: type) -> bool:
@@ -334,7 +378,8 @@ class CircuitManager:
         relays = [d for d in event.relays if d.relay_id not in self.never]
         away = frozenset(d.relay_id for d in self.path) if self._rotating else None
         try:
-            path = tuple(self.guards.plan(relays, PathRequest(self.path_spec, self.exit_spec, away)))
+            path = tuple(self.guards.plan(relays, PathRequest(self.path_spec, self.exit_spec, away,
+                                                              self._recently_failed)))
         except ShallotError as exc:
             return self._failed(Failed(event.now, event.token, str(exc)))
         self.phase, self._planned = Phase.BUILDING, path
@@ -350,6 +395,7 @@ class CircuitManager:
         old = self.circuit if self._rotating else None
         self.circuit, self.path = event.circuit, self._planned
         self.guards.succeeded(self.path[0].relay_id)
+        self._recently_failed = frozenset()
         self._rotating, self._lost = False, None
         self._failures = 0
         self.phase = Phase.OPEN
@@ -368,19 +414,23 @@ class CircuitManager:
             self._set(EngineState.CONNECTED, error=f"could not build a new circuit: {event.reason}")
             actions: list[Action] = [KeepCurrent(event.reason), Publish()]
             if self._lost is not None:  # it died meanwhile: that failure comes now
-                reason, kind = self._lost
-                return actions + self._fail(event.now, reason, kind, self._guard_of(self.path))
+                reason, kind, outcome = self._lost
+                return actions + self._fail(event.now, reason, kind, self._guard_of(self.path), outcome)
             return actions + self._start_pings(event.now)
         guard = self._guard_of(self._planned) if self.phase is Phase.BUILDING else None
-        return self._fail(event.now, event.reason, event.kind, guard)
+        if guard is not None:
+            self._recently_failed = frozenset(d.relay_id for d in self._planned[1:])
+        outcome = Outcome.UNREACHABLE if event.at_guard else Outcome.BUILD_FAILED
+        return self._fail(event.now, event.reason, event.kind, guard, outcome)
 
     def _circuit_lost(self, event: CircuitLost) -> list[Action]:
         if self.circuit is None or event.circuit is not self.circuit:
             return []  # an old circuit of a switch, or one that was being built (its build fails by itself)
+        outcome = self._loss_outcome(at_guard=event.at_guard)
         if self._rotating:
-            self._lost = (event.reason, event.kind)  # the switch ends first, then the loss counts
+            self._lost = (event.reason, event.kind, outcome)  # the switch ends first, then the loss counts
             return []
-        return self._fail(event.now, event.reason, event.kind, self._guard_of(self.path))
+        return self._fail(event.now, event.reason, event.kind, self._guard_of(self.path), outcome)
 
     def _privileges_lost(self, event: PrivilegesLost) -> list[Action]:
         if not self.trying:
@@ -388,16 +438,39 @@ class CircuitManager:
         self._rotating = self._rotate_requested = False
         self._lost = None
         self._need_privileges = True
-        return self._fail(event.now, event.reason, ErrorKind.HELPER_FAILED, None)
+        return self._fail(event.now, event.reason, ErrorKind.HELPER_FAILED, None, Outcome.CLOSED)
 
     def _ping_answered(self, event: PingAnswered) -> list[Action]:
         if self.phase is not Phase.OPEN or self._outstanding is None:
             return []
-        if event.payload is not None and event.payload != ping_payload(self._outstanding):
-            return []  # a late echo of an earlier round
-        self._outstanding = None
-        self._missed = 0
-        return [RoundTrip(event.now - self._sent_at), *self._round_ended(event.now, answered=True)]
+        if event.payload is None:  # a CONFIG answer: the round's latest request is the nearest guess
+            sent = self._sent_at
+        else:
+            answered = next((s for s in self._sent_times if event.payload == ping_payload(s)), None)
+            if answered is None:
+                return []  # a late echo of an earlier round
+            sent = self._sent_times[answered]
+        self._alive()
+        return [RoundTrip(event.now - sent), *self._round_ended(event.now, answered=True)]
+
+    def _activity(self, event: Activity) -> list[Action]:
+        """Rule 3's traffic watch: sent, nothing back for SILENCE_S -> suspect; anything back -> alive."""
+        if self.phase is not Phase.OPEN or event.circuit is not self.circuit:
+            return []
+        self._guard_heard = max(self._guard_heard, event.guard_heard)
+        if event.received > self._rx:
+            self._tx, self._rx = event.sent, event.received
+            suspect = self._suspect_since is not None
+            self._alive()
+            return self._round_ended(event.now, answered=True) if suspect else []
+        if event.sent > self._tx:
+            self._tx = event.sent
+            if self._quiet_since is None:
+                self._quiet_since = event.now
+        if (self._quiet_since is not None and self._suspect_since is None
+                and event.now - self._quiet_since >= SILENCE_S):
+            return self._suspect(event.now)
+        return []
 
     # ------------------------------------------------------------------ steps
     def _attempt(self) -> list[Action]:
@@ -421,15 +494,47 @@ class CircuitManager:
         return self._fetch(EngineState.CONNECTED, "building a new circuit")
 
     def _start_pings(self, now: float) -> list[Action]:
-        self._missed = 0
         self._seq = 0
+        self._outstanding = None
+        self._answered = False
+        self._tx = self._rx = 0
+        self._quiet_since = self._suspect_since = None
+        self._guard_heard = now  # the guard just answered the build
         return self._ping(now)
 
     def _ping(self, now: float) -> list[Action]:
         self._seq += 1
+        if self._outstanding is None:  # a new round
+            self._round_first = self._seq
+            self._sent_times = {}
         self._outstanding, self._sent_at = self._seq, now
+        self._sent_times[self._seq] = now
         assert self.circuit is not None
         return [SendPing(self.circuit, self._seq)]
+
+    def _suspect(self, now: float) -> list[Action]:
+        """No answer where one was due: probe the guard and ping until PROBE_WINDOW_S has passed."""
+        self._suspect_since = now
+        assert self.circuit is not None
+        return [ProbeGuard(self.circuit), *self._ping(now)]
+
+    def _alive(self) -> None:
+        self._outstanding = None
+        self._answered = True
+        self._quiet_since = self._suspect_since = None
+
+    def _dead(self, now: float) -> list[Action]:
+        assert self._suspect_since is not None
+        at_guard = self._guard_heard < self._suspect_since  # the guard did not answer its probe either
+        reason = ("the circuit stopped answering, and so did the guard" if at_guard
+                  else "the circuit stopped answering beyond the guard")
+        return self._fail(now, reason, None, self._guard_of(self.path), self._loss_outcome(at_guard=at_guard))
+
+    def _loss_outcome(self, *, at_guard: bool) -> Outcome:
+        """How the loss of the current circuit counts for its guard (docs/PROTOCOL.md §5.4)."""
+        if at_guard:
+            return Outcome.UNREACHABLE
+        return Outcome.CLOSED if self._answered else Outcome.USE_FAILED
 
     def _round_ended(self, now: float, *, answered: bool) -> list[Action]:
         # an answer after an error (e.g. a switch that failed) clears both; otherwise the step stays
@@ -442,9 +547,11 @@ class CircuitManager:
         self._next_ping_at = now + PING_INTERVAL_S
         return [Publish()]
 
-    def _fail(self, now: float, reason: str, kind: ErrorKind | None, guard: bytes | None) -> list[Action]:
+    def _fail(self, now: float, reason: str, kind: ErrorKind | None, guard: bytes | None,
+              outcome: Outcome) -> list[Action]:
         actions = self._drop()
         self._outstanding = None
+        self._suspect_since = self._quiet_since = None
         if kind in FINAL:  # rule 2: retrying cannot help, the user must act
             assert kind is not None
             self.trying = False
@@ -452,7 +559,7 @@ class CircuitManager:
             self._set(EngineState.ERROR, error=reason, kind=kind)
             return [*actions, GiveUp(reason, kind), Publish()]
         if guard is not None:
-            self.guards.failed(guard)  # most failures are the guard's link: the next path tries another
+            self.guards.failed(guard, outcome)  # the policy decides what it means for the guard
         delay = RECONNECT_BACKOFF_S[min(self._failures, len(RECONNECT_BACKOFF_S) - 1)]
         self._failures += 1
         self.phase, self._retry_at = Phase.BACKOFF, now + delay
@@ -461,6 +568,8 @@ class CircuitManager:
         return [*actions, Backoff(delay, reason), Publish()]
 
     def _drop(self) -> list[Action]:
+        if self.path:
+            self._recently_failed = frozenset(d.relay_id for d in self.path[1:])
         circuit, self.circuit, self.path = self.circuit, None, ()
         return [Drop(circuit)] if circuit is not None else []
 

@@ -36,11 +36,19 @@ from shallot.core.control.messages import (
     decode_request,
     encode_request,
 )
-from shallot.core.control.state import ROLES, EngineMode, EngineState, HopStatus, SnapshotError, StatusSnapshot
+from shallot.core.control.state import (
+    ROLES,
+    EngineMode,
+    EngineState,
+    GuardStatus,
+    HopStatus,
+    SnapshotError,
+    StatusSnapshot,
+)
 
 __all__ = [
     "CONTROL_VERSION", "FINAL", "MAX_LINE", "REQUESTS", "ROLES", "Circuits", "Configure", "Connect", "ControlError",
-    "DhtPeer", "Disconnect", "EngineConfig", "EngineMode", "EngineState", "ErrorKind", "Hello", "HopStatus",
-    "NewCircuit", "Peers", "PeersReply", "RelayEntry", "ReplyError", "Request", "Role", "SetDirectory", "Shutdown",
-    "SnapshotError", "Status", "StatusSnapshot", "Subscribe", "decode_request", "encode_request",
+    "DhtPeer", "Disconnect", "EngineConfig", "EngineMode", "EngineState", "ErrorKind", "GuardStatus", "Hello",
+    "HopStatus", "NewCircuit", "Peers", "PeersReply", "RelayEntry", "ReplyError", "Request", "Role", "SetDirectory",
+    "Shutdown", "SnapshotError", "Status", "StatusSnapshot", "Subscribe", "decode_request", "encode_request",
 ]

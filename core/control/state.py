@@ -62,6 +62,33 @@ class HopStatus:
                    raw.get("exit") is True, _number(raw, "rtt_ms"))
 
 
+GUARD_STATES = ("usable", "retrying", "unlisted", "dropped")
+MAX_GUARDS = 64
+
+
+@dataclass(frozen=True)
+class GuardStatus:
+    """One of the client's entry guards (docs/PROTOCOL.md §5.4): ``primary`` guards carry the circuits,
+    ``state`` is one of GUARD_STATES, ``note`` why a dropped one was dropped."""
+
+    id: str
+    nickname: str
+    primary: bool = False
+    state: str = "usable"
+    in_use: bool = False  # the guard of the current circuit
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "nickname": self.nickname, "primary": self.primary, "state": self.state,
+                "in_use": self.in_use, "note": self.note}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> GuardStatus:
+        state = _text(raw, "state")
+        return cls(_text(raw, "id").lower(), _text(raw, "nickname"), raw.get("primary") is True,
+                   state if state in GUARD_STATES else "usable", raw.get("in_use") is True, _text(raw, "note"))
+
+
 @dataclass(frozen=True)
 class StatusSnapshot:
     state: EngineState
@@ -87,6 +114,8 @@ class StatusSnapshot:
     nat: dict[str, Any] | None = field(default=None, hash=False)  # core/nat status (§9.4, §13.6)
     # not trying, and a kill switch kept after an engine died blocks traffic outside the tunnel (§9.5, §9.6)
     blocked: bool = False
+    guards: tuple[GuardStatus, ...] = ()  # the entry guards, in their order (§5.4)
+    guard_warning: str = ""  # the latest warning about them (path bias, a guard dropped), for the user
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +128,7 @@ class StatusSnapshot:
             "circuits_built": self.circuits_built, "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received, "relays_known": self.relays_known, "dht_peers": self.dht_peers,
             "discovery": self.discovery, "nat": self.nat, "blocked": self.blocked,
+            "guards": [g.to_json() for g in self.guards], "guard_warning": self.guard_warning,
         }
 
     @classmethod
@@ -109,6 +139,9 @@ class StatusSnapshot:
             state = EngineState(raw.get("state"))
         except ValueError:
             raise SnapshotError(f"unknown engine state {str(raw.get('state'))[:40]!r}") from None
+        guards = raw.get("guards")
+        guard_list = tuple(GuardStatus.from_json(g) for g in guards[:MAX_GUARDS] if isinstance(g, dict)) \
+            if isinstance(guards, list) else ()
         hops: list[HopStatus] = []
         circuit = raw.get("circuit")
         if isinstance(circuit, list) and len(circuit) == len(ROLES) and all(isinstance(h, dict) for h in circuit):
@@ -127,7 +160,7 @@ class StatusSnapshot:
             circuits_built=_count(raw, "circuits_built") or 0, bytes_sent=_count(raw, "bytes_sent") or 0,
             bytes_received=_count(raw, "bytes_received") or 0, relays_known=_count(raw, "relays_known"),
             dht_peers=_count(raw, "dht_peers"), discovery=_object(raw, "discovery"), nat=_object(raw, "nat"),
-            blocked=raw.get("blocked") is True)
+            blocked=raw.get("blocked") is True, guards=guard_list, guard_warning=_text(raw, "guard_warning"))
 
 
 def _text(raw: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:

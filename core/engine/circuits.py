@@ -24,6 +24,7 @@ from shallot.core.engine.setup import EngineSetup
 from shallot.core.engine.stats import EngineStats
 from shallot.core.errors import ShallotError
 from shallot.core.io.circuit_client import CircuitClient
+from shallot.core.link import LinkState
 from shallot.core.vpn.helper_client import PrivilegeError
 from shallot.crypto.circuit_handshake import SERVICE_ECHO, SERVICE_IP
 from shallot.crypto.descriptor import Descriptor
@@ -46,6 +47,14 @@ def failure(exc: Exception) -> tuple[str, ErrorKind | None]:
         return str(exc), None
     log.error("unexpected error while keeping the circuit", exc_info=exc)
     return f"internal error: {exc!r}", None
+
+
+class BuildFailed(ShallotError):
+    """A build that failed, and whether its guard answered while it was tried (``at_guard``: it did not)."""
+
+    def __init__(self, reason: str, *, at_guard: bool) -> None:
+        super().__init__(reason)
+        self.at_guard = at_guard
 
 
 def guard_endpoints(guard: Descriptor) -> list[tuple[str, int]]:
@@ -77,15 +86,42 @@ class EngineCircuits:
         tunnel = self.setup.tunnel
         if tunnel is not None:
             tunnel.prepare(guard_endpoints(path[0]))
-        circ = await client.build(list(path), timeout=BUILD_TIMEOUT_S,
-                                  service=SERVICE_IP if tunnel is not None else SERVICE_ECHO)
+        started = time.monotonic()
+        self.probe_link(client.node.guard_link(path[0].relay_id))  # a reused link: is the guard still there?
+        try:
+            circ = await client.build(list(path), timeout=BUILD_TIMEOUT_S,
+                                      service=SERVICE_IP if tunnel is not None else SERVICE_ECHO)
+        except ShallotError as exc:
+            # the guard's fault only if it did not answer while we tried (docs/PROTOCOL.md §5.4): a relay
+            # beyond it failing the build must not cost us the guard
+            link = client.node.guard_link(path[0].relay_id)
+            heard = link is not None and link.session is not None and link.last_recv >= started
+            raise BuildFailed(str(exc), at_guard=not heard) from None
         if tunnel is not None:
             try:
-                tunnel.configure(await self._ask_config(circ), guard_endpoints(path[0]), client.sink(circ))
+                config = await self._ask_config(circ)
+            except ShallotError as exc:
+                client.close_circuit(circ)
+                raise BuildFailed(str(exc), at_guard=False) from None  # built: the guard did its part
+            try:
+                tunnel.configure(config, guard_endpoints(path[0]), client.sink(circ))
             except BaseException:
                 client.close_circuit(circ)
                 raise
         return circ
+
+    def probe_link(self, link: object) -> None:
+        """Make an established guard link answer now (manager.ProbeGuard; and before a build reuses it)."""
+        client = self.client
+        if client is not None and link is not None and client.endpoint is not None:
+            client.node.link.probe(link, time.monotonic(), time.time())  # type: ignore[arg-type]
+            client.endpoint.poke()
+
+    def activity(self, circuit: object) -> m.Activity | None:
+        """The current circuit's counters for the manager's traffic watch (rule 3), or None."""
+        if not isinstance(circuit, ClientCircuit) or circuit.link is None:
+            return None
+        return m.Activity(time.monotonic(), circuit, circuit.sent, circuit.received, circuit.link.last_recv)
 
     def ping(self, circuit: object, seq: int) -> None:
         """Probe mode: an echo through the circuit; VPN mode: a CONFIG request (an IP circuit carries only IP
@@ -136,7 +172,10 @@ class EngineCircuits:
             elif event.circuit is self._current() and waiting is None:  # a late one must not undo a switch
                 asyncio.get_running_loop().call_soon(self._config_answer, event.circuit, event.data)
         elif isinstance(event, CircuitClosed | CircuitFailed):
-            self._soon(lambda now: m.CircuitLost(now, event.circuit, event.reason))
+            # the guard's fault when its link went down; a DESTROY or a teardown came from a live guard
+            link = event.circuit.link
+            at_guard = link is None or link.state is LinkState.CLOSED
+            self._soon(lambda now: m.CircuitLost(now, event.circuit, event.reason, at_guard=at_guard))
 
     def _on_datagram(self, circ: ClientCircuit, data: bytes) -> None:
         tunnel = self.setup.tunnel
@@ -153,7 +192,7 @@ class EngineCircuits:
             return
         try:
             tunnel.configure(data, guard_endpoints(circ.path[0]), self.client.sink(circ))
-        except Exception as exc:
-            self._report(m.CircuitLost(time.monotonic(), circ, *failure(exc)))
+        except Exception as exc:  # our tunnel, not the guard
+            self._report(m.CircuitLost(time.monotonic(), circ, *failure(exc), at_guard=False))
         else:
             self._report(m.PingAnswered(time.monotonic()))

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from shallot.core.circuit import ClientCircuit
 from shallot.core.circuit import manager as m
-from shallot.core.circuit.guards import AvoidFailedGuards
+from shallot.core.circuit.guards import GuardPolicy
 from shallot.core.control.api import (
     FINAL,
     ControlError,
@@ -38,6 +38,7 @@ from shallot.core.control.api import (
     StatusSnapshot,
 )
 from shallot.core.engine.circuits import EngineCircuits, failure
+from shallot.core.engine.guards import PersistentGuards, default_state_dir
 from shallot.core.engine.setup import EngineSetup
 from shallot.core.engine.stats import EngineStats
 from shallot.core.vpn import killmark
@@ -49,19 +50,23 @@ T = TypeVar("T")
 
 class ClientEngine:
     def __init__(self, *, own_ids: tuple[bytes, ...] = (), helper_fd: int | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, guards: GuardPolicy | None = None) -> None:
+        """``guards``: the guard policy; by default the persistent entry guards in the state directory."""
         self.setup = EngineSetup(own_ids=own_ids, helper_fd=helper_fd)
-        self.manager = m.CircuitManager(AvoidFailedGuards(rng or random.SystemRandom(), known=self.setup.known_s),
-                                        never=frozenset(own_ids))
+        self.guards = guards or PersistentGuards(default_state_dir() / "guards", rng or random.SystemRandom(),
+                                                 known=self.setup.known_s)
+        self.manager = m.CircuitManager(self.guards, never=frozenset(own_ids))
         self.stats = EngineStats()
         self.circuits = EngineCircuits(self.setup, self.stats, current=lambda: self.manager.circuit,
                                        report=self._handle)
         self.listeners: list[Callable[[StatusSnapshot], None]] = []
         self._work: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._poll: asyncio.TimerHandle | None = None  # the traffic watch (manager rule 3)
         self._runners: dict[type, Callable[[Any], None]] = {
             m.Publish: self._publish, m.AcquirePrivileges: self._acquire, m.FetchRelays: self._fetch,
             m.Build: self._build, m.Use: self._use, m.SendPing: lambda a: self.circuits.ping(a.circuit, a.seq),
+            m.ProbeGuard: lambda a: self.circuits.probe_link(getattr(a.circuit, "link", None)),
             m.RoundTrip: lambda a: self.stats.round_trip(a.seconds), m.Close: lambda a: self.circuits.close(a.circuit),
             m.Drop: self._drop, m.Teardown: self._teardown,
             m.Backoff: lambda a: log.warning("circuit problem: %s (retrying in %.1f s)", a.reason, a.delay),
@@ -79,7 +84,14 @@ class ClientEngine:
             discovery=d.status() if d else None,
             # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
             nat=self.circuits.client.nat.status() if self.circuits.client is not None else None,
-            blocked=not self.manager.trying and killmark.is_marked())
+            blocked=not self.manager.trying and killmark.is_marked(), **self._guard_status())
+
+    def _guard_status(self) -> dict[str, Any]:
+        g = self.guards
+        if not isinstance(g, PersistentGuards):
+            return {}
+        in_use = self.manager.path[0].relay_id if self.manager.path else None
+        return {"guards": g.status(in_use), "guard_warning": g.warning}
 
     def peers(self) -> PeersReply:
         """With discovery, the DHT nodes of the last crawl and the view; else the directory file's relays."""
@@ -138,9 +150,10 @@ class ClientEngine:
         """The engine crashed: everything stops, and a kill switch in place stays on (with the DNS change)
         until an explicit disconnect, ``shallot connect --cleanup`` or a new engine."""
         await self._stop_work()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._poll):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._poll = None
         if self.setup.tunnel is not None:
             self.setup.tunnel.abandon()
             self.setup.tunnel = None
@@ -179,7 +192,14 @@ class ClientEngine:
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()),
                                                                 self._on_timer)
+        if self._poll is None and self.manager.circuit is not None:
+            self._poll = asyncio.get_running_loop().call_later(m.ACTIVITY_POLL_S, self._on_poll)
 
+    def _on_poll(self) -> None:
+        self._poll = None
+        activity = self.circuits.activity(self.manager.circuit)
+        if activity is not None:
+            self._handle(activity)
     def _on_timer(self) -> None:
         self._timer = None
         self._run(self.manager.handle_timer(time.monotonic()))
@@ -194,8 +214,8 @@ class ClientEngine:
             if self.setup.tunnel is not None:
                 self.setup.tunnel.forget_helper()
             self._handle(m.PrivilegesLost(time.monotonic(), reason))
-        elif self.manager.circuit is not None:
-            self._handle(m.CircuitLost(time.monotonic(), self.manager.circuit, reason))
+        elif self.manager.circuit is not None:  # our device, not the guard
+            self._handle(m.CircuitLost(time.monotonic(), self.manager.circuit, reason, at_guard=False))
 
     def _start_work(self, token: int, job: Callable[[], Awaitable[T]], done: Callable[[float, T], m.Event]) -> None:
         """The manager's one piece of work; what comes of it, or why it failed, goes back with ``token``.
@@ -204,7 +224,7 @@ class ClientEngine:
             try:
                 result = await job()
             except Exception as exc:
-                self._handle(m.Failed(time.monotonic(), token, *failure(exc)))
+                self._handle(m.Failed(time.monotonic(), token, *failure(exc), at_guard=getattr(exc, "at_guard", True)))
             else:
                 self._handle(done(time.monotonic(), result))
         self._work = asyncio.get_running_loop().create_task(run())

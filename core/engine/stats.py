@@ -8,7 +8,7 @@ from typing import Any
 
 from shallot.core.circuit import ClientCircuit
 from shallot.core.circuit.manager import CircuitManager, Path
-from shallot.core.control.api import ROLES, EngineMode, EngineState, HopStatus, StatusSnapshot
+from shallot.core.control.api import ROLES, EngineMode, EngineState, GuardStatus, HopStatus, StatusSnapshot
 
 
 @dataclass
@@ -49,7 +49,8 @@ class EngineStats:
 
     def snapshot(self, manager: CircuitManager, *, mode: EngineMode, kill_switch: bool, directory: str | None,
                  discovery: dict[str, Any] | None, relays_known: int | None, dht_peers: int | None,
-                 nat: dict[str, Any] | None, blocked: bool = False) -> StatusSnapshot:
+                 nat: dict[str, Any] | None, blocked: bool = False, guards: list[dict[str, Any]] | None = None,
+                 guard_warning: str = "") -> StatusSnapshot:
         path = manager.path if manager.state is EngineState.CONNECTED else ()
         return StatusSnapshot(
             state=manager.state, step=manager.step, error=manager.error, error_kind=manager.error_kind, mode=mode,
@@ -59,4 +60,5 @@ class EngineStats:
             build_ms=self.build_ms, rtt_ms=self.rtt_ms, connected_since=self.connected_since,
             circuit_since=self.circuit_since, circuits_built=self.circuits_built, bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received, relays_known=relays_known, dht_peers=dht_peers, discovery=discovery,
-            nat=nat, blocked=blocked)
+            nat=nat, blocked=blocked, guards=tuple(GuardStatus.from_json(g) for g in guards or ()),
+            guard_warning=guard_warning)

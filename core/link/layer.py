@@ -102,6 +102,13 @@ class LinkLayer:
         link.addr = addr
         self._start_handshake(link, now, wall)
 
+    def probe(self, link: Link, now: float, wall: float) -> None:
+        """Make the peer of an established link we dialed answer now: a fresh handshake (a rekey), which a
+        live peer answers within a round trip (``last_recv`` moves) and a dead one never.  The client uses
+        it to tell a dead guard from a dead relay beyond it (docs/PROTOCOL.md §9.5)."""
+        if link.initiator and link.session is not None and link.pending is None and link.state is LinkState.UP:
+            self._start_handshake(link, now, wall)
+
     def send_cell(self, link: Link, cell: bytes, now: float) -> None:
         session = link.session
         if session is None:

@@ -92,6 +92,12 @@ def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: Runnin
     assert [h["id"] for h in status["circuit"]] == [h.id for h in c.view.hops]
     assert w.headline.text() == "Connected" and w.button.text() == "Disconnect"
     assert_latency_is_the_engines(qtbot, w, app.sock)
+    # the guard card says it is the user's entry guard, the one the engine's guard set marks in use
+    in_use = [g for g in status["guards"] if g["in_use"]]
+    assert len(in_use) == 1 and in_use[0]["id"] == status["circuit"][0]["id"] and in_use[0]["primary"]
+    assert w.circuit_view.cards["guard"].role_label.text() == "YOUR GUARD"
+    assert "entry guard" in w.circuit_view.cards["guard"].toolTip()
+    assert w.circuit_view.cards["middle"].role_label.text() == "MIDDLE"
 
     before = shown_ids(w)
     qtbot.waitUntil(lambda: w.new_circuit_button.isEnabled(), timeout=5000)
@@ -100,7 +106,8 @@ def test_connect_circuit_new_circuit_disconnect(qtbot, make_app, network: Runnin
                     and shown_ids(w) != before, timeout=CONNECT_MS)
     after_status = engine_status(app.sock)
     assert [h["id"][:8] for h in after_status["circuit"]] == shown_ids(w)
-    assert not set(before) & set(shown_ids(w))  # the engine avoids every relay of the old path when it can
+    # a new circuit keeps the entry guard and avoids the old middle and exit (docs/PROTOCOL.md §5.10)
+    assert shown_ids(w)[0] == before[0] and not set(before[1:]) & set(shown_ids(w)[1:])
     assert after_status["circuits_built"] >= 2
 
     qtbot.mouseClick(w.button, Qt.MouseButton.LeftButton)

@@ -141,8 +141,12 @@ async def test_connect_new_circuit_disconnect(engine: Engine, network: RunningNe
             assert snap2["circuit_since"] > snap["circuit_since"]
             assert snap2["connected_since"] == first_since  # the connection did not drop
             assert len(snap2["circuit"]) == 3 and snap2["circuit"][-1]["exit"] is True
-            # six relays, two exits: the new circuit avoids every relay of the old one
-            assert not set(first_path) & {h["id"] for h in snap2["circuit"]}
+            # six relays, two exits: the new circuit keeps the entry guard (PROTOCOL §5.10) and avoids
+            # the old middle and exit
+            new_path = [h["id"] for h in snap2["circuit"]]
+            assert new_path[0] == first_path[0] and not set(first_path[1:]) & set(new_path[1:])
+            in_use = [g for g in snap2["guards"] if g["in_use"]]
+            assert [g["id"] for g in in_use] == [new_path[0]] and in_use[0]["primary"]
 
             result = await c.call("disconnect")
             assert result["state"] == "disconnected"

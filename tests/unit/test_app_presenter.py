@@ -172,3 +172,16 @@ def test_an_older_engine_is_known_by_its_hello() -> None:
     new = Hello.from_json(Hello(Role.CLIENT, frozenset({"configure", "connect", "status"})).to_json())
     assert new.can("configure") and not new.can("circuits")
     assert ADVICE[ErrorKind.ENGINE_OUTDATED][2] is ViewAction.RETRY
+
+
+def test_the_circuits_guard_is_shown_as_your_guard_when_it_is_an_entry_guard() -> None:
+    guards = [{"id": "0" * 40, "nickname": "g", "primary": True, "state": "usable", "in_use": True},
+              {"id": "9" * 40, "nickname": "other", "primary": True, "state": "retrying"}]
+    snap = parse_snapshot({"state": "connected", "circuit": HOPS, "guards": guards})
+    assert "primary guard 1 of 2" in present(snap).guard_tip
+    spare = parse_snapshot({"state": "connected", "circuit": HOPS, "guards": [{**guards[0], "primary": False}]})
+    assert "spare guard" in present(spare).guard_tip
+    assert present(parse_snapshot({"state": "connected", "circuit": HOPS})).guard_tip == ""  # no guard set
+    warned = parse_snapshot({"state": "connected", "circuit": HOPS, "guards": guards,
+                             "guard_warning": "guard g dropped: only 20% of its circuits built (path bias)"})
+    assert "path bias" in present(warned).advice

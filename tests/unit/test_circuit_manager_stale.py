@@ -16,7 +16,8 @@ def test_a_timer_called_before_it_is_due_or_with_nothing_due_does_nothing() -> N
     d.connected()
     due = d.m.timer()
     assert due is not None and d.m.handle_timer(due - 0.01) == []  # the ping round's answer is not late yet
-    assert [type(a) for a in d.m.handle_timer(due)] == [m.Publish]  # at its deadline the round ends, unanswered
+    # at its deadline the ping is late: the circuit is suspect (its guard probed, another ping out)
+    assert [type(a) for a in d.m.handle_timer(due)] == [m.ProbeGuard, m.SendPing]
 
 
 def test_late_answers_to_abandoned_work_change_nothing() -> None:

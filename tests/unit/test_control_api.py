@@ -23,7 +23,8 @@ from shallot.core.control.api import (
 
 SNAPSHOT_KEYS = ["state", "step", "error", "error_code", "mode", "trying", "kill_switch", "directory", "exit",
                  "circuit", "build_ms", "rtt_ms", "connected_since", "circuit_since", "circuits_built", "bytes_sent",
-                 "bytes_received", "relays_known", "dht_peers", "discovery", "nat", "blocked"]
+                 "bytes_received", "relays_known", "dht_peers", "discovery", "nat", "blocked", "guards",
+                 "guard_warning"]
 
 
 def test_the_snapshot_has_the_keys_of_the_protocol() -> None:
