@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from shallot.core.circuit.entry import introducers_fit
 from shallot.core.errors import ShallotError
 from shallot.core.wire.addresses import subnet_key
 from shallot.crypto.descriptor import Descriptor
@@ -56,6 +57,7 @@ def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: by
     if not exits:
         raise PathError("no exit relay in the directory allows this traffic (exits behind a NAT are never used)")
     rng.shuffle(exits)
+    known = {d.relay_id: d for d in relays}
     for exit_relay in exits:
         chosen = [exit_relay]
         others = [d for d in pool if d.relay_id != exit_relay.relay_id]
@@ -65,7 +67,8 @@ def select_path(relays: Sequence[Descriptor], rng: random.Random, *, exit_id: by
         # when there are not enough other relays
         while len(chosen) < hops:
             guard_slot = len(chosen) == hops - 1
-            fits = [c for c in others if (guard_slot or not behind_nat(c)) and _compatible(c, chosen)]
+            fits = [c for c in others if (guard_slot or not behind_nat(c)) and _compatible(c, chosen)
+                    and (not guard_slot or introducers_fit(c, chosen, known))]  # entry position (entry.py)
             if not fits:
                 break
             cand = rng.choice([c for c in fits if not c.is_exit] or fits)
@@ -89,6 +92,9 @@ def check_path(path: Sequence[Descriptor], *, port: int | None = None) -> None:
     for d in path[1:]:
         if behind_nat(d):
             raise PathError(f"relay {d.nickname} is behind a NAT: it can only be the first relay (the guard)")
+    if not introducers_fit(path[0], path[1:], {d.relay_id: d for d in path}):
+        raise PathError(f"an introducer of {path[0].nickname} is a later relay of the path or shares its /16 "
+                        "network or family")
     last = path[-1]
     if not last.is_exit:
         raise PathError(f"the last relay, {last.nickname}, is not an exit")

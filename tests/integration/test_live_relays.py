@@ -121,7 +121,7 @@ async def nothing_before_the_control(sock: socket.socket, relay: Descriptor, tim
     while True:
         index = random.randrange(1, 2**32)
         _state, init = lh.client_initiation(responder_link_pub=relay.link_pub, sender_index=index,
-                                            timestamp_ns=time.time_ns(), rng=os.urandom)
+                                            rng=os.urandom)
         ours.add(index)
         sock.sendto(init, addr_of(relay))
         try:
