@@ -34,7 +34,6 @@ ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
 NAT_PROBE_TIMEOUT_S = 10.0
-DIRECTORY_CHECK_S = 2.0  # at most this often, an unknown relay makes us look whether --directory changed
 
 
 class _AltPort(asyncio.DatagramProtocol):
@@ -84,8 +83,7 @@ class RelayService:
         DHT (who counts as a relay on a relay link, docs/PROTOCOL.md §5.7)."""
         self.directory = directory
         self._directory_relays: dict[bytes, Descriptor] = {}
-        self._directory_mtime: float | None = None
-        self._directory_checked = float("-inf")
+        self._directory_mtime: int | None = None
         self.state = state
         self.bootstrap = bootstrap or []
         self.dht_enabled = dht or bool(bootstrap)
@@ -128,9 +126,6 @@ class RelayService:
         has_view = self.dht_enabled or self.directory is not None
         if self.directory is not None:
             self._reload_directory(force=True)
-        elif not self.dht_enabled:
-            log.warning("no network view (neither --bootstrap/--dht nor --directory): every relay link counts as "
-                        "a relay, so one-hop circuits through a freshly minted identity cannot be refused")
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
                               services=self.services, link=link, nat_cells=self.nat.control_cell,
@@ -151,6 +146,10 @@ class RelayService:
                     raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
                 raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             stack.callback(self.endpoint.close)
+            if not has_view:  # said once the relay is surely running, so a start-up error stays one line
+                (log.warning if self.settings.exit else log.info)(
+                    "no network view (neither --bootstrap/--dht nor --directory): every relay link counts as a "
+                    "relay, so one-hop circuits through a freshly minted identity cannot be refused")
             if self.part is not None:
                 stack.callback(self.part.close)
                 await self.part.start(self.node, self.endpoint)
@@ -202,15 +201,12 @@ class RelayService:
         return False
 
     def _reload_directory(self, *, force: bool = False) -> bool:
-        """Re-read --directory if it changed (checked at most every DIRECTORY_CHECK_S).  True if re-read."""
+        """Re-read --directory if it changed since we read it (one stat per unknown relay: cheap, and
+        CREATEs are rate-limited per source).  True if re-read."""
         if self.directory is None:
             return False
-        now = time.monotonic()
-        if not force and now - self._directory_checked < DIRECTORY_CHECK_S:
-            return False
-        self._directory_checked = now
         try:
-            mtime = self.directory.stat().st_mtime
+            mtime = self.directory.stat().st_mtime_ns
             if not force and mtime == self._directory_mtime:
                 return False
             relays = load_directory(self.directory)

@@ -372,6 +372,19 @@ async def test_replayed_create_is_rejected(network: RunningNetwork) -> None:
 # ---------------------------------------------------------------------------------------------- tampering
 
 
+@contextlib.contextmanager
+def listed(network: RunningNetwork, desc: Descriptor) -> Any:
+    """``desc`` is in the network's directory file while the block runs: the relays' view (``--directory``),
+    as a relay that published its descriptor.  An exit ends circuits only for previous hops in its view
+    (docs/PROTOCOL.md §5.7); the file is restored after, so no other test's paths can pick a dead relay."""
+    original = network.directory.read_text()
+    network.directory.write_text(encode_directory([*load_directory(network.directory), desc]))
+    try:
+        yield
+    finally:
+        network.directory.write_text(original)
+
+
 @pytest.mark.parametrize(("flip", "part"), [("forward", "body"), ("backward", "body"),
                                             ("forward", "header"), ("backward", "header")])
 async def test_tampering_middle_is_detected(network: RunningNetwork, procs: ProcGroup, tmp_path: Path,
@@ -388,6 +401,14 @@ async def test_tampering_middle_is_detected(network: RunningNetwork, procs: Proc
     path = [by_nick[guard.nickname], by_nick["evil"], by_nick[exit_.nickname]]
     g_state, e_state = network.state(guard), network.state(exit_)
 
+    with listed(network, path[1]):
+        await _tampered_circuit(network, client_path=path, evil=evil, evil_state=evil_state, g_state=g_state,
+                                e_state=e_state, flip=flip)
+
+
+async def _tampered_circuit(network: RunningNetwork, *, client_path: list[Descriptor], evil: Any, evil_state: Path,
+                            g_state: Path, e_state: Path, flip: str) -> None:
+    path = client_path
     async with open_client() as client:
         circ = await client.build(path)
         inbox = client.inbox[circ.circuit_id]  # the client drops its own reference once the circuit closes
