@@ -21,6 +21,7 @@ from shallot.core.link import (
     LinkDown,
     LinkError,
     LinkLayer,
+    LinkState,
     PeerKind,
     new_circuit_id,
     peer_may_create,
@@ -127,6 +128,9 @@ SWEEP_INTERVAL_S = 1.0
 # (relay id, link key) of a relay link's peer -> is it a relay in this relay's own view?  (docs/PROTOCOL.md
 # §5.7 "relay tier"; relay/service.py answers from the DHT view and --directory)
 KnownRelay = Callable[[bytes, bytes], bool]
+RelayLookup = Callable[[bytes, bytes], None]
+PARK_TIMEOUT_S = 3.0  # a TERMINATE from a relay not in our view waits this long for a DHT lookup of it
+MAX_PARKED = 256
 
 
 def relay_link_layer(keys: RelayKeys, *, rng: RandomBytes, wall: float, cert_lifetime_s: int = 7 * 86400) -> LinkLayer:
@@ -160,6 +164,9 @@ class RelayNode(LinkOwner):
         self.link.on_cell = self._on_cell
         self._nat_cells = nat_cells
         self.known_relay = known_relay
+        # asks the caller to look up a relay not in our view; it answers with relay_looked_up (relay/service.py)
+        self.lookup_relay: RelayLookup | None = None
+        self._parked: dict[int, tuple[float, bytes, bytes, Link, int, RelayCircuit, ch.Terminate]] = {}
         self.ring = OnionKeyRing.from_relay_keys(keys)
         self.counters: Counter[str] = Counter()
         self.own_hop = ch.HopIdentity(keys.relay_id, keys.link_pub)
@@ -189,6 +196,8 @@ class RelayNode(LinkOwner):
         if now < self._next_sweep:
             return
         self._next_sweep = now + SWEEP_INTERVAL_S  # timeouts are tens of seconds: a scan per second is plenty
+        if self._parked:
+            self._expire_parked(now)
         for circ, from_prev in list(self.circuits.values()):
             if not from_prev:
                 continue
@@ -303,7 +312,7 @@ class RelayNode(LinkOwner):
                 self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
             return
         if cmd == CMD_CREATE:
-            if entry is not None:
+            if entry is not None or key in self._parked:
                 self.counters["drop_create_duplicate_circuit"] += 1
                 return
             self._handle_create(link, cid, cell[CELL_HEADER_LEN:])
@@ -393,25 +402,12 @@ class RelayNode(LinkOwner):
                 # a one-hop circuit would make the exit a plain proxy for whoever connects (Tor refuses
                 # these too): the exit must never be the first hop of a client's circuit, and a freshly
                 # minted identity dialing with IK is no relay (review M2)
-                counter = "reject_create_one_hop" if link.kind is PeerKind.CLIENT else "reject_create_unknown_relay"
-                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, counter)
+                if link.kind is PeerKind.CLIENT:
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
+                elif not self._park(link, cid, circ, instruction):
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
                 return
-            name = ch.SERVICES[instruction.service]
-            service = self.services.get(instruction.service)
-            if service is None:
-                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, f"reject_create_no_{name}_service")
-                return
-            if not service.attach(circ):
-                self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, f"reject_create_{name}_full")
-                return
-            circ.service, circ.service_id = service, instruction.service
-            circ.endpoint = EndpointLayer(keys)
-            circ.state = CircState.OPEN
-            self._register(circ)
-            link.users += 1
-            self.counters["circuit_terminated_here"] += 1
-            self.link.send_cell(link, encode_cell(cid, CMD_CREATED, ch.relay_created_first(reply, rng=self._rng)),
-                                self._now)
+            self._terminate(link, cid, circ, instruction)
             return
         if instruction.relay_id == self.keys.relay_id or instruction.link_pub == self.keys.link_pub:
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_to_self")
@@ -434,6 +430,61 @@ class RelayNode(LinkOwner):
         nxt.users += 1
         self.counters["circuit_extended"] += 1
         self.link.send_cell(nxt, encode_cell(circ.next_cid, CMD_CREATE, opened.forward_slots), self._now)
+
+    def _terminate(self, link: Link, cid: int, circ: RelayCircuit, instruction: ch.Terminate) -> None:
+        """End the circuit here, in the service the record asks for."""
+        name = ch.SERVICES[instruction.service]
+        service = self.services.get(instruction.service)
+        if service is None:
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, f"reject_create_no_{name}_service")
+            return
+        if not service.attach(circ):
+            self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, f"reject_create_{name}_full")
+            return
+        assert circ.keys is not None
+        circ.service, circ.service_id = service, instruction.service
+        circ.endpoint = EndpointLayer(circ.keys)
+        circ.state = CircState.OPEN
+        self._register(circ)
+        link.users += 1
+        self.counters["circuit_terminated_here"] += 1
+        self.link.send_cell(link, encode_cell(cid, CMD_CREATED, ch.relay_created_first(circ.reply, rng=self._rng)),
+                            self._now)
+
+    def _park(self, link: Link, cid: int, circ: RelayCircuit, instruction: ch.Terminate) -> bool:
+        """A TERMINATE from a relay link whose peer is not (yet) in our view: hold it while the caller looks
+        the relay up (``lookup_relay``, a DHT lookup: it may have joined since our last crawl).  False if
+        there is no lookup or too much is held already."""
+        rid, pub = link.peer_relay_id, link.peer_link_pub
+        if self.lookup_relay is None or rid is None or pub is None or len(self._parked) >= MAX_PARKED:
+            return False
+        first = not any(p[1] == rid for p in self._parked.values())
+        self._parked[_key(link.link_id, cid)] = (self._now + PARK_TIMEOUT_S, rid, pub, link, cid, circ, instruction)
+        self.counters["create_held_for_lookup"] += 1
+        if first:
+            self.lookup_relay(rid, pub)
+        return True
+
+    def relay_looked_up(self, relay_id: bytes, link_pub: bytes, found: bool, now: float) -> None:
+        """The answer to ``lookup_relay``: finish or refuse the CREATEs held for that relay."""
+        self._now = now
+        for key, (_deadline, rid, pub, link, cid, circ, instruction) in list(self._parked.items()):
+            if rid != relay_id:
+                continue
+            del self._parked[key]
+            if link.state is LinkState.CLOSED:
+                continue
+            if found and pub == link_pub:
+                self._terminate(link, cid, circ, instruction)
+            else:
+                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
+
+    def _expire_parked(self, now: float) -> None:
+        for key, (deadline, _rid, _pub, link, cid, _circ, _ins) in list(self._parked.items()):
+            if now >= deadline:
+                del self._parked[key]
+                if link.state is not LinkState.CLOSED:
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
 
     def _handle_created(self, circ: RelayCircuit, payload: bytes) -> None:
         try:

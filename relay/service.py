@@ -34,6 +34,7 @@ ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
 NAT_PROBE_TIMEOUT_S = 10.0
+LOOKUP_TIMEOUT_S = 2.5  # a DHT lookup of a relay not in our view (the node holds its CREATE 3 s)
 
 
 class _AltPort(asyncio.DatagramProtocol):
@@ -130,6 +131,9 @@ class RelayService:
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
                               services=self.services, link=link, nat_cells=self.nat.control_cell,
                               known_relay=self._known_relay if has_view else None)
+        if self.dht_enabled:
+            self.node.lookup_relay = self._lookup_relay
+        self._lookups: set[bytes] = set()
         node_stack = NodeStack(self.node, self.nat)
         # the build replay cache survives restarts (docs/PROTOCOL.md §5.7): a CREATE recorded before a
         # restart is refused after it
@@ -199,6 +203,28 @@ class RelayService:
         if self.discovery is not None:
             self.discovery.crawl_soon()
         return False
+
+    def _lookup_relay(self, relay_id: bytes, link_pub: bytes) -> None:
+        """The node holds a TERMINATE from a relay not in our view: ask the DHT for its descriptor."""
+        if relay_id in self._lookups or self.discovery is None:
+            return
+        self._lookups.add(relay_id)
+        asyncio.get_running_loop().create_task(self._lookup(relay_id, link_pub))
+
+    async def _lookup(self, relay_id: bytes, link_pub: bytes) -> None:
+        found = False
+        try:
+            assert self.discovery is not None
+            desc = await asyncio.wait_for(self.discovery.lookup(relay_id), LOOKUP_TIMEOUT_S)
+            found = desc is not None and desc.link_pub == link_pub and time.time() <= desc.expires
+        except Exception:  # a failed lookup is "not found": the held CREATEs are refused
+            log.debug("DHT lookup of a relay failed", exc_info=True)
+        finally:
+            self._lookups.discard(relay_id)
+        if self.node is not None:
+            self.node.relay_looked_up(relay_id, link_pub, found, time.monotonic())
+            if self.endpoint is not None:
+                self.endpoint.poke()
 
     def _reload_directory(self, *, force: bool = False) -> bool:
         """Re-read --directory if it changed since we read it (one stat per unknown relay: cheap, and

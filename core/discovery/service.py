@@ -137,6 +137,12 @@ class RelayDiscovery:
         self._crawl_requested = True
         self._publish_wanted.set()
 
+    async def lookup(self, relay_id: bytes) -> Descriptor | None:
+        """Ask the DHT for one relay's record (a relay met a relay it did not know); valid ones join the view."""
+        for raw in await self.node.find_records(relay_id):
+            self.view.offer(relay_id, raw, time.time())
+        return self.descriptor(relay_id)
+
     def descriptor(self, relay_id: bytes) -> Descriptor | None:
         """The relay's descriptor if we know it: from our last crawl or among the records we store."""
         return self.view.get(relay_id) or self.node.storage.descriptor(relay_id)

@@ -200,3 +200,29 @@ def test_every_hop_sees_the_same_hour_and_nothing_finer() -> None:
         opened = ch.relay_open(s.cell[CELL_HEADER_LEN:CELL_HEADER_LEN + 592], n.node(0).ring.keys, rng=os.urandom)
         seen.append(opened.hour)
     assert len(seen) == 4 and len(set(seen)) == 1
+
+
+def test_a_terminate_from_a_relay_the_exit_does_not_know_waits_for_a_lookup() -> None:
+    """With a DHT the exit asks for the unknown relay's record and holds the CREATE meanwhile: found (it
+    joined since our last crawl) -> the circuit opens; not found -> refused; no answer -> refused after
+    PARK_TIMEOUT_S."""
+    from shallot.relay.forwarder import PARK_TIMEOUT_S
+    n = make_net(5, exits={2, 3})
+    _views(n, {0, 2, 3, 4})  # relay 1 joined after the exits' last crawl
+    exit_ = n.node(2)
+    asked: list[bytes] = []
+    exit_.lookup_relay = lambda rid, pub: asked.append(rid)
+    circ = n.build([0, 1, 2])
+    assert asked == [n.desc(1).relay_id] and circ.state is CircuitState.BUILDING
+    assert exit_.counters["create_held_for_lookup"] == 1
+    exit_.relay_looked_up(n.desc(1).relay_id, n.desc(1).link_pub, True, n.net.now)
+    n.net.run()
+    assert circ.state is CircuitState.OPEN and exit_.counters["circuit_terminated_here"] == 1
+    refused = n.build([4, 1, 2])
+    exit_.relay_looked_up(n.desc(1).relay_id, n.desc(1).link_pub, False, n.net.now)
+    n.net.run()
+    assert refused.state is CircuitState.CLOSED and exit_.counters["reject_create_unknown_relay"] == 1
+    n.node(3).lookup_relay = lambda rid, pub: None  # never answers
+    late = n.build([4, 1, 3])
+    n.net.advance(PARK_TIMEOUT_S + 1.5)
+    assert late.state is CircuitState.CLOSED and n.node(3).counters["reject_create_unknown_relay"] >= 1
