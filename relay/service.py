@@ -150,10 +150,6 @@ class RelayService:
                     raise ShallotError(f"cannot listen on {host}:{port}: the port is already in use") from None
                 raise ShallotError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             stack.callback(self.endpoint.close)
-            if not has_view:  # said once the relay is surely running, so a start-up error stays one line
-                (log.warning if self.settings.exit else log.info)(
-                    "no network view (neither --bootstrap/--dht nor --directory): every relay link counts as a "
-                    "relay, so one-hop circuits through a freshly minted identity cannot be refused")
             if self.part is not None:
                 stack.callback(self.part.close)
                 await self.part.start(self.node, self.endpoint)
@@ -176,6 +172,10 @@ class RelayService:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
                 stack.callback(loop.remove_signal_handler, sig)
+            if not has_view:  # said once the relay is surely running, so a start-up error stays one line
+                (log.warning if self.settings.exit else log.info)(
+                    "no network view (neither --bootstrap/--dht nor --directory): every relay link counts as a "
+                    "relay, so one-hop circuits through a freshly minted identity cannot be refused")
             log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
             print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
             if self.discovery is not None:
