@@ -369,6 +369,55 @@ async def test_replayed_create_is_rejected(network: RunningNetwork) -> None:
             assert counter(g2, "reject_create_replay") - counter(g0, "reject_create_replay") == 2
 
 
+async def test_a_create_replayed_after_the_relay_restarted_is_rejected(network: RunningNetwork, procs: ProcGroup,
+                                                                       tmp_path: Path) -> None:
+    """Review PoC A.4 with real processes: a CREATE recorded on its way to a relay is replayed after that
+    relay restarted (SIGTERM, same state directory): the build replay cache saved in DIR/replay refuses it."""
+    state = tmp_path / "victim"
+    state_dir.keygen(state, ("127.0.0.1", free_udp_ports(1)[0]), "victim", False)
+    victim = procs.start("relay", "--state", state, "--directory", network.directory)
+    victim.wait_line("listening")
+    _guard, middle, exit_ = path_of(network)
+    path = [state_dir.read_descriptor(state), middle, exit_]
+    async with open_client() as client:
+        creates: list[bytes] = []
+        send_cell = client.node.link.send_cell
+
+        def recording_send_cell(link: Any, cell: bytes, now: float) -> None:
+            if cell[4] == CMD_CREATE:
+                creates.append(bytes(cell))
+            send_cell(link, cell, now)
+
+        client.node.link.send_cell = recording_send_cell  # type: ignore[method-assign]
+        circ = await client.build(path)
+        assert await echo(client, circ, b"before") == b"before" and len(creates) == 1
+    victim.signal(signal.SIGTERM)
+    assert victim.wait() == 0
+    assert (state / "replay").stat().st_size > 8 + 32, "nothing saved in DIR/replay"
+    victim = procs.start("relay", "--state", state, "--directory", network.directory)
+    victim.wait_line("listening")
+    path[0] = state_dir.read_descriptor(state)  # re-signed at start; same keys
+    async with open_client() as client:
+        cells_in: list[bytes] = []
+        on_cell = client.node.link.on_cell
+        client.node.link.on_cell = lambda link, cell: (cells_in.append(bytes(cell)), on_cell(link, cell))
+        circ = await client.build(path)  # the restarted relay works, and gives us a link to it
+        s0 = await relay_status(state)
+        cid = _client_cid()
+        assert circ.link is not None and client.endpoint is not None
+        client.node.link.send_cell(circ.link, cid.to_bytes(4, "big") + creates[0][4:], time.monotonic())
+        client.endpoint.poke()
+
+        async def answered() -> bytes | None:
+            return next((c for c in cells_in if int.from_bytes(c[:4], "big") == cid), None)
+
+        answer = await wait_until(answered, 10, what="the restarted relay's answer to the replayed CREATE")
+        assert answer[4] == CMD_DESTROY and answer[5] == DestroyReason.HOP_REJECTED
+        s1 = await relay_status(state)
+        assert counter(s1, "reject_create_replay") - counter(s0, "reject_create_replay") == 1
+        assert counter(s1, "circuit_extended") == counter(s0, "circuit_extended"), "the replay was extended again"
+
+
 # ---------------------------------------------------------------------------------------------- tampering
 
 
