@@ -456,7 +456,8 @@ class RelayNode(LinkOwner):
         the relay up (``lookup_relay``, a DHT lookup: it may have joined since our last crawl).  False if
         there is no lookup or too much is held already."""
         rid, pub = link.peer_relay_id, link.peer_link_pub
-        if self.lookup_relay is None or rid is None or pub is None or len(self._parked) >= MAX_PARKED:
+        assert rid is not None and pub is not None  # a relay link always names its peer (proved, or dialed)
+        if self.lookup_relay is None or len(self._parked) >= MAX_PARKED:
             return False
         first = not any(p[1] == rid for p in self._parked.values())
         self._parked[_key(link.link_id, cid)] = (self._now + PARK_TIMEOUT_S, rid, pub, link, cid, circ, instruction)

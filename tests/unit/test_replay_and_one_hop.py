@@ -226,3 +226,49 @@ def test_a_terminate_from_a_relay_the_exit_does_not_know_waits_for_a_lookup() ->
     late = n.build([4, 1, 3])
     n.net.advance(PARK_TIMEOUT_S + 1.5)
     assert late.state is CircuitState.CLOSED and n.node(3).counters["reject_create_unknown_relay"] >= 1
+
+
+def _mint(n, exit_i: int, seed: int) -> tuple[RelayNode, object]:
+    fake = RelayNode(RelayKeys.generate(det_rng(seed), n.net.wall), rng=det_rng(seed + 1), wall=n.net.wall)
+    n.net.add(("203.0.113.66", 4444 + seed), fake)
+    exd = n.desc(exit_i)
+    link = fake.link.open_link(exd.address, exd.link_pub, n.net.now, n.net.wall, peer_relay_id=exd.relay_id)
+    n.net.run()
+    return fake, link
+
+
+def _terminate(n, fake: RelayNode, link: object, exit_i: int, cid: int, slots: bytes | None = None) -> bytes:
+    exd = n.desc(exit_i)
+    if slots is None:
+        hop = ch.HopTarget(exd.onion_pub, ch.Terminate(ch.SERVICE_ECHO), ch.HopIdentity(exd.relay_id, exd.link_pub))
+        _pending, slots = ch.client_create([hop], hour=ch.record_hour(n.net.wall), rng=os.urandom)
+    fake.link.send_cell(link, encode_cell(cid, CMD_CREATE, slots), n.net.now)  # type: ignore[arg-type]
+    n.net.run()
+    return slots
+
+
+def test_held_creates_are_bounded_answered_per_relay_and_never_on_a_closed_link(monkeypatch) -> None:
+    from shallot.relay import forwarder
+    monkeypatch.setattr(forwarder, "MAX_PARKED", 2)
+    n = make_net()
+    _views(n, {0, 1, 2, 3})
+    exit_ = n.node(2)
+    asked: list[bytes] = []
+    exit_.lookup_relay = lambda rid, pub: asked.append(rid)
+    a, la = _mint(n, 2, 70)
+    b, lb = _mint(n, 2, 80)
+    slots = _terminate(n, a, la, 2, 0x80000001)
+    _terminate(n, a, la, 2, 0x80000001, slots)  # the same circuit id again while held: a duplicate
+    assert exit_.counters["drop_create_duplicate_circuit"] == 1
+    _terminate(n, b, lb, 2, 0x80000002)
+    assert exit_.counters["create_held_for_lookup"] == 2 and asked == [a.keys.relay_id, b.keys.relay_id]
+    _terminate(n, b, lb, 2, 0x80000003)  # a third: too many held, refused at once
+    assert exit_.counters["reject_create_unknown_relay"] == 1
+    exit_.relay_looked_up(a.keys.relay_id, a.keys.link_pub, True, n.net.now)  # only a's is answered
+    n.net.run()
+    assert exit_.counters["circuit_terminated_here"] == 1 and len(exit_._parked) == 1
+    (b_link,) = [lk for lk in exit_.link.links.values() if lk.peer_relay_id == b.keys.relay_id]
+    exit_.link.close_link(b_link, "test: b's link died while its CREATE was held")
+    exit_.relay_looked_up(b.keys.relay_id, b.keys.link_pub, True, n.net.now)
+    n.net.run()
+    assert exit_.counters["circuit_terminated_here"] == 1 and not exit_._parked
