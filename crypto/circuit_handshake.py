@@ -10,10 +10,13 @@ secrecy) with DH(x, B) (authenticates the hop's onion key), as in ntor.  On the 
 adds a ChaCha20 layer (keyed by its circuit keys) over the reply slots and prepends its own reply.
 
     slot    = onion_key_id[4] | X[32] | AEAD(k_rec, nonce 0, payload[96], ad = key_id | X)
-    payload = version u8 | kind u8 | minutes u32 | kind-specific[90]
+    payload = version u8 | kind u8 | hour u32 | kind-specific[90]
       kind 1 EXTEND:    address[19] | next link key[32] | next relay id[20] | zero[19]
       kind 2 TERMINATE: service u8 | zero[89]
     reply   = Y[32] | auth[16]
+
+Circuit keys and auth bind the protocol id and the hop's relay id and link key (ntor's ID and PROTOID):
+a relay that publishes another relay's onion key and forwards CREATEs to it cannot pass as that hop.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from shallot.crypto.params import (
     LABEL_RECORD,
     N_SLOTS,
     PROTOCOL_VERSION,
+    PROTOID_BUILD,
+    RECORD_EPOCH_S,
     RECORD_LEN,
     RECORD_PAYLOAD_LEN,
+    RECORD_SLACK_S,
     REPLY_LEN,
 )
 from shallot.crypto.primitives import (
@@ -73,9 +79,23 @@ class HopKeys:
         return "HopKeys(<redacted>)"
 
     @classmethod
-    def derive(cls, dh_ephemeral: bytes, dh_onion: bytes, x_pub: bytes, onion_pub: bytes, y_pub: bytes) -> HopKeys:
-        okm = hkdf(dh_ephemeral + dh_onion, salt=LABEL_CIRCUIT, info=x_pub + onion_pub + y_pub, length=8 * 32)
+    def derive(cls, dh_ephemeral: bytes, dh_onion: bytes, x_pub: bytes, onion_pub: bytes, y_pub: bytes,
+               hop: HopIdentity) -> HopKeys:
+        info = PROTOID_BUILD + hop.relay_id + hop.link_pub + x_pub + onion_pub + y_pub
+        okm = hkdf(dh_ephemeral + dh_onion, salt=LABEL_CIRCUIT, info=info, length=8 * 32)
         return cls(*(okm[i * 32:(i + 1) * 32] for i in range(8)))
+
+
+@dataclass(frozen=True)
+class HopIdentity:
+    """Who the client means to reach at this hop (from its descriptor), bound into the hop's keys."""
+
+    relay_id: bytes
+    link_pub: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.relay_id) != RELAY_ID_LEN or len(self.link_pub) != 32:
+            raise ValueError("bad hop identity")
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,7 @@ class HopTarget:
 
     onion_pub: bytes
     instruction: Instruction
+    identity: HopIdentity
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,7 @@ class PendingHop:
     x_pub: bytes
     onion_pub: bytes
     dh_onion: bytes = field(repr=False)
+    identity: HopIdentity
 
 
 def _xor_stream(key: bytes, data: bytes) -> bytes:
@@ -122,19 +144,20 @@ def _record_keys(dh_onion: bytes, x_pub: bytes, onion_pub: bytes) -> tuple[bytes
             hkdf(dh_onion, salt=LABEL_LAYER, info=info, length=32))
 
 
-def _auth(keys: HopKeys, x_pub: bytes, y_pub: bytes, onion_pub: bytes) -> bytes:
-    return hmac_sha256(keys.auth, LABEL_CREATED + x_pub + y_pub + onion_pub)[:16]
+def _auth(keys: HopKeys, x_pub: bytes, y_pub: bytes, onion_pub: bytes, hop: HopIdentity) -> bytes:
+    data = LABEL_CREATED + PROTOID_BUILD + hop.relay_id + hop.link_pub + x_pub + y_pub + onion_pub
+    return hmac_sha256(keys.auth, data)[:16]
 
 
-def encode_payload(instruction: Instruction, minutes: int) -> bytes:
+def encode_payload(instruction: Instruction, hour: int) -> bytes:
     out = bytearray([PROTOCOL_VERSION])
     if isinstance(instruction, ExtendTo):
         out.append(KIND_EXTEND)
-        out += minutes.to_bytes(4, "big")
+        out += hour.to_bytes(4, "big")
         out += encode_address(instruction.host, instruction.port) + instruction.link_pub + instruction.relay_id
     else:
         out.append(KIND_TERMINATE)
-        out += minutes.to_bytes(4, "big")
+        out += hour.to_bytes(4, "big")
         out.append(instruction.service)
     return bytes(out.ljust(RECORD_PAYLOAD_LEN, b"\x00"))
 
@@ -143,7 +166,7 @@ def decode_payload(payload: bytes) -> tuple[Instruction, int]:
     r = Reader(payload)
     if r.u8() != PROTOCOL_VERSION:
         raise DecodeError("unsupported record version")
-    kind, minutes = r.u8(), r.u32()
+    kind, hour = r.u8(), r.u32()
     instruction: Instruction
     if kind == KIND_EXTEND:
         host, port = decode_address(r)
@@ -158,10 +181,26 @@ def decode_payload(payload: bytes) -> tuple[Instruction, int]:
         raise DecodeError("unknown record kind")
     if any(r.take(r.remaining())):
         raise DecodeError("nonzero record padding")
-    return instruction, minutes
+    return instruction, hour
 
 
-def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
+def record_hour(wall: float) -> int:
+    """The only clock a client puts into a build record: the hour (docs/PROTOCOL.md §5.3)."""
+    return int(wall // RECORD_EPOCH_S)
+
+
+def record_time_ok(hour: int, wall: float) -> bool:
+    """A record of ``hour`` is acceptable now: its hour, widened by RECORD_SLACK_S on both sides."""
+    return hour * RECORD_EPOCH_S - RECORD_SLACK_S <= wall < (hour + 1) * RECORD_EPOCH_S + RECORD_SLACK_S
+
+
+def record_expiry(hour: int) -> float:
+    """Wall time after which a record of ``hour`` can never be accepted again (its replay-cache entry
+    may go then)."""
+    return float((hour + 1) * RECORD_EPOCH_S + RECORD_SLACK_S)
+
+
+def client_create(hops: list[HopTarget], *, hour: int, rng: RandomBytes,
                   ephemerals: list[bytes] | list[X25519Key] | None = None) -> tuple[list[PendingHop], bytes]:
     """Return per-hop state and the CREATE slots region (CREATE_SLOTS_LEN bytes)."""
     if not 1 <= len(hops) <= N_SLOTS:
@@ -176,10 +215,10 @@ def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
         dh_onion = x_priv.exchange(hop.onion_pub)
         k_rec, k_layer = _record_keys(dh_onion, x_pub, hop.onion_pub)
         key_id = onion_key_id(hop.onion_pub)
-        sealed = aead_seal(k_rec, ZERO_NONCE, encode_payload(hop.instruction, minutes), key_id + x_pub)
+        sealed = aead_seal(k_rec, ZERO_NONCE, encode_payload(hop.instruction, hour), key_id + x_pub)
         records.append(key_id + x_pub + sealed)
         layers.append(_xor_stream(k_layer, bytes((N_SLOTS - 1) * RECORD_LEN)))
-        pending.append(PendingHop(x_priv, x_pub, hop.onion_pub, dh_onion))
+        pending.append(PendingHop(x_priv, x_pub, hop.onion_pub, dh_onion, hop.identity))
     # Hop i sees slot j (j >= 1) after hops 0..i-1 stripped their layers; so in the first hop's view,
     # hop k's record sits in slot k, XORed with the layer of every earlier hop at the offset it sees.
     slots = [bytearray(rng(RECORD_LEN)) for _ in range(N_SLOTS)]
@@ -195,7 +234,7 @@ def client_create(hops: list[HopTarget], *, minutes: int, rng: RandomBytes,
 @dataclass(frozen=True)
 class RecordOpened:
     instruction: Instruction
-    minutes: int
+    hour: int
     x_pub: bytes
     dh_onion: bytes = field(repr=False)
     onion_pub: bytes = b""
@@ -216,18 +255,18 @@ def relay_open(slots: bytes, onion_keys: dict[bytes, X25519Key], *, rng: RandomB
     dh_onion = private.exchange(x_pub)
     k_rec, k_layer = _record_keys(dh_onion, x_pub, public)
     payload = aead_open(k_rec, ZERO_NONCE, sealed, key_id + x_pub)
-    instruction, minutes = decode_payload(payload)
+    instruction, hour = decode_payload(payload)
     rest = _xor_stream(k_layer, slots[RECORD_LEN:])
-    return RecordOpened(instruction, minutes, x_pub, dh_onion, public, rest + rng(RECORD_LEN))
+    return RecordOpened(instruction, hour, x_pub, dh_onion, public, rest + rng(RECORD_LEN))
 
 
-def relay_reply(opened: RecordOpened, *, rng: RandomBytes,
+def relay_reply(opened: RecordOpened, own: HopIdentity, *, rng: RandomBytes,
                 y_private: bytes | X25519Key | None = None) -> tuple[HopKeys, bytes]:
-    """Return our circuit keys and our 48-byte reply."""
+    """Return our circuit keys and our 48-byte reply.  ``own``: this relay's id and link key."""
     y = y_private if isinstance(y_private, X25519Key) else X25519Key(y_private if y_private is not None else rng(32))
     y_pub = y.public
-    keys = HopKeys.derive(y.exchange(opened.x_pub), opened.dh_onion, opened.x_pub, opened.onion_pub, y_pub)
-    return keys, y_pub + _auth(keys, opened.x_pub, y_pub, opened.onion_pub)
+    keys = HopKeys.derive(y.exchange(opened.x_pub), opened.dh_onion, opened.x_pub, opened.onion_pub, y_pub, own)
+    return keys, y_pub + _auth(keys, opened.x_pub, y_pub, opened.onion_pub, own)
 
 
 def relay_created_first(reply: bytes, *, rng: RandomBytes) -> bytes:
@@ -250,8 +289,9 @@ def client_created(pending: list[PendingHop], slots: bytes) -> list[HopKeys]:
     data = slots
     for hop in pending:
         y_pub, auth = data[:32], data[32:REPLY_LEN]
-        keys = HopKeys.derive(hop.x_private.exchange(y_pub), hop.dh_onion, hop.x_pub, hop.onion_pub, y_pub)
-        if not _ct_equal(_auth(keys, hop.x_pub, y_pub, hop.onion_pub), auth):
+        keys = HopKeys.derive(hop.x_private.exchange(y_pub), hop.dh_onion, hop.x_pub, hop.onion_pub, y_pub,
+                              hop.identity)
+        if not _ct_equal(_auth(keys, hop.x_pub, y_pub, hop.onion_pub, hop.identity), auth):
             raise AuthFailure("hop reply failed authentication")
         out.append(keys)
         data = _xor_stream(keys.reply_layer, data[REPLY_LEN:])

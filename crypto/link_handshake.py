@@ -2,12 +2,14 @@
 
 Pure functions and small state objects; the link machine in ``shallot.core.link`` drives them.
 
-    INIT_CLIENT  0x51 | version u8 | sender u32 | e[32] | enc(timestamp_ns u64 | resume[16]) | mac1[16]
+    INIT_CLIENT  0x51 | version u8 | sender u32 | e[32] | enc(reserved u64 = 0 | resume[16]) | mac1[16]
     INIT_RELAY   0x52 | version u8 | sender u32 | e[32] | enc(s)[48] |
                  enc(identity[32] | cert_expires u64 | cert_sig[64] | timestamp_ns u64) | mac1[16]
     RESPONSE     0x53 | receiver u32 | e[32] | enc(sender u32)
 
-The Noise prologue binds the label, the message type, the version and the sender index.
+The Noise prologue binds the label, the message type, the version and the sender index.  A client sends
+no clock (review M5): the reserved field is zero; replays are caught by the responder's ephemeral cache,
+and a replay after that cannot use the link it makes (docs/PROTOCOL.md §4.5).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ INIT_CLIENT_LEN = 1 + 1 + 4 + 32 + (8 + 16 + 16) + MAC_LEN  # 94
 INIT_RELAY_LEN = 1 + 1 + 4 + 32 + 48 + (32 + 8 + 64 + 8 + 16) + MAC_LEN  # 230
 RESPONSE_LEN = 1 + 4 + 32 + (4 + 16)  # 57
 NO_RESUME = bytes(16)
+NK_RESERVED = bytes(8)  # where v1 drafts had the client's clock in nanoseconds
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Initiation:
 
     noise: NoiseHandshake
     sender_index: int
-    timestamp_ns: int
+    timestamp_ns: int  # relays (IK) only; 0 for a client
     ephemeral: bytes
     resume: bytes = field(repr=False)  # NO_RESUME for a fresh client link or for a relay
     relay: RelayPeer | None  # None: anonymous client
@@ -88,12 +91,12 @@ def _keys(noise: NoiseHandshake) -> TransportKeys:
     return TransportKeys(send=send, recv=recv, resume=hkdf(first + second, salt=LABEL_RESUME, info=b"", length=16))
 
 
-def client_initiation(*, responder_link_pub: bytes, sender_index: int, timestamp_ns: int, rng: RandomBytes,
+def client_initiation(*, responder_link_pub: bytes, sender_index: int, rng: RandomBytes,
                       resume: bytes = NO_RESUME, ephemeral: bytes | None = None) -> tuple[InitiatorState, bytes]:
     head = bytes([MSG_INIT_CLIENT, PROTOCOL_VERSION]) + sender_index.to_bytes(4, "big")
     noise = NoiseHandshake("NK", initiator=True, rs=responder_link_pub, e=ephemeral,
                            prologue=_prologue(MSG_INIT_CLIENT, PROTOCOL_VERSION, sender_index))
-    body = head + noise.write_message(timestamp_ns.to_bytes(8, "big") + resume, rng)
+    body = head + noise.write_message(NK_RESERVED + resume, rng)
     return InitiatorState(noise, sender_index), body + mac1(responder_link_pub, body)
 
 
@@ -132,9 +135,11 @@ def read_initiation(*, link_private: bytes, link_pub: bytes, packet: bytes, wall
     assert noise.re is not None
     pr = Reader(payload)
     if msg_type == MSG_INIT_CLIENT:
-        timestamp_ns, resume = pr.u64(), pr.take(16)
+        reserved, resume = pr.take(8), pr.take(16)
         pr.end()
-        return Initiation(noise, sender_index, timestamp_ns, noise.re, resume, None)
+        if reserved != NK_RESERVED:
+            raise DecodeError("nonzero reserved field")
+        return Initiation(noise, sender_index, 0, noise.re, resume, None)
     identity_pub, cert_expires, cert_sig, timestamp_ns = pr.take(32), pr.u64(), pr.take(64), pr.u64()
     pr.end()
     assert noise.rs is not None

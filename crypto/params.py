@@ -50,6 +50,8 @@ LABEL_CREATED = b"shallot-v1 created"
 LABEL_ONION_KEY_ID = b"shallot-v1 onion-key-id"
 LABEL_RELAY_ID = b"shallot-v1 relay-id"
 LABEL_DHT_ANSWER = b"shallot-v1 dht-answer\x00"  # DHT answers signed by the relay identity (§12.3)
+# protocol id bound into the circuit-key derivation and the hop's auth tag (ntor's PROTOID, review L1)
+PROTOID_BUILD = b"shallot-v1 build x25519-sha256"
 
 # --- timers and limits (seconds unless named otherwise) ---
 REKEY_AFTER_S = 120.0
@@ -58,12 +60,13 @@ KEEPALIVE_S = 10.0
 LINK_DEAD_AFTER_S = 30.0
 HANDSHAKE_RETRY_S = 0.5
 HANDSHAKE_ATTEMPTS = 6
-HANDSHAKE_SKEW_S = 120.0  # client initiation timestamps must be this close to our clock
+HANDSHAKE_SKEW_S = 120.0  # relay (IK) initiation timestamps must be this close to our clock; clients send none
 REPLAY_WINDOW = 2048
 REKEY_AFTER_MESSAGES = 1 << 60
-RECORD_SKEW_MIN = 15  # build record timestamps (minutes) accepted within +/- this
+RECORD_EPOCH_S = 3600  # build records carry the client's hour (floor(wall / 3600)), nothing finer
+RECORD_SLACK_S = 600  # a record of hour h is accepted while now is in [h*3600 - slack, (h+1)*3600 + slack]
 CIRCUIT_IDLE_S = 300.0
 CREATE_TIMEOUT_S = 10.0
-DESCRIPTOR_LIFETIME_S = 7 * 86400
-ONION_KEY_ROTATE_S = 7 * 86400
-ONION_KEY_OVERLAP_S = 7 * 86400
+DESCRIPTOR_LIFETIME_S = 86400  # matches the onion key period: a descriptor never outlives its key's overlap
+ONION_KEY_ROTATE_S = 86400  # onion keys protect routing metadata of recorded builds: keep them short-lived
+ONION_KEY_OVERLAP_S = 86400

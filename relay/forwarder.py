@@ -21,6 +21,7 @@ from shallot.core.link import (
     LinkDown,
     LinkError,
     LinkLayer,
+    LinkState,
     PeerKind,
     new_circuit_id,
     peer_may_create,
@@ -52,9 +53,8 @@ from shallot.crypto.params import (
     CIRCUIT_IDLE_S,
     CREATE_TIMEOUT_S,
     ONION_HEADER_LEN,
-    RECORD_SKEW_MIN,
 )
-from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key
+from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key, hmac_sha256
 from shallot.relay.endpoints import EndpointService
 
 log = logging.getLogger("shallot.relay")
@@ -102,12 +102,18 @@ def _key(link_id: int, cid: int) -> int:
     return (link_id << 32) | cid
 
 
+REPLAY_TAG_LEN = 8
+
+
 @dataclass
 class OnionKeyRing:
-    """Onion keys we accept (current and overlapping) and their per-key build replay caches."""
+    """Onion keys we accept (current and overlapping) and their per-key build replay caches.
+
+    A cache entry is an 8-byte tag, HMAC(replay secret, key id | X), not X itself: compact, and what
+    the relay writes to its state directory (relay/replay_store.py) so that a restart forgets nothing."""
 
     keys: dict[bytes, X25519Key] = field(default_factory=dict)
-    replay: dict[bytes, dict[bytes, float]] = field(default_factory=dict)  # key id -> {X: expiry wall}
+    replay: dict[bytes, dict[bytes, float]] = field(default_factory=dict)  # key id -> {tag: expiry wall}
 
     @classmethod
     def from_relay_keys(cls, keys: RelayKeys, previous: OnionKeyRing | None = None) -> OnionKeyRing:
@@ -119,6 +125,12 @@ class OnionKeyRing:
 
 
 SWEEP_INTERVAL_S = 1.0
+# (relay id, link key) of a relay link's peer -> is it a relay in this relay's own view?  (docs/PROTOCOL.md
+# §5.7 "relay tier"; relay/service.py answers from the DHT view and --directory)
+KnownRelay = Callable[[bytes, bytes], bool]
+RelayLookup = Callable[[bytes, bytes], None]
+PARK_TIMEOUT_S = 3.0  # a TERMINATE from a relay not in our view waits this long for a DHT lookup of it
+MAX_PARKED = 256
 
 
 def relay_link_layer(keys: RelayKeys, *, rng: RandomBytes, wall: float, cert_lifetime_s: int = 7 * 86400) -> LinkLayer:
@@ -134,12 +146,14 @@ class RelayNode(LinkOwner):
     def __init__(self, keys: RelayKeys, *, rng: RandomBytes, wall: float, config: RelayConfig | None = None,
                  cert_lifetime_s: int = 7 * 86400, own_host: str = "0.0.0.0",
                  services: Mapping[int, EndpointService] | None = None, link: LinkLayer | None = None,
-                 nat_cells: CellHandOff | None = None) -> None:
+                 nat_cells: CellHandOff | None = None, known_relay: KnownRelay | None = None) -> None:
         """``services``: what circuits that end here may ask for, by service id (an exit's echo, discard
         and, with a TUN, IP; exit/ provides them).  A relay without them refuses every TERMINATE.
         ``link``: from ``relay_link_layer`` when the caller builds more on it (a NAT part, core/nat/stack.py);
         ``nat_cells``: who takes NAT control cells (``nat_frames.is_nat_cell``); without it they are
-        dropped as unknown commands."""
+        dropped as unknown commands.  ``known_relay``: this relay's view of the network; without one
+        (a relay with neither discovery nor a directory file) every authenticated relay link counts as a
+        relay, the pre-view rule."""
         self.keys = keys
         self.own_host = own_host
         self.services: dict[int, EndpointService] = dict(services or {})
@@ -149,8 +163,17 @@ class RelayNode(LinkOwner):
                                                                    cert_lifetime_s=cert_lifetime_s)
         self.link.on_cell = self._on_cell
         self._nat_cells = nat_cells
+        self.known_relay = known_relay
+        # asks the caller to look up a relay not in our view; it answers with relay_looked_up (relay/service.py)
+        self.lookup_relay: RelayLookup | None = None
+        self._parked: dict[int, tuple[float, bytes, bytes, Link, int, RelayCircuit, ch.Terminate]] = {}
         self.ring = OnionKeyRing.from_relay_keys(keys)
         self.counters: Counter[str] = Counter()
+        self.own_hop = ch.HopIdentity(keys.relay_id, keys.link_pub)
+        # replay-cache entries accepted since the caller last saved them, (key id, tag, expiry); None: the
+        # caller does not persist them (in-memory tests); relay/service.py does (restore_replay)
+        self.replay_secret = rng(32)
+        self.replay_journal: list[tuple[bytes, bytes, float]] | None = None
         self.circuits: dict[int, tuple[RelayCircuit, bool]] = {}  # key -> (circuit, arrived_from_prev)
         self.open_circuits = 0
         self.reply_keys = KeyPool(rng, size=16)  # our build-reply ephemerals, made while idle
@@ -173,6 +196,8 @@ class RelayNode(LinkOwner):
         if now < self._next_sweep:
             return
         self._next_sweep = now + SWEEP_INTERVAL_S  # timeouts are tens of seconds: a scan per second is plenty
+        if self._parked:
+            self._expire_parked(now)
         for circ, from_prev in list(self.circuits.values()):
             if not from_prev:
                 continue
@@ -183,8 +208,9 @@ class RelayNode(LinkOwner):
                 self.counters["circuit_idle_timeout"] += 1
                 self._destroy(circ, DestroyReason.TIMEOUT)
         for cache in self.ring.replay.values():
-            # entries go in with expiry = wall clock + a constant, so each cache is in expiry order: drop
-            # from the front (a wall clock that stepped back only delays expiry until it catches up)
+            # entries go in nearly in expiry order (the end of their record's hour, and records of two
+            # adjacent hours interleave only around the hour boundary): drop from the front; an entry
+            # behind a later one stays at most one hour longer than needed, which is only memory
             while cache:
                 first = next(iter(cache))
                 if cache[first] >= wall:
@@ -199,6 +225,26 @@ class RelayNode(LinkOwner):
         cfg.cert_expires = int(wall) + lifetime_s
         cfg.cert_sig = self.keys.link_cert(cfg.cert_expires)
         return True
+
+    def restore_replay(self, secret: bytes, entries: list[tuple[bytes, bytes, float]], wall: float) -> int:
+        """Take back the build replay cache saved before a restart (docs/PROTOCOL.md §5.7): entries of
+        keys we still hold and not yet expired.  Returns how many were restored."""
+        self.replay_secret = secret
+        self.replay_journal = []
+        restored = 0
+        for key_id, tag, expiry in sorted(entries, key=lambda e: e[2]):  # each cache stays in expiry order
+            cache = self.ring.replay.get(key_id)
+            if cache is not None and expiry >= wall:
+                cache[tag] = expiry
+                restored += 1
+        return restored
+
+    def replay_entries(self) -> list[tuple[bytes, bytes, float]]:
+        """Every live replay-cache entry (to compact the saved copy)."""
+        return [(key_id, tag, expiry) for key_id, cache in self.ring.replay.items() for tag, expiry in cache.items()]
+
+    def _replay_tag(self, key_id: bytes, x_pub: bytes) -> bytes:
+        return hmac_sha256(self.replay_secret, key_id + x_pub)[:REPLAY_TAG_LEN]
 
     def rotate_onion_keys(self, wall: float) -> bool:
         changed = self.keys.rotate_onion_keys(self._rng, wall)
@@ -266,7 +312,7 @@ class RelayNode(LinkOwner):
                 self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
             return
         if cmd == CMD_CREATE:
-            if entry is not None:
+            if entry is not None or key in self._parked:
                 self.counters["drop_create_duplicate_circuit"] += 1
                 return
             self._handle_create(link, cid, cell[CELL_HEADER_LEN:])
@@ -291,8 +337,19 @@ class RelayNode(LinkOwner):
             return
         self.counters["drop_unknown_command"] += 1
 
-    def _allow_create(self, link: Link) -> bool:
-        if link.kind is PeerKind.RELAY:
+    def relay_tier(self, link: Link) -> bool:
+        """The link's peer is a relay in our own view.  Only such links get the relay CREATE budget and
+        may end a circuit here; an IK link from an identity we do not know (just minted, or not yet in
+        our view) is treated like a client link (docs/PROTOCOL.md §5.7)."""
+        if link.kind is not PeerKind.RELAY:
+            return False
+        if self.known_relay is None:
+            return True
+        rid, pub = link.peer_relay_id, link.peer_link_pub
+        return rid is not None and pub is not None and self.known_relay(rid, pub)
+
+    def _allow_create(self, link: Link, relay_tier: bool) -> bool:
+        if relay_tier:
             return self._relay_creates.allow(f"link {link.link_id}", self._now)
         return self._client_creates.allow(link.addr[0], self._now)
 
@@ -307,7 +364,8 @@ class RelayNode(LinkOwner):
         if self.open_circuits >= self.config.max_circuits:
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_max_circuits")
             return
-        if not self._allow_create(link):
+        relay_tier = self.relay_tier(link)
+        if not self._allow_create(link, relay_tier):
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_rate")
             return
         try:
@@ -315,20 +373,24 @@ class RelayNode(LinkOwner):
         except (DecodeError, AuthFailure):
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_bad_record")
             return
-        now_min = int(self._wall // 60)
-        if abs(opened.minutes - now_min) > RECORD_SKEW_MIN:
+        if not ch.record_time_ok(opened.hour, self._wall):
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_clock_skew")
             return
         key_id = ch.onion_key_id(opened.onion_pub)
         cache = self.ring.replay.setdefault(key_id, {})
-        if opened.x_pub in cache:
+        tag = self._replay_tag(key_id, opened.x_pub)
+        if tag in cache:
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_replay")
             return
         if sum(len(c) for c in self.ring.replay.values()) >= self.config.max_replay_entries:
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_replay_cache_full")
             return
-        cache[opened.x_pub] = self._wall + 2 * RECORD_SKEW_MIN * 60 + 60
-        keys, reply = ch.relay_reply(opened, rng=self._rng, y_private=self.reply_keys.take())
+        # kept until the record's hour can no longer be accepted (+60 s for a wall clock that steps)
+        expiry = ch.record_expiry(opened.hour) + 60
+        cache[tag] = expiry
+        if self.replay_journal is not None:
+            self.replay_journal.append((key_id, tag, expiry))
+        keys, reply = ch.relay_reply(opened, self.own_hop, rng=self._rng, y_private=self.reply_keys.take())
         circ = RelayCircuit(prev_link=link, prev_cid=cid, created_at=self._now, last_active=self._now,
                             keys=keys, reply=reply, prev_prefix=cid.to_bytes(4, "big") + _RELAY)
         instruction = opened.instruction
@@ -336,27 +398,16 @@ class RelayNode(LinkOwner):
             if not self.config.is_exit:
                 self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_not_exit")
                 return
-            if link.kind is PeerKind.CLIENT:
+            if not relay_tier:
                 # a one-hop circuit would make the exit a plain proxy for whoever connects (Tor refuses
-                # these too): the exit must never be the first hop of a client's circuit
-                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
+                # these too): the exit must never be the first hop of a client's circuit, and a freshly
+                # minted identity dialing with IK is no relay (review M2)
+                if link.kind is PeerKind.CLIENT:
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_one_hop")
+                elif not self._park(link, cid, circ, instruction):
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
                 return
-            name = ch.SERVICES[instruction.service]
-            service = self.services.get(instruction.service)
-            if service is None:
-                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, f"reject_create_no_{name}_service")
-                return
-            if not service.attach(circ):
-                self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, f"reject_create_{name}_full")
-                return
-            circ.service, circ.service_id = service, instruction.service
-            circ.endpoint = EndpointLayer(keys)
-            circ.state = CircState.OPEN
-            self._register(circ)
-            link.users += 1
-            self.counters["circuit_terminated_here"] += 1
-            self.link.send_cell(link, encode_cell(cid, CMD_CREATED, ch.relay_created_first(reply, rng=self._rng)),
-                                self._now)
+            self._terminate(link, cid, circ, instruction)
             return
         if instruction.relay_id == self.keys.relay_id or instruction.link_pub == self.keys.link_pub:
             self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_extend_to_self")
@@ -379,6 +430,62 @@ class RelayNode(LinkOwner):
         nxt.users += 1
         self.counters["circuit_extended"] += 1
         self.link.send_cell(nxt, encode_cell(circ.next_cid, CMD_CREATE, opened.forward_slots), self._now)
+
+    def _terminate(self, link: Link, cid: int, circ: RelayCircuit, instruction: ch.Terminate) -> None:
+        """End the circuit here, in the service the record asks for."""
+        name = ch.SERVICES[instruction.service]
+        service = self.services.get(instruction.service)
+        if service is None:
+            self._reject_create(link, cid, DestroyReason.HOP_REJECTED, f"reject_create_no_{name}_service")
+            return
+        if not service.attach(circ):
+            self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, f"reject_create_{name}_full")
+            return
+        assert circ.keys is not None
+        circ.service, circ.service_id = service, instruction.service
+        circ.endpoint = EndpointLayer(circ.keys)
+        circ.state = CircState.OPEN
+        self._register(circ)
+        link.users += 1
+        self.counters["circuit_terminated_here"] += 1
+        self.link.send_cell(link, encode_cell(cid, CMD_CREATED, ch.relay_created_first(circ.reply, rng=self._rng)),
+                            self._now)
+
+    def _park(self, link: Link, cid: int, circ: RelayCircuit, instruction: ch.Terminate) -> bool:
+        """A TERMINATE from a relay link whose peer is not (yet) in our view: hold it while the caller looks
+        the relay up (``lookup_relay``, a DHT lookup: it may have joined since our last crawl).  False if
+        there is no lookup or too much is held already."""
+        rid, pub = link.peer_relay_id, link.peer_link_pub
+        assert rid is not None and pub is not None  # a relay link always names its peer (proved, or dialed)
+        if self.lookup_relay is None or len(self._parked) >= MAX_PARKED:
+            return False
+        first = not any(p[1] == rid for p in self._parked.values())
+        self._parked[_key(link.link_id, cid)] = (self._now + PARK_TIMEOUT_S, rid, pub, link, cid, circ, instruction)
+        self.counters["create_held_for_lookup"] += 1
+        if first:
+            self.lookup_relay(rid, pub)
+        return True
+
+    def relay_looked_up(self, relay_id: bytes, link_pub: bytes, found: bool, now: float) -> None:
+        """The answer to ``lookup_relay``: finish or refuse the CREATEs held for that relay."""
+        self._now = now
+        for key, (_deadline, rid, pub, link, cid, circ, instruction) in list(self._parked.items()):
+            if rid != relay_id:
+                continue
+            del self._parked[key]
+            if link.state is LinkState.CLOSED:
+                continue
+            if found and pub == link_pub:
+                self._terminate(link, cid, circ, instruction)
+            else:
+                self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
+
+    def _expire_parked(self, now: float) -> None:
+        for key, (deadline, _rid, _pub, link, cid, _circ, _ins) in list(self._parked.items()):
+            if now >= deadline:
+                del self._parked[key]
+                if link.state is not LinkState.CLOSED:
+                    self._reject_create(link, cid, DestroyReason.HOP_REJECTED, "reject_create_unknown_relay")
 
     def _handle_created(self, circ: RelayCircuit, payload: bytes) -> None:
         try:

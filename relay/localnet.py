@@ -58,7 +58,7 @@ class LocalNetwork:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for state in self.states:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shallot", "relay", "--state", str(state),
+                sys.executable, "-m", "shallot", "relay", "--state", str(state), "--directory", str(self.directory),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
             self.procs.append(proc)
         for state, proc in zip(self.states, self.procs):

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from shallot.core.control.api import Circuits, Peers, PeersReply, Role, Status
 from shallot.core.control.server import ControlServer
+from shallot.core.discovery.directory import load_directory
 from shallot.core.discovery.service import RelayDiscovery, Seed
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint, open_endpoint
@@ -26,12 +27,14 @@ from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
 from shallot.relay import state as state_dir
 from shallot.relay.endpoints import EndpointService
 from shallot.relay.forwarder import RelayConfig, RelayNode, relay_link_layer
+from shallot.relay.replay_store import FLUSH_S, ReplayStore
 
 log = logging.getLogger("shallot.relay")
 ROTATE_CHECK_S = 3600.0
 RESIGN_AFTER_S = DESCRIPTOR_LIFETIME_S / 2  # a descriptor is re-signed (and republished) well before it expires
 MAX_REGISTRATIONS_KEPT = 2  # introducers a relay behind a NAT registers with
 NAT_PROBE_TIMEOUT_S = 10.0
+LOOKUP_TIMEOUT_S = 2.5  # a DHT lookup of a relay not in our view (the node holds its CREATE 3 s)
 
 
 class _AltPort(asyncio.DatagramProtocol):
@@ -72,12 +75,17 @@ class RelayService:
                  services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                  bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
                  introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
-                 private_network: bool = False) -> None:
+                 private_network: bool = False, directory: Path | None = None) -> None:
         """``services``: what circuits ending here may use (an exit's; exit/endpoints.py); ``part``: what an
         exit adds to the process (exit/service.py: the IP exit).  ``bootstrap``: DHT seeds (relay
         addresses); ``dht``: run the DHT node even without seeds (the first seed of a network).  Without
         either the relay runs without discovery.  ``introducers``: we are behind a NAT and reached through
-        these public relays.  ``private_network``: the DHT accepts loopback and private relay addresses."""
+        these public relays.  ``private_network``: the DHT accepts loopback and private relay addresses.
+        ``directory``: a directory file, this relay's view of the network besides the DHT (who counts as a
+        relay on a relay link, docs/PROTOCOL.md §5.7)."""
+        self.directory = directory
+        self._directory_relays: dict[bytes, Descriptor] = {}
+        self._directory_mtime: int | None = None
         self.state = state
         self.bootstrap = list(bootstrap or [])
         self.private_network = private_network
@@ -101,6 +109,7 @@ class RelayService:
         self.endpoint: NodeEndpoint | None = None
         self.control: ControlServer | None = None
         self.started = time.time()
+        self.replay = ReplayStore(state)
         self._stop = asyncio.Event()
 
     @property
@@ -117,11 +126,25 @@ class RelayService:
         # the node stack, built once (core/nat/stack.py): a public relay serves STUN and introductions
         link = relay_link_layer(self.keys, rng=secrets.token_bytes, wall=wall)
         self.nat = NatPart(link, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
+        has_view = self.dht_enabled or self.directory is not None
+        if self.directory is not None:
+            self._reload_directory(force=True)
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
                               config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
-                              services=self.services, link=link, nat_cells=self.nat.control_cell)
+                              services=self.services, link=link, nat_cells=self.nat.control_cell,
+                              known_relay=self._known_relay if has_view else None)
+        if self.dht_enabled:
+            self.node.lookup_relay = self._lookup_relay
+        self._lookups: set[bytes] = set()
         node_stack = NodeStack(self.node, self.nat)
+        # the build replay cache survives restarts (docs/PROTOCOL.md §5.7): a CREATE recorded before a
+        # restart is refused after it
+        secret, entries = self.replay.load(self.node.replay_secret, wall)
+        restored = self.node.restore_replay(secret, entries, wall)
+        if restored:
+            log.info("build replay cache: %d entries restored", restored)
         async with contextlib.AsyncExitStack() as stack:  # every part started is stopped, in reverse order
+            stack.callback(self._close_replay)
             try:
                 self.endpoint = await open_endpoint(node_stack, (host, port), after=self._after_datagrams)
             except OSError as exc:
@@ -152,14 +175,78 @@ class RelayService:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
                 stack.callback(loop.remove_signal_handler, sig)
+            if not has_view:  # said once the relay is surely running, so a start-up error stays one line
+                (log.warning if self.settings.exit else log.info)(
+                    "no network view (neither --bootstrap/--dht nor --directory): every relay link counts as a "
+                    "relay, so one-hop circuits through a freshly minted identity cannot be refused")
             log.info("%s %s (%s) listening on %s:%d", self.role, desc.nickname, desc.id_hex, host, port)
             print(f"shallot {self.role} {desc.nickname} {desc.id_hex} listening on {host}:{port}", flush=True)
             if self.discovery is not None:
                 self.discovery.launch(self._joined, self._published)
             rotate = asyncio.create_task(self._rotate_loop())
             stack.callback(rotate.cancel)
+            flush = asyncio.create_task(self._replay_loop())
+            stack.callback(flush.cancel)
             await self._stop.wait()
         log.info("%s stopped", self.role)
+
+    def _known_relay(self, relay_id: bytes, link_pub: bytes) -> bool:
+        """Is (relay id, link key) a live relay in our view: the directory file or the DHT (our crawl and
+        the records we store)?  On a miss the view is refreshed (rate-limited), so a relay that joined
+        since our last crawl is known a little later (docs/PROTOCOL.md §5.7)."""
+        wall = time.time()
+        for _ in range(2):
+            desc = self._directory_relays.get(relay_id)
+            if desc is None and self.discovery is not None:
+                desc = self.discovery.descriptor(relay_id)
+            if desc is not None and desc.link_pub == link_pub and wall <= desc.expires:
+                return True
+            if not self._reload_directory():
+                break
+        if self.discovery is not None:
+            self.discovery.crawl_soon()
+        return False
+
+    def _lookup_relay(self, relay_id: bytes, link_pub: bytes) -> None:
+        """The node holds a TERMINATE from a relay not in our view: ask the DHT for its descriptor."""
+        if relay_id in self._lookups or self.discovery is None:
+            return
+        self._lookups.add(relay_id)
+        asyncio.get_running_loop().create_task(self._lookup(relay_id, link_pub))
+
+    async def _lookup(self, relay_id: bytes, link_pub: bytes) -> None:
+        found = False
+        try:
+            assert self.discovery is not None
+            desc = await asyncio.wait_for(self.discovery.lookup(relay_id), LOOKUP_TIMEOUT_S)
+            found = desc is not None and desc.link_pub == link_pub and time.time() <= desc.expires
+        except Exception:  # a failed lookup is "not found": the held CREATEs are refused
+            log.debug("DHT lookup of a relay failed", exc_info=True)
+        finally:
+            self._lookups.discard(relay_id)
+        if self.node is not None:
+            self.node.relay_looked_up(relay_id, link_pub, found, time.monotonic())
+            if self.endpoint is not None:
+                self.endpoint.poke()
+
+    def _reload_directory(self, *, force: bool = False) -> bool:
+        """Re-read --directory if it changed since we read it (one stat per unknown relay: cheap, and
+        CREATEs are rate-limited per source).  True if re-read."""
+        if self.directory is None:
+            return False
+        try:
+            mtime = self.directory.stat().st_mtime_ns
+            if not force and mtime == self._directory_mtime:
+                return False
+            relays = load_directory(self.directory, private_network=self.private_network)
+        except (OSError, ShallotError) as exc:
+            if force:
+                raise ShallotError(str(exc)) from None
+            log.warning("cannot re-read the directory file: %s", exc)
+            return False
+        self._directory_mtime = mtime
+        self._directory_relays = {d.relay_id: d for d in relays}
+        return True
 
     def _joined(self, peers: int) -> None:
         assert self.discovery is not None
@@ -250,6 +337,27 @@ class RelayService:
             if self.discovery is not None:
                 self.discovery.publish_now()  # "republish on change": the new address reaches the DHT at once
 
+    def _flush_replay(self) -> None:
+        node = self.node
+        if node is None or not node.replay_journal:
+            return
+        entries, node.replay_journal = node.replay_journal, []
+        self.replay.append(entries)
+
+    def _close_replay(self) -> None:
+        try:
+            self._flush_replay()
+        finally:
+            self.replay.close()
+
+    async def _replay_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                self._flush_replay()
+            except OSError as exc:  # a full disk: keep forwarding; the cache in memory still holds
+                log.warning("cannot save the build replay cache: %s", exc.strerror)
+
     async def _rotate_loop(self) -> None:
         while True:
             await asyncio.sleep(ROTATE_CHECK_S)
@@ -266,6 +374,8 @@ class RelayService:
         rotated = self.node.rotate_onion_keys(wall)
         if rotated:
             state_dir.save_keys(self.state, self.keys)
+        self._flush_replay()
+        self.replay.rewrite(self.node.replay_secret, self.node.replay_entries())  # drop what expired
         if rotated or self.desc is None or wall - self.desc.published >= RESIGN_AFTER_S:
             reach = self._reachability
             self.desc = state_dir.publish_descriptor(self.state, self.keys, self.settings, wall, reachability=reach,
@@ -311,6 +421,7 @@ async def run_relay(state: Path, *, expect_exit: bool | None = None,
                     services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                     bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
                     introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
-                    private_network: bool = False) -> None:
+                    private_network: bool = False, directory: Path | None = None) -> None:
     await RelayService(state, expect_exit=expect_exit, services=services, part=part, bootstrap=bootstrap, dht=dht,
-                       introducers=introducers, stun_alt_port=stun_alt_port, private_network=private_network).run()
+                       introducers=introducers, stun_alt_port=stun_alt_port, private_network=private_network,
+                       directory=directory).run()

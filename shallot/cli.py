@@ -83,6 +83,10 @@ def _add_relay_and_exit(sub: Subparsers) -> None:
         r.add_argument("--introducers", type=Path, metavar="FILE",
                        help="this relay is behind a NAT: a directory file of public relays to classify the NAT "
                             "with (the first two) and to register with as introducers (up to two)")
+        r.add_argument("--directory", type=Path, metavar="FILE",
+                       help="a directory file of the network's relays: this relay's view when it runs no DHT "
+                            "(an exit ends circuits only for previous hops that are relays in its view; "
+                            "re-read when it changes)")
         r.add_argument("--stun-alt-port", action="store_true",
                        help="also answer STUN on PORT+2, the alternate port of RFC 5780 filtering tests "
                             "(public relays that serve as introducers should)")
@@ -289,7 +293,8 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
         if getattr(args, "ip", False) else None
     run(run_relay(args.state, expect_exit=expect_exit, services=endpoint_services(ip_exit and ip_exit.ip_service),
                   part=ip_exit, bootstrap=_seeds(args), dht=args.dht, introducers=introducers,
-                  stun_alt_port=args.stun_alt_port, private_network=args.private_network))
+                  stun_alt_port=args.stun_alt_port, private_network=args.private_network,
+                  directory=args.directory))
     return 0
 
 

@@ -244,8 +244,9 @@ class ClientNode(LinkOwner):
                                                           nxt.relay_id)
             else:
                 instruction = ch.Terminate(circ.service)
-            targets.append(ch.HopTarget(hop.onion_pub, instruction))
-        circ.pending, slots = ch.client_create(targets, minutes=int(self._wall // 60), rng=self._rng,
+            targets.append(ch.HopTarget(hop.onion_pub, instruction, ch.HopIdentity(hop.relay_id, hop.link_pub)))
+        # the hour, not the minute: the only clock reading a client puts on the wire (docs/PROTOCOL.md §5.3)
+        circ.pending, slots = ch.client_create(targets, hour=ch.record_hour(self._wall), rng=self._rng,
                                                ephemerals=[self.keys.take() for _ in targets])
         link_id = circ.link.link_id
         cid = new_circuit_id(circ.link, self._rng, lambda c: ((link_id << 32) | c) in self._by_wire)

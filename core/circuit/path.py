@@ -22,6 +22,7 @@ from functools import lru_cache
 from ipaddress import ip_address, ip_network
 from typing import TYPE_CHECKING
 
+from shallot.core.circuit.entry import introducers_fit
 from shallot.core.errors import ShallotError
 from shallot.core.wire.addresses import host_key, subnet_key
 from shallot.crypto.descriptor import Descriptor
@@ -197,7 +198,9 @@ def draw_path(cands: Candidates, rng: random.Random, *, exit_id: bytes | None = 
         for guard in guard_order:
             chosen = [guard, exit_relay]
             middles = _fill(others, chosen, hops - 2, w, rng)
-            if middles is not None:
+            # a guard behind a NAT brings its introducers into the entry position (entry.py): they must fit
+            # the middle and exit like the guard itself, or the next guard is drawn
+            if middles is not None and introducers_fit(guard, [*middles, exit_relay], by_id):
                 return [guard, *middles, exit_relay]
     if guards is not None:
         raise PathError("no guard of this client's guard set fits any exit (same /16 network or family)")
@@ -259,6 +262,9 @@ def check_path(path: Sequence[Descriptor], *, port: int | None = None) -> None:
     for d in path[1:]:
         if behind_nat(d):
             raise PathError(f"relay {d.nickname} is behind a NAT: it can only be the first relay (the guard)")
+    if not introducers_fit(path[0], path[1:], {d.relay_id: d for d in path}):
+        raise PathError(f"an introducer of {path[0].nickname} is a later relay of the path or shares its /16 "
+                        "network or family")
     last = path[-1]
     if not last.is_exit:
         raise PathError(f"the last relay, {last.nickname}, is not an exit")

@@ -19,7 +19,7 @@ What the wrapping changes in kademlia 2.2 / rpcudp 5 (read their source: it is s
   per /16.  Clients send a nil id, are never added to a table, and answer nothing.
 * **Values are signed records** (storage.py validates them on store and again on read, newest wins);
   kademlia's majority vote over values (``ValueSpiderCrawl``) is never used: ``DhtNode`` exposes only
-  publish and a whole-network crawl.
+  publish, a whole-network crawl and, for relays, a one-round ``find_records`` of one relay id.
 * kademlia's pickle state files, its one-hour timers and its 0.0.0.0 default are not used.
 """
 
@@ -576,6 +576,17 @@ class DhtNode(Server):
         closest = await NodeSpiderCrawl(self.rpc, Node(key), proven, self.ksize, self.alpha).find()
         results = await asyncio.gather(*(self.rpc.call_store(n, key, record) for n in closest))
         return [(n.ip, n.port) for n, (ok, took) in zip(closest, results, strict=True) if ok and took is True]
+
+    async def find_records(self, key: bytes) -> list[bytes]:
+        """The records for one key (a relay id): ours, else what the nodes of our table closest to it answer,
+        one round, every answer validated (a relay checking a relay it met on a link; no vote, no spider)."""
+        local = self.storage.get(key)
+        if local is not None:
+            return [local]
+        node = Node(key)
+        nearest = self.rpc.router.find_neighbors(node, self.ksize)
+        results = await asyncio.gather(*(self.rpc.call_find_value(n, node) for n in nearest))
+        return [data["value"] for ok, data in results if ok and isinstance(data, dict)]
 
     async def store_at(self, addr: Address, key: bytes, record: bytes, pin: bytes | None = None) -> bool:
         """Store directly at one address (a publisher-only relay, e.g. behind a NAT, keeps no table)."""

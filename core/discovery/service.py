@@ -53,6 +53,7 @@ CLIENT_CRAWL_LIMIT_S = 8.0
 VIEW_REFRESH_S = 300.0
 VANISH_ALARM_SHARE = 0.5  # this share of the DHT nodes that answered last time silent at once: warn
 VANISH_ALARM_MIN = 3
+DEMAND_CRAWL_S = 30.0  # a relay that meets an unknown relay on a link crawls at most this often for it
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,10 @@ class RelayDiscovery:
         self.joined = asyncio.Event()
         self.last_publish: dict[str, Any] = {}
         self.last_crawl: dict[str, Any] = {}
-        self._publish_wanted = asyncio.Event()
+        self._publish_wanted = asyncio.Event()  # wakes the loop: a publish (or a crawl) is wanted now
+        self._publish_requested = False
+        self._crawl_requested = False
+        self._last_demand_crawl = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._on_joined: list[Callable[[int], None]] = []
         self.published = asyncio.Event()  # set once some other node took our descriptor
@@ -172,7 +176,28 @@ class RelayDiscovery:
 
     def publish_now(self) -> None:
         """The descriptor changed (new address, rotated onion key, renewed before expiry)."""
+        self._publish_requested = True
         self._publish_wanted.set()
+
+    def crawl_soon(self) -> None:
+        """A relay link from a relay we do not know: crawl now, unless we did for this less than
+        DEMAND_CRAWL_S ago (it may have joined since our last crawl)."""
+        now = time.monotonic()
+        if now - self._last_demand_crawl < DEMAND_CRAWL_S:
+            return
+        self._last_demand_crawl = now
+        self._crawl_requested = True
+        self._publish_wanted.set()
+
+    async def lookup(self, relay_id: bytes) -> Descriptor | None:
+        """Ask the DHT for one relay's record (a relay met a relay it did not know); valid ones join the view."""
+        for raw in await self.node.find_records(relay_id):
+            self.view.offer(relay_id, raw, time.time())
+        return self.descriptor(relay_id)
+
+    def descriptor(self, relay_id: bytes) -> Descriptor | None:
+        """The relay's descriptor if we know it: from our last crawl or among the records we store."""
+        return self.view.get(relay_id) or self.node.storage.descriptor(relay_id)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -197,10 +222,14 @@ class RelayDiscovery:
             wait = max(0.0, min(next_publish, next_maintain, next_crawl, next_replicate) - loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_wanted.wait(), wait)
+            self._publish_wanted.clear()
             try:
                 now = loop.time()
-                if self._publish_wanted.is_set() or now >= next_publish:
-                    self._publish_wanted.clear()
+                if self._crawl_requested:
+                    self._crawl_requested = False
+                    next_crawl = now
+                if self._publish_requested or now >= next_publish:
+                    self._publish_requested = False
                     await self._publish()
                     next_publish = loop.time() + REPUBLISH_S
                 if now >= next_maintain:
@@ -234,10 +263,14 @@ class RelayDiscovery:
             wait = max(0.0, min(next_publish, next_crawl) - loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_wanted.wait(), wait)
+            self._publish_wanted.clear()
             try:
                 now = loop.time()
-                if self._publish_wanted.is_set() or now >= next_publish:
-                    self._publish_wanted.clear()
+                if self._crawl_requested:
+                    self._crawl_requested = False
+                    next_crawl = now
+                if self._publish_requested or now >= next_publish:
+                    self._publish_requested = False
                     # nobody took it (the network was unreachable for a while): try again soon
                     next_publish = loop.time() + (REPUBLISH_S if await self._publish() else JOIN_RETRY_S)
                 if now >= next_crawl:

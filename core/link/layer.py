@@ -222,8 +222,8 @@ class LinkLayer:
         except (DecodeError, AuthFailure):
             self.counters["drop_bad_initiation"] += 1
             return
-        skew_ns = abs(init.timestamp_ns - int(wall * 1e9))
-        if skew_ns > HANDSHAKE_SKEW_S * 1e9:
+        # relays stamp their initiations (per-peer monotonic replay check below); clients send no clock
+        if init.relay is not None and abs(init.timestamp_ns - int(wall * 1e9)) > HANDSHAKE_SKEW_S * 1e9:
             self.counters["drop_initiation_clock_skew"] += 1
             return
         # replay cache of initiation ephemerals, both patterns; entries outlive the clock-skew window
@@ -388,16 +388,15 @@ class LinkLayer:
         if link.pending is not None:
             self._pending_by_index.pop(link.pending.sender_index, None)
         index = self._new_index()
-        ts = int(wall * 1e9)
         if link.kind is PeerKind.RELAY and cfg.identity_pub is not None:
             state, packet = lh.relay_initiation(
                 link_private=cfg.link_private, identity_pub=cfg.identity_pub, cert_expires=cfg.cert_expires,
                 cert_sig=cfg.cert_sig, responder_link_pub=link.peer_link_pub, sender_index=index,
-                timestamp_ns=ts, rng=self._rng)
+                timestamp_ns=int(wall * 1e9), rng=self._rng)
         else:
             resume = link.session.resume if link.session is not None else lh.NO_RESUME
             state, packet = lh.client_initiation(responder_link_pub=link.peer_link_pub, sender_index=index,
-                                                 timestamp_ns=ts, rng=self._rng, resume=resume)
+                                                 rng=self._rng, resume=resume)
         link.pending = state
         self._pending_by_index[index] = link
         link.attempts += 1

@@ -27,6 +27,7 @@ from shallot.core.nat.limits import (
     INTRO_RETRY_S,
     INTRO_TRIES,
     MAX_DIALS,
+    MAX_PUNCHED,
     PUNCH_INTERVAL_S,
     PUNCH_TIMEOUT_S,
     UPGRADE_INTERVAL_S,
@@ -36,6 +37,26 @@ from shallot.core.nat.virtual import RelayedPaths, Send, is_virtual, probe_direc
 from shallot.core.wire import nat_frames as nm
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Descriptor, Reachability
+
+
+class RecentSet:
+    """A set of addresses that forgets the least recently added beyond ``limit`` (review M4: unbounded)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: dict[Address, None] = {}
+
+    def add(self, item: Address) -> None:
+        self._items.pop(item, None)
+        self._items[item] = None
+        if len(self._items) > self.limit:
+            del self._items[next(iter(self._items))]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class DialState(enum.Enum):
@@ -128,7 +149,7 @@ class NatDialer:
         self._mine = mine  # our own NAT type, as far as known
         self._emit = emit
         self.dials: dict[bytes, Dial] = {}  # by request id
-        self.punched: set[Address] = set()  # addresses a punch came from or went to
+        self.punched = RecentSet(MAX_PUNCHED)  # addresses a punch came from or went to
         self._on_tick: dict[DialState, Callable[[Dial, float, float], None]] = {
             DialState.ASKING: self._ask, DialState.PUNCHING: self._punch, DialState.UP: self._try_direct}
 

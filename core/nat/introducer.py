@@ -14,10 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shallot.core.link import Address, Link, LinkLayer, LinkState
-from shallot.core.nat.limits import INTRO_BURST, INTRO_RATE, MAX_REGISTRATIONS, MAX_SESSIONS, SESSION_IDLE_S
+from shallot.core.nat.limits import (
+    INTRO_BURST,
+    INTRO_RATE,
+    MAX_REGISTRATIONS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_PER_SOURCE,
+    SESSION_IDLE_S,
+    TARGET_INTRO_BURST,
+    TARGET_INTRO_RATE,
+)
 from shallot.core.nat.virtual import Send
 from shallot.core.ratelimit import TokenBuckets
 from shallot.core.wire import nat_frames as nm
+from shallot.core.wire.addresses import source_key
 from shallot.crypto.codec import DecodeError
 
 
@@ -37,7 +47,9 @@ class Introducer:
         self.counters = counters
         self.registrations: dict[bytes, Link] = {}  # relay id -> its registration link
         self.sessions: dict[bytes, RelaySession] = {}
-        self._buckets = TokenBuckets(INTRO_RATE, INTRO_BURST)
+        self._buckets = TokenBuckets(INTRO_RATE, INTRO_BURST)  # per source (IPv4 address, IPv6 /64)
+        self._target_buckets = TokenBuckets(TARGET_INTRO_RATE, TARGET_INTRO_BURST)  # per registered relay
+        self._by_source: dict[str, dict[bytes, None]] = {}  # source key -> its session ids, least recent first
 
     def on_register(self, link: Link) -> None:
         """REGISTER on a relay link: the relay id is the one its link certificate proved."""
@@ -57,7 +69,8 @@ class Introducer:
         except DecodeError:
             self.counters["nat_drop_bad_intro"] += 1
             return
-        if not self._buckets.allow(addr[0], now):
+        source = source_key(addr[0])
+        if not self._buckets.allow(source, now):
             self.counters["nat_drop_intro_rate"] += 1
             return
         link = self.registrations.get(req.target)
@@ -65,17 +78,41 @@ class Introducer:
             self.counters["nat_intro_unknown_target"] += 1
             self._send(nm.IntroAnswer(req.request_id, nm.STATUS_UNKNOWN_TARGET).encode(), addr)
             return
-        session = next((s for s, rs in self.sessions.items() if rs.a == addr and rs.b is link), None)
-        if session is None:
+        if not self._target_buckets.allow(req.target, now):
+            # spoofed requests must not flush the registered relay's table of pending introductions
+            self.counters["nat_drop_intro_target_rate"] += 1
+            self._send(nm.IntroAnswer(req.request_id, nm.STATUS_BUSY).encode(), addr)
+            return
+        mine = self._by_source.setdefault(source, {})
+        session = next((s for s in mine if self.sessions[s].a == addr and self.sessions[s].b is link), None)
+        if session is not None:
+            del mine[session]  # most recently used goes last
+        else:
+            if len(mine) >= MAX_SESSIONS_PER_SOURCE:
+                # one source cannot hold the table: its least recently used session goes
+                self.counters["nat_intro_source_evicted"] += 1
+                self._drop_session(next(iter(mine)))
             if len(self.sessions) >= MAX_SESSIONS:
+                if not mine:
+                    del self._by_source[source]
                 self.counters["nat_intro_busy"] += 1
                 self._send(nm.IntroAnswer(req.request_id, nm.STATUS_BUSY).encode(), addr)
                 return
             session = self._rng(8)
             self.sessions[session] = RelaySession(addr, link, now)
+        mine[session] = None
         self.counters["nat_introduced"] += 1
         self.link.send_cell(link, nm.Introduce(addr, req.request_id, session, req.mapping, req.filtering).cell(), now)
         self._send(nm.IntroAnswer(req.request_id, nm.STATUS_OK, link.addr, session).encode(), addr)
+
+    def _drop_session(self, sid: bytes) -> None:
+        rs = self.sessions.pop(sid)
+        key = source_key(rs.a[0])
+        mine = self._by_source.get(key)
+        if mine is not None:
+            mine.pop(sid, None)
+            if not mine:
+                del self._by_source[key]
 
     def forward(self, data: bytes, session: bytes, addr: Address, now: float) -> None:
         """A RELAYED datagram from ``addr``: on to the other end of its session, unchanged."""
@@ -99,6 +136,6 @@ class Introducer:
         """Forget idle sessions and what closed links leave behind."""
         for sid in [s for s, rs in self.sessions.items() if now - rs.last > SESSION_IDLE_S
                     or rs.b.state is LinkState.CLOSED]:
-            del self.sessions[sid]
+            self._drop_session(sid)
         for reg_id in [r for r, lk in self.registrations.items() if lk.state is LinkState.CLOSED]:
             del self.registrations[reg_id]

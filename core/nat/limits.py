@@ -10,6 +10,7 @@ PUNCH_TIMEOUT_S = 2.0  # then relay fallback
 UPGRADE_INTERVAL_S = 10.0  # a relayed link keeps trying a direct path this often ...
 UPGRADE_TRIES = 6  # ... this many times
 MAX_DIALS = 256
+MAX_PUNCHED = 1024  # addresses remembered as punched (dialer and registrant), least recent forgotten
 
 # registrant (a relay behind a NAT)
 INTRODUCED_KEEP_S = 120.0
@@ -21,7 +22,11 @@ MAX_INTRODUCED = 256
 SESSION_IDLE_S = 120.0  # a session without traffic is forgotten
 MAX_REGISTRATIONS = 1024
 MAX_SESSIONS = 4096
-INTRO_RATE, INTRO_BURST = 10.0, 20.0  # INTRO_REQUESTs per source IP
+INTRO_RATE, INTRO_BURST = 10.0, 20.0  # INTRO_REQUESTs per source (IPv4 address, IPv6 /64)
+MAX_SESSIONS_PER_SOURCE = 8  # relay sessions one source holds; a ninth evicts its least recently used
+# INTRODUCE cells per registered relay: flushing its MAX_INTRODUCED table within a punch timeout would
+# take MAX_INTRODUCED / PUNCH_TIMEOUT_S = 128/s, far above this
+TARGET_INTRO_RATE, TARGET_INTRO_BURST = 16.0, 32.0
 
 # STUN server (§13.1)
 STUN_MAX_GROWTH = 24  # a STUN answer is at most this many bytes longer than the request

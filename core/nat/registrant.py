@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 from shallot.core.link import Address, Link, LinkLayer, LinkState
 from shallot.core.nat.classify import Behaviour, NatType, Plan, plan_link
+from shallot.core.nat.dialer import RecentSet
 from shallot.core.nat.limits import (
     INTRODUCED_KEEP_S,
     MAX_INTRODUCED,
+    MAX_PUNCHED,
     PUNCH_INTERVAL_S,
     PUNCH_TIMEOUT_S,
     REBIND_CHECK_S,
@@ -69,7 +71,7 @@ class Registrant:
         self._by_session: dict[bytes, Introduced] = {}
         self._rebind_txid = b""
         self._rebind_at = 0.0
-        self.punched: set[Address] = set()  # addresses a punch came from or went to
+        self.punched = RecentSet(MAX_PUNCHED)  # addresses a punch came from or went to
 
     # ------------------------------------------------------------------ commands and queries
     def register(self, introducers: list[Introducer], now: float, wall: float) -> None:
@@ -91,8 +93,11 @@ class Registrant:
             self.counters["nat_drop_bad_introduce"] += 1
             return
         if intro.token not in self.introduced and len(self.introduced) >= MAX_INTRODUCED:
-            self.counters["nat_drop_introduced_full"] += 1
-            return
+            # evict the oldest instead of refusing the newest: spoofed requests (rate-limited per registered
+            # relay at the introducer) cannot lock out every new dialer for INTRODUCED_KEEP_S
+            self.counters["nat_introduced_evicted"] += 1
+            old = self.introduced.pop(next(iter(self.introduced)))
+            self._by_session.pop(old.session, None)
         theirs = NatType(Behaviour(intro.mapping), Behaviour(intro.filtering))
         entry = Introduced(intro.token, intro.requester, intro.session, link.addr, plan_link(self._mine(), theirs),
                            now + PUNCH_TIMEOUT_S, now + INTRODUCED_KEEP_S)

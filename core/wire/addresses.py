@@ -84,6 +84,20 @@ def host_key(host: str, port: int) -> str:
     return host
 
 
+def source_key(host: str) -> str:
+    """Whom a per-source limit counts: an IPv4 address, or the /64 of an IPv6 address (one subscriber's
+    prefix: an attacker rotating addresses inside it is still one source)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return str(ip)
+
+
 def parse_hostport(text: str) -> Address:
     """``HOST:PORT`` or ``[v6]:PORT`` with an IP address, as the command line takes relay addresses."""
     host, sep, port = text.rpartition(":")

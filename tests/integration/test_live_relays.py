@@ -121,7 +121,7 @@ async def nothing_before_the_control(sock: socket.socket, relay: Descriptor, tim
     while True:
         index = random.randrange(1, 2**32)
         _state, init = lh.client_initiation(responder_link_pub=relay.link_pub, sender_index=index,
-                                            timestamp_ns=time.time_ns(), rng=os.urandom)
+                                            rng=os.urandom)
         ours.add(index)
         sock.sendto(init, addr_of(relay))
         try:
@@ -369,7 +369,69 @@ async def test_replayed_create_is_rejected(network: RunningNetwork) -> None:
             assert counter(g2, "reject_create_replay") - counter(g0, "reject_create_replay") == 2
 
 
+async def test_a_create_replayed_after_the_relay_restarted_is_rejected(network: RunningNetwork, procs: ProcGroup,
+                                                                       tmp_path: Path) -> None:
+    """Review PoC A.4 with real processes: a CREATE recorded on its way to a relay is replayed after that
+    relay restarted (SIGTERM, same state directory): the build replay cache saved in DIR/replay refuses it."""
+    state = tmp_path / "victim"
+    state_dir.keygen(state, ("127.0.0.1", free_udp_ports(1)[0]), "victim", False)
+    victim = procs.start("relay", "--state", state, "--directory", network.directory)
+    victim.wait_line("listening")
+    _guard, middle, exit_ = path_of(network)
+    path = [state_dir.read_descriptor(state), middle, exit_]
+    async with open_client() as client:
+        creates: list[bytes] = []
+        send_cell = client.node.link.send_cell
+
+        def recording_send_cell(link: Any, cell: bytes, now: float) -> None:
+            if cell[4] == CMD_CREATE:
+                creates.append(bytes(cell))
+            send_cell(link, cell, now)
+
+        client.node.link.send_cell = recording_send_cell  # type: ignore[method-assign]
+        circ = await client.build(path)
+        assert await echo(client, circ, b"before") == b"before" and len(creates) == 1
+    victim.signal(signal.SIGTERM)
+    assert victim.wait() == 0
+    assert (state / "replay").stat().st_size > 8 + 32, "nothing saved in DIR/replay"
+    victim = procs.start("relay", "--state", state, "--directory", network.directory)
+    victim.wait_line("listening")
+    path[0] = state_dir.read_descriptor(state)  # re-signed at start; same keys
+    async with open_client() as client:
+        cells_in: list[bytes] = []
+        on_cell = client.node.link.on_cell
+        client.node.link.on_cell = lambda link, cell: (cells_in.append(bytes(cell)), on_cell(link, cell))
+        circ = await client.build(path)  # the restarted relay works, and gives us a link to it
+        s0 = await relay_status(state)
+        cid = _client_cid()
+        assert circ.link is not None and client.endpoint is not None
+        client.node.link.send_cell(circ.link, cid.to_bytes(4, "big") + creates[0][4:], time.monotonic())
+        client.endpoint.poke()
+
+        async def answered() -> bytes | None:
+            return next((c for c in cells_in if int.from_bytes(c[:4], "big") == cid), None)
+
+        answer = await wait_until(answered, 10, what="the restarted relay's answer to the replayed CREATE")
+        assert answer[4] == CMD_DESTROY and answer[5] == DestroyReason.HOP_REJECTED
+        s1 = await relay_status(state)
+        assert counter(s1, "reject_create_replay") - counter(s0, "reject_create_replay") == 1
+        assert counter(s1, "circuit_extended") == counter(s0, "circuit_extended"), "the replay was extended again"
+
+
 # ---------------------------------------------------------------------------------------------- tampering
+
+
+@contextlib.contextmanager
+def listed(network: RunningNetwork, desc: Descriptor) -> Any:
+    """``desc`` is in the network's directory file while the block runs: the relays' view (``--directory``),
+    as a relay that published its descriptor.  An exit ends circuits only for previous hops in its view
+    (docs/PROTOCOL.md §5.7); the file is restored after, so no other test's paths can pick a dead relay."""
+    original = network.directory.read_text()
+    network.directory.write_text(encode_directory([*load_directory(network.directory), desc]))
+    try:
+        yield
+    finally:
+        network.directory.write_text(original)
 
 
 @pytest.mark.parametrize(("flip", "part"), [("forward", "body"), ("backward", "body"),
@@ -388,6 +450,14 @@ async def test_tampering_middle_is_detected(network: RunningNetwork, procs: Proc
     path = [by_nick[guard.nickname], by_nick["evil"], by_nick[exit_.nickname]]
     g_state, e_state = network.state(guard), network.state(exit_)
 
+    with listed(network, path[1]):
+        await _tampered_circuit(network, client_path=path, evil=evil, evil_state=evil_state, g_state=g_state,
+                                e_state=e_state, flip=flip)
+
+
+async def _tampered_circuit(network: RunningNetwork, *, client_path: list[Descriptor], evil: Any, evil_state: Path,
+                            g_state: Path, e_state: Path, flip: str) -> None:
+    path = client_path
     async with open_client() as client:
         circ = await client.build(path)
         inbox = client.inbox[circ.circuit_id]  # the client drops its own reference once the circuit closes

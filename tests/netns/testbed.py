@@ -298,24 +298,31 @@ NAT_KINDS = ("apdf", "adf", "eif", "edm")
 
 @dataclass
 class NatTopology:
-    """Two public relays on the "internet" bridge and, for every NAT kind, two NAT routers with one host
-    behind each (an "s" side for relays, a "c" side for dialers), so every ordered pair of kinds,
-    including a kind with itself, has two distinct NATs::
+    """Four public relays on the "internet" bridge, each in its own /16, and, for every NAT kind, two NAT
+    routers with one host behind each (an "s" side for relays, a "c" side for dialers), so every ordered
+    pair of kinds, including a kind with itself, has two distinct NATs::
 
-        intro 192.0.2.31 (relay, introducer)     exit 198.51.100.32 (exit)     both with a STUN alternate port
+        intro 192.0.2.31, intro2 198.19.0.34   the introducers, with a STUN alternate port
+        mid 198.18.0.33 (relay), exit 198.51.100.32 (exit)
         <kind><side>gw  203.0.113.(40+i) | 10.0.i.1  ──  <kind><side>  10.0.i.2
+
+    An introducer is in the entry position (core/circuit/entry.py): a path through a relay behind a NAT
+    takes its middle and exit from relays that are not its introducers, hence four public relays.
     """
 
     tb: Testbed
     ns: dict[str, str] = field(default_factory=dict)
-    addr: dict[str, str] = field(default_factory=lambda: {"intro": "192.0.2.31", "exit": "198.51.100.32"})
+    addr: dict[str, str] = field(default_factory=lambda: {"intro": "192.0.2.31", "exit": "198.51.100.32",
+                                                          "mid": "198.18.0.33", "intro2": "198.19.0.34"})
+    publics: tuple[str, ...] = ("intro", "exit", "mid", "intro2")
+    extra_nets: tuple[str, ...] = ("198.18.0.0/24", "198.19.0.0/24")
 
     def build(self) -> NatTopology:
         tb = self.tb
         inet = self.ns["inet"] = tb.add_ns("inet")
         tb.ip(inet, "link", "add", "br0", "type", "bridge")
         tb.ip(inet, "link", "set", "br0", "up")
-        wan_hosts = ["intro", "exit"] + [f"{k}{side}gw" for k in NAT_KINDS for side in "sc"]
+        wan_hosts = [*self.publics] + [f"{k}{side}gw" for k in NAT_KINDS for side in "sc"]
         for i, role in enumerate(wan_hosts):
             ns = self.ns[role] = tb.add_ns(role)
             port = f"p{i}"
@@ -324,9 +331,9 @@ class NatTopology:
             if role not in self.addr:
                 self.addr[role] = f"203.0.113.{40 + i}"
             tb.address(ns, "eth0", f"{self.addr[role]}/24")
-            for net in StandardTopology.internet:
+            for net in (*StandardTopology.internet, *self.extra_nets):
                 tb.exec(ns, "ip", "route", "replace", net, "dev", "eth0")
-        for i, role in enumerate(wan_hosts[2:], start=1):
+        for i, role in enumerate(wan_hosts[len(self.publics):], start=1):
             host_role = role[:-2]
             gw, host = self.ns[role], tb.add_ns(host_role)
             self.ns[host_role] = host

@@ -480,7 +480,7 @@ def handshake_cases() -> tuple[HandshakeCase, ...]:
         responder = RelayKeys.generate(rng, WALL0)
         if i % 2 == 0:
             state, packet = lh.client_initiation(responder_link_pub=responder.link_pub, sender_index=1000 + i,
-                                                 timestamp_ns=int(WALL * 1e9), rng=rng)
+                                                 rng=rng)
         else:
             initiator = RelayKeys.generate(rng, WALL0)
             expires = int(WALL) + 86400

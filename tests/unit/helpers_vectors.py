@@ -65,9 +65,11 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     hops = inputs["hops"]
     onion_privs = [bytes.fromhex(h["onion_private"]) for h in hops]
     onion_pubs = [x25519_public(k) for k in onion_privs]
-    targets = [ch.HopTarget(pub, instruction_from_json(h["instruction"])) for pub, h in zip(onion_pubs, hops)]
+    idents = [ch.HopIdentity(bytes.fromhex(h["relay_id"]), bytes.fromhex(h["link_pub"])) for h in hops]
+    targets = [ch.HopTarget(pub, instruction_from_json(h["instruction"]), ident)
+               for pub, h, ident in zip(onion_pubs, hops, idents)]
     client_tape = Tape(bytes.fromhex(inputs["client_rng"]))
-    pending, slots = ch.client_create(targets, minutes=inputs["minutes"], rng=client_tape,
+    pending, slots = ch.client_create(targets, hour=inputs["hour"], rng=client_tape,
                                       ephemerals=[bytes.fromhex(h["x_private"]) for h in hops])
     client_tape.assert_consumed()
 
@@ -77,9 +79,9 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         create_slots.append(slots)
         tape = Tape(bytes.fromhex(hop["relay_rng"]))
         opened = ch.relay_open(slots, onion_ring(onion_privs[i]), rng=tape)
-        assert opened.minutes == inputs["minutes"]
+        assert opened.hour == inputs["hour"]
         assert opened.instruction == targets[i].instruction
-        keys, reply = ch.relay_reply(opened, rng=tape, y_private=bytes.fromhex(hop["y_private"]))
+        keys, reply = ch.relay_reply(opened, idents[i], rng=tape, y_private=bytes.fromhex(hop["y_private"]))
         openeds.append(opened)
         replies.append(reply)
         relay_keys.append(keys)
@@ -139,17 +141,22 @@ def make_inputs() -> dict[str, Any]:
         ch.ExtendTo("2001:db8::42", 443, det_bytes("exit link key", 32), det_bytes("exit relay id", 20)),
         ch.Terminate(ch.SERVICE_ECHO),
     ]
+    # who each hop is (bound into its keys, §5.4): the guard's own, then what the previous hop extends to
+    idents = [(det_bytes("guard relay id", 20), det_bytes("guard link key", 32)),
+              *((ins.relay_id, ins.link_pub) for ins in instructions[:-1] if isinstance(ins, ch.ExtendTo))]
     for i, instruction in enumerate(instructions):
         rng_len = RECORD_LEN + (CREATED_SLOTS_LEN - REPLY_LEN if i == len(instructions) - 1 else 0)
         hops.append({
             "onion_private": det_bytes(f"hop {i} onion key", 32).hex(),
             "x_private": det_bytes(f"hop {i} client ephemeral", 32).hex(),
             "y_private": det_bytes(f"hop {i} relay ephemeral", 32).hex(),
+            "relay_id": idents[i][0].hex(),
+            "link_pub": idents[i][1].hex(),
             "instruction": instruction_to_json(instruction),
             "relay_rng": det_bytes(f"hop {i} relay rng", rng_len).hex(),
         })
     return {
-        "minutes": 30_000_000,
+        "hour": 500_000,
         "client_rng": det_bytes("client rng", CREATE_SLOTS_LEN).hex(),
         "hops": hops,
         "forward_data": b"shallot vector: forward".hex(),

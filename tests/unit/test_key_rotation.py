@@ -33,10 +33,12 @@ def test_a_new_onion_key_comes_after_the_rotation_period_and_the_old_one_leaves_
 
 
 def test_an_old_key_leaves_once_its_successor_is_older_than_the_overlap_even_without_a_new_key() -> None:
-    now = 100 * DAY
-    k2, k1, k0 = (OnionKey(det_rng(i)(32), now - age) for i, age in enumerate((1 * DAY, 8 * DAY, 15 * DAY)))
+    now, period = 100 * DAY, ONION_KEY_ROTATE_S
+    assert ONION_KEY_OVERLAP_S == period == DAY  # daily keys (review M1)
+    ages = (period // 10, period + period // 10, 2 * period + period // 10)
+    k2, k1, k0 = (OnionKey(det_rng(i)(32), now - age) for i, age in enumerate(ages))
     keys = RelayKeys(identity_seed=bytes(32), link_private=bytes(range(32)), onion_keys=[k2, k1, k0])
-    # k0's successor k1 is 8 days old: k0 goes; k2 is 1 day old: k1 stays; nothing is due for rotation
+    # k0's successor k1 is older than the overlap: k0 goes; k2 is younger: k1 stays; nothing is due
     assert keys.rotate_onion_keys(det_rng(9), now)
     assert keys.onion_keys == [k2, k1]
     assert not keys.rotate_onion_keys(det_rng(9), now)

@@ -271,7 +271,7 @@ def test_initiation_with_a_bad_mac1_gets_no_response(kind: str) -> None:
     net, _a, akeys, b, bkeys = _two_relays()
     if kind == "client":
         _s, packet = lh.client_initiation(responder_link_pub=bkeys.link_pub, sender_index=3,
-                                          timestamp_ns=int(net.wall * 1e9), rng=det_rng(3))
+                                          rng=det_rng(3))
     else:
         packet = _relay_init(net, link_private=akeys.link_private, identity=akeys, cert_for=akeys.link_pub,
                              cert_expires=int(net.wall) + 3600, responder_pub=bkeys.link_pub)
@@ -289,13 +289,14 @@ def test_initiation_with_a_bad_mac1_gets_no_response(kind: str) -> None:
 @pytest.mark.parametrize("offset_s", [-600.0, 600.0, -60.0, 60.0])
 @pytest.mark.parametrize("kind", ["client", "relay"])
 def test_initiation_timestamp_must_be_within_the_handshake_skew(kind: str, offset_s: float) -> None:
-    """An initiation stamped 10 minutes off is dropped silently; one minute off is fine."""
+    """A relay initiation stamped 10 minutes off is dropped silently; one minute off is fine.  A client
+    sends no clock (review M5): its link comes up whatever its clock says."""
     net, a, _akeys, b, bkeys = _two_relays()
     initiator = client_layer(net, 4) if kind == "client" else a
     link = initiator.open_link(B_ADDR, bkeys.link_pub, net.now, net.wall + offset_s,
                                peer_relay_id=None if kind == "client" else bkeys.relay_id)
     net.run()
-    if abs(offset_s) > 120:
+    if abs(offset_s) > 120 and kind == "relay":
         assert b.counters["drop_initiation_clock_skew"] == 1
         assert b.counters["handshake_responded"] == 0 and not b.links
         assert not [1 for s, _d, _p in net.log if s == B_ADDR], "the responder must stay silent"

@@ -39,10 +39,10 @@ def responder(*, seed: int = 1, **limits: float) -> tuple[LinkLayer, RelayKeys]:
     return LinkLayer(config, rng=det_rng(seed + 100)), keys
 
 
-def client_init(keys: RelayKeys, i: int, *, wall: float = WALL, resume: bytes = lh.NO_RESUME) -> bytes:
+def client_init(keys: RelayKeys, i: int, *, resume: bytes = lh.NO_RESUME) -> bytes:
     """A fresh, well-formed INIT_CLIENT (its own ephemeral) for the relay with ``keys``."""
     _state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=1000 + i,
-                                         timestamp_ns=int(wall * 1e9), rng=det_rng(5000 + i), resume=resume)
+                                         rng=det_rng(5000 + i), resume=resume)
     return packet
 
 
@@ -199,11 +199,11 @@ def test_a_full_initiation_replay_cache_fails_closed_until_entries_expire() -> N
     layer.receive_datagram(client_init(keys, 2), ("198.51.100.3", 1), now, WALL)
     assert layer.counters["drop_replay_cache_full"] == 1 and answered(layer) == 0
     later = now + HANDSHAKE_SKEW_S  # entries are kept 2 x HANDSHAKE_SKEW_S: still full
-    layer.receive_datagram(client_init(keys, 3, wall=WALL + HANDSHAKE_SKEW_S), ("198.51.100.4", 1), later,
+    layer.receive_datagram(client_init(keys, 3), ("198.51.100.4", 1), later,
                            WALL + HANDSHAKE_SKEW_S)
     assert layer.counters["drop_replay_cache_full"] == 2 and answered(layer) == 0
     expired = now + 2 * HANDSHAKE_SKEW_S + 1
-    layer.receive_datagram(client_init(keys, 4, wall=WALL + expired - now), ("198.51.100.5", 1), expired,
+    layer.receive_datagram(client_init(keys, 4), ("198.51.100.5", 1), expired,
                            WALL + expired - now)
     assert answered(layer) == 1
 
@@ -231,13 +231,31 @@ def test_a_relay_initiation_must_be_newer_than_the_last_one_on_its_link() -> Non
     assert answered(layer) == 1 and len(layer.links) == 1  # a rekey of the same link
 
 
-def test_an_initiation_outside_the_clock_skew_is_dropped() -> None:
+def test_a_relay_initiation_outside_the_clock_skew_is_dropped() -> None:
     layer, keys = responder()
+    peers = [RelayKeys.generate(det_rng(700 + i), WALL) for i in range(3)]
     for i, off in enumerate((-HANDSHAKE_SKEW_S - 5, HANDSHAKE_SKEW_S + 5)):
-        layer.receive_datagram(client_init(keys, i, wall=WALL + off), ("198.51.100.1", i), 10.0, WALL)
+        ts = int((WALL + off) * 1e9)
+        layer.receive_datagram(relay_init(peers[i], keys, i, timestamp_ns=ts), ("198.51.100.1", i), 10.0, WALL)
     assert layer.counters["drop_initiation_clock_skew"] == 2 and answered(layer) == 0
-    layer.receive_datagram(client_init(keys, 9, wall=WALL + HANDSHAKE_SKEW_S - 5), ("198.51.100.1", 9), 10.0, WALL)
+    ts = int((WALL + HANDSHAKE_SKEW_S - 5) * 1e9)
+    layer.receive_datagram(relay_init(peers[2], keys, 9, timestamp_ns=ts), ("198.51.100.1", 9), 10.0, WALL)
     assert answered(layer) == 1
+
+
+def test_a_client_initiation_carries_no_clock() -> None:
+    """Review M5: the client's reserved field is zero whatever its clock; a nonzero one is refused."""
+    layer, keys = responder()
+    layer.receive_datagram(client_init(keys, 1), ("198.51.100.1", 1), 10.0, WALL + 86400)  # any relay clock
+    assert answered(layer) == 1 and layer.counters["drop_initiation_clock_skew"] == 0
+    # a client that put its clock in the reserved field is refused (no fingerprint can creep back in)
+    from shallot.crypto.noise import NoiseHandshake
+    head = bytes([0x51, 1]) + (7).to_bytes(4, "big")
+    noise = NoiseHandshake("NK", initiator=True, rs=keys.link_pub,
+                           prologue=b"shallot-link-v1" + head)
+    body = head + noise.write_message(int(WALL * 1e9).to_bytes(8, "big") + lh.NO_RESUME, det_rng(9))
+    layer.receive_datagram(body + lh.mac1(keys.link_pub, body), ("198.51.100.2", 1), 11.0, WALL)
+    assert layer.counters["drop_bad_initiation"] == 1 and answered(layer) == 0
 
 
 # ---------------------------------------------------------------------------------------------- cheap filters
@@ -262,7 +280,7 @@ def test_initiations_of_a_kind_the_node_does_not_accept_are_dropped(refuses: str
 def test_a_client_answers_no_initiation_at_all() -> None:
     priv, pub = x25519_keypair(det_rng(1))
     client = LinkLayer(LinkConfig(link_private=priv, link_pub=pub), rng=det_rng(2))
-    _s, packet = lh.client_initiation(responder_link_pub=pub, sender_index=1, timestamp_ns=int(WALL * 1e9),
+    _s, packet = lh.client_initiation(responder_link_pub=pub, sender_index=1,
                                       rng=det_rng(3))
     client.receive_datagram(packet, ("198.51.100.1", 1), 10.0, WALL)
     assert client.counters["drop_initiation_not_accepted"] == 1 and client.outbox == [] and not client.links

@@ -136,7 +136,11 @@ def test_introductions_are_bounded_checked_and_forgotten() -> None:
     assert s.counters["nat_drop_bad_introduce"] == 1
     for i in range(MAX_INTRODUCED + 2):
         s.introduce(0.0, token=i.to_bytes(8, "big"))
-    assert len(s.reg.introduced) == MAX_INTRODUCED and s.counters["nat_drop_introduced_full"] == 2
+    # a full table evicts its oldest introductions, never refuses the newest (spoofed requests cannot lock
+    # out the next honest dialer; review M4)
+    assert len(s.reg.introduced) == MAX_INTRODUCED and s.counters["nat_introduced_evicted"] == 2
+    assert (0).to_bytes(8, "big") not in s.reg.introduced
+    assert (MAX_INTRODUCED + 1).to_bytes(8, "big") in s.reg.introduced
     s.reg.handle_timer(INTRODUCED_KEEP_S + 1, 1.8e9)
     assert not s.reg.introduced
 

@@ -46,17 +46,13 @@ def _hex_values(node: Any) -> list[str]:
     if isinstance(node, dict):
         return [h for v in node.values() for h in _hex_values(v)]
     if isinstance(node, int) and not isinstance(node, bool):
-        return [str(node)]  # decimal inputs (timestamps, minutes) as the document prints them
+        return [str(node)]  # decimal inputs (wall clock, hour) as the document prints them
     return [node] if isinstance(node, str) and re.fullmatch(r"[0-9a-f]{8,}", node) else []
 
 
 def _keys() -> RelayKeys:
     i = VECTORS["keys"]["inputs"]
     return RelayKeys(H(i["identity_seed"]), H(i["link_private"]), [OnionKey(H(i["onion_private"]), 0)])
-
-
-def _wall_of(timestamp_ns: int) -> float:
-    return timestamp_ns / 1e9
 
 
 # ------------------------------------------------------------------------------------------ the document
@@ -128,7 +124,7 @@ def test_descriptor() -> None:
 def _init_client() -> tuple[lh.InitiatorState, bytes]:
     i = VECTORS["nk_handshake"]["inputs"]
     return lh.client_initiation(responder_link_pub=_keys().link_pub, sender_index=int(i["sender_index"], 16),
-                                timestamp_ns=i["timestamp_ns"], rng=Tape(b""), resume=H(i["resume"]),
+                                rng=Tape(b""), resume=H(i["resume"]),
                                 ephemeral=H(i["initiator_ephemeral_private"]))
 
 
@@ -139,7 +135,7 @@ def _relay_answers(packet: bytes) -> tuple[Any, list[tuple[bytes, Any]]]:
     tape = Tape(H(i["responder_index"]) + H(i["responder_ephemeral_private"]) + bytes(6))
     keys = _keys()
     layer = relay_link_layer(keys, rng=tape, wall=1_800_000_000)
-    layer.receive_datagram(packet, ("198.51.100.1", 40000), 50.0, _wall_of(i["timestamp_ns"]))
+    layer.receive_datagram(packet, ("198.51.100.1", 40000), 50.0, i["wall"])
     tape.assert_consumed()
     return layer, layer.datagrams_to_send()
 
@@ -152,9 +148,10 @@ def test_nk_init_client_and_response() -> None:
     keys = _keys()
     assert lh.check_mac1(keys.link_pub, H(exp["init_client"]))
     seen = lh.read_initiation(link_private=keys.link_private, link_pub=keys.link_pub, packet=H(exp["init_client"]),
-                              wall=_wall_of(i["timestamp_ns"]))
+                              wall=i["wall"])
+    # a client sends no clock: the reserved field is zero (review M5)
     assert (seen.sender_index, seen.timestamp_ns, seen.resume, seen.relay) == (
-        int(i["sender_index"], 16), i["timestamp_ns"], H(i["resume"]), None)
+        int(i["sender_index"], 16), 0, H(i["resume"]), None)
     assert seen.ephemeral == x25519_public(H(i["initiator_ephemeral_private"]))
     # the relay's link layer answers it with exactly the RESPONSE of the vector, and nothing else
     layer, out = _relay_answers(H(exp["init_client"]))
@@ -180,8 +177,7 @@ def test_a_changed_byte_of_the_init_client_is_not_answered() -> None:
         if pos < len(good) - 16:
             bad = bad[:-16] + lh.mac1(link_pub, bad[:-16])
         layer = relay_link_layer(_keys(), rng=Tape(b""), wall=1_800_000_000)
-        layer.receive_datagram(bad, ("198.51.100.1", 40000), 50.0,
-                               _wall_of(VECTORS["nk_handshake"]["inputs"]["timestamp_ns"]))
+        layer.receive_datagram(bad, ("198.51.100.1", 40000), 50.0, VECTORS["nk_handshake"]["inputs"]["wall"])
         expected = "drop_bad_mac1" if pos == len(good) - 1 else "drop_bad_initiation"
         assert layer.datagrams_to_send() == [] and dict(layer.counters) == {expected: 1}, (pos, layer.counters)
 
@@ -219,10 +215,12 @@ def test_transport_packet() -> None:
 def _one_hop() -> tuple[list[ch.PendingHop], bytes, ch.RecordOpened, ch.HopKeys, bytes]:
     i = VECTORS["one_hop_build"]["inputs"]
     onion = H(i["onion_private"])
-    hop = ch.HopTarget(x25519_public(onion), ch.Terminate(i["service"]))
-    pending, slots = ch.client_create([hop], minutes=i["minutes"], rng=ZERO, ephemerals=[H(i["x_private"])])
+    k = VECTORS["keys"]["expected"]
+    ident = ch.HopIdentity(H(k["relay_id"]), H(k["link_pub"]))  # the relay of "keys" (review L1)
+    hop = ch.HopTarget(x25519_public(onion), ch.Terminate(i["service"]), ident)
+    pending, slots = ch.client_create([hop], hour=i["hour"], rng=ZERO, ephemerals=[H(i["x_private"])])
     opened = ch.relay_open(slots, onion_ring(onion), rng=ZERO)
-    keys, reply = ch.relay_reply(opened, rng=Tape(b""), y_private=H(i["y_private"]))
+    keys, reply = ch.relay_reply(opened, ident, rng=Tape(b""), y_private=H(i["y_private"]))
     return pending, slots, opened, keys, reply
 
 
@@ -231,11 +229,11 @@ def test_one_hop_build() -> None:
     pending, slots, opened, keys, reply = _one_hop()
     assert slots[:RECORD_LEN].hex() == exp["slot0"]
     assert slots[:4].hex() == VECTORS["keys"]["expected"]["onion_key_id"]
-    # decoded by the hop: its instruction and the client's minute
-    assert (opened.instruction, opened.minutes) == (ch.Terminate(i["service"]), i["minutes"])
+    # decoded by the hop: its instruction and the client's hour
+    assert (opened.instruction, opened.hour) == (ch.Terminate(i["service"]), i["hour"])
     assert opened.x_pub == x25519_public(H(i["x_private"])) == H(exp["slot0"])[4:36]
-    assert ch.decode_payload(ch.encode_payload(opened.instruction, opened.minutes)) == (opened.instruction,
-                                                                                        opened.minutes)
+    assert ch.decode_payload(ch.encode_payload(opened.instruction, opened.hour)) == (opened.instruction,
+                                                                                     opened.hour)
     assert reply.hex() == exp["reply"] and reply[:32] == x25519_public(H(i["y_private"]))
     names = {f: ("auth_key" if f == "auth" else f) for f in HOP_KEY_FIELDS}
     assert {names[f]: getattr(keys, f).hex() for f in HOP_KEY_FIELDS} == exp["hop_keys"]

@@ -21,12 +21,13 @@ from shallot.core.wire.cells import (
 )
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
-from shallot.crypto.params import CELL_LEN, CIRCUIT_IDLE_S, CREATE_TIMEOUT_S, RECORD_SKEW_MIN
+from shallot.crypto.params import CELL_LEN, CIRCUIT_IDLE_S, CREATE_TIMEOUT_S, RECORD_EPOCH_S, RECORD_SLACK_S
 from tests.simnet import det_rng, echoed
 from tests.unit.helpers_circuits import CLIENT_ADDR, Net, make_net, relay_addr, tamper_incoming
 from tests.unit.helpers_limits import Destroys, configured_net, ends, link_to, send_inner
 
-REPLAY_KEEP_S = 2 * RECORD_SKEW_MIN * 60 + 60  # §5.7: how long a build record's X stays in the replay cache
+# §5.7: the longest a build record's X stays in the replay cache (a record of the current hour, made at its start)
+REPLAY_KEEP_S = RECORD_EPOCH_S + RECORD_SLACK_S + 60
 
 
 def _refused(n: Net, hops: list[int], reason: DestroyReason):

@@ -219,13 +219,12 @@ def check_nk(v: dict[str, Any], link_priv: bytes, link_pub: bytes) -> None:
     i, exp = v["nk_handshake"]["inputs"], v["nk_handshake"]["expected"]
     sender, responder = int(i["sender_index"], 16), int(i["responder_index"], 16)
     e_priv, re_priv = bytes.fromhex(i["initiator_ephemeral_private"]), bytes.fromhex(i["responder_ephemeral_private"])
-    # initiator: -> e, es ; payload timestamp_ns u64 | resume
+    # initiator: -> e, es ; payload reserved u64 (zero: a client sends no clock) | resume
     ini = nk_start(sender, link_pub)
     e_pub = x25519_pub(e_priv)
     ini.mix_hash(e_pub)
     ini.mix_key(dh(e_priv, link_pub))
-    body = bytes([0x51, 1]) + u(sender, 4) + e_pub + ini.encrypt_and_hash(u(i["timestamp_ns"], 8)
-                                                                        + bytes.fromhex(i["resume"]))
+    body = bytes([0x51, 1]) + u(sender, 4) + e_pub + ini.encrypt_and_hash(bytes(8) + bytes.fromhex(i["resume"]))
     init = body + blake2s(b"shallot-v1 mac1" + link_pub + body)[:16]
     check("nk.init_client", init, bytes.fromhex(exp["init_client"]))
     # responder: reads it, then <- e, ee ; payload its own index
@@ -233,7 +232,7 @@ def check_nk(v: dict[str, Any], link_priv: bytes, link_pub: bytes) -> None:
     res.mix_hash(init[6:38])
     res.mix_key(dh(link_priv, init[6:38]))
     payload = res.decrypt_and_hash(init[38:78])
-    check("nk.init_client payload", payload, u(i["timestamp_ns"], 8) + bytes.fromhex(i["resume"]))
+    check("nk.init_client payload", payload, bytes(8) + bytes.fromhex(i["resume"]))
     re_pub = x25519_pub(re_priv)
     res.mix_hash(re_pub)
     res.mix_key(dh(re_priv, init[6:38]))
@@ -265,22 +264,26 @@ SLOT, SLOTS, REPLY = 148, 4, 48
 KEY_NAMES = ("fwd_hdr", "fwd_body", "bwd_hdr", "bwd_body", "fwd_e2e", "bwd_e2e", "reply_layer", "auth")
 
 
-def record_payload(instruction: dict[str, Any], minutes: int) -> bytes:
-    """§5.3: version | kind | minutes | EXTEND (address, link_pub, relay_id) or TERMINATE (service), zero-padded."""
+PROTOID = b"shallot-v1 build x25519-sha256"  # §5.4
+
+
+def record_payload(instruction: dict[str, Any], hour: int) -> bytes:
+    """§5.3: version | kind | hour | EXTEND (address, link_pub, relay_id) or TERMINATE (service), zero-padded."""
     if instruction["kind"] == "extend":
         rest = (address(instruction["host"], instruction["port"]) + bytes.fromhex(instruction["link_pub"])
                 + bytes.fromhex(instruction["relay_id"]))
         kind = 1
     else:
         rest, kind = bytes([instruction["service"]]), 2
-    return (bytes([1, kind]) + u(minutes, 4) + rest).ljust(96, b"\x00")
+    return (bytes([1, kind]) + u(hour, 4) + rest).ljust(96, b"\x00")
 
 
 class Hop:
     """One hop of a build: the client's view (x) and the relay's (b, y) derive the same values (§5.4)."""
 
-    def __init__(self, onion_priv: bytes, x_priv: bytes, y_priv: bytes) -> None:
+    def __init__(self, onion_priv: bytes, x_priv: bytes, y_priv: bytes, relay_id: bytes, link_pub: bytes) -> None:
         self.b, self.x, self.y = onion_priv, x_priv, y_priv
+        self.ident = PROTOID + relay_id + link_pub  # §5.4: who the client means to reach at this hop
         self.B, self.X, self.Y = x25519_pub(onion_priv), x25519_pub(x_priv), x25519_pub(y_priv)
         self.dh_onion = dh(x_priv, self.B)
         assert self.dh_onion == dh(onion_priv, self.X)
@@ -289,11 +292,11 @@ class Hop:
         self.KL = keystream(self.k_layer, bytes(12), 3 * SLOT)
 
     def circuit_keys(self, y_pub: bytes, dh_eph: bytes) -> dict[str, bytes]:
-        okm = hkdf(dh_eph + self.dh_onion, b"shallot-v1 circuit-keys", self.X + self.B + y_pub, 256)
+        okm = hkdf(dh_eph + self.dh_onion, b"shallot-v1 circuit-keys", self.ident + self.X + self.B + y_pub, 256)
         return {name: okm[32 * j:32 * (j + 1)] for j, name in enumerate(KEY_NAMES)}
 
     def auth(self, keys: dict[str, bytes], y_pub: bytes) -> bytes:
-        return hmac_sha256(keys["auth"], b"shallot-v1 created" + self.X + y_pub + self.B)[:16]
+        return hmac_sha256(keys["auth"], b"shallot-v1 created" + self.ident + self.X + y_pub + self.B)[:16]
 
 
 def client_slots(hops: list[Hop], payloads: list[bytes], client_rng: bytes) -> bytes:
@@ -391,8 +394,10 @@ def backward_cells(keys: list[dict[str, bytes]], inner: bytes, seq: int) -> list
 
 def check_one_hop(v: dict[str, Any]) -> None:
     i, exp = v["one_hop_build"]["inputs"], v["one_hop_build"]["expected"]
-    hop = Hop(bytes.fromhex(i["onion_private"]), bytes.fromhex(i["x_private"]), bytes.fromhex(i["y_private"]))
-    payload = record_payload({"kind": "terminate", "service": i["service"]}, i["minutes"])
+    relay = v["keys"]["expected"]  # the hop is the relay of "keys" (its id was checked there)
+    hop = Hop(bytes.fromhex(i["onion_private"]), bytes.fromhex(i["x_private"]), bytes.fromhex(i["y_private"]),
+              bytes.fromhex(relay["relay_id"]), bytes.fromhex(relay["link_pub"]))
+    payload = record_payload({"kind": "terminate", "service": i["service"]}, i["hour"])
     zeros = bytes(SLOTS * SLOT)  # the document's one-hop vector uses zero filler
     received, replies, _back, keys = build([hop], [payload], zeros, [zeros], "one_hop")
     check("one_hop.slot0", received[0][:SLOT], bytes.fromhex(exp["slot0"]))
@@ -408,8 +413,9 @@ def check_one_hop(v: dict[str, Any]) -> None:
 
 def check_circuit_build(v: dict[str, Any]) -> None:
     i, exp = v["inputs"], v["expected"]
-    hops = [Hop(*(bytes.fromhex(h[k]) for k in ("onion_private", "x_private", "y_private"))) for h in i["hops"]]
-    payloads = [record_payload(h["instruction"], i["minutes"]) for h in i["hops"]]
+    hops = [Hop(*(bytes.fromhex(h[k]) for k in ("onion_private", "x_private", "y_private", "relay_id", "link_pub")))
+            for h in i["hops"]]
+    payloads = [record_payload(h["instruction"], i["hour"]) for h in i["hops"]]
     for k, hop in enumerate(hops):
         check(f"build.onion_public[{k}]", hop.B.hex(), exp["onion_public"][k])
         check(f"build.x_public[{k}]", hop.X.hex(), exp["x_public"][k])

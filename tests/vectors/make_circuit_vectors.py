@@ -26,6 +26,7 @@ def main() -> int:
     inputs = make_inputs()
     vector = {
         "description": "Shallot circuit build v1 (docs/PROTOCOL.md §5, §6.4): a 3-hop build with fixed onion keys, "
+                       "hop identities (relay_id, link_pub: bound into each hop's keys, §5.4), the client's hour, "
                        "client ephemerals x, hop ephemerals y and random tapes (hex).  client_rng is 4 x 148 bytes: "
                        "the filler of slot k is client_rng[148k:148(k+1)], used by slots n..3 only.  A hop's "
                        "relay_rng is the 148-byte filler slot it appends to the CREATE it forwards, then (last hop "
