@@ -22,10 +22,10 @@ from typing import Any
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import run
 from shallot.core.wire.cells import CMD_RELAY
-from shallot.crypto.params import CELL_HEADER_LEN, ONION_HEADER_LEN
+from shallot.crypto.params import CELL_HEADER_LEN, HOP_SLOT_LEN
 from shallot.relay import forwarder, service
 
-_HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
+_HDR_END = CELL_HEADER_LEN + HOP_SLOT_LEN
 
 
 class Tamper:
