@@ -103,6 +103,8 @@ class _ForwardCheck:
         self.window = ReplayWindow(window)
 
     def open(self, region: bytes | memoryview) -> bytes:
+        if len(region) != RELAY_LEN:
+            raise IntegrityError("bad region length")
         h = bytes(region[:HOP_SEQ_LEN])
         seq = (int.from_bytes(h, "big") - self._offset) & _MASK64
         window = self.window
@@ -135,6 +137,8 @@ class RelayLayer:
 
     def backward(self, region: bytes | memoryview) -> bytes:
         """The region for the previous hop; raises SequenceError on a repeated or stale counter."""
+        if len(region) != RELAY_LEN:
+            raise IntegrityError("bad region length")
         if not self._bwd_window.check_and_set(int.from_bytes(region[:HOP_SEQ_LEN], "big")):
             raise SequenceError("repeated or stale backward cell")
         c = self._bwd_next
@@ -226,6 +230,8 @@ class ClientLayers:
 
     def unwrap(self, region: bytes | memoryview) -> bytes:
         """Return the INNER_LEN plaintext; raises IntegrityError (tear the circuit down)."""
+        if len(region) != RELAY_LEN:
+            raise IntegrityError("bad region length")
         data = bytes(region)
         for ctx in self._bwd_ctrs:
             ctx.reset_nonce(data[:HOP_SEQ_LEN] + _ZERO8)  # type: ignore[attr-defined]
