@@ -240,15 +240,13 @@ class RelayNode(LinkOwner):
             if entry is None:
                 self.counters["drop_relay_unknown_circuit"] += 1
                 return
-            circ, from_prev = entry
-            if circ.state is not CircState.OPEN or circ.endpoint is None:
+            circ = entry[0]
+            if circ.endpoint is None:  # a forwarding circuit without routes: not open yet
                 self.counters["drop_relay_not_open"] += 1
                 return
+            # a circuit that ends here is open from its CREATE on and is keyed only by its previous link
             circ.last_active = self._now
-            if from_prev:
-                self._endpoint_cell(circ, memoryview(cell)[CELL_HEADER_LEN:])
-            else:
-                self.counters["drop_relay_not_open"] += 1  # an exit has no next hop: nothing comes from there
+            self._endpoint_cell(circ, memoryview(cell)[CELL_HEADER_LEN:])
             return
         entry = self.circuits.get(key)
         if cmd == CMD_CREATE:
@@ -267,7 +265,7 @@ class RelayNode(LinkOwner):
             if entry is None:
                 self.counters["drop_destroy_unknown_circuit"] += 1
                 return
-            circ, from_prev = entry
+            circ = entry[0]
             reason = destroy_reason(cell[CELL_HEADER_LEN:])
             self.counters[f"destroy_received_{reason.name.lower()}"] += 1
             # the reason stays with the neighbour that told us: passing it on would be an end-to-end side
