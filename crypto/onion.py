@@ -51,11 +51,13 @@ from shallot.crypto.replay import ReplayWindow
 _ZERO4 = bytes(4)
 _ZERO8 = bytes(8)
 _ZERO_SLOT = bytes(HOP_SLOT_LEN)
+_ZERO16 = bytes(16)
 _MASK64 = (1 << 64) - 1
 _CT_LEN = RELAY_LEN - HOP_SLOT_LEN  # 1371: what a forward layer's AEAD covers
 _BACK_IN = RELAY_LEN - HOP_SEQ_LEN  # 1387: how much of the next hop's region a backward layer keeps
 _SEALED = INNER_LEN + TAG_LEN  # the exit's backward AEAD output
 JUNK_LEN = RELAY_LEN - HOP_SEQ_LEN - _SEALED  # 72 random bytes after the exit's backward AEAD
+_ZERO_PAD = bytes(_CT_LEN - INNER_LEN)
 
 
 class IntegrityError(Exception):
@@ -192,13 +194,14 @@ class ClientLayers:
         self._send_seq = 0
         self.replay = ReplayWindow(window)
 
-    def _keystream_tail(self, hop: int, seq8: bytes, n: int) -> bytes:
-        """The last n bytes of hop's forward AEAD keystream over _CT_LEN bytes (GCM: AES-CTR from counter 2)."""
-        start = _CT_LEN - n
+    def _xor_keystream_tail(self, hop: int, seq8: bytes, data: bytes) -> bytes:
+        """data XOR the last len(data) bytes of hop's forward keystream over _CT_LEN bytes (GCM is AES-CTR from
+        counter block 2, so an AES-CTR context started at the right block does the XOR)."""
+        start = _CT_LEN - len(data)
         ctx = self._fwd_ctrs[hop]
         ctx.reset_nonce(_ZERO4 + seq8 + (2 + start // 16).to_bytes(4, "big"))  # type: ignore[attr-defined]
-        skip = start % 16
-        return ctx.update(bytes(skip + n))[skip:]  # type: ignore[attr-defined]
+        ctx.update(_ZERO16[:start % 16])  # type: ignore[attr-defined]
+        return ctx.update(data)  # type: ignore[attr-defined]
 
     def wrap(self, inner: bytes) -> bytes:
         """inner must be INNER_LEN bytes; returns the region the first hop receives."""
@@ -209,24 +212,21 @@ class ClientLayers:
         n = len(self._fwd_aeads)
         # filler = what hop j finds in its last j * 24 bytes: hop j-1's zeros after every earlier layer came off
         filler = b""
-        for j in range(1, n):
-            prev = j - 1
-            if prev:
-                filler = _xor(filler, self._keystream_tail(prev, seq8, len(filler)))
+        for j in range(2, n):
+            filler = self._xor_keystream_tail(j - 1, seq8, filler + _ZERO_SLOT)
+        if n > 1:
             filler += _ZERO_SLOT
-        tail = len(filler)
-        if tail:
-            last = _xor(filler, self._keystream_tail(n - 1, seq8, tail))
-            m = inner + bytes(_CT_LEN - INNER_LEN - tail) + last
+            m = inner + _ZERO_PAD[:_CT_LEN - INNER_LEN - len(filler)] + self._xor_keystream_tail(n - 1, seq8, filler)
         else:
-            m = inner + bytes(_CT_LEN - INNER_LEN)
-        region = b""
-        for j in range(n - 1, -1, -1):
-            h = _hop_header(seq, self._offsets[j])
-            x = self._fwd_aeads[j].encrypt(nonce, m, h)
-            region = h + x[_CT_LEN:] + x[:_CT_LEN]
-            m = region[:_CT_LEN]
-        return region
+            m = inner + _ZERO_PAD
+        aeads, offsets = self._fwd_aeads, self._offsets
+        for j in range(n - 1, 0, -1):
+            h = _hop_header(seq, offsets[j])
+            x = aeads[j].encrypt(nonce, m, h)
+            m = h + x[_CT_LEN:] + x[:_CT_LEN - HOP_SLOT_LEN]  # what hop j-1's layer must open to
+        h = _hop_header(seq, offsets[0])
+        x = aeads[0].encrypt(nonce, m, h)
+        return h + x[_CT_LEN:] + x[:_CT_LEN]
 
     def unwrap(self, region: bytes | memoryview) -> bytes:
         """Return the INNER_LEN plaintext; raises IntegrityError (tear the circuit down)."""
@@ -246,10 +246,6 @@ class ClientLayers:
             raise IntegrityError("backward cell failed authentication") from None
         self.replay.check_and_set(seq)
         return inner
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 assert INNER_LEN + (MAX_HOPS - 1) * HOP_SLOT_LEN == _CT_LEN and JUNK_LEN >= (MAX_HOPS - 1) * HOP_SEQ_LEN
