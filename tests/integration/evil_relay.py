@@ -30,6 +30,7 @@ from shallot.core.errors import ShallotError
 from shallot.core.io.udp import run
 from shallot.core.wire.cells import CMD_RELAY
 from shallot.crypto.params import CELL_HEADER_LEN, HOP_SEQ_LEN, HOP_SLOT_LEN
+from shallot.exit.endpoints import endpoint_services
 from shallot.relay import forwarder, service
 
 _HDR_END = CELL_HEADER_LEN + HOP_SLOT_LEN
@@ -74,8 +75,8 @@ class Attack:
             out[_HDR_END + 500] ^= 0x01
             return [bytes(out)]
         keep = CELL_HEADER_LEN + HOP_SEQ_LEN
-        if direction == "forward":
-            return [cell, cell[:keep] + os.urandom(len(cell) - keep)]
+        if direction == "forward":  # a forged cell with a new sequence field: only its tag can give it away
+            return [cell, cell[:CELL_HEADER_LEN] + os.urandom(len(cell) - CELL_HEADER_LEN)]
         counter = int.from_bytes(cell[CELL_HEADER_LEN:keep], "big") + 1
         return [cell, cell[:CELL_HEADER_LEN] + counter.to_bytes(HOP_SEQ_LEN, "big") + os.urandom(len(cell) - keep)]
 
@@ -148,7 +149,7 @@ def main() -> int:
     else:
         p.error("give --flip or --attack")
     try:
-        run(service.run_relay(args.state))
+        run(service.run_relay(args.state, services=endpoint_services()))  # echo and discard, as `shallot relay`
     except ShallotError as exc:
         print(f"shallot: error: {exc}", file=sys.stderr)
         return 1
