@@ -19,22 +19,26 @@ MAC_LEN = 16
 CELL_LEN = 1400
 CIRC_ID_LEN = 4
 CELL_HEADER_LEN = CIRC_ID_LEN + 1  # circ id u32 | command u8
-ONION_HEADER_LEN = 16
-BODY_LEN = CELL_LEN - CELL_HEADER_LEN - ONION_HEADER_LEN  # 1379
+RELAY_LEN = CELL_LEN - CELL_HEADER_LEN  # 1395: a RELAY cell's payload, the region every onion layer covers
 LINK_PACKET_LEN = LINK_HEADER_LEN + CELL_LEN + TAG_LEN  # 1429 bytes of UDP payload
 
-INNER_LEN = BODY_LEN - TAG_LEN  # 1363: end-to-end message space after the exit's AEAD tag
+# --- onion layers (§6.4): each hop's forward layer is AES-256-GCM with an 8-byte sequence field and a
+# 16-byte tag in front; the hop strips them and appends zeros, so the region always keeps RELAY_LEN bytes ---
+HOP_SEQ_LEN = 8
+HOP_SLOT_LEN = HOP_SEQ_LEN + TAG_LEN  # 24
+HOP_WINDOW = 64  # a forwarding hop's per-direction window: older or repeated cells tear the circuit down
+MAX_HOPS = 4
+INNER_LEN = RELAY_LEN - MAX_HOPS * HOP_SLOT_LEN  # 1299: end-to-end message space, whatever the path length
 MSG_HEADER_LEN = 3  # type u8 | length u16
-MAX_DATA_LEN = INNER_LEN - MSG_HEADER_LEN  # 1360
+MAX_DATA_LEN = INNER_LEN - MSG_HEADER_LEN  # 1296 (>= 1280, the IPv6 minimum MTU)
 
 # --- circuit build ---
-N_SLOTS = 4  # build records per CREATE; always this many, whatever the path length
-MAX_HOPS = N_SLOTS
+N_SLOTS = MAX_HOPS  # build records per CREATE; always this many, whatever the path length
 ONION_KEY_ID_LEN = 4
 RECORD_PAYLOAD_LEN = 96
 RECORD_LEN = ONION_KEY_ID_LEN + 32 + RECORD_PAYLOAD_LEN + TAG_LEN  # 148
 REPLY_LEN = 32 + 16  # Y | auth
-CREATE_SLOTS_LEN = N_SLOTS * RECORD_LEN  # 592 of BODY_LEN; the rest is zero
+CREATE_SLOTS_LEN = N_SLOTS * RECORD_LEN  # 592 of the payload; the rest is zero
 CREATED_SLOTS_LEN = N_SLOTS * REPLY_LEN  # 192
 
 # --- labels (all HKDF/MAC domain separation strings live here) ---
@@ -52,6 +56,7 @@ LABEL_RELAY_ID = b"shallot-v1 relay-id"
 LABEL_DHT_ANSWER = b"shallot-v1 dht-answer\x00"  # DHT answers signed by the relay identity (§12.3)
 # protocol id bound into the circuit-key derivation and the hop's auth tag (ntor's PROTOID, review L1)
 PROTOID_BUILD = b"shallot-v1 build x25519-sha256"
+LABEL_HOP_LAYER = b"shallot-v1 hop-layer"  # per-hop onion-layer keys from fwd_body || bwd_body (§6.4)
 
 # --- timers and limits (seconds unless named otherwise) ---
 REKEY_AFTER_S = 120.0

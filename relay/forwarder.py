@@ -11,7 +11,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from shallot.core.link import (
     Address,
@@ -47,20 +46,17 @@ from shallot.core.wire.nat_frames import is_nat_cell
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.keys import RelayKeys
-from shallot.crypto.onion import EndpointLayer, IntegrityError, RelayLayer
+from shallot.crypto.onion import JUNK_LEN, EndpointLayer, IntegrityError, RelayLayer, SequenceError
 from shallot.crypto.params import (
     CELL_HEADER_LEN,
     CIRCUIT_IDLE_S,
     CREATE_TIMEOUT_S,
-    ONION_HEADER_LEN,
 )
 from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, X25519Key, hmac_sha256
 from shallot.relay.endpoints import EndpointService
 
 log = logging.getLogger("shallot.relay")
 _RELAY = bytes((CMD_RELAY,))
-_NONCE_PREFIX = bytes(4)
-_HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
 
 
 class CircState(enum.Enum):
@@ -178,9 +174,8 @@ class RelayNode(LinkOwner):
         self.open_circuits = 0
         self.reply_keys = KeyPool(rng, size=16)  # our build-reply ephemerals, made while idle
         self._last_integrity_log = float("-inf")
-        # hot-path table for open forwarding circuits: key -> (out link, cell prefix, header cipher context,
-        # body stream context, forward?, circuit)
-        self._routes: dict[int, tuple[Link, bytes, Any, Any, bool, RelayCircuit]] = {}
+        # hot-path table for open forwarding circuits: key -> (out link, cell prefix, layer step, circuit)
+        self._routes: dict[int, tuple[Link, bytes, Callable[[memoryview], bytes], RelayCircuit]] = {}
         self._now = 0.0
         self._wall = wall
         self._next_sweep = 0.0
@@ -271,46 +266,35 @@ class RelayNode(LinkOwner):
         if cmd == CMD_RELAY:
             route = self._routes.get(key)
             if route is not None:
-                # the hot path: one onion layer, then straight into the next link's AEAD
-                out_link, prefix, hdr, stream, forward, circ = route
+                # the hot path: check and change one onion layer, then straight into the next link's AEAD
+                out_link, prefix, layer_step, circ = route
+                try:
+                    region = layer_step(memoryview(cell)[CELL_HEADER_LEN:])
+                except IntegrityError as exc:
+                    self._hop_check_failed(circ, exc)
+                    return
+                now = self._now
+                circ.last_active = now
                 session = out_link.session
                 if session is not None:
-                    now = self._now
-                    header = cell[CELL_HEADER_LEN:_HDR_END]
-                    if forward:
-                        stream.reset_nonce(_NONCE_PREFIX + header[:12])
-                        header = hdr.update(header)
-                    else:
-                        header = hdr.update(header)
-                        stream.reset_nonce(_NONCE_PREFIX + header[:12])
-                    body = stream.update(memoryview(cell)[_HDR_END:])
-                    circ.last_active = now
-                    self.link.outbox.append((session.seal(prefix + header + body), out_link.addr))
+                    self.link.outbox.append((session.seal(prefix + region), out_link.addr))
                     out_link.last_send = now
-                    return
-        entry = self.circuits.get(key)
-        if cmd == CMD_RELAY:
+                else:
+                    self.link.send_cell(out_link, prefix + region, now)
+                return
+            entry = self.circuits.get(key)
             if entry is None:
                 self.counters["drop_relay_unknown_circuit"] += 1
                 return
-            circ, from_prev = entry
-            if circ.state is not CircState.OPEN:
+            circ = entry[0]
+            if circ.endpoint is None:  # a forwarding circuit without routes: not open yet
                 self.counters["drop_relay_not_open"] += 1
                 return
+            # a circuit that ends here is open from its CREATE on and is keyed only by its previous link
             circ.last_active = self._now
-            header = cell[CELL_HEADER_LEN:_HDR_END]
-            body = cell[_HDR_END:]
-            layer = circ.layer
-            if from_prev:
-                if layer is None:
-                    self._endpoint_cell(circ, header, body)
-                    return
-                header, body = layer.forward(header, body)
-                self.link.send_cell(circ.next_link, circ.next_prefix + header + body, self._now)  # type: ignore[arg-type]
-            else:
-                header, body = layer.backward(header, body)  # type: ignore[union-attr]
-                self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
+            self._endpoint_cell(circ, memoryview(cell)[CELL_HEADER_LEN:])
             return
+        entry = self.circuits.get(key)
         if cmd == CMD_CREATE:
             if entry is not None or key in self._parked:
                 self.counters["drop_create_duplicate_circuit"] += 1
@@ -327,10 +311,12 @@ class RelayNode(LinkOwner):
             if entry is None:
                 self.counters["drop_destroy_unknown_circuit"] += 1
                 return
-            circ, from_prev = entry
+            circ = entry[0]
             reason = destroy_reason(cell[CELL_HEADER_LEN:])
             self.counters[f"destroy_received_{reason.name.lower()}"] += 1
-            self._destroy(circ, reason, skip=link)
+            # the reason stays with the neighbour that told us: passing it on would be an end-to-end side
+            # channel (e.g. every hop learning that some hop saw tampering); the next hop hears DESTROYED
+            self._destroy(circ, DestroyReason.DESTROYED, skip=link)
             return
         if self._nat_cells is not None and is_nat_cell(cell):
             self._nat_cells(link, cell, self._now)
@@ -499,25 +485,34 @@ class RelayNode(LinkOwner):
         circ.last_active = self._now
         layer = circ.layer
         assert layer is not None and circ.next_link is not None
-        fwd_hdr, fwd_stream, bwd_hdr, bwd_stream = layer.contexts()
         self._routes[_key(circ.prev_link.link_id, circ.prev_cid)] = (
-            circ.next_link, circ.next_prefix, fwd_hdr, fwd_stream, True, circ)
+            circ.next_link, circ.next_prefix, layer.forward, circ)
         self._routes[_key(circ.next_link.link_id, circ.next_cid)] = (
-            circ.prev_link, circ.prev_prefix, bwd_hdr, bwd_stream, False, circ)
+            circ.prev_link, circ.prev_prefix, layer.backward, circ)
         self.link.send_cell(circ.prev_link, encode_cell(circ.prev_cid, CMD_CREATED, slots), self._now)
 
-    def _endpoint_cell(self, circ: RelayCircuit, header: bytes, body: bytes) -> None:
+    def _hop_check_failed(self, circ: RelayCircuit, exc: IntegrityError) -> None:
+        """A forwarding hop's layer check failed: a neighbour changed, repeated, injected or held back a cell."""
+        counter = "hop_sequence_failure" if isinstance(exc, SequenceError) else "hop_integrity_failure"
+        self.counters[counter] += 1
+        self._integrity_teardown(circ, counter)
+
+    def _integrity_teardown(self, circ: RelayCircuit, counter: str) -> None:
+        if self._now - self._last_integrity_log >= 10.0:  # tampering is rare: say so, but never let a
+            self._last_integrity_log = self._now        # flood of it flood the log
+            log.warning("a circuit failed an integrity check (%s) and was torn down (%d so far)",
+                        counter, self.counters[counter])
+        self._destroy(circ, DestroyReason.INTEGRITY)
+
+    def _endpoint_cell(self, circ: RelayCircuit, region: memoryview) -> None:
         assert circ.endpoint is not None
         try:
-            inner = circ.endpoint.open_forward(header, body)
+            inner = circ.endpoint.open_forward(region)
             msg_type, data = decode_message(inner)
-        except (IntegrityError, DecodeError):
-            self.counters["circuit_integrity_failure"] += 1
-            if self._now - self._last_integrity_log >= 10.0:  # tagging attempts are rare: say so, but
-                self._last_integrity_log = self._now      # never let a flood of them flood the log
-                log.warning("a circuit failed its end-to-end integrity check and was torn down (%d so far)",
-                            self.counters["circuit_integrity_failure"])
-            self._destroy(circ, DestroyReason.INTEGRITY)
+        except (IntegrityError, DecodeError) as exc:
+            counter = "hop_sequence_failure" if isinstance(exc, SequenceError) else "circuit_integrity_failure"
+            self.counters[counter] += 1
+            self._integrity_teardown(circ, counter)
             return
         if msg_type == MSG_END:
             self._destroy(circ, DestroyReason.REQUESTED)
@@ -539,8 +534,8 @@ class RelayNode(LinkOwner):
         self._endpoint_send(circ, inner)
 
     def _endpoint_send(self, circ: RelayCircuit, inner: bytes) -> None:
-        header, body = circ.endpoint.seal_backward(inner)  # type: ignore[union-attr]
-        self.link.send_cell(circ.prev_link, circ.prev_prefix + header + body, self._now)
+        region = circ.endpoint.seal_backward(inner, self._rng(JUNK_LEN))  # type: ignore[union-attr]
+        self.link.send_cell(circ.prev_link, circ.prev_prefix + region, self._now)
 
     # ------------------------------------------------------------------ bookkeeping
     def _new_cid(self, link: Link) -> int:

@@ -107,8 +107,8 @@ TARGETS: tuple[Target, ...] = (
 # Mutants no test can kill because the program behaves the same with and without them:
 # (file, function, kind, detail as --list prints it) -> why.  Most are a second check of what another
 # check (named in the reason) already guarantees; a test can only reach them by breaking that one first.
-_HOT_PATH = ("the forwarding hot path is a faster copy of the general path below it (one onion layer, then the "
-             "next link's AEAD): with this off, every RELAY cell takes the general path, with the same output")
+_HOT_PATH = ("the forwarding hot path seals straight into the next link's current session; with this off it hands "
+             "the cell to LinkLayer.send_cell, which seals it with the same session (or queues it), same output")
 _CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link starts one, and a link whose "
                "handshake gives up without a session is closed (LinkLayer.handle_timer)")
 _REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
@@ -132,8 +132,6 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
         "tested, and PROTOCOL §7.3 lets them fire up to a second late",
-    ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if cmd == CMD_RELAY  ->  if False"): _HOT_PATH,
-    ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if route is not None  ->  if False"): _HOT_PATH,
     ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if session is not None  ->  if False"): _HOT_PATH,
     ("core/link/layer.py", "LinkLayer.retarget", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,
     ("core/link/layer.py", "LinkLayer._receive_response", "disjunct-off", "link.pending is None  ->  False"):

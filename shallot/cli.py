@@ -305,8 +305,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from shallot.core.circuit.path import choose_path
     from shallot.core.discovery.directory import load_directory
     from shallot.core.io.udp import run
-    if not 0 <= args.size <= 1360:
-        raise ShallotError("--size must be 0..1360 bytes (one cell)")
+    from shallot.crypto.params import MAX_DATA_LEN
+    if not 0 <= args.size <= MAX_DATA_LEN:
+        raise ShallotError(f"--size must be 0..{MAX_DATA_LEN} bytes (one cell)")
     seeds = _seeds(args)
     extra: dict[str, object] = {}
     if seeds is not None:

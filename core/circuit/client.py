@@ -45,11 +45,10 @@ from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.codec import DecodeError
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.onion import ClientLayers, IntegrityError
-from shallot.crypto.params import CELL_HEADER_LEN, CREATE_TIMEOUT_S, ONION_HEADER_LEN
+from shallot.crypto.params import CELL_HEADER_LEN, CREATE_TIMEOUT_S
 from shallot.crypto.primitives import AuthFailure, KeyPool, RandomBytes, x25519_keypair
 
 _RELAY = bytes((CMD_RELAY,))
-_HDR_END = CELL_HEADER_LEN + ONION_HEADER_LEN
 
 
 class CircuitState(enum.Enum):
@@ -123,9 +122,10 @@ _DESTROY_TEXT = {
     DestroyReason.RESOURCE_LIMIT: "a relay is overloaded (circuit limit or rate limit)",
     DestroyReason.CONNECT_FAILED: "a relay could not reach the next hop",
     DestroyReason.LINK_DOWN: "a link of the circuit went down",
-    DestroyReason.INTEGRITY: "an integrity check failed (cells were tampered with)",
+    DestroyReason.INTEGRITY: "the guard saw an integrity check fail (cells were tampered with)",
     DestroyReason.TIMEOUT: "the circuit timed out",
     DestroyReason.HOP_REJECTED: "a relay rejected its build record (stale directory or clock skew)",
+    DestroyReason.DESTROYED: "a relay further along the circuit ended it",
     DestroyReason.UNKNOWN: "destroyed for an unknown reason",
 }
 
@@ -204,17 +204,17 @@ class ClientNode(LinkOwner):
         if circ.state is not CircuitState.OPEN:
             raise ValueError("circuit is not open")
         assert circ.layers is not None and circ.link is not None
-        header, body = circ.layers.wrap(encode_message(MSG_DATA, data))
+        region = circ.layers.wrap(encode_message(MSG_DATA, data))
         circ.sent += 1
-        self.link.send_cell(circ.link, circ.prefix + header + body, now)
+        self.link.send_cell(circ.link, circ.prefix + region, now)
 
     def request_config(self, circ: ClientCircuit, now: float) -> None:
         """Ask the exit of a SERVICE_IP circuit for our tunnel address (answered with ConfigReceived)."""
         if circ.state is not CircuitState.OPEN:
             raise ValueError("circuit is not open")
         assert circ.layers is not None and circ.link is not None
-        header, body = circ.layers.wrap(encode_message(MSG_CONFIG))
-        self.link.send_cell(circ.link, circ.prefix + header + body, now)
+        region = circ.layers.wrap(encode_message(MSG_CONFIG))
+        self.link.send_cell(circ.link, circ.prefix + region, now)
 
     def close(self, circ: ClientCircuit, now: float, reason: str = "closed by you",
               code: DestroyReason = DestroyReason.REQUESTED) -> None:
@@ -273,7 +273,7 @@ class ClientNode(LinkOwner):
                 self.counters["drop_relay_not_open"] += 1
                 return
             try:
-                inner = circ.layers.unwrap(cell[CELL_HEADER_LEN:_HDR_END], cell[_HDR_END:])  # type: ignore[union-attr]
+                inner = circ.layers.unwrap(memoryview(cell)[CELL_HEADER_LEN:])  # type: ignore[union-attr]
                 msg_type, data = decode_message(inner)
             except (IntegrityError, DecodeError):
                 self.counters["circuit_integrity_failure"] += 1

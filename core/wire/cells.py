@@ -1,7 +1,7 @@
 """Cell and end-to-end message codecs (docs/PROTOCOL.md §6).  Pure; raises only DecodeError.
 
     cell     = circ_id u32 | command u8 | payload[CELL_LEN - 5]        (always CELL_LEN bytes)
-    RELAY    payload = onion header[16] | body[BODY_LEN]
+    RELAY    payload = onion-layer region[RELAY_LEN] (crypto/onion.py)
     CREATE   payload = slots[CREATE_SLOTS_LEN] | zero padding
     CREATED  payload = slots[CREATED_SLOTS_LEN] | zero padding
     DESTROY  payload = reason u8 | zero padding
@@ -48,9 +48,10 @@ class DestroyReason(enum.IntEnum):
     RESOURCE_LIMIT = 3  # too many circuits, rate limited
     CONNECT_FAILED = 4  # could not reach the next hop
     LINK_DOWN = 5  # a link of the circuit died
-    INTEGRITY = 6  # an end-to-end check failed (tagging / tampering)
+    INTEGRITY = 6  # a layer check failed (tampering, a repeated, injected or stale cell)
     TIMEOUT = 7  # idle or build timeout
     HOP_REJECTED = 8  # a hop could not open its build record (bad key, replay, stale clock)
+    DESTROYED = 9  # passed on: another hop ended the circuit (reasons never travel past one link, §7.2)
     UNKNOWN = 255
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from shallot.commands.probe import run_probe
-from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit
+from shallot.core.circuit import CircuitClosed, CircuitFailed, ClientCircuit, destroy_text
 from shallot.core.discovery.directory import load_directory
 from shallot.core.io.circuit_client import CircuitClient
 from shallot.core.wire.cells import CMD_CREATE, CMD_DESTROY, DestroyReason
@@ -475,7 +475,6 @@ async def _tampered_circuit(network: RunningNetwork, *, client_path: list[Descri
             return client.closed_event(circ)
 
         event = await wait_until(closed, 10, what="the client to see the circuit closed")
-        assert "integrity" in event.reason, event.reason
         assert circ.circuit_id not in client.node.circuits
         with pytest.raises(ValueError):
             client.send(circ, b"after the teardown")
@@ -488,16 +487,79 @@ async def _tampered_circuit(network: RunningNetwork, *, client_path: list[Descri
 
         await wait_until(everywhere_closed, 10, what="every relay to drop the tampered circuit")
         e1 = await relay_status(e_state)
+        m1 = await relay_status(evil_state)
         exit_failures = counter(e1, "circuit_integrity_failure") - counter(e0, "circuit_integrity_failure")
+        # the flip happens before the (otherwise honest) evil relay's own layer check: forward, that check is
+        # the first honest one after the flip (like a tampering guard seen by an honest middle, §6.6)
+        hop_failures = counter(m1, "hop_integrity_failure") + counter(m1, "hop_sequence_failure")
+        assert exit_failures == 0
         if flip == "forward":
-            assert exit_failures >= 1
-            assert client.node.counters["circuit_integrity_failure"] == 0
-        else:
-            assert exit_failures == 0
-            assert client.node.counters["circuit_integrity_failure"] == 1
-            assert (counter(e1, "destroy_received_integrity") - counter(e0, "destroy_received_integrity")) == 1
+            assert hop_failures == 1 and client.node.counters["circuit_integrity_failure"] == 0
+            assert event.reason == destroy_text(DestroyReason.DESTROYED), event.reason
+        else:  # backward the relay cannot authenticate what the exit wrote: the client catches it, unless the
+            # flip turned the exit's counter into a stale one, which the relay's window catches
+            assert hop_failures + client.node.counters["circuit_integrity_failure"] == 1
+            if hop_failures == 0:
+                assert "integrity" in event.reason, event.reason
+                assert counter(e1, "destroy_received_destroyed") - counter(e0, "destroy_received_destroyed") == 1
         assert inbox.empty(), "a tampered datagram was delivered"
         assert circ.circuit_id not in client.inbox  # and nothing of the closed circuit is kept
+    assert "Traceback" not in evil.stderr()
+
+
+@pytest.mark.parametrize(("role", "attack"), [("guard", "dup"), ("guard", "flip"), ("guard", "inject"),
+                                              ("exit", "dup"), ("exit", "flip"), ("exit", "inject")])
+async def test_an_evil_guard_or_exit_is_stopped_by_the_honest_middle(network: RunningNetwork, procs: ProcGroup,
+                                                                     tmp_path: Path, role: str, attack: str) -> None:
+    """Review H3: the guard spoils a cell it sends forward, or the exit one it sends backward (after their own
+    honest layers).  Forward the honest middle tears down (counted); backward it tears down a duplicate, and
+    turns a flipped or injected cell into unrelated bytes that the client refuses.  The client sees the end."""
+    evil_state = tmp_path / "evil"
+    state_dir.keygen(evil_state, ("127.0.0.1", free_udp_ports(1)[0]), "evil", role == "exit")
+    direction = "forward" if role == "guard" else "backward"
+    evil = procs.start("--state", evil_state, "--attack", attack, "--on", direction, "--nth", "3",
+                       script=EVIL_RELAY)
+    evil.wait_line("listening")
+    evil_desc = state_dir.read_descriptor(evil_state)
+    middle = network.non_exits[2]
+    path = [evil_desc, middle, network.exits[1]] if role == "guard" else [network.non_exits[1], middle, evil_desc]
+    directory = tmp_path / "directory"
+    directory.write_text(encode_directory(path))
+    relays = {d.nickname: d for d in load_directory(directory)}
+    path = [relays[d.nickname] for d in path]
+    m_state = network.state(middle)
+
+    async with open_client() as client:
+        circ = await client.build(path)
+        for i in range(2):  # cells 1 and 2 each way pass untouched
+            assert await echo(client, circ, b"fine %d" % i) == b"fine %d" % i
+        m0 = await relay_status(m_state)
+        client.send(circ, b"the third cell")
+
+        async def closed() -> Any:
+            return client.closed_event(circ)
+
+        event = await wait_until(closed, 10, what="the client to see the circuit closed")
+        evil.wait_line(f"evil: {attack} {direction} cell 3", timeout=5)
+
+        async def middle_dropped_it() -> bool:
+            return not await relay_circuits(m_state)
+
+        await wait_until(middle_dropped_it, 10, what="the middle to drop the circuit")
+        m1 = await relay_status(m_state)
+
+        def grew(name: str) -> int:
+            return counter(m1, name) - counter(m0, name)
+
+        middle_caught = grew("hop_integrity_failure") + grew("hop_sequence_failure")
+        if role == "guard" or attack == "dup":
+            assert middle_caught == 1, (grew("hop_integrity_failure"), grew("hop_sequence_failure"))
+            assert grew("hop_sequence_failure" if attack == "dup" else "hop_integrity_failure") == 1
+            assert client.node.counters["circuit_integrity_failure"] == 0
+        else:  # an exit's own cell: only the client can check its content
+            assert middle_caught == 0 and client.node.counters["circuit_integrity_failure"] == 1
+            assert "integrity" in event.reason
+        print(f"\nevil {role} {attack}: middle caught {middle_caught}, client: {event.reason!r}")
     assert "Traceback" not in evil.stderr()
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
+from shallot.crypto.params import MAX_DATA_LEN
 from shallot.relay import state as state_dir
 from tests.netns.leakcheck import REPORT, Capture, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
@@ -81,7 +82,7 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
                            check=False, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["address"].startswith("100.") and out["mtu"] == 1360
+    assert out["address"].startswith("100.") and out["mtu"] == MAX_DATA_LEN  # one IP packet per cell
     reply = out["replies"][web]
     assert reply is not None, "no reply from the web host through the exit"
     assert reply["src"] == topology.addr["web"] and reply["dst"] == out["address"]

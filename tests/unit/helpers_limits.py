@@ -53,8 +53,8 @@ class Destroys:
 def send_inner(n: Net, circ: ClientCircuit, msg_type: int, data: bytes = b"") -> None:
     """An end-to-end message of any type from the client (ClientNode itself sends only DATA and CONFIG)."""
     assert circ.layers is not None and circ.link is not None
-    header, body = circ.layers.wrap(encode_message(msg_type, data))
-    n.client.link.send_cell(circ.link, circ.prefix + header + body, n.net.now)
+    region = circ.layers.wrap(encode_message(msg_type, data))
+    n.client.link.send_cell(circ.link, circ.prefix + region, n.net.now)
     n.net.run()
 
 

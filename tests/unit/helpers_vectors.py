@@ -10,7 +10,7 @@ from typing import Any
 from shallot.core.wire.cells import MSG_DATA, decode_message, encode_message
 from shallot.crypto import circuit_handshake as ch
 from shallot.crypto.keys import OnionKey, RelayKeys
-from shallot.crypto.onion import ClientLayers, EndpointLayer, RelayLayer
+from shallot.crypto.onion import JUNK_LEN, ClientLayers, EndpointLayer, LayerKeys, RelayLayer
 from shallot.crypto.params import CREATE_SLOTS_LEN, CREATED_SLOTS_LEN, RECORD_LEN, REPLY_LEN
 from shallot.crypto.primitives import x25519_public
 from shallot.relay.forwarder import OnionKeyRing
@@ -33,6 +33,12 @@ class Tape:
 
     def assert_consumed(self) -> None:
         assert self.pos == len(self.data), f"random tape not fully used ({self.pos}/{len(self.data)})"
+
+
+def layer_keys_json(keys: ch.HopKeys) -> dict[str, Any]:
+    lk = LayerKeys.derive(keys)
+    return {"fwd_key": lk.fwd_key.hex(), "bwd_key": lk.bwd_key.hex(), "fwd_offset": lk.fwd_offset,
+            "bwd_start": lk.bwd_start}
 
 
 def det_bytes(label: str, n: int) -> bytes:
@@ -106,19 +112,19 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
     forward_inner = encode_message(MSG_DATA, bytes.fromhex(inputs["forward_data"]))
     backward_inner = encode_message(MSG_DATA, bytes.fromhex(inputs["backward_data"]))
     client_layers = ClientLayers(client_keys)
-    header, body = client_layers.wrap(forward_inner)
-    forward_cells = [header + body]
+    region = client_layers.wrap(forward_inner)
+    forward_cells = [region]
     for keys in relay_keys[:-1]:
-        header, body = RelayLayer(keys).forward(header, body)
-        forward_cells.append(header + body)
+        region = RelayLayer(keys).forward(region)
+        forward_cells.append(region)
     exit_layer = EndpointLayer(relay_keys[-1])
-    assert exit_layer.open_forward(header, body) == forward_inner
-    header, body = exit_layer.seal_backward(backward_inner)
-    backward_cells = [header + body]
+    assert exit_layer.open_forward(region) == forward_inner
+    region = exit_layer.seal_backward(backward_inner, bytes.fromhex(inputs["exit_junk"]))
+    backward_cells = [region]
     for keys in reversed(relay_keys[:-1]):
-        header, body = RelayLayer(keys).backward(header, body)
-        backward_cells.insert(0, header + body)
-    inner = client_layers.unwrap(header, body)
+        region = RelayLayer(keys).backward(region)
+        backward_cells.insert(0, region)
+    inner = client_layers.unwrap(region)
     assert inner == backward_inner and decode_message(inner)[0] == MSG_DATA
 
     return {
@@ -128,6 +134,7 @@ def compute(inputs: dict[str, Any]) -> dict[str, Any]:
         "replies": [r.hex() for r in replies],
         "created_slots": [s.hex() for s in created_slots],
         "hop_keys": [{name: getattr(k, name).hex() for name in HOP_KEY_FIELDS} for k in relay_keys],
+        "layer_keys": [layer_keys_json(k) for k in relay_keys],
         "forward_cells": [c.hex() for c in forward_cells],
         "backward_cells": [c.hex() for c in backward_cells],
     }
@@ -161,4 +168,5 @@ def make_inputs() -> dict[str, Any]:
         "hops": hops,
         "forward_data": b"shallot vector: forward".hex(),
         "backward_data": b"shallot vector: backward".hex(),
+        "exit_junk": det_bytes("exit backward junk", JUNK_LEN).hex(),
     }

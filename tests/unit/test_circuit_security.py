@@ -22,10 +22,13 @@ from shallot.crypto.params import (
     CELL_LEN,
     CREATE_SLOTS_LEN,
     CREATED_SLOTS_LEN,
+    HOP_SEQ_LEN,
+    HOP_SLOT_LEN,
+    INNER_LEN,
     N_SLOTS,
-    ONION_HEADER_LEN,
     RECORD_LEN,
     REPLY_LEN,
+    TAG_LEN,
 )
 from shallot.crypto.primitives import AuthFailure, x25519_public
 from tests.simnet import echoed
@@ -42,8 +45,8 @@ from tests.unit.helpers_circuits import (
 from tests.unit.helpers_vectors import HOP_KEY_FIELDS, compute, onion_ring
 
 VECTOR_FILE = Path(__file__).resolve().parents[1] / "vectors" / "circuit_build_v1.json"
-_HDR = CELL_HEADER_LEN  # onion header starts here
-_BODY = CELL_HEADER_LEN + ONION_HEADER_LEN
+_HDR = CELL_HEADER_LEN  # the onion-layer region starts here: the first hop slot (sequence | tag) ...
+_BODY = CELL_HEADER_LEN + HOP_SLOT_LEN  # ... and then the AEAD ciphertext
 
 FLIP_POSITIONS = {
     "header_first": _HDR,
@@ -93,7 +96,7 @@ def _flip_once(receiver: Any, *, from_relay: int, position: int, bit: int) -> li
 
 
 @pytest.mark.parametrize("where", sorted(FLIP_POSITIONS))
-def test_forward_bit_flip_by_the_guard_is_detected_at_the_exit(where: str) -> None:
+def test_forward_bit_flip_by_the_guard_is_detected_at_the_middle(where: str) -> None:
     n = make_net()
     circ = n.build_open([0, 1, 2])
     assert _echo(n, circ, b"before") == [b"before"]
@@ -105,22 +108,30 @@ def test_forward_bit_flip_by_the_guard_is_detected_at_the_exit(where: str) -> No
     events = _events(n.client)
     assert not any(isinstance(e, DatagramReceived) for e in events)
     (closed,) = [e for e in events if isinstance(e, CircuitClosed | CircuitFailed)]
-    assert closed.reason == destroy_text(DestroyReason.INTEGRITY)
-    assert exit_.counters["circuit_integrity_failure"] == 1
+    # the first honest hop (the middle) catches it; the tampered cell never reaches the exit
+    assert middle.counters["hop_integrity_failure"] + middle.counters["hop_sequence_failure"] == 1
+    assert exit_.counters["circuit_integrity_failure"] == 0
     assert echoed(exit_) == 1, "the tampered datagram must not reach the service"
-    assert middle.counters["destroy_received_integrity"] == 1
+    # the reason reaches only the middle's neighbours; the client hears a generic DESTROY from its guard
     assert guard.counters["destroy_received_integrity"] == 1
-    assert n.client.counters["destroy_received_integrity"] == 1
+    assert exit_.counters["destroy_received_integrity"] == 1
+    assert n.client.counters["destroy_received_destroyed"] == 1
     _assert_torn_down_everywhere(n, [0, 1, 2], circ)
-    assert circ.close_reason == destroy_text(DestroyReason.INTEGRITY)
+    assert closed.reason == circ.close_reason == destroy_text(DestroyReason.DESTROYED)
 
 
-@pytest.mark.parametrize("where", sorted(FLIP_POSITIONS))
+# a backward region from the middle: its counter, then (under its layer) the exit's counter, AEAD output and
+# junk; the last byte of the exit's tag is the last one that matters
+BACKWARD_FLIPS = {**{k: v for k, v in FLIP_POSITIONS.items() if k != "tag_last"},
+                  "tag_last": CELL_HEADER_LEN + 2 * HOP_SEQ_LEN + INNER_LEN + TAG_LEN - 1}
+
+
+@pytest.mark.parametrize("where", sorted(BACKWARD_FLIPS))
 def test_backward_bit_flip_by_the_middle_is_detected_by_the_client(where: str) -> None:
     n = make_net()
     circ = n.build_open([0, 1, 2])
     guard, middle, exit_ = n.node(0), n.node(1), n.node(2)
-    armed = _flip_once(guard, from_relay=1, position=FLIP_POSITIONS[where], bit=6)
+    armed = _flip_once(guard, from_relay=1, position=BACKWARD_FLIPS[where], bit=6)
     n.client.send(circ, b"ping", n.net.now)
     n.net.run()
     assert not armed[0]
@@ -131,9 +142,21 @@ def test_backward_bit_flip_by_the_middle_is_detected_by_the_client(where: str) -
     (closed,) = [e for e in events if isinstance(e, CircuitClosed | CircuitFailed)]
     assert "integrity" in closed.reason
     assert guard.counters["destroy_received_integrity"] == 1
-    assert middle.counters["destroy_received_integrity"] == 1
-    assert exit_.counters["destroy_received_integrity"] == 1
+    assert middle.counters["destroy_received_destroyed"] == 1
+    assert exit_.counters["destroy_received_destroyed"] == 1
     _assert_torn_down_everywhere(n, [0, 1, 2], circ)
+
+
+def test_the_bytes_a_hop_cuts_off_backward_carry_nothing() -> None:
+    """Behind the exit's AEAD output a backward region is junk: what a hop changes there never reaches the
+    client, and it reaches the previous hop only under this hop's fresh keystream (or is cut off)."""
+    n = make_net()
+    circ = n.build_open([0, 1, 2])
+    first_junk = BACKWARD_FLIPS["tag_last"] + 1
+    for position in (first_junk, CELL_LEN - HOP_SEQ_LEN - 1, CELL_LEN - 1):
+        armed = _flip_once(n.node(0), from_relay=1, position=position, bit=6)
+        assert _echo(n, circ, b"ping") == [b"ping"] and not armed[0]
+    assert circ.state is CircuitState.OPEN
 
 
 def test_replayed_create_is_rejected_by_the_next_hop() -> None:
@@ -237,7 +260,7 @@ def test_every_header_field_differs_on_every_link() -> None:
     for direction in (forward_links, backward_links):
         cells = [relay[k][0] for k in direction]
         _pairwise_distinct([x[:4] for x in cells], "RELAY circuit id")
-        _pairwise_distinct([x[_HDR:_BODY] for x in cells], "16-byte onion header")
+        _pairwise_distinct([x[_HDR:_BODY] for x in cells], "24-byte hop slot")
         _pairwise_distinct([x[_BODY:] for x in cells], "RELAY body")
         assert all(x[4] == CMD_RELAY and len(x) == CELL_LEN for x in cells)
     # a circuit keeps one id per link, in both directions
@@ -296,7 +319,8 @@ def test_exit_checks_the_build_record_clock(skew_min: int) -> None:
         assert exit_.counters["reject_create_clock_skew"] == 1
         assert circ.state is CircuitState.CLOSED
         (failed,) = [e for e in _events(n.client) if isinstance(e, CircuitFailed)]
-        assert failed.reason == destroy_text(DestroyReason.HOP_REJECTED)
+        assert failed.reason == destroy_text(DestroyReason.DESTROYED)  # the reason stops at the middle
+        assert n.node(1).counters["destroy_received_hop_rejected"] == 1
         assert n.node(0).open_circuits == n.node(1).open_circuits == exit_.open_circuits == 1
     else:
         assert circ.state is CircuitState.OPEN and exit_.counters["reject_create_clock_skew"] == 0
@@ -310,7 +334,8 @@ def test_a_relay_that_is_not_an_exit_rejects_a_terminate_record(path: list[int])
     assert n.node(path[-1]).counters["reject_create_not_exit"] == 1
     assert circ.state is CircuitState.CLOSED
     (failed,) = [e for e in _events(n.client) if isinstance(e, CircuitFailed)]
-    assert failed.reason == destroy_text(DestroyReason.HOP_REJECTED)
+    # the client reads the reason only from its guard (§7.2)
+    assert failed.reason == destroy_text(DestroyReason.HOP_REJECTED if len(path) == 1 else DestroyReason.DESTROYED)
     _assert_torn_down_everywhere(n, path, circ)
 
 

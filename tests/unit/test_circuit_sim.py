@@ -168,9 +168,9 @@ def test_a_datagram_repeated_on_the_wire_is_delivered_once() -> None:
     assert circ.state is CircuitState.OPEN
 
 
-def test_a_relay_cell_replayed_by_the_guard_is_detected_at_the_exit() -> None:
+def test_a_relay_cell_replayed_by_the_guard_is_detected_at_the_middle() -> None:
     """The guard sends the middle the same RELAY cell twice (new link packets, so the link accepts both): the
-    middle passes both on, and the exit's replay window catches the second and tears the circuit down."""
+    middle's own window catches the second and tears the circuit down; the exit never sees the copy."""
     net, relays, client, circ = _open_circuit()
     guard, middle, exit_ = (r for r, _ in relays[:3])
 
@@ -187,8 +187,10 @@ def test_a_relay_cell_replayed_by_the_guard_is_detected_at_the_exit() -> None:
     to_middle = next(link for link in guard.link.links.values() if link.addr == MIDDLE)
     guard.link.send_cell(to_middle, replays[0], net.now)
     net.run()
-    assert exit_.counters["circuit_integrity_failure"] == 1 and echoed(exit_) == 1
+    assert middle.counters["hop_sequence_failure"] == 1 and echoed(exit_) == 1
+    assert exit_.counters["circuit_integrity_failure"] == 0
     closed = [e for e in client.events if isinstance(e, CircuitClosed | CircuitFailed)]
-    assert [e.reason for e in closed] == ["an integrity check failed (cells were tampered with)"]
-    assert client.counters[f"destroy_received_{DestroyReason.INTEGRITY.name.lower()}"] == 1
+    assert [e.reason for e in closed] == ["a relay further along the circuit ended it"]
+    assert guard.counters["destroy_received_integrity"] == 1 and exit_.counters["destroy_received_integrity"] == 1
+    assert client.counters[f"destroy_received_{DestroyReason.DESTROYED.name.lower()}"] == 1
     assert circ.state is CircuitState.CLOSED and middle.open_circuits == exit_.open_circuits == 0

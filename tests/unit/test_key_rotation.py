@@ -71,8 +71,9 @@ def test_a_relay_accepts_its_old_onion_key_during_the_overlap_and_refuses_it_aft
     assert exit_.rotate_onion_keys(created + ONION_KEY_ROTATE_S + ONION_KEY_OVERLAP_S)
     gone = n.client.build([n.desc(0), n.desc(1), old], n.net.now, n.net.wall)
     n.net.run()
-    assert gone.state is CircuitState.CLOSED and gone.close_reason == destroy_text(DestroyReason.HOP_REJECTED)
+    assert gone.state is CircuitState.CLOSED and gone.close_reason == destroy_text(DestroyReason.DESTROYED)
     assert exit_.counters["reject_create_bad_record"] == 1
+    assert n.node(1).counters["destroy_received_hop_rejected"] == 1  # the exit's reason stops at the middle
     kept = n.client.build([n.desc(0), n.desc(1), new], n.net.now, n.net.wall)
     n.net.run()
     assert kept.state is CircuitState.OPEN  # the key that replaced it is in its own overlap now

@@ -25,8 +25,8 @@ from shallot.crypto import circuit_handshake as ch
 from shallot.crypto import link_handshake as lh
 from shallot.crypto.descriptor import Descriptor, ExitPolicySummary, decode_directory, encode_directory
 from shallot.crypto.keys import OnionKey, RelayKeys, onion_key_id, relay_id_of, verify_link_cert
-from shallot.crypto.onion import ClientLayers, EndpointLayer
-from shallot.crypto.params import BODY_LEN, LINK_HEADER_LEN, LINK_PACKET_LEN, RECORD_LEN
+from shallot.crypto.onion import ClientLayers, EndpointLayer, IntegrityError, LayerKeys
+from shallot.crypto.params import HOP_SLOT_LEN, LINK_HEADER_LEN, LINK_PACKET_LEN, RECORD_LEN, RELAY_LEN
 from shallot.crypto.primitives import AuthFailure, aead_open, sha256, x25519_public
 from shallot.relay.forwarder import relay_link_layer
 from tests.unit.helpers_vectors import HOP_KEY_FIELDS, Tape, onion_ring
@@ -71,7 +71,7 @@ def test_the_vectors_file_is_protocol_md_section_11_2() -> None:
     for h in sorted(expected + inputs, key=len, reverse=True):
         rest = rest.replace(h, " ")
     assert re.findall(r"[0-9a-f]{16,}", rest) == [], "§11.2 prints a value the vectors file does not check"
-    assert len(expected) == 26 and VECTORS["source"] == "docs/PROTOCOL.md §11.2"
+    assert len(expected) == 28 and VECTORS["source"] == "docs/PROTOCOL.md §11.2"
 
 
 # ------------------------------------------------------------------------------------------ §3
@@ -247,14 +247,19 @@ def test_one_hop_build() -> None:
 def test_first_relay_cell() -> None:
     i, exp = VECTORS["first_relay_cell"]["inputs"], VECTORS["first_relay_cell"]["expected"]
     *_, keys, _reply = _one_hop()
+    lk = LayerKeys.derive(keys)
+    assert (lk.fwd_key.hex(), lk.bwd_key.hex(), lk.fwd_offset, lk.bwd_start) == (
+        exp["layer_fwd_key"], exp["layer_bwd_key"], exp["fwd_offset"], exp["bwd_start"])
     inner = encode_message(MSG_DATA, H(i["data"]))
-    header, body = ClientLayers([keys]).wrap(inner)
-    assert len(body) == BODY_LEN
-    assert (header.hex(), sha256(body).hex()) == (exp["onion_header"], exp["body_sha256"])
+    region = ClientLayers([keys]).wrap(inner)
+    assert len(region) == RELAY_LEN
+    assert (region[:HOP_SLOT_LEN].hex(), sha256(region).hex()) == (exp["hop_slot"], exp["region_sha256"])
     # decoded at the exit: sequence number 0, DATA "hello"; a second copy is a replay
     exit_layer = EndpointLayer(keys)
-    assert exit_layer.open_forward(header, body) == inner
+    assert exit_layer.open_forward(region) == inner
     assert decode_message(inner) == (MSG_DATA, b"hello")
     assert exit_layer.replay.would_accept(i["seq"]) is False
-    # encoded again from scratch: the same bytes (no randomness in the onion layers)
-    assert ClientLayers([keys]).wrap(encode_message(MSG_DATA, b"hello")) == (header, body)
+    with pytest.raises(IntegrityError):
+        exit_layer.open_forward(region)
+    # encoded again from scratch: the same bytes (no randomness in the forward layers)
+    assert ClientLayers([keys]).wrap(encode_message(MSG_DATA, b"hello")) == region

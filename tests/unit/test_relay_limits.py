@@ -31,9 +31,20 @@ REPLAY_KEEP_S = RECORD_EPOCH_S + RECORD_SLACK_S + 60
 
 
 def _refused(n: Net, hops: list[int], reason: DestroyReason):
+    """Build through ``hops``; one relay refuses with ``reason``.  Reasons stop at the refuser's neighbours
+    (§7.2): the client reads it only from its guard, otherwise it hears DESTROYED."""
+    before = [dict(n.node(i).counters) for i in hops]
     circ = n.build(hops)
     assert circ.state is CircuitState.CLOSED, f"the build through {hops} was not refused"
-    assert circ.close_reason == destroy_text(reason)
+    refusers = [k for k, i in enumerate(hops) if any(c.startswith("reject_create_") and v > before[k].get(c, 0)
+                                                      for c, v in n.node(i).counters.items())]
+    assert len(refusers) == 1, refusers
+    (k,) = refusers
+    assert circ.close_reason == destroy_text(reason if k == 0 else DestroyReason.DESTROYED)
+    if k > 0:  # the refuser's previous hop heard the reason itself
+        prev = n.node(hops[k - 1]).counters
+        assert prev[f"destroy_received_{reason.name.lower()}"] > before[k - 1].get(
+            f"destroy_received_{reason.name.lower()}", 0)
     return circ
 
 
@@ -101,7 +112,7 @@ def test_create_rate_on_a_relay_link_has_its_own_larger_bucket_per_link() -> Non
     for _ in range(3):
         n.build_open([0, 1, 2])
     circ = _refused(n, [0, 1, 2], DestroyReason.RESOURCE_LIMIT)
-    assert circ.close_reason == destroy_text(DestroyReason.RESOURCE_LIMIT)
+    assert circ.close_reason == destroy_text(DestroyReason.DESTROYED)  # the middle's reason stops at the guard
     assert middle.counters["reject_create_rate"] == 1 and middle.open_circuits == 3
     assert n.node(0).counters["destroy_received_resource_limit"] == 1
     n.build_open([3, 1, 2])  # the same middle through another guard: another link, another bucket
@@ -244,7 +255,8 @@ def test_a_malformed_created_is_a_protocol_error_both_ways() -> None:
     circ = n.build([0, 1, 2])
     assert guard.counters["drop_created_malformed"] == 1
     assert circ.state is CircuitState.CLOSED and circ.close_reason == destroy_text(DestroyReason.PROTOCOL)
-    assert middle.counters["destroy_received_protocol"] == 1 and n.node(2).counters["destroy_received_protocol"] == 1
+    # the guard originated it: the middle hears the reason, the exit only that the circuit is gone (§7.2)
+    assert middle.counters["destroy_received_protocol"] == 1 and n.node(2).counters["destroy_received_destroyed"] == 1
     assert [n.node(i).open_circuits for i in range(3)] == [0, 0, 0]
 
 
@@ -319,10 +331,11 @@ def test_the_exit_counts_padding_and_ends_the_circuit_on_end() -> None:
     ends(n.client)
     send_inner(n, circ, MSG_END)
     (end,) = ends(n.client)
-    assert end.reason == "closed by the exit" and circ.state is CircuitState.CLOSED
+    assert end.reason == destroy_text(DestroyReason.DESTROYED) and circ.state is CircuitState.CLOSED
     assert exit_.open_circuits == 0 and exit_.counters["circuit_destroyed"] == 1
     assert [n.node(i).open_circuits for i in range(3)] == [0, 0, 0]
-    assert n.node(0).counters["destroy_received_requested"] == 1
+    assert n.node(1).counters["destroy_received_requested"] == 1  # the exit's reason stops at the middle
+    assert n.node(0).counters["destroy_received_destroyed"] == 1
 
 
 def test_a_service_that_is_full_or_missing_refuses_the_circuit() -> None:
@@ -337,12 +350,14 @@ def test_a_service_that_is_full_or_missing_refuses_the_circuit() -> None:
     assert first.state is CircuitState.OPEN
     full = n.client.build([n.desc(i) for i in (0, 1, 2)], n.net.now, n.net.wall, service=SERVICE_IP)
     n.net.run()
-    assert full.state is CircuitState.CLOSED and full.close_reason == destroy_text(DestroyReason.RESOURCE_LIMIT)
+    assert full.state is CircuitState.CLOSED and full.close_reason == destroy_text(DestroyReason.DESTROYED)
+    assert n.node(1).counters["destroy_received_resource_limit"] == 1
     assert exit_.counters["reject_create_ip_full"] == 1
     del exit_.services[SERVICE_DISCARD]
     gone = n.client.build([n.desc(i) for i in (0, 1, 2)], n.net.now, n.net.wall, service=SERVICE_DISCARD)
     n.net.run()
-    assert gone.state is CircuitState.CLOSED and gone.close_reason == destroy_text(DestroyReason.HOP_REJECTED)
+    assert gone.state is CircuitState.CLOSED and gone.close_reason == destroy_text(DestroyReason.DESTROYED)
+    assert n.node(1).counters["destroy_received_hop_rejected"] == 1
     assert exit_.counters["reject_create_no_discard_service"] == 1
     n.client.close(first, n.net.now)
     n.net.run()

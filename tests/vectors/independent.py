@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -348,47 +348,88 @@ def build(hops: list[Hop], payloads: list[bytes], client_rng: bytes, relay_rngs:
 # ------------------------------------------------------------------------------------ §6.4, §6.7
 
 
+REGION = 1395  # RELAY payload: the onion-layer region
+SEQ, TAG = 8, 16
+ZSLOT = SEQ + TAG  # a forward hop slot: H | tag
+INNER = REGION - 4 * ZSLOT  # 1299
+CT = REGION - ZSLOT  # 1371
+
+
 def inner_message(msg_type: int, data: bytes) -> bytes:
-    return (bytes([msg_type]) + u(len(data), 2) + data).ljust(1363, b"\x00")
+    return (bytes([msg_type]) + u(len(data), 2) + data).ljust(INNER, b"\x00")
+
+
+def layer_keys(keys: dict[str, bytes]) -> dict[str, Any]:
+    """§6.4: okm = HKDF(fwd_body || bwd_body, "shallot-v1 hop-layer", "", 80)."""
+    okm = hkdf(keys["fwd_body"] + keys["bwd_body"], b"shallot-v1 hop-layer", b"", 80)
+    return {"fwd_key": okm[:32], "bwd_key": okm[32:64], "fwd_offset": int.from_bytes(okm[64:72], "big"),
+            "bwd_start": int.from_bytes(okm[72:80], "big") >> 16}
+
+
+def gcm_keystream(key: bytes, nonce12: bytes, n: int) -> bytes:
+    """The keystream AES-256-GCM XORs over its plaintext: E_K(nonce || ctr32) for ctr32 = 2, 3, ..."""
+    blocks = (n + 15) // 16
+    return b"".join(aes_enc(key, nonce12 + u(2 + b, 4)) for b in range(blocks))[:n]
+
+
+def hop_open(lk: dict[str, Any], region: bytes) -> tuple[int, bytes]:
+    h, tag, c = region[:SEQ], region[SEQ:ZSLOT], region[ZSLOT:]
+    seq = (int.from_bytes(h, "big") - lk["fwd_offset"]) % 2**64
+    return seq, AESGCM(lk["fwd_key"]).decrypt(bytes(4) + u(seq, 8), c + tag, h)
 
 
 def forward_cells(keys: list[dict[str, bytes]], inner: bytes, seq: int) -> list[bytes]:
-    """The client wraps; returns header | body as each hop receives it; the last hop opens it."""
+    """The client wraps; returns the region each hop receives; every hop opens its layer (§6.4)."""
     n = len(keys)
-    plain = u(seq, 8) + bytes(8)
-    body = seal(keys[-1]["fwd_e2e"], bytes(4) + plain[:8], inner, plain)
-    header = aes_enc(keys[-1]["fwd_hdr"], plain)
-    for i in range(n - 2, -1, -1):
-        header = aes_enc(keys[i]["fwd_hdr"], header)
-        body = xor(body, keystream(keys[i]["fwd_body"], header[:12], len(body)))
-    cells = [header + body]
-    for i in range(n - 1):  # forwarding hop i
-        body = xor(body, keystream(keys[i]["fwd_body"], header[:12], len(body)))
-        header = aes_dec(keys[i]["fwd_hdr"], header)
-        cells.append(header + body)
-    last = aes_dec(keys[-1]["fwd_hdr"], header)
-    assert last[8:] == bytes(8) and last[:8] == u(seq, 8)
-    assert unseal(keys[-1]["fwd_e2e"], bytes(4) + last[:8], body, last) == inner
-    return cells
+    lks = [layer_keys(k) for k in keys]
+    nonce = bytes(4) + u(seq, 8)
+    ks = [gcm_keystream(lk["fwd_key"], nonce, CT) for lk in lks]
+    # what hop j receives in its last j*24 bytes (the zeros earlier hops appended, after their layers):
+    # filler_1 = 0^24; filler_{j+1} = (filler_j XOR ks_j[CT - 24j:]) || 0^24
+    filler = b""
+    for j in range(1, n):
+        if j > 1:
+            filler = xor(filler, ks[j - 1][CT - len(filler):])
+        filler += bytes(ZSLOT)
+    plain = inner + bytes(CT - INNER - len(filler)) + xor(filler, ks[n - 1][CT - len(filler):])
+    regions: list[bytes] = []
+    for j in range(n - 1, -1, -1):
+        h = u((seq + lks[j]["fwd_offset"]) % 2**64, 8)
+        sealed = AESGCM(lks[j]["fwd_key"]).encrypt(nonce, plain, h)
+        region = h + sealed[-TAG:] + sealed[:-TAG]
+        regions.insert(0, region)
+        plain = region[:CT]
+        if j:
+            assert region[CT:] == bytes(ZSLOT)
+    for j in range(n):  # every hop opens its own layer; a forwarding hop appends 24 zero bytes
+        got_seq, m = hop_open(lks[j], regions[j])
+        assert got_seq == seq
+        if j + 1 < n:
+            assert m + bytes(ZSLOT) == regions[j + 1]
+        else:
+            assert m[:INNER] == inner
+    return regions
 
 
-def backward_cells(keys: list[dict[str, bytes]], inner: bytes, seq: int) -> list[bytes]:
-    """The last hop seals; returns header | body as each hop sends it; the client opens it."""
+def backward_cells(keys: list[dict[str, bytes]], inner: bytes, junk: bytes) -> list[bytes]:
+    """The last hop seals; returns the region each hop sends; the client opens it (§6.4)."""
     n = len(keys)
-    plain = u(seq, 8) + bytes(8)
-    body = seal(keys[-1]["bwd_e2e"], bytes(4) + plain[:8], inner, plain)
-    header = aes_enc(keys[-1]["bwd_hdr"], plain)
-    cells = [header + body]
-    for i in range(n - 2, -1, -1):
-        header = aes_enc(keys[i]["bwd_hdr"], header)
-        body = xor(body, keystream(keys[i]["bwd_body"], header[:12], len(body)))
-        cells.insert(0, header + body)
+    lks = [layer_keys(k) for k in keys]
+    c = u(lks[-1]["bwd_start"], 8)
+    region = c + AESGCM(lks[-1]["bwd_key"]).encrypt(bytes(4) + c, inner, c) + junk
+    assert len(region) == REGION
+    cells = [region]
+    for i in range(n - 2, -1, -1):  # forwarding hop i: own counter, AES-256-CTR over the first 1387 bytes
+        c = u(lks[i]["bwd_start"], 8)
+        ctr = Cipher(algorithms.AES(lks[i]["bwd_key"]), modes.CTR(c + bytes(8))).encryptor()
+        region = c + ctr.update(region[:REGION - SEQ])
+        cells.insert(0, region)
+    data = region
     for i in range(n - 1):  # the client
-        body = xor(body, keystream(keys[i]["bwd_body"], header[:12], len(body)))
-        header = aes_dec(keys[i]["bwd_hdr"], header)
-    last = aes_dec(keys[-1]["bwd_hdr"], header)
-    assert last[8:] == bytes(8)
-    assert unseal(keys[-1]["bwd_e2e"], bytes(4) + last[:8], body, last) == inner
+        ctr = Cipher(algorithms.AES(lks[i]["bwd_key"]), modes.CTR(data[:SEQ] + bytes(8))).decryptor()
+        data = ctr.update(data[SEQ:])
+    c = data[:SEQ]
+    assert AESGCM(lks[-1]["bwd_key"]).decrypt(bytes(4) + c, data[SEQ:SEQ + INNER + TAG], c) == inner
     return cells
 
 
@@ -406,9 +447,14 @@ def check_one_hop(v: dict[str, Any]) -> None:
         doc_name = "auth_key" if name == "auth" else name
         check(f"one_hop.{doc_name}", keys[0][name], bytes.fromhex(exp["hop_keys"][doc_name]))
     c, cexp = v["first_relay_cell"]["inputs"], v["first_relay_cell"]["expected"]
+    lk = layer_keys(keys[0])
+    check("first_relay_cell.layer_fwd_key", lk["fwd_key"], bytes.fromhex(cexp["layer_fwd_key"]))
+    check("first_relay_cell.layer_bwd_key", lk["bwd_key"], bytes.fromhex(cexp["layer_bwd_key"]))
+    check("first_relay_cell.fwd_offset", lk["fwd_offset"], cexp["fwd_offset"])
+    check("first_relay_cell.bwd_start", lk["bwd_start"], cexp["bwd_start"])
     (cell,) = forward_cells(keys, inner_message(1, bytes.fromhex(c["data"])), c["seq"])
-    check("first_relay_cell.onion_header", cell[:16], bytes.fromhex(cexp["onion_header"]))
-    check("first_relay_cell.body_sha256", sha256(cell[16:]), bytes.fromhex(cexp["body_sha256"]))
+    check("first_relay_cell.hop_slot", cell[:ZSLOT], bytes.fromhex(cexp["hop_slot"]))
+    check("first_relay_cell.region_sha256", sha256(cell), bytes.fromhex(cexp["region_sha256"]))
 
 
 def check_circuit_build(v: dict[str, Any]) -> None:
@@ -427,8 +473,12 @@ def check_circuit_build(v: dict[str, Any]) -> None:
         check(f"build.created_slots[{k}]", sent_back[k].hex(), exp["created_slots"][k])
         check(f"build.hop_keys[{k}]", {n: b.hex() for n, b in keys[k].items()}, exp["hop_keys"][k])
     fwd = forward_cells(keys, inner_message(1, bytes.fromhex(i["forward_data"])), 0)
-    bwd = backward_cells(keys, inner_message(1, bytes.fromhex(i["backward_data"])), 0)
+    bwd = backward_cells(keys, inner_message(1, bytes.fromhex(i["backward_data"])), bytes.fromhex(i["exit_junk"]))
     for k in range(len(hops)):
+        lk = layer_keys(keys[k])
+        check(f"build.layer_keys[{k}]", {"fwd_key": lk["fwd_key"].hex(), "bwd_key": lk["bwd_key"].hex(),
+                                         "fwd_offset": lk["fwd_offset"], "bwd_start": lk["bwd_start"]},
+              exp["layer_keys"][k])
         check(f"build.forward_cells[{k}]", fwd[k].hex(), exp["forward_cells"][k])
         check(f"build.backward_cells[{k}]", bwd[k].hex(), exp["backward_cells"][k])
 

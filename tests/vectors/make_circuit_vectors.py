@@ -32,9 +32,10 @@ def main() -> int:
                        "relay_rng is the 148-byte filler slot it appends to the CREATE it forwards, then (last hop "
                        "only) the 144 filler bytes after its reply in CREATED.  create_slots[i] is the 592 slot "
                        "bytes hop i receives; created_slots[i] the 192 reply bytes hop i sends back; hop_keys[i] "
-                       "what hop i and the client both derive; forward_cells[i] the first forward RELAY cell "
-                       "(onion header | body; DATA forward_data, seq 0) as hop i receives it; backward_cells[i] "
-                       "the first backward one (DATA backward_data, seq 0) as hop i sends it.  Written by the "
+                       "what hop i and the client both derive, layer_keys[i] its onion-layer keys (§6.4); "
+                       "forward_cells[i] the first forward RELAY region (DATA forward_data, seq 0) as hop i "
+                       "receives it; backward_cells[i] the first backward one (DATA backward_data, each hop's "
+                       "first counter, the exit's 72 junk bytes exit_junk) as hop i sends it.  Written by the "
                        "product code (tests/vectors/make_circuit_vectors.py); tests/vectors/independent.py "
                        "derives it again from the specification alone.",
         "inputs": inputs,
