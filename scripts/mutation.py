@@ -132,7 +132,6 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("relay/forwarder.py", "RelayNode.handle_timer", "guard-off", "if now < self._next_sweep  ->  if False"):
         "only how often the timeout sweep runs (every tick instead of once a second); the timeouts it applies are "
         "tested, and PROTOCOL §7.3 lets them fire up to a second late",
-    ("relay/forwarder.py", "RelayNode._on_cell", "guard-off", "if session is not None  ->  if False"): _HOT_PATH,
     ("core/link/layer.py", "LinkLayer.retarget", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,
     ("core/link/layer.py", "LinkLayer._receive_response", "disjunct-off", "link.pending is None  ->  False"):
         "an index is in _pending_by_index exactly while its link's handshake is pending: every path that clears "
