@@ -107,8 +107,6 @@ TARGETS: tuple[Target, ...] = (
 # Mutants no test can kill because the program behaves the same with and without them:
 # (file, function, kind, detail as --list prints it) -> why.  Most are a second check of what another
 # check (named in the reason) already guarantees; a test can only reach them by breaking that one first.
-_HOT_PATH = ("the forwarding hot path seals straight into the next link's current session; with this off it hands "
-             "the cell to LinkLayer.send_cell, which seals it with the same session (or queues it), same output")
 _CONNECTING = ("a CONNECTING link always has a handshake in flight: open_link starts one, and a link whose "
                "handshake gives up without a session is closed (LinkLayer.handle_timer)")
 _REACH = "a dial exists only for a descriptor that names introducers, so reach is None exactly when dial is None"
