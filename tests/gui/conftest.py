@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -106,6 +107,12 @@ def make_app(qtbot: Any, qloop: asyncio.AbstractEventLoop, short_tmp: Path) -> I
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+        # the controllers are cyclic garbage (controller -> EngineLink -> its bound methods, Qt objects):
+        # collect them now, on the main thread while the loop lives, not whenever a later allocation (perhaps
+        # on a helper thread, or in a later test's Qt event processing) does; a CI run under coverage
+        # segfaulted in pytest-qt's _process_events without this
+        made.clear()
+        gc.collect()
     if problems:
         pytest.fail("engine shutdown at teardown: " + "; ".join(problems), pytrace=False)
 
