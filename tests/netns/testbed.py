@@ -37,6 +37,7 @@ from pathlib import Path
 PREFIX_RE = re.compile(r"^shtb(\d+)-")
 
 
+SHALLOT_RUN = Path("/run/shallot")  # kill-switch markers and DNS backups, per namespace inode
 NETNS_ETC = Path("/etc/netns")
 TESTBED_RESOLV_MARK = "# the testbed's resolv.conf for this namespace (its original)"
 
@@ -248,9 +249,21 @@ class Testbed:
                     stream.close()
         self.procs.clear()
         for ns in reversed(self.namespaces):
+            inode = _netns_inode(ns)
             _sh(["ip", "netns", "del", ns], check=False)
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            if inode:  # a kill switch a test left in force here leaves its marker and DNS backup, named by inode
+                for left in SHALLOT_RUN.glob(f"*.{inode}*") if SHALLOT_RUN.is_dir() else []:
+                    left.unlink(missing_ok=True)
         self.namespaces.clear()
+
+
+def _netns_inode(ns: str) -> int:
+    """The namespace's inode, as the product names its kill-switch marker (core/vpn/killmark.py)."""
+    try:
+        return os.stat(f"/run/netns/{ns}").st_ino
+    except OSError:
+        return 0
 
 
 @dataclass
