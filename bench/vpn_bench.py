@@ -27,9 +27,11 @@ from tests.netns.testbed import wait_for_line as wait_line  # noqa: E402
 PORT = 9100
 
 
-def iperf(tb: Testbed, ns: str, server: str, seconds: float) -> tuple[float, int]:
-    """(Mbit/s received, TCP retransmissions) of one iperf3 stream."""
-    out = json.loads(tb.exec(ns, "iperf3", "-c", server, "-t", str(seconds), "-J", timeout=seconds + 30).stdout)
+def iperf(tb: Testbed, ns: str, server: str, seconds: float, *, download: bool = False) -> tuple[float, int]:
+    """(Mbit/s received, TCP retransmissions) of one iperf3 stream: upload (client to server), or with
+    ``download`` the server sending to the client (-R), the direction of Tor's bulk-download anchor."""
+    argv = ["iperf3", "-c", server, "-t", str(seconds), "-J", *(["-R"] if download else [])]
+    out = json.loads(tb.exec(ns, *argv, timeout=seconds + 30).stdout)
     return out["end"]["sum_received"]["bits_per_second"] / 1e6, int(out["end"]["sum_sent"].get("retransmits", 0))
 
 
@@ -62,7 +64,9 @@ def main() -> None:
         tb.spawn(topo.ns["web"], ["iperf3", "-s"])
         time.sleep(0.5)
         mbit, retrans = iperf(tb, client, web, args.seconds)
-        raw = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans, "ping_ms": ping_ms(tb, client, web)}
+        down, _ = iperf(tb, client, web, args.seconds, download=True)
+        raw = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans, "iperf3_download_mbit_s": round(down, 1),
+               "ping_ms": ping_ms(tb, client, web)}
         with tempfile.TemporaryDirectory() as tmp:
             states = {}
             pids: dict[str, int] = {}
@@ -84,13 +88,16 @@ def main() -> None:
             spies = [profile(role, pid, args.profile, args.seconds) for role, pid in pids.items()] \
                 if args.profile else []
             mbit, retrans = iperf(tb, client, web, args.seconds)
-            tunnel = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans, "ping_ms": ping_ms(tb, client, web)}
+            down, _ = iperf(tb, client, web, args.seconds, download=True)
+            tunnel = {"iperf3_mbit_s": round(mbit, 1), "retransmits": retrans,
+                      "iperf3_download_mbit_s": round(down, 1), "ping_ms": ping_ms(tb, client, web)}
             for spy in spies:
                 spy.wait(60)
         print(json.dumps({
             "benchmark": "vpn_bench", "seconds": args.seconds,
             "raw_path": raw, "through_circuit": tunnel,
             "throughput_ratio": round(tunnel["iperf3_mbit_s"] / raw["iperf3_mbit_s"], 3),
+            "download_ratio": round(tunnel["iperf3_download_mbit_s"] / raw["iperf3_download_mbit_s"], 3),
             "ping_ratio": round(tunnel["ping_ms"] / raw["ping_ms"], 2),
             "target_mbit_s": 100,
         }, indent=1))

@@ -24,8 +24,8 @@ def test_vpn_bench_runs_and_reports_both_paths() -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     for path in ("raw_path", "through_circuit"):
-        assert out[path]["iperf3_mbit_s"] > 0, out
+        assert out[path]["iperf3_mbit_s"] > 0 and out[path]["iperf3_download_mbit_s"] > 0, out
         assert out[path]["ping_ms"] > 0, out
-    assert out["throughput_ratio"] > 0 and out["ping_ratio"] > 0
+    assert out["throughput_ratio"] > 0 and out["download_ratio"] > 0 and out["ping_ratio"] > 0
     print(f"\n    vpn_bench (1 s, under the test suite's load): {out['through_circuit']['iperf3_mbit_s']} Mbit/s "
           f"through the circuit, {out['raw_path']['iperf3_mbit_s']} Mbit/s raw")
