@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shallot.core.circuit.entry import introducers_fit
 from shallot.core.circuit.path import (
     NO_HISTORY,
     Known,
@@ -201,6 +202,9 @@ class GuardSet:
         # how long this client has known each relay, now: guards, middles and exits are drawn by path.py's
         # weights (age, per-address and /16 caps), so a burst of new identities does not fill the sample
         self.known: Callable[[], Known] = lambda: NO_HISTORY
+        # this client's public address when known (its NAT probe): a guard behind a NAT whose introducer sits in
+        # the client's own /16 would put one operator on both sides of the first link (entry.py)
+        self.client_host: Callable[[], str | None] = lambda: None
 
     # ------------------------------------------------------------------ the state file's contents
     def to_json(self) -> dict[str, Any]:
@@ -351,7 +355,9 @@ class GuardSet:
             return None
         sampled = {g.relay_id for g in self.guards}
         usable = [by_id[g.relay_id] for g in self.guards if g.usable() and g.relay_id in by_id]
-        pool = [d for d in by_id.values() if d.relay_id not in sampled and (fits is None or fits(d))]
+        host = self.client_host()
+        pool = [d for d in by_id.values() if d.relay_id not in sampled and (fits is None or fits(d))
+                and introducers_fit(d, [], {}, client_host=host)]
         # by weight, non-exits first, none related to the usable guards (path.sample_guards); if nothing
         # unrelated is left, any relay of the pool beats no guard
         picks = sample_guards(pool, self.rng, 1, known=self.known(), keep=usable) or \
@@ -367,6 +373,8 @@ class GuardSet:
     def _path_through(self, guard: Descriptor, relays: Sequence[Descriptor],
                       request: PathRequest) -> list[Descriptor] | None:
         """guard -> middle -> exit with this guard, by path.py's rules (None: no such path)."""
+        if not introducers_fit(guard, [], {}, client_host=self.client_host()):
+            return None  # sampled before the client knew its public address: its introducers are our neighbours
         try:
             exit_id = resolve_relay(request.exit_spec, list(relays)).relay_id if request.exit_spec else None
         except ShallotError:

@@ -54,7 +54,7 @@ class ClientEngine:
         """``guards``: the guard policy; by default the persistent entry guards in the state directory."""
         self.setup = EngineSetup(own_ids=own_ids, helper_fd=helper_fd)
         self.guards = guards or PersistentGuards(default_state_dir() / "guards", rng or random.SystemRandom(),
-                                                 known=self.setup.known_s)
+                                                 known=self.setup.known_s, client_host=self._public_host)
         self.manager = m.CircuitManager(self.guards, never=frozenset(own_ids))
         self.stats = EngineStats()
         self.circuits = EngineCircuits(self.setup, self.stats, current=lambda: self.manager.circuit,
@@ -85,6 +85,12 @@ class ClientEngine:
             # public address / NAT type (when classified) and how each link was made (docs/PROTOCOL.md §12)
             nat=self.circuits.client.nat.status() if self.circuits.client is not None else None,
             blocked=not self.manager.trying and killmark.is_marked(), **self._guard_status())
+
+    def _public_host(self) -> str | None:
+        """Our public address, once our NAT probe or a STUN answer told it (path rules for introducers)."""
+        client = self.circuits.client if hasattr(self, "circuits") else None
+        public = client.nat.own.public if client is not None else None
+        return public[0] if public is not None else None
 
     def _guard_status(self) -> dict[str, Any]:
         g = self.guards

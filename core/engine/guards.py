@@ -86,11 +86,13 @@ class PersistentGuards:
     """GuardSet + wall clock + state file: the engine's GuardPolicy.  ``on_notice`` gets each warning."""
 
     def __init__(self, path: Path, rng: random.Random, *, wall: Callable[[], float] = time.time,
-                 known: Callable[[], Known] = lambda: NO_HISTORY) -> None:
+                 known: Callable[[], Known] = lambda: NO_HISTORY,
+                 client_host: Callable[[], str | None] = lambda: None) -> None:
         self.path = path
         self.wall = wall
         self.set = load_guards(path, rng)
         self.set.known = known
+        self.set.client_host = client_host
         self.warning = ""  # the latest notice, for the snapshot
         self.on_notice: Callable[[str], None] = lambda text: None
         self._flush()

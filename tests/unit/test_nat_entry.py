@@ -140,3 +140,38 @@ def test_recent_set_forgets_the_least_recent() -> None:
     rs.add(("192.0.2.1", 2))  # touched: now the most recent
     rs.add(("192.0.2.1", 5))
     assert ("192.0.2.1", 2) in rs and ("192.0.2.1", 3) not in rs
+
+
+def test_the_guard_set_keeps_guards_whose_introducer_is_in_the_clients_16_out_once_it_knows_its_address() -> None:
+    """The entry guards (core/circuit/guards.py) ask the engine for the client's public address (its NAT
+    probe): a guard behind a NAT introduced from the client's own /16 is neither sampled nor used."""
+    from shallot.core.circuit.guards import GuardSet, PathRequest
+
+    intro = _relay(11, "192.0.2.31")
+    natted = _relay(12, "203.0.113.40", reach=Reachability(1, 1, ((intro.relay_id, intro.address),)))
+    others = [_relay(13 + i, f"198.{18 + i}.0.1") for i in range(6)]
+    exits = [_relay(30 + i, f"100.{70 + i}.0.1", exit_node=True) for i in range(2)]
+    relays = (intro, natted, *others, *exits)
+
+    def guards_used(client_host: str | None, seeds: range) -> set[bytes]:
+        used = set()
+        for seed in seeds:
+            gs = GuardSet(random.Random(seed))
+            gs.client_host = lambda: client_host
+            for _ in range(3):
+                used.add(gs.plan(relays, PathRequest(), WALL + 1000.0)[0].relay_id)
+            used |= {g.relay_id for g in gs.guards}
+        return used
+
+    assert natted.relay_id in guards_used(None, range(60))  # the control: without the address it is a guard
+    assert natted.relay_id not in guards_used("192.0.77.5", range(60))  # the client shares the introducer's /16
+    # sampled before the address was known, it is passed over once it is
+    for seed in range(200):
+        gs = GuardSet(random.Random(seed))
+        gs.plan(relays, PathRequest(), WALL + 1000.0)
+        if gs.primaries()[0].relay_id == natted.relay_id:
+            break
+    else:
+        pytest.fail("the NATed relay never became the first primary in 200 seeds")
+    gs.client_host = lambda: "192.0.77.5"
+    assert gs.plan(relays, PathRequest(), WALL + 1000.0)[0].relay_id != natted.relay_id
