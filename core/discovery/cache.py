@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from shallot.core.discovery.view import decode_seen, encode_seen
+from shallot.core.privfile import write_private
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory, encode_directory
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,13 @@ def save_view(path: Path, descriptors: list[Descriptor]) -> None:
     """Write atomically with mode 0600 (the view says which relays this user may be using)."""
     if not descriptors:
         return  # never replace a good cache with an empty view
-    _write_private(path, encode_directory(descriptors))
+    write_private(path, encode_directory(descriptors))
 
 
 def save_seen(cache: Path, seen: dict[bytes, tuple[float, float]]) -> None:
     """The first-seen history next to the cache, atomically, 0600."""
     if seen:
-        _write_private(seen_path(cache), encode_seen(seen))
+        write_private(seen_path(cache), encode_seen(seen))
 
 
 def load_seen(cache: Path) -> dict[bytes, tuple[float, float]]:
@@ -46,22 +47,6 @@ def load_seen(cache: Path) -> dict[bytes, tuple[float, float]]:
         return decode_seen(seen_path(cache).read_text())
     except (OSError, UnicodeDecodeError):
         return {}  # none yet, or unreadable: every relay starts as just met
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_view(path: Path, wall: float) -> list[Descriptor]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from shallot.core.circuit.guards import GuardSet, Outcome, PathRequest
 from shallot.core.circuit.path import NO_HISTORY, Known
+from shallot.core.privfile import write_private
 from shallot.crypto.descriptor import Descriptor
 
 log = logging.getLogger("shallot.engine")
@@ -67,19 +68,7 @@ def load_guards(path: Path, rng: random.Random) -> GuardSet:
 
 def save_guards(path: Path, guards: GuardSet) -> None:
     """Atomically, 0600 (the file says which relays this user enters the network through)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two engines sharing a state dir never mix
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(guards.to_json(), f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, json.dumps(guards.to_json(), separators=(",", ":")))
 
 
 class PersistentGuards:

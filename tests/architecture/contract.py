@@ -35,6 +35,7 @@ LAYERS = (
     Layer(("shallot.core.circuit", "shallot.core.nat", "shallot.core.discovery"), independent=True),
     Layer(("shallot.core.link",)),
     Layer(("shallot.core.wire", "shallot.core.ratelimit", "shallot.core.peercred", "shallot.core.errors",
+           "shallot.core.privfile",
            "shallot.core", *CONTROL_VOCABULARY)),
     Layer(("shallot.crypto",)),
     Layer(("shallot.resources",)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_the_cache_never_writes_through_a_planted_symlink(relay_state: Path, tmp
     cache = tmp_path / "network-view"
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    (tmp_path / "network-view.tmp").symlink_to(victim)
+    (tmp_path / f"network-view.{os.getpid()}.tmp").symlink_to(victim)  # the temporary name, guessed
     with pytest.raises(OSError):
         save_view(cache, [state_dir.read_descriptor(relay_state)])
     assert victim.read_text() == "precious" and not cache.exists()
