@@ -18,7 +18,7 @@ import pytest
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
-from tests.netns.test_kill_switch import GUARD2, _status
+from tests.netns.test_kill_switch import GUARD2, _status, add_guard2
 from tests.netns.testbed import StandardTopology
 
 HTTP_PORT = 8080
@@ -40,24 +40,11 @@ while True:
 """
 
 
-def _add_guard2(topology: StandardTopology) -> str:
-    tb = topology.tb
-    g2 = tb.add_ns("guard2")
-    tb.veth(g2, "eth0", topology.ns["inet"], "p9")
-    tb.ip(topology.ns["inet"], "link", "set", "p9", "master", "br0")
-    tb.address(g2, "eth0", f"{GUARD2}/24")
-    for net in topology.internet:
-        tb.exec(g2, "ip", "route", "replace", net, "dev", "eth0")
-    for role in ("natgw", "guard", "middle", "exit", "web"):
-        tb.exec(topology.ns[role], "ip", "route", "replace", "198.18.0.0/24", "dev", "eth0")
-    return g2
-
-
 @pytest.mark.timeout(240)
 def test_killing_the_guard_costs_under_five_seconds_and_a_restart_keeps_the_new_guard(
         topology: StandardTopology, tmp_path: Path) -> None:
     tb = topology.tb
-    nss = {"guard": topology.ns["guard"], "guard2": _add_guard2(topology), "middle": topology.ns["middle"],
+    nss = {"guard": topology.ns["guard"], "guard2": add_guard2(topology), "middle": topology.ns["middle"],
            "exit": topology.ns["exit"]}
     addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
              "exit": topology.addr["exit"]}

@@ -26,6 +26,20 @@ from tests.netns.testbed import StandardTopology
 GUARD2 = "198.18.0.31"  # a fourth /16, so any one relay can die and a path remains
 
 
+def add_guard2(topology: StandardTopology) -> str:
+    """A fourth relay host on the testbed's internet wire, in its own /16 (GUARD2); its namespace."""
+    tb = topology.tb
+    g2 = tb.add_ns("guard2")
+    tb.veth(g2, "eth0", topology.ns["inet"], "p9")
+    tb.ip(topology.ns["inet"], "link", "set", "p9", "master", "br0")
+    tb.address(g2, "eth0", f"{GUARD2}/24")
+    for net in topology.internet:
+        tb.exec(g2, "ip", "route", "replace", net, "dev", "eth0")
+    for role in ("natgw", "guard", "middle", "exit", "web"):
+        tb.exec(topology.ns[role], "ip", "route", "replace", "198.18.0.0/24", "dev", "eth0")
+    return g2
+
+
 def _status(sock: Path) -> dict:
     async def ask() -> dict:
         client = await ControlClient.connect(sock)
@@ -38,15 +52,7 @@ def _status(sock: Path) -> dict:
 
 def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology, tmp_path: Path) -> None:
     tb = topology.tb
-    # a fourth relay on the same wire, in its own /16
-    g2 = tb.add_ns("guard2")
-    tb.veth(g2, "eth0", topology.ns["inet"], "p9")
-    tb.ip(topology.ns["inet"], "link", "set", "p9", "master", "br0")
-    tb.address(g2, "eth0", f"{GUARD2}/24")
-    for net in topology.internet:
-        tb.exec(g2, "ip", "route", "replace", net, "dev", "eth0")
-    for role in ("natgw", "guard", "middle", "exit", "web"):
-        tb.exec(topology.ns[role], "ip", "route", "replace", "198.18.0.0/24", "dev", "eth0")
+    g2 = add_guard2(topology)
     addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
              "exit": topology.addr["exit"]}
     nss = {"guard": topology.ns["guard"], "guard2": g2, "middle": topology.ns["middle"], "exit": topology.ns["exit"]}
