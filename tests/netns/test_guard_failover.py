@@ -17,8 +17,8 @@ import pytest
 
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
-from tests.netns.test_circuit_through_nat import PORT, _wait_line
-from tests.netns.test_kill_switch import GUARD2, _status, add_guard2
+from tests.netns.test_circuit_through_nat import _wait_line
+from tests.netns.test_kill_switch import _status, start_four_relays
 from tests.netns.testbed import StandardTopology
 
 HTTP_PORT = 8080
@@ -44,18 +44,7 @@ while True:
 def test_killing_the_guard_costs_under_five_seconds_and_a_restart_keeps_the_new_guard(
         topology: StandardTopology, tmp_path: Path) -> None:
     tb = topology.tb
-    nss = {"guard": topology.ns["guard"], "guard2": add_guard2(topology), "middle": topology.ns["middle"],
-           "exit": topology.ns["exit"]}
-    addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
-             "exit": topology.addr["exit"]}
-    states, procs = {}, {}
-    for role, addr in addrs.items():
-        states[role] = tmp_path / role
-        state_dir.keygen(states[role], (addr, PORT + 2), role, role == "exit")
-        argv = [sys.executable, "-m", "shallot", "exit" if role == "exit" else "relay", "--state",
-                str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
-        procs[role] = tb.spawn(nss[role], argv)
-        _wait_line(procs[role], "listening")
+    states, procs = start_four_relays(topology, tmp_path)
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text("through the tunnel\n")

@@ -12,6 +12,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,24 @@ def add_guard2(topology: StandardTopology) -> str:
     return g2
 
 
+def start_four_relays(topology: StandardTopology, tmp_path: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """guard, guard2 (add_guard2), middle and an IP exit, each in its namespace: (state dirs, processes)."""
+    tb = topology.tb
+    nss = {"guard": topology.ns["guard"], "guard2": add_guard2(topology), "middle": topology.ns["middle"],
+           "exit": topology.ns["exit"]}
+    addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
+             "exit": topology.addr["exit"]}
+    states, procs = {}, {}
+    for role, addr in addrs.items():
+        states[role] = tmp_path / role
+        state_dir.keygen(states[role], (addr, PORT + 2), role, role == "exit")
+        argv = [sys.executable, "-m", "shallot", "exit" if role == "exit" else "relay", "--state",
+                str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
+        procs[role] = tb.spawn(nss[role], argv)
+        _wait_line(procs[role], "listening")
+    return states, procs
+
+
 def _status(sock: Path) -> dict:
     async def ask() -> dict:
         client = await ControlClient.connect(sock)
@@ -52,18 +71,7 @@ def _status(sock: Path) -> dict:
 
 def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology, tmp_path: Path) -> None:
     tb = topology.tb
-    g2 = add_guard2(topology)
-    addrs = {"guard": topology.addr["guard"], "guard2": GUARD2, "middle": topology.addr["middle"],
-             "exit": topology.addr["exit"]}
-    nss = {"guard": topology.ns["guard"], "guard2": g2, "middle": topology.ns["middle"], "exit": topology.ns["exit"]}
-    states, procs = {}, {}
-    for role, addr in addrs.items():
-        states[role] = tmp_path / role
-        state_dir.keygen(states[role], (addr, PORT + 2), role, role == "exit")
-        argv = [sys.executable, "-m", "shallot", "exit" if role == "exit" else "relay", "--state",
-                str(states[role])] + (["--ip", "--uplink", "eth0"] if role == "exit" else [])
-        procs[role] = tb.spawn(nss[role], argv)
-        _wait_line(procs[role], "listening")
+    states, procs = start_four_relays(topology, tmp_path)
     _wait_line(tb.spawn(topology.ns["web"], [sys.executable, str(HERE / "udp_echo_server.py"), str(ECHO_PORT)]),
                "listening")
     directory = tmp_path / "directory"
@@ -97,7 +105,7 @@ def test_guard_dies_nothing_leaks_and_traffic_resumes(topology: StandardTopology
         sent = [p for p in capture.packets() if p.src == topology.addr["client"]]  # what left the client
     finally:
         capture.stop()
-    relay_udp = {(addr, PORT + 2) for addr in addrs.values()}
+    relay_udp = {state_dir.read_descriptor(s).address for s in states.values()}
     leaks = [p for p in sent if not (p.proto == 17 and (p.dst, p.dport) in relay_udp)]
     assert any(p.proto == 17 and (p.dst, p.dport) in relay_udp for p in sent), "no link traffic seen at all"
     assert not leaks, f"packets left outside the tunnel: {leaks[:5]}"

@@ -11,32 +11,21 @@ test with ``--no-kill-switch`` is the control and must see every probe that rout
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from shallot.core.control.client import ControlClient
 from shallot.crypto.descriptor import encode_directory
 from shallot.relay import state as state_dir
 from tests.netns.leakcheck import KINDS, REPORT, Capture, leaks, shown_in_the_log  # noqa: F401
 from tests.netns.test_circuit_through_nat import PORT, _wait_line
 from tests.netns.test_ip_exit import ECHO_PORT, HERE, UDP_ASK, _start_connect, nft_chains
+from tests.netns.test_kill_switch import _status as status
 from tests.netns.testbed import StandardTopology
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("shown_in_the_log")]
-
-
-def status(sock: Path) -> dict:
-    async def ask() -> dict:
-        client = await ControlClient.connect(sock)
-        try:
-            return await client.call("status")
-        finally:
-            await client.close()
-    return asyncio.run(ask())
 
 
 def wait_status(sock: Path, pred, timeout: float, what: str) -> dict:
