@@ -30,8 +30,10 @@ from shallot.core.control.errors import ControlError, ErrorKind
 from shallot.core.control.messages import MAX_LINE, REQUESTS, Hello, Request, Role, Subscribe
 from shallot.core.errors import ShallotError
 from shallot.core.peercred import peer_uid
+from shallot.core.wire.jsonlines import LineFramer, TooLong, loads
 
 log = logging.getLogger("shallot.core.control")
+READ_CHUNK = 16 * 1024  # a line longer than MAX_LINE is thrown away as it arrives, never held whole
 
 # a handler takes the decoded request (its own class) and returns the reply, or an awaitable of it
 Handler = Callable[[Any], Awaitable[object] | object]
@@ -94,40 +96,21 @@ class ControlServer:
                 writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
                 await writer.drain()
 
+        def subscribe() -> None:
+            nonlocal queue, pump
+            if queue is None:
+                queue = asyncio.Queue()
+                self._subscribers.add(queue)
+                pump = asyncio.create_task(self._pump(queue, send))
+                self._tasks.add(pump)
+                pump.add_done_callback(self._tasks.discard)
+
+        framer = LineFramer(MAX_LINE)
         try:
             await send(self.hello.to_json())
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    self.bad_requests += 1
-                    await send(_failure(None, ErrorKind.BAD_REQUEST, "line too long"))
-                    break
-                if not line:
-                    break
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                        raise ValueError("request must be an object with a string 'cmd'")
-                    args = req.get("args", {})
-                    if not isinstance(args, dict):
-                        raise ValueError("'args' must be an object")
-                except ValueError as exc:
-                    self.bad_requests += 1
-                    await send(_failure(None, ErrorKind.BAD_REQUEST, str(exc)))
-                    continue
-                rid = req.get("id")
-                cmd = req["cmd"]
-                if cmd == Subscribe.CMD:
-                    if queue is None:
-                        queue = asyncio.Queue()
-                        self._subscribers.add(queue)
-                        pump = asyncio.create_task(self._pump(queue, send))
-                        self._tasks.add(pump)
-                        pump.add_done_callback(self._tasks.discard)
-                    await send({"id": rid, "ok": True, "result": None})
-                    continue
-                await send(await self._answer(rid, cmd, args))
+            while data := await reader.read(READ_CHUNK):
+                for line in framer.feed(data):
+                    await self._request(line, send, subscribe)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -136,6 +119,30 @@ class ControlServer:
             if pump is not None:
                 pump.cancel()
             writer.close()
+
+    async def _request(self, line: bytes | TooLong, send: Callable[[dict[str, Any]], Awaitable[None]],
+                       subscribe: Callable[[], None]) -> None:
+        """One line: a bad one is answered bad-request and the connection goes on (docs/PROTOCOL.md §9.2)."""
+        try:
+            if isinstance(line, TooLong):
+                raise ValueError("line too long")  # and thrown away whole, up to its newline
+            req = loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ValueError("request must be an object with a string 'cmd'")
+            args = req.get("args", {})
+            if not isinstance(args, dict):
+                raise ValueError("'args' must be an object")
+        except ValueError as exc:
+            self.bad_requests += 1
+            await send(_failure(None, ErrorKind.BAD_REQUEST, str(exc)))
+            return
+        rid = req.get("id")
+        cmd = req["cmd"]
+        if cmd == Subscribe.CMD:
+            subscribe()
+            await send({"id": rid, "ok": True, "result": None})
+            return
+        await send(await self._answer(rid, cmd, args))
 
     async def _answer(self, rid: object, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         cls = REQUESTS.get(cmd)

@@ -44,8 +44,10 @@ from shallot.core.vpn.helper_protocol import (
     parse_request,
 )
 from shallot.core.vpn.netconfig import NetConfig, cleanup
+from shallot.core.wire.jsonlines import LineFramer, TooLong
 
 log = logging.getLogger("shallot.helper")
+READ_CHUNK = 4096
 
 
 class SessionNet(Protocol):
@@ -148,11 +150,16 @@ def serve(sock: socket.socket, *, start: Callable[[bool], SessionNet] | None = N
     if start is None and os.geteuid() != 0:
         raise ShallotError("the helper must run as root (through pkexec, or by root)")
     session = _Session(_caller_uid(sock), start)
-    reader = sock.makefile("rb")
+    framer = LineFramer(MAX_LINE)  # an over-long line is refused once and thrown away up to its newline
     log.info("helper serving uid %d", session.uid)
     try:
-        while line := reader.readline(MAX_LINE + 1):
-            _send(sock, *session.handle(line))
+        while data := sock.recv(READ_CHUNK):
+            for line in framer.feed(data):
+                if isinstance(line, TooLong):
+                    log.warning("refused: request too long")
+                    _send(sock, Refused("request too long"), [])
+                else:
+                    _send(sock, *session.handle(line))
     except (ConnectionError, OSError) as exc:
         log.warning("helper socket: %s", exc)
     finally:

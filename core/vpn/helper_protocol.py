@@ -27,6 +27,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from shallot.core.wire.ipconfig import POOL
+from shallot.core.wire.jsonlines import loads
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
@@ -157,9 +158,9 @@ def parse_request(line: bytes) -> Request:
     if len(line) > MAX_LINE:
         raise BadRequest("request too long")
     try:
-        req = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("not JSON") from None
+        req = loads(line)  # strict UTF-8, nested at most MAX_DEPTH deep: never a RecursionError in the root helper
+    except ValueError as exc:
+        raise BadRequest(f"not JSON ({exc})" if "deeper" in str(exc) else "not JSON") from None
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise BadRequest("a request is an object with an 'op'")
     parse = _PARSERS.get(req["op"])
@@ -231,8 +232,8 @@ def encode_reply(reply: Reply) -> bytes:
 def parse_reply(line: bytes) -> Reply:
     """The helper's answer, read leniently (it is our own helper): BadReply only when it is not JSON."""
     try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        obj = loads(line)
+    except ValueError:
         raise BadReply("not JSON") from None
     if not isinstance(obj, dict) or not obj.get("ok"):
         error = obj.get("error") if isinstance(obj, dict) else None

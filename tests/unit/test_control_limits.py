@@ -1,5 +1,5 @@
 """The control server's limits (core/control/server.py, PROTOCOL §9.1-9.3) on a real Unix socket: lines longer
-than MAX_LINE end the connection, malformed requests and unknown commands are answered with an error and
+than MAX_LINE and JSON nested deeper than 32 are refused (bad-request) and the connection goes on, malformed requests and unknown commands are answered with an error and
 counted, a handler's failure never takes the server down, a stuck subscriber loses events rather than
 memory, and a peer of another user is refused."""
 
@@ -65,16 +65,50 @@ class Conn:
 
 
 @pytest.mark.asyncio
-async def test_a_line_longer_than_max_line_ends_the_connection(control: ControlServer) -> None:
+async def test_a_line_longer_than_max_line_is_refused_whole_and_the_connection_stays(control: ControlServer) -> None:
     conn = await Conn.open(control)
-    answer = await conn.ask(b'{"id": 1, "cmd": "status", "pad": "' + b"x" * MAX_LINE + b'"}\n')
+    # the tail of the long line is a valid request of its own: it must be thrown away with the rest
+    tail = b'\n{"id": 9, "cmd": "status"}'
+    answer = await conn.ask(b'{"id": 1, "cmd": "status", "pad": "' + b"x" * MAX_LINE + tail[1:] + b'"}\n')
     assert answer is not None and answer["error"]["kind"] == "bad-request" and "too long" in answer["error"]["message"]
-    assert await conn.read() is None  # and the server hung up
+    assert control.bad_requests == 1
+    # the same connection goes on, and the next answer is to the next request (no answer to id 9)
+    assert (await conn.ask(b'{"id": 2, "cmd": "status"}\n')) == {"id": 2, "ok": True, "result": {"ok": 1}}
+    conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_long_line_in_many_small_writes_is_refused_once(control: ControlServer) -> None:
+    conn = await Conn.open(control)
+    for _ in range(3 * MAX_LINE // 1000):
+        conn.writer.write(b"[" * 1000)
+    conn.writer.write(b"\n")
+    answer = await conn.read()
+    assert answer is not None and "too long" in answer["error"]["message"]
+    assert (await conn.ask(b'{"id": 2, "cmd": "status"}\n'))["id"] == 2
     assert control.bad_requests == 1
     conn.close()
-    fresh = await Conn.open(control)  # the server itself is fine
-    assert (await fresh.ask(b'{"id": 2, "cmd": "status"}\n'))["result"] == {"ok": 1}
-    fresh.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("depth", [33, 3_000, 30_000])
+async def test_deep_json_gets_a_bad_request_and_the_connection_stays(control: ControlServer, depth: int) -> None:
+    conn = await Conn.open(control)
+    deep = b'{"id": 1, "cmd": "status", "args": {"x": ' + b"[" * (depth - 2) + b"]" * (depth - 2) + b"}}\n"
+    assert len(deep) <= MAX_LINE
+    answer = await conn.ask(deep)
+    assert answer is not None and answer["error"]["kind"] == "bad-request", answer
+    assert "deeper than 32" in answer["error"]["message"]
+    assert (await conn.ask(b'{"id": 2, "cmd": "status"}\n')) == {"id": 2, "ok": True, "result": {"ok": 1}}
+    conn.close()
+
+
+@pytest.mark.asyncio
+async def test_json_at_the_depth_limit_is_a_request(control: ControlServer) -> None:
+    conn = await Conn.open(control)
+    answer = await conn.ask(b'{"id": 1, "cmd": "status", "args": {"x": ' + b"[" * 30 + b"]" * 30 + b"}}\n")
+    assert answer == {"id": 1, "ok": True, "result": {"ok": 1}}
+    conn.close()
 
 
 @pytest.mark.asyncio

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shallot.core.errors import ShallotError
 from shallot.core.vpn import helper
@@ -28,6 +30,7 @@ from shallot.core.vpn.helper_protocol import (
     encode_set_address,
     encode_set_dns,
 )
+from shallot.core.wire.jsonlines import LineFramer
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Served:
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     monkeypatch.delenv("PKEXEC_UID", raising=False)  # the uid served is then the socket's peer: this process
     engine, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine.settimeout(10)  # a reply that never comes fails the test instead of hanging it
     sessions: list[StandIn] = []
     result: list[int | BaseException] = []
 
@@ -188,11 +192,55 @@ def test_refusals_on_the_live_socket_change_nothing_and_the_session_goes_on(serv
     net.fail = OSError(1, "Operation not permitted")
     assert served.ask(encode_set_address("100.64.0.9"))[0]["ok"] is False
     assert served.ask(encode_set_address("100.64.0.9"))[0] == {"ok": True}
-    # a line longer than the limit is refused (and what follows it is read as another, refused, line)
-    reply, _ = served.ask(b'{"op": "restore", "pad": "' + b"x" * MAX_LINE + b'"}\n')
+    # a line longer than the limit is refused whole: its tail, a valid request, is thrown away with it
+    reply, _ = served.ask(b'{"op": "restore", "pad": "' + b"x" * MAX_LINE + b'"}{"op": "restore"}\n')
     assert reply == {"ok": False, "error": "request too long"}
-    assert served.reply()[0]["ok"] is False
+    assert served.ask(encode_set_address("100.64.0.10")) == ({"ok": True}, [])  # the next answer is the next request's
     assert ("restore",) not in net.calls
+
+
+@pytest.mark.parametrize("line", [
+    b'{"op": "restore", "x": ' + b"[" * 3_000 + b"\n",  # unclosed: the parser would recurse 3 000 deep
+    b'{"op": "restore", "x": ' + b"[" * 40 + b"]" * 40 + b"}\n",
+    b'{"op": "restore", "x": ' + b'{"a": ' * 600 + b"\n",
+])
+def test_deep_json_is_refused_and_the_helper_goes_on(served: Served, line: bytes) -> None:
+    served.ask(encode_hello(True))
+    reply, fds = served.ask(line)
+    assert reply == {"ok": False, "error": "not JSON (nested deeper than 32)"} and fds == []
+    assert served.ask(encode_set_address("100.64.0.9")) == ({"ok": True}, [])
+    assert ("restore",) not in served.sessions[0].calls
+
+
+def test_a_long_line_in_many_writes_is_one_refusal(served: Served) -> None:
+    served.ask(encode_hello(True))
+    for _ in range(3):
+        served.engine.sendall(b"x" * MAX_LINE)
+    served.engine.sendall(b'{"op": "restore"}\n')  # the end of the long line
+    assert served.reply() == ({"ok": False, "error": "request too long"}, [])
+    assert served.ask(encode_set_address("100.64.0.9")) == ({"ok": True}, [])
+    assert ("restore",) not in served.sessions[0].calls
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3 * MAX_LINE // 2), min_size=1, max_size=4))
+def test_binary_garbage_gets_one_refusal_per_line_and_the_helper_lives(chunks: list[bytes]) -> None:
+    """Whatever arrives, each line gets one reply (a refusal: nothing before hello is carried out) and a hello
+    after it is still answered."""
+    with pytest.MonkeyPatch.context() as mp:
+        fixture = served.__wrapped__(mp)  # type: ignore[attr-defined]
+        s = next(fixture)
+        try:
+            stream = b"".join(chunks) + b"\n"
+            expected = len(LineFramer(MAX_LINE).feed(stream))
+            s.engine.sendall(stream)
+            for _ in range(expected):
+                reply, fds = s.reply()
+                assert reply["ok"] is False and fds == []
+            assert s.ask(encode_hello(False))[0]["ok"] is True
+            assert s.sessions and s.sessions[0].calls == []
+        finally:
+            next(fixture, None)
 
 
 def test_an_explicit_restore_then_the_end_of_the_socket(served: Served) -> None:
