@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from shallot.core.privfile import write_private
 from shallot.relay.forwarder import REPLAY_TAG_LEN
 
 log = logging.getLogger("shallot.relay")
@@ -73,14 +74,8 @@ class ReplayStore:
     def rewrite(self, secret: bytes, entries: list[Entry]) -> None:
         """Replace the file by exactly these entries (compaction: a running relay does it hourly)."""
         self.close()
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + secret + encode_entries(entries))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        write_private(self.path, MAGIC + secret + encode_entries(entries))  # O_EXCL|O_NOFOLLOW temp, rename
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
 
     def append(self, entries: list[Entry]) -> None:
         if not entries or self._fd is None:

@@ -1,7 +1,7 @@
 """A relay's state directory: keys (0600), settings and its current signed descriptor.
 
-    DIR/            0700
-      keys.json     0600  identity seed, link key, onion keys (shallot-relay-keys-1)
+    DIR/            0700  ours alone: refused when another user owns it or may write to it (or above it)
+      keys.json     0600  identity seed, link key, onion keys (shallot-relay-keys-1); refused when not 0600-ish
       relay.json    0644  nickname, address, exit flag (what keygen was given)
       descriptor    0644  base64 of the current signed descriptor
       control.sock  0600  control socket while the relay runs
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shallot.core.errors import ShallotError
+from shallot.core.privfile import check_private_dir, private_dir, read_regular, write_private
 from shallot.crypto.descriptor import Descriptor, DescriptorError, Reachability
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import DESCRIPTOR_LIFETIME_S
@@ -25,6 +26,7 @@ KEYS_FILE = "keys.json"
 SETTINGS_FILE = "relay.json"
 DESCRIPTOR_FILE = "descriptor"
 CONTROL_SOCKET = "control.sock"
+MAX_STATE_FILE = 1 << 20  # keys.json, relay.json and the descriptor are a few kB
 
 
 @dataclass
@@ -47,27 +49,22 @@ class RelaySettings:
             raise ShallotError(f"corrupt {SETTINGS_FILE}: {exc}") from None
 
 
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_public(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_private(path, text, mode=0o644)  # readable by anyone (the descriptor is public), planted by no one
+
+
+def _check_state(state: Path) -> None:
+    """The state directory must be ours and closed to others (core/privfile.py): whoever can write into it can
+    plant a symlink for the next write to follow, or swap keys.json (docs/PROTOCOL.md §3.6)."""
+    check_private_dir(state)
 
 
 def keygen(state: Path, address: tuple[str, int], nickname: str | None, exit_node: bool) -> Descriptor:
-    if (state / KEYS_FILE).exists():
+    private_dir(state)  # created 0700, or refused if it is not ours alone: before anything is looked at in it
+    if os.path.lexists(state / KEYS_FILE):
         raise ShallotError(f"{state} already holds relay keys; refusing to overwrite them")
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
+    if os.stat(state).st_mode & 0o077:
+        os.chmod(state, 0o700)  # ours and closed to writes (checked); closed to reading too
     wall = time.time()
     keys = RelayKeys.generate(secrets.token_bytes, wall)
     nickname = nickname or f"shallot{keys.relay_id.hex()[:8]}"
@@ -77,21 +74,26 @@ def keygen(state: Path, address: tuple[str, int], nickname: str | None, exit_nod
                                  published=int(wall), lifetime_s=DESCRIPTOR_LIFETIME_S)
     except DescriptorError as exc:
         raise ShallotError(str(exc)) from None
-    _write_private(state / KEYS_FILE, keys.to_json())
+    write_private(state / KEYS_FILE, keys.to_json())
     _write_public(state / SETTINGS_FILE, settings.to_json())
     _write_public(state / DESCRIPTOR_FILE, desc.to_text() + "\n")
     return desc
 
 
 def load(state: Path) -> tuple[RelayKeys, RelaySettings]:
+    """Keys and settings; ShallotError if the directory or keys.json could be changed or read by another user
+    (like ssh with a private key file: refused, never silently fixed; the message says what to chmod)."""
+    if not os.path.lexists(state / KEYS_FILE) and not os.path.lexists(state / SETTINGS_FILE):
+        raise ShallotError(f"{state} is not a relay state directory (run 'shallot keygen --state {state}' first)")
+    _check_state(state)
     try:
-        keys_text = (state / KEYS_FILE).read_text()
-        settings_text = (state / SETTINGS_FILE).read_text()
+        keys_text = read_regular(state / KEYS_FILE, MAX_STATE_FILE, private=True).decode()
+        settings_text = read_regular(state / SETTINGS_FILE, MAX_STATE_FILE).decode()
     except FileNotFoundError:
         raise ShallotError(f"{state} is not a relay state directory (run 'shallot keygen --state {state}' first)") \
             from None
-    except OSError as exc:
-        raise ShallotError(f"cannot read {state}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ShallotError(f"cannot read {state}: {exc}") from None
     try:
         keys = RelayKeys.from_json(keys_text)
     except ValueError as exc:
@@ -100,7 +102,7 @@ def load(state: Path) -> tuple[RelayKeys, RelaySettings]:
 
 
 def save_keys(state: Path, keys: RelayKeys) -> None:
-    _write_private(state / KEYS_FILE, keys.to_json())
+    write_private(state / KEYS_FILE, keys.to_json())
 
 
 def publish_descriptor(state: Path, keys: RelayKeys, settings: RelaySettings, wall: float, *,
@@ -117,12 +119,12 @@ def publish_descriptor(state: Path, keys: RelayKeys, settings: RelaySettings, wa
 
 def read_descriptor(state: Path) -> Descriptor:
     import base64
-    try:
-        text = (state / DESCRIPTOR_FILE).read_text().strip()
+    try:  # any user's relay (``shallot directory``): no ownership asked, but never a FIFO or a huge file
+        text = read_regular(state / DESCRIPTOR_FILE, MAX_STATE_FILE).decode().strip()
     except FileNotFoundError:
         raise ShallotError(f"{state} has no descriptor (run 'shallot keygen --state {state}' first)") from None
-    except OSError as exc:
-        raise ShallotError(f"cannot read {state / DESCRIPTOR_FILE}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ShallotError(f"cannot read {state / DESCRIPTOR_FILE}: {exc}") from None
     try:
         return Descriptor.decode(base64.b64decode(text, validate=True))
     except (ValueError, DescriptorError) as exc:

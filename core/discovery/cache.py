@@ -13,8 +13,10 @@ import logging
 import os
 from pathlib import Path
 
+from shallot.core.discovery.directory import MAX_DIRECTORY_BYTES
 from shallot.core.discovery.view import decode_seen, encode_seen
-from shallot.core.privfile import write_private
+from shallot.core.errors import ShallotError
+from shallot.core.privfile import check_private_dir, read_regular, write_private
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory, encode_directory
 
 log = logging.getLogger(__name__)
@@ -44,18 +46,20 @@ def save_seen(cache: Path, seen: dict[bytes, tuple[float, float]]) -> None:
 
 def load_seen(cache: Path) -> dict[bytes, tuple[float, float]]:
     try:
-        return decode_seen(seen_path(cache).read_text())
-    except (OSError, UnicodeDecodeError):
+        check_private_dir(cache.parent)
+        return decode_seen(read_regular(seen_path(cache), MAX_DIRECTORY_BYTES, private=True).decode())
+    except (OSError, ShallotError, UnicodeDecodeError):
         return {}  # none yet, or unreadable: every relay starts as just met
 
 
 def load_view(path: Path, wall: float) -> list[Descriptor]:
     """Descriptors from the cache that are still valid; [] if there is none or it is unusable."""
-    try:
-        text = path.read_text()
+    try:  # a cache in a folder another user can change is refused: it would choose this client's relays
+        check_private_dir(path.parent)
+        text = read_regular(path, MAX_DIRECTORY_BYTES, private=True).decode()
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError) as exc:
+    except (ShallotError, UnicodeDecodeError) as exc:
         log.warning("ignoring the network view cache %s: %s", path, exc)
         return []
     try:
@@ -63,6 +67,6 @@ def load_view(path: Path, wall: float) -> list[Descriptor]:
     except DescriptorError as exc:
         log.info("network view cache %s holds nothing usable: %s", path, exc)
         return []
-    for problem in problems:
-        log.info("network view cache: skipped %s", problem)
+    if problems:
+        log.info("network view cache: skipped %d entries: %s", len(problems), "; ".join(problems[:3]))
     return good

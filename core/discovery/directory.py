@@ -17,9 +17,14 @@ from pathlib import Path
 
 from shallot.core.discovery.addresses import usable_address
 from shallot.core.errors import ShallotError
+from shallot.core.privfile import read_regular
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory
 
 log = logging.getLogger(__name__)
+# a relay's line is about 280 bytes (more with introducers): 4 MiB holds over 10 000 relays, and decoding a
+# full file costs about 1.5 s of CPU on a small machine, once per load
+MAX_DIRECTORY_BYTES = 4 << 20
+SHOWN_PROBLEMS = 3  # the first few skipped entries are named in the one warning
 
 
 def _hosts(desc: Descriptor) -> list[tuple[str, int]]:
@@ -49,19 +54,24 @@ def usable_relays(relays: list[Descriptor], *, private_network: bool) -> tuple[l
 
 
 def load_directory(path: Path, wall: float | None = None, *, private_network: bool = False) -> list[Descriptor]:
+    """The usable relays of a directory file.  The file is refused unless it is a regular file of at most
+    MAX_DIRECTORY_BYTES (checked before reading; a FIFO or a device is refused at once, never waited on), and
+    what it skips is one summarised warning, however many entries are bad (docs/PROTOCOL.md §3.5)."""
     try:
-        text = path.read_text()
+        text = read_regular(path, MAX_DIRECTORY_BYTES).decode()
     except FileNotFoundError:
         raise ShallotError(f"directory file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShallotError(f"cannot read directory file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ShallotError(f"cannot read directory file {path}: {exc}") from None
     try:
         relays, problems = decode_directory(text, time.time() if wall is None else wall)
     except DescriptorError as exc:
         raise ShallotError(f"{path}: {exc}") from None
     relays, refused = usable_relays(relays, private_network=private_network)
-    for problem in [*problems, *refused]:
-        log.warning("%s: skipped %s", path, problem)
+    skipped = [*problems, *refused]
+    if skipped:
+        log.warning("%s: skipped %d %s: %s%s", path, len(skipped), "entry" if len(skipped) == 1 else "entries",
+                    "; ".join(skipped[:SHOWN_PROBLEMS]), "; ..." if len(skipped) > SHOWN_PROBLEMS else "")
     if not relays:
         raise ShallotError(f"{path}: directory has no usable relay: {'; '.join(refused[:3])}")
     return relays

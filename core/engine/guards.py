@@ -24,7 +24,8 @@ from typing import Any
 
 from shallot.core.circuit.guards import GuardSet, Outcome, PathRequest
 from shallot.core.circuit.path import NO_HISTORY, Known
-from shallot.core.privfile import write_private
+from shallot.core.errors import ShallotError
+from shallot.core.privfile import UnsafePath, check_private_dir, read_regular, write_private
 from shallot.crypto.descriptor import Descriptor
 
 log = logging.getLogger("shallot.engine")
@@ -42,14 +43,19 @@ def default_state_dir() -> Path:
 
 
 def load_guards(path: Path, rng: random.Random) -> GuardSet:
-    """The saved guard set, or a fresh one (nothing saved yet, or the file is unusable: set aside, warned)."""
+    """The saved guard set, or a fresh one (nothing saved yet, or the file is unusable: set aside, warned).
+    Raises UnsafePath (a ShallotError: the engine does not start) when another user can change the state
+    directory (core/privfile.py check_private_dir)."""
+    if os.path.lexists(path.parent):
+        check_private_dir(path.parent)  # UnsafePath: whoever can write there could choose our entry guards
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
+        data = read_regular(path, MAX_STATE_BYTES + 1)
     except FileNotFoundError:
         return GuardSet(rng)
-    except OSError as exc:
-        log.warning("cannot read the guard state %s (%s): choosing new entry guards", path, exc.strerror)
+    except UnsafePath:
+        raise
+    except ShallotError as exc:
+        log.warning("cannot read the guard state %s (%s): choosing new entry guards", path, exc)
         return GuardSet(rng)
     try:
         if len(data) > MAX_STATE_BYTES:

@@ -249,7 +249,7 @@ async def test_malformed_lines_get_errors_and_the_engine_keeps_serving(engine: E
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    # an over-long line: an error, the connection ends, the server goes on
+    # an over-long line: an error, and the server goes on (the connection too: tests/unit/test_control_limits.py)
     reader, writer = await asyncio.open_unix_connection(str(engine.sock))
     try:
         await asyncio.wait_for(reader.readline(), 5)
@@ -265,6 +265,51 @@ async def test_malformed_lines_get_errors_and_the_engine_keeps_serving(engine: E
     async with control(engine.sock) as c:
         assert (await c.call("status"))["state"] == "disconnected"
     assert engine.proc.popen.poll() is None
+
+
+async def _raw_ask(sock: Path, lines: list[bytes]) -> list[dict[str, Any]]:
+    """Send each line on one connection and read one answer to each."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5))["shallot"] == "control"
+        answers = []
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            answers.append(json.loads(await asyncio.wait_for(reader.readline(), 5)))
+        return answers
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_deep_json_gets_bad_request_and_the_same_connection_goes_on(engine: Engine) -> None:
+    deep = b'{"id": 1, "cmd": "status", "args": {"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}\n"
+    bad, good = await _raw_ask(engine.sock, [deep, b'{"id": 2, "cmd": "status"}\n'])
+    assert bad["ok"] is False and bad["error"]["kind"] == "bad-request" and "deeper" in bad["error"]["message"]
+    assert good["id"] == 2 and good["ok"] is True
+    assert engine.proc.popen.poll() is None
+
+
+async def test_set_directory_never_waits_on_a_fifo_or_reads_a_huge_file(engine: Engine, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody ever writes: a blocking open or read would freeze the engine
+    huge = tmp_path / "huge"
+    with open(huge, "wb") as f:
+        f.truncate(100 << 20)  # 100 MB (sparse)
+    async with control(engine.sock) as c:
+        for path, why in ((fifo, "not a regular file"), (huge, "more than the limit"),
+                          (Path("/dev/zero"), "not a regular file")):
+            started = time.monotonic()
+            with pytest.raises(ControlError, match=why):
+                await c.call("set_directory", path=str(path), timeout=10)
+            assert time.monotonic() - started < 2.0, path
+        for path in (fifo, huge):
+            with pytest.raises(ControlError) as err:
+                await c.call("configure", directory=str(path), timeout=10)
+            assert err.value.kind is ErrorKind.BAD_DIRECTORY
+        assert (await c.call("status"))["state"] == "disconnected"
 
 
 async def test_unknown_command_and_bad_arguments(engine: Engine, tmp_path: Path) -> None:

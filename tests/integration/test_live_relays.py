@@ -632,6 +632,25 @@ async def _caught_up(state: Path, s0: dict[str, Any], sent: int, timeout: float 
         await asyncio.sleep(0.02)
 
 
+async def test_a_relays_control_socket_answers_deep_json_and_goes_on(network: RunningNetwork) -> None:
+    state = next(iter(network.states.values()))
+    reader, writer = await asyncio.open_unix_connection(str(state / state_dir.CONTROL_SOCKET))
+    try:
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5))["role"] in ("relay", "exit")
+        for line in (b'{"id": 1, "cmd": "status", "args": {"x": ' + b"[" * 30_000 + b"\n",
+                     b"x" * 100_000 + b'{"id": 9, "cmd": "status"}\n'):
+            writer.write(line)
+            await writer.drain()
+            bad = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert bad["ok"] is False and bad["error"]["kind"] == "bad-request", bad
+        writer.write(b'{"id": 2, "cmd": "status"}\n')
+        await writer.drain()
+        good = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        assert good["id"] == 2 and good["ok"] is True  # the same connection, and no answer to the tail (id 9)
+    finally:
+        writer.close()
+
+
 async def test_fuzzing_a_live_relay(network: RunningNetwork) -> None:
     target = network.non_exits[3]
     path = [target, network.non_exits[0], network.exits[0]]

@@ -1,7 +1,7 @@
 """The control server's limits (core/control/server.py, PROTOCOL §9.1-9.3) on a real Unix socket: lines longer
-than MAX_LINE and JSON nested deeper than 32 are refused (bad-request) and the connection goes on, malformed requests and unknown commands are answered with an error and
-counted, a handler's failure never takes the server down, a stuck subscriber loses events rather than
-memory, and a peer of another user is refused."""
+than MAX_LINE (thrown away whole) and JSON nested deeper than 32 get bad-request and the connection goes on,
+malformed requests and unknown commands are answered with an error and counted, a handler's failure never
+takes the server down, a stuck subscriber loses events rather than memory, and a peer of another user is refused."""
 
 from __future__ import annotations
 
