@@ -20,11 +20,13 @@ import pytest
 
 from shallot import cli
 from shallot.core import privfile
+from shallot.core.discovery.cache import load_seen, load_view, save_seen, save_view
 from shallot.core.discovery.directory import MAX_DIRECTORY_BYTES, load_directory
 from shallot.core.engine.guards import load_guards
 from shallot.core.errors import ShallotError
 from shallot.core.privfile import UnsafePath, private_dir, read_regular, write_private
 from shallot.crypto.descriptor import DIRECTORY_HEADER
+from shallot.crypto.keys import RELAY_ID_LEN
 from shallot.relay import state as state_dir
 
 NOBODY = 65534
@@ -270,3 +272,16 @@ def test_many_bad_entries_are_one_warning(relay: Path, tmp_path: Path, caplog: p
     (record,) = caplog.records
     assert record.getMessage().startswith(f"{directory}: skipped 30000 entries: line 3: not base64; line 4: ")
     assert record.getMessage().endswith("; ...") and len(record.getMessage()) < 1000
+
+
+def test_a_view_cache_in_a_folder_others_may_write_to_is_ignored(relay: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A planted cache would choose this client's relays: with a warning it is not read (nor the history)."""
+    cache = tmp_path / "cache" / "network-view"
+    save_view(cache, [state_dir.read_descriptor(relay)])
+    save_seen(cache, {b"\x01" * RELAY_ID_LEN: (time.time() - 10, time.time())})
+    assert load_view(cache, time.time()) and load_seen(cache)
+    os.chmod(cache.parent, 0o777)
+    with caplog.at_level(logging.WARNING, logger="shallot.core.discovery.cache"):
+        assert load_view(cache, time.time()) == [] and load_seen(cache) == {}
+    assert "other users may write to it" in caplog.text
