@@ -280,7 +280,12 @@ def decode_directory(text: str, wall: float) -> tuple[list[Descriptor], list[str
     good: list[Descriptor] = []
     problems: list[str] = []
     seen: set[bytes] = set()
+    verdicts: dict[str, str] = {}  # a line met before: its problem again, without decoding it again (DoS: cheap)
     for n, line in lines[1:]:
+        if line in verdicts:
+            problems.append(f"line {n}: {verdicts[line]}")
+            continue
+        verdicts[line] = "not base64"
         try:
             raw = base64.b64decode(line, validate=True)
         except ValueError:
@@ -290,8 +295,10 @@ def decode_directory(text: str, wall: float) -> tuple[list[Descriptor], list[str
             desc = Descriptor.decode(raw)
             desc.check_valid(wall)
         except DescriptorError as exc:
+            verdicts[line] = str(exc)
             problems.append(f"line {n}: {exc}")
             continue
+        verdicts[line] = f"duplicate relay {desc.id_hex[:8]}"
         if desc.relay_id in seen:
             problems.append(f"line {n}: duplicate relay {desc.id_hex[:8]}")
             continue
