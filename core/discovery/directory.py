@@ -21,9 +21,10 @@ from shallot.core.privfile import read_regular
 from shallot.crypto.descriptor import Descriptor, DescriptorError, decode_directory
 
 log = logging.getLogger(__name__)
-# a relay's line is about 280 bytes (more with introducers): 4 MiB holds over 10 000 relays, and decoding a
-# full file costs about 1.5 s of CPU on a small machine, once per load
-MAX_DIRECTORY_BYTES = 4 << 20
+# a relay's line is about 280 bytes (more with introducers): 2 MiB holds about 7 000 relays (Tor's whole
+# network); decoding a full file of distinct relays costs 0.7-3 s of CPU on a loaded two-core machine (each
+# line is a signature check; a repeated line costs nothing), and the engine decodes on its loop
+MAX_DIRECTORY_BYTES = 2 << 20
 SHOWN_PROBLEMS = 3  # the first few skipped entries are named in the one warning
 
 
