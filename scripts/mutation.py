@@ -102,6 +102,8 @@ TARGETS: tuple[Target, ...] = (
     Target("exit/ipservice.py"),
     Target("exit/dns.py"),
     Target("crypto/keys.py", functions=("RelayKeys.rotate_onion_keys",), all_ifs=True),
+    Target("core/wire/jsonlines.py"),
+    Target("core/privfile.py"),
 )
 
 # Mutants no test can kill because the program behaves the same with and without them:

@@ -302,3 +302,33 @@ def test_a_repeated_line_is_decoded_and_verified_once(relay: Path, tmp_path: Pat
     assert len(relays) == 1 and len(decoded) == 2  # the good line once, "AAAA" once
     assert problems[0] == f"line 3: duplicate relay {relays[0].id_hex[:8]}" and len(problems) == 1999
     assert problems[-1].startswith("line 2001: malformed descriptor")
+
+
+def test_a_state_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "relay").write_text("not a folder")
+    with pytest.raises(UnsafePath, match="it is not a directory"):
+        state_dir.keygen(tmp_path / "relay", ADDRESS, "disk", False)
+
+
+def test_our_own_symlink_above_the_state_folder_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # a symlink is mode 777: it must not count as "writable"
+    state_dir.keygen(tmp_path / "link" / "relay", ADDRESS, "disk", False)
+    state_dir.load(tmp_path / "link" / "relay")
+
+
+@needs_root
+def test_a_symlink_of_another_user_above_the_state_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.lchown(tmp_path / "link", NOBODY, NOBODY)
+    with pytest.raises(UnsafePath, match=f"is a symlink of uid {NOBODY}"):
+        state_dir.keygen(tmp_path / "link" / "relay", ADDRESS, "disk", False)
+
+
+def test_a_file_that_says_it_is_small_but_is_not_is_still_cut_at_the_limit() -> None:
+    status = Path("/proc/self/status")  # a regular file of st_size 0 that reads as about 1 kB
+    assert status.stat().st_size == 0
+    with pytest.raises(ShallotError, match="more than the limit of 100 bytes"):
+        read_regular(status, 100)
+    assert read_regular(status, 1 << 20).startswith(b"Name:")
