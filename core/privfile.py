@@ -3,7 +3,7 @@ view cache and its history, the entry guards), and files we read without trustin
 (docs/PROTOCOL.md §3.5, §3.6).
 
 * ``private_dir``: a state directory is created 0700 and refused (UnsafePath) when it is not a directory we
-  own, when group or others may write to it, or when a directory above it can be changed by another user
+  (or root) own, when group or others may write to it, or when a directory above it can be changed by another user
   (writable by group/other without the sticky bit, or owned by someone other than us or root): whoever can
   write there can plant a symlink where we are about to write, or swap the whole directory.
 * ``write_private``: a new temporary file beside the target, opened O_CREAT|O_EXCL|O_NOFOLLOW under a random
@@ -42,8 +42,8 @@ def _others_can_change(st: os.stat_result) -> bool:
 
 
 def check_private_dir(path: Path) -> None:
-    """Raise UnsafePath unless ``path`` is a directory we own, closed to writes by others, below directories
-    that only we or root can change."""
+    """Raise UnsafePath unless ``path`` is a directory we (or root) own, closed to writes by group and others,
+    below directories that only we or root can change."""
     try:
         st = os.stat(path)  # a symlink we or root made is fine: its target is checked, and its own folder below
     except FileNotFoundError:
@@ -52,7 +52,7 @@ def check_private_dir(path: Path) -> None:
         raise UnsafePath(f"refusing {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePath(f"refusing {path}: it is not a directory")
-    if st.st_uid != os.geteuid():
+    if st.st_uid not in (0, os.geteuid()):  # root may do anything anyway; as ssh, a folder of root's is trusted
         raise UnsafePath(f"refusing {path}: it belongs to uid {st.st_uid}, not to uid {os.geteuid()} (us)")
     if st.st_mode & 0o022:
         raise UnsafePath(f"refusing {path}: other users may write to it (mode {st.st_mode & 0o777:o}); "

@@ -332,3 +332,15 @@ def test_a_file_that_says_it_is_small_but_is_not_is_still_cut_at_the_limit() -> 
     with pytest.raises(ShallotError, match="more than the limit of 100 bytes"):
         read_regular(status, 100)
     assert read_regular(status, 1 << 20).startswith(b"Name:")
+
+
+@needs_root
+def test_a_folder_of_root_is_trusted_by_another_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine run as a user with a state folder root made (a test harness, a system service's folder): root
+    could change anything anyway, so as with ssh its folders are trusted; another user's are not."""
+    state = private_dir(tmp_path / "state")
+    monkeypatch.setattr(privfile.os, "geteuid", lambda: 1000)
+    privfile.check_private_dir(state)
+    os.chown(state, NOBODY, NOBODY)
+    with pytest.raises(UnsafePath, match=f"belongs to uid {NOBODY}, not to uid 1000"):
+        privfile.check_private_dir(state)
