@@ -1,7 +1,8 @@
 """A relay's state directory: keys (0600), settings and its current signed descriptor.
 
-    DIR/            0700  ours alone: refused when another user owns it or may write to it (or above it)
-      keys.json     0600  identity seed, link key, onion keys (shallot-relay-keys-1); refused when not 0600-ish
+    DIR/            0700  refused when another user owns it or may write to it (or to a folder above it)
+      keys.json     0600  identity seed, link key, onion keys (shallot-relay-keys-1); refused when group or
+                          others may read it, or when it is a symlink or another user's
       relay.json    0644  nickname, address, exit flag (what keygen was given)
       descriptor    0644  base64 of the current signed descriptor
       control.sock  0600  control socket while the relay runs
