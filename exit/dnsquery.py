@@ -51,9 +51,8 @@ class Question:
 
 def parse_question(data: bytes) -> Question:
     """The header and the single question of a DNS message; DecodeError if it is not exactly one
-    uncompressed question.  Labels are lowercased (resolvers may echo a name's case differently)."""
-    if len(data) < DNS_HEADER_LEN:
-        raise DecodeError("short DNS header")
+    uncompressed question (a message shorter than a header fails the question count or the name).
+    Labels are lowercased (resolvers may echo a name's case differently)."""
     flags = int.from_bytes(data[2:4], "big")
     if int.from_bytes(data[4:6], "big") != 1:
         raise DecodeError("not one question")
@@ -67,11 +66,9 @@ def parse_question(data: bytes) -> Question:
         pos += 1
         if length == 0:
             break
-        if pos + length > len(data):
-            raise DecodeError("truncated label")
-        labels.append(data[pos:pos + length].lower())
+        labels.append(data[pos:pos + length].lower())  # a short label: the next turn finds the name truncated
         pos += length
-        if pos - DNS_HEADER_LEN > MAX_NAME_LEN:
+        if pos - DNS_HEADER_LEN >= MAX_NAME_LEN:  # with the root's zero byte still to come: over 255
             raise DecodeError("name too long")
     if pos + 4 > len(data):
         raise DecodeError("truncated question")

@@ -23,6 +23,7 @@ from shallot.exit.dnsquery import (
     PendingTable,
     answer_matches,
     parse_query,
+    parse_question,
     refusal,
     refused_response,
 )
@@ -387,3 +388,25 @@ def test_host_names_are_the_hostname_and_the_search_domains(tmp_path: Path, monk
     monkeypatch.setattr(socket, "gethostname", lambda: "Exit1.Example.NET")
     assert sorted(host_names(conf)) == sorted([(b"exit1", b"example", b"net"), (b"corp", b"example"), (b"lan",),
                                                (b"office", b"example")])
+
+
+def test_the_query_parsers_limits_are_exact() -> None:
+    longest = "." .join(["a" * 63] * 3 + ["b" * 61])  # 3 * 64 + 62 + the root = 255 bytes on the wire
+    assert len(encode_name(longest)) == 255 and parse_query(query(1, longest)).labels[-1] == b"b" * 61
+    with pytest.raises(DecodeError, match="too long"):
+        parse_query(query(1, longest + "b"))
+    with pytest.raises(DecodeError):  # a 64-byte label: its length byte has a flag bit (0x40)
+        parse_query(query(1, "a" * 64 + ".example"))
+    full = query(1) + bytes(MAX_DNS_LEN - len(query(1)))  # what follows the question is not parsed
+    full = full[:10] + b"\x00\x01" + full[12:]
+    assert parse_query(full).labels == (b"example", b"com")
+    with pytest.raises(DecodeError, match="too long"):
+        parse_query(full + b"\x00")
+    two_additional = full[:10] + b"\x00\x02" + full[12:]
+    with pytest.raises(DecodeError, match="records"):
+        parse_query(two_additional)
+    for short in (b"", b"\x00\x01\x00\x00\x00\x01", query(1)[:12]):
+        with pytest.raises(DecodeError):
+            parse_question(short)
+    nibbles = (*(b"a" for _ in range(33)), b"ip6", b"arpa")  # one nibble too many: not an address
+    assert refusal(nibbles, own_names=[], private=ExitPolicy().off_limits()) is None
