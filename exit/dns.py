@@ -178,17 +178,17 @@ class DnsForwarder:
 
     def _readable(self, token: int) -> None:
         pending = self._pending.get(token)
-        if pending is None:
+        if pending is None:  # closed by an eviction earlier in the same turn of the loop
             return
         for _ in range(16):  # a spoofer's burst: bounded work per wakeup
             try:
-                data, addr = pending.sock.recvfrom(MAX_ANSWER_LEN)
+                data = pending.sock.recv(MAX_ANSWER_LEN)  # connected: only the resolver's address and port
             except BlockingIOError:
                 return
             except OSError:  # e.g. ICMP port unreachable from the resolver: the client times out
                 self.counters["dns_upstream_errors"] += 1
                 continue
-            if tuple(addr[:2]) != self.resolver or not answer_matches(data, pending.sent):
+            if not answer_matches(data, pending.sent):
                 self.counters["dns_drop_unmatched_answer"] += 1
                 continue
             self.table.remove(token)

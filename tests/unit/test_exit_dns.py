@@ -222,6 +222,14 @@ async def test_one_client_cannot_starve_another(dns) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_wakeup_for_an_evicted_query_is_ignored(dns) -> None:
+    _, forwarder, _ = dns
+    fwd = await forwarder()
+    fwd._readable(12345)  # its socket was closed by an eviction earlier in the same turn of the loop
+    assert fwd.counters == {}
+
+
+@pytest.mark.asyncio
 async def test_a_full_table_evicts_the_heaviest_clients_oldest(dns) -> None:
     resolver, forwarder, client = dns
     fwd = await forwarder(max_pending=6, per_client=4)
@@ -370,6 +378,7 @@ def test_refused_answers_are_never_longer_than_the_query() -> None:
 def test_the_default_resolver_is_never_a_local_stub(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("# comment\nsearch example\nnameserver\nnameserver 127.0.0.53\nnameserver ::1\n"
+                    "nameserver 0.0.0.0\n"  # glibc reads 0.0.0.0 as this host
                     "nameserver fe80::1%eth0\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n")
     assert system_resolver(conf) == "192.0.2.53"
     conf.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n")
