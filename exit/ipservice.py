@@ -17,7 +17,7 @@ uplink) and hands every packet read from the TUN to ``route_back``.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from shallot.core.ratelimit import TokenBuckets
@@ -32,7 +32,7 @@ from shallot.exit.policy import ExitPolicy
 
 class IpExitService:
     def __init__(self, *, rng: RandomBytes, policy: ExitPolicy | None = None, max_circuits: int = 4096,
-                 packets_per_second: float = 40000.0, burst: float = 8000.0) -> None:
+                 max_quarantine: int = 65536, packets_per_second: float = 40000.0, burst: float = 8000.0) -> None:
         # the per-circuit packet limit (PROTOCOL §8.6): above one circuit's speed, so an honest stream is never
         # policed (at 20 000/s a single iperf3 upload lost 40 % to drops and retransmissions)
         self._rng = rng
@@ -44,6 +44,11 @@ class IpExitService:
         self._address_of: dict[int, ipaddress.IPv4Address] = {}  # id(circuit) -> address
         self._packed_of: dict[int, bytes] = {}
         self._buckets = TokenBuckets(packets_per_second, burst, max_keys=max_circuits * 2)
+        # freed addresses wait here until the adapter has flushed their conntrack entries (take_freed, release):
+        # a new owner must never inherit the old owner's flows
+        self._quarantine: OrderedDict[bytes, None] = OrderedDict()
+        self._freed: list[bytes] = []
+        self.max_quarantine = max_quarantine
 
     def attach(self, circ: Any) -> bool:
         """Give the circuit an address; False when the exit is full."""
@@ -53,7 +58,7 @@ class IpExitService:
         span = POOL.num_addresses - 3  # not the network, the gateway or the broadcast address
         while True:
             address = POOL.network_address + 2 + int.from_bytes(self._rng(4), "big") % span
-            if address.packed not in self._by_address:
+            if address.packed not in self._by_address and address.packed not in self._quarantine:
                 break
         self._by_address[address.packed] = circ
         self._address_of[id(circ)] = address
@@ -66,6 +71,22 @@ class IpExitService:
         if address is not None:
             del self._by_address[address.packed]
             del self._packed_of[id(circ)]
+            self._quarantine[address.packed] = None
+            self._freed.append(address.packed)
+            while len(self._quarantine) > self.max_quarantine:  # the flush keeps failing: the pool is 4 M wide
+                self._quarantine.popitem(last=False)
+                self.counters["ip_quarantine_overflow"] += 1
+
+    def take_freed(self) -> list[ipaddress.IPv4Address]:
+        """Addresses freed since the last call, for the adapter to flush their conntrack entries; each stays
+        out of the pool until ``release``."""
+        out = [ipaddress.IPv4Address(p) for p in self._freed]
+        self._freed.clear()
+        return out
+
+    def release(self, address: ipaddress.IPv4Address) -> None:
+        """The address's conntrack entries are gone: it may be given out again."""
+        self._quarantine.pop(address.packed, None)
 
     def address_of(self, circ: Any) -> ipaddress.IPv4Address | None:
         return self._address_of.get(id(circ))
@@ -89,6 +110,9 @@ class IpExitService:
             return []
         if src != packed:
             self.counters["ip_drop_spoofed_source"] += 1
+            return []
+        if data[0] != 0x45:  # IPv4 options (source routing, record route, ...): nothing honest needs them
+            self.counters["ip_drop_options"] += 1
             return []
         if dst == GATEWAY_PACKED:
             # the exit itself: only its DNS forwarder (UDP 53) is offered there
@@ -117,6 +141,9 @@ class IpExitService:
             _src, dst, _proto, _sport, _dport, _fragment, total = v4_fields(packet)
         except DecodeError:
             self.counters["ip_from_tun_malformed"] += 1
+            return None
+        if packet[0] != 0x45:
+            self.counters["ip_from_tun_options"] += 1
             return None
         circ = self._by_address.get(dst)
         if circ is None:

@@ -136,6 +136,11 @@ class ExitPolicy:
             self.own_networks = list(networks)
             self._verdicts.clear()
 
+    def off_limits(self) -> list[Network]:
+        """Every network the built-in rejects cover, and the exit's own (the DNS forwarder refuses their
+        reverse names)."""
+        return [*(network for network, _ in self._builtin), *self.own_networks]
+
     def builtin_reason(self, dst: IPAddress) -> str | None:
         if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped is not None:
             return self.builtin_reason(dst.ipv4_mapped) or "v4-mapped"

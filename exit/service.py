@@ -5,20 +5,23 @@ process as a ``relay.service.RelayPart``; packets flow TUN -> IpExitService -> c
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from shallot.core.errors import ShallotError
 from shallot.core.io.udp import NodeEndpoint
-from shallot.core.vpn.netlink import session
+from shallot.core.vpn.netlink import flush_conntrack, session
 from shallot.core.wire.ipconfig import GATEWAY
-from shallot.exit.dns import DnsForwarder, system_resolver
+from shallot.exit.dns import DnsForwarder, host_names, system_resolver
 from shallot.exit.ipservice import IpExitService
 from shallot.exit.policy import ExitPolicy, PolicyError, parse_policy
-from shallot.exit.tun import ExitTun, default_uplink
+from shallot.exit.tun import ExitTun, default_uplink, kernel_drops
 from shallot.relay.forwarder import RelayNode
 
 log = logging.getLogger("shallot.exit")
@@ -38,38 +41,65 @@ def load_policy(policy_file: Path | None) -> ExitPolicy:
 
 class IpExit:
     def __init__(self, *, uplink: str | None = None, policy_file: Path | None = None,
-                 resolver: str | None = None) -> None:
+                 resolver: str | None = None, public_ips: Sequence[str] = ()) -> None:
+        """``public_ips``: the exit's public addresses that no interface holds (a 1:1 NAT, --public-ip); the
+        relay adds the ones it learns (its descriptor's, the STUN-mapped one)."""
         self.uplink = uplink
         self.resolver = resolver
+        self.public_ips = [ipaddress.ip_address(a) for a in public_ips]
+        self._public_hosts: Callable[[], list[str]] = list
+        self.counters: Counter[str] = Counter()
+        self._flushing: asyncio.Task[None] | None = None
         self.ip_service = IpExitService(rng=secrets.token_bytes, policy=load_policy(policy_file))
         self.tun: ExitTun | None = None
         self.dns: DnsForwarder | None = None
         self.node: RelayNode | None = None
         self._watch: asyncio.Task[None] | None = None
 
-    async def start(self, node: RelayNode, endpoint: NodeEndpoint) -> None:
+    async def start(self, node: RelayNode, endpoint: NodeEndpoint,
+                    public_hosts: Callable[[], list[str]] = list) -> None:
         self.node = node
+        self._public_hosts = public_hosts
+        resolver = self.resolver or system_resolver()
         self.tun = ExitTun(self.uplink or default_uplink(), self._from_tun, endpoint.flush)
         self.tun.open()
         self._refresh_own_networks()
-        self.dns = DnsForwarder(str(GATEWAY), self.resolver or system_resolver())
+        policy = self.ip_service.policy
+        self.dns = DnsForwarder(str(GATEWAY), resolver, own_names=host_names(),
+                                private=policy.off_limits)
         await self.dns.start()
         self._watch = asyncio.create_task(self._watch_own_networks())
 
     def after_datagrams(self) -> None:
         if self.tun is not None and self.ip_service.tun_outbox:
             self.tun.write(self.ip_service.tun_outbox)
+        if self._flushing is None or self._flushing.done():
+            freed = self.ip_service.take_freed()
+            if freed:
+                self._flushing = asyncio.get_running_loop().create_task(self._flush_conntrack(freed))
+
+    async def _flush_conntrack(self, freed: list[ipaddress.IPv4Address]) -> None:
+        """Forget the flows of freed tunnel addresses before they are given out again, so a new owner never
+        receives the tail of the old owner's connections."""
+        for address in freed:
+            try:
+                self.counters["conntrack_flushed"] += await asyncio.to_thread(flush_conntrack, str(address))
+            except OSError:
+                self.counters["conntrack_flush_errors"] += 1  # stays quarantined (bounded, exit/ipservice.py)
+                continue
+            self.ip_service.release(address)
 
     def status(self) -> dict[str, Any]:
-        return {**self.ip_service.counters, **self.ip_service.policy.counters,
-                **(self.dns.counters if self.dns else {}),
+        return {**self.ip_service.counters, **self.ip_service.policy.counters, **self.counters,
+                **(self.dns.status() if self.dns else {}), **(kernel_drops() if self.tun else {}),
                 "tun_read": self.tun.read_packets if self.tun else 0,
                 "tun_written": self.tun.written_packets if self.tun else 0,
                 "tun_write_errors": self.tun.write_errors if self.tun else 0}
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._flushing):
+            if task is not None:
+                task.cancel()
         if self.dns is not None:
             self.dns.close()
         if self.tun is not None:
@@ -84,8 +114,12 @@ class IpExit:
             self.node.send_backward(circ, inner, time.monotonic())
 
     def _refresh_own_networks(self) -> None:
-        """The exit never sends clients to its own addresses or networks, whatever interfaces it has now."""
-        self.ip_service.policy.set_own_networks(session(lambda nl: nl.networks()))
+        """The exit never sends clients to its own addresses or networks, whatever interfaces it has now, nor
+        to its public addresses (--public-ip, and those the relay learned: behind a 1:1 NAT no interface
+        holds them, and a packet to one would hairpin back into the exit host's own services)."""
+        public = {ipaddress.ip_network(a) for a in [*self.public_ips, *self._public_hosts()]}
+        networks = session(lambda nl: nl.networks())
+        self.ip_service.policy.set_own_networks([*networks, *sorted(public - set(networks), key=str)])
 
     async def _watch_own_networks(self) -> None:
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +19,18 @@ from collections.abc import Callable
 from shallot.core.errors import ShallotError
 from shallot.core.vpn import nftables
 from shallot.core.vpn.netlink import session
-from shallot.core.vpn.nftables import DROP, MASQUERADE, PRIO_FILTER, PRIO_SRCNAT, Chain, match, meta, payload, prefix
+from shallot.core.vpn.nftables import (
+    ACCEPT,
+    DROP,
+    MASQUERADE,
+    PRIO_FILTER,
+    PRIO_SRCNAT,
+    Chain,
+    match,
+    meta,
+    payload,
+    prefix,
+)
 from shallot.core.vpn.tunio import read_batch
 from shallot.core.wire.ipconfig import GATEWAY, POOL, TUNNEL_MTU
 
@@ -35,17 +47,56 @@ def default_uplink() -> str:
     return device
 
 
-def nat_ruleset(tun: str, uplink: str) -> nftables.Ruleset:
+MAX_FLOWS_PER_CIRCUIT = 512  # conntrack entries one tunnel address may hold
+NEW_FLOWS_PER_S, NEW_FLOWS_BURST = 100, 300  # new connections per tunnel address (Tor's DoSStreamCreation: 100/s)
+SOURCE_SET_SIZE = 65536  # tunnel addresses the kernel tracks for these two limits (above the 4 096 circuits)
+COUNTERS = ("into_tun", "flow_cap", "new_flow_rate")  # named counters of the table's drops (status: kernel_drop_*)
+
+
+def _counted_drop(name: str) -> tuple[nftables.Expr, ...]:
+    return {"counter": name}, DROP
+
+
+def nat_ruleset(tun: str, uplink: str, *, max_flows: int = MAX_FLOWS_PER_CIRCUIT,
+                new_flows: tuple[int, int] = (NEW_FLOWS_PER_S, NEW_FLOWS_BURST)) -> nftables.Ruleset:
     """Masquerade the clients' pool out of the uplink; never forward from the TUN to anything but the uplink
-    (so not from one client to another, and not to the exit's other networks)."""
+    (so not from one client to another, and not to the exit's other networks); forward into the TUN only
+    the answers of flows its clients opened (nothing from the exit's LAN or the internet may reach a client
+    unasked); and cap each tunnel address's new connections per second and its conntrack entries."""
     iif, oif = meta("iifname"), meta("oifname")
-    masquerade = (match(payload("ip", "saddr"), prefix(POOL)), match(oif, uplink), MASQUERADE)
+    saddr = payload("ip", "saddr")
+    is_new = match({"ct": {"key": "state"}}, "new", "in")
+    rate, burst = new_flows
+    masquerade = (match(saddr, prefix(POOL)), match(oif, uplink), MASQUERADE)
     between_clients = (match(iif, tun), match(oif, tun), DROP)
     elsewhere = (match(iif, tun), match(oif, uplink, "!="), DROP)
+    answers = (match(oif, tun), match({"ct": {"key": "state"}}, ["established", "related"], "in"), ACCEPT)
+    into_tun = (match(oif, tun), *_counted_drop("into_tun"))
+    new_rate = (match(iif, tun), is_new, {"set": {"op": "add", "elem": saddr, "set": "@new_flows", "stmt": [
+        {"limit": {"rate": rate, "burst": burst, "per": "second", "inv": True}}]}}, *_counted_drop("new_flow_rate"))
+    flow_cap = (match(iif, tun), is_new, {"set": {"op": "add", "elem": saddr, "set": "@flows", "stmt": [
+        {"ct count": {"val": max_flows, "inv": True}}]}}, *_counted_drop("flow_cap"))
+    objects = [{"set": {"name": "flows", "type": "ipv4_addr", "size": SOURCE_SET_SIZE}},
+               {"set": {"name": "new_flows", "type": "ipv4_addr", "flags": ["timeout"], "timeout": 60,
+                        "size": SOURCE_SET_SIZE}},
+               *({"counter": {"name": name}} for name in COUNTERS)]
     return nftables.replace_table("ip", NFT_TABLE, [
         Chain("postrouting", "nat", "postrouting", PRIO_SRCNAT, "accept", (masquerade,)),
-        Chain("forward", "filter", "forward", PRIO_FILTER, "accept", (between_clients, elsewhere)),
-    ])
+        Chain("forward", "filter", "forward", PRIO_FILTER, "accept",
+              (between_clients, elsewhere, answers, into_tun, new_rate, flow_cap)),
+    ], objects)
+
+
+def kernel_drops() -> dict[str, int]:
+    """The table's named drop counters, as the kernel holds them (empty if nft cannot say)."""
+    res = nftables.run({"nftables": [{"list": {"counters": {"family": "ip", "table": NFT_TABLE}}}]})
+    if res.returncode != 0:
+        return {}
+    try:
+        items = json.loads(res.stdout)["nftables"]
+        return {f"kernel_drop_{c['counter']['name']}": int(c["counter"]["packets"]) for c in items if "counter" in c}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 class ExitTun:

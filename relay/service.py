@@ -9,7 +9,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,8 +57,10 @@ class _AltPort(asyncio.DatagramProtocol):
 class RelayPart(Protocol):
     """Something an exit adds to the relay process (exit/service.py: the IP exit's TUN and DNS forwarder)."""
 
-    async def start(self, node: RelayNode, endpoint: NodeEndpoint) -> None:
-        """Start once the relay's socket is open; raise ShallotError if impossible."""
+    async def start(self, node: RelayNode, endpoint: NodeEndpoint, public_hosts: Callable[[], list[str]]) -> None:
+        """Start once the relay's socket is open; raise ShallotError if impossible.  ``public_hosts``: the
+        addresses this relay is known by now (its descriptor's, the one STUN sees), which an exit keeps
+        its clients away from even when no interface holds them (a 1:1 NAT)."""
 
     def after_datagrams(self) -> None:
         """After each batch of datagrams: write what the batch produced."""
@@ -154,7 +156,7 @@ class RelayService:
             stack.callback(self.endpoint.close)
             if self.part is not None:
                 stack.callback(self.part.close)
-                await self.part.start(self.node, self.endpoint)
+                await self.part.start(self.node, self.endpoint, self._public_hosts)
             if behind_nat:
                 desc = self.desc = await self._join_through_nat(wall)
             elif self.stun_alt_port:
@@ -189,6 +191,13 @@ class RelayService:
             stack.callback(flush.cancel)
             await self._stop.wait()
         log.info("%s stopped", self.role)
+
+    def _public_hosts(self) -> list[str]:
+        hosts = {host for host, _ in self.desc.addresses} if self.desc is not None else set()
+        public = self.nat.public if self.nat is not None else None
+        if public is not None:
+            hosts.add(public[0])
+        return sorted(hosts)
 
     def _known_relay(self, relay_id: bytes, link_pub: bytes) -> bool:
         """Is (relay id, link key) a live relay in our view: the directory file or the DHT (our crawl and

@@ -101,6 +101,7 @@ TARGETS: tuple[Target, ...] = (
     Target("exit/policy.py"),
     Target("exit/ipservice.py"),
     Target("exit/dns.py"),
+    Target("exit/dnsquery.py"),
     Target("crypto/keys.py", functions=("RelayKeys.rotate_onion_keys",), all_ifs=True),
     Target("core/wire/jsonlines.py"),
     Target("core/privfile.py"),

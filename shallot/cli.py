@@ -69,6 +69,14 @@ def _add_directory(sub: Subparsers) -> None:
     d.add_argument("states", nargs="+", type=Path, metavar="DIR", help="relay state directories")
 
 
+def _ip_address(text: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
 def _add_relay_and_exit(sub: Subparsers) -> None:
     for name, text in (("relay", "run relay-server mode (exit-node mode if keygen had --exit)"),
                        ("exit", "run exit-node mode (the state must have been created with --exit)")):
@@ -98,7 +106,12 @@ def _add_relay_and_exit(sub: Subparsers) -> None:
                                                                "the one of the default route)")
             r.add_argument("--policy", type=Path, metavar="FILE", help="with --ip: exit policy rules file")
             r.add_argument("--resolver", metavar="ADDRESS", help="with --ip: DNS resolver the exit forwards clients' "
-                                                                "queries to (default: the first in /etc/resolv.conf)")
+                                                                "queries to (default: the first nameserver of "
+                                                                "/etc/resolv.conf not on this host, never a local "
+                                                                "stub such as 127.0.0.53)")
+            r.add_argument("--public-ip", action="append", default=[], type=_ip_address, metavar="ADDRESS",
+                           help="with --ip: a public address of this exit that no interface holds (a 1:1 NAT); "
+                                "clients may not reach it (repeatable)")
 
 
 def _add_probe(sub: Subparsers) -> None:
@@ -289,7 +302,7 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     introducers = load_directory(args.introducers, private_network=args.private_network) if args.introducers else None
     if introducers is not None and any(d.reachability is not None for d in introducers):
         raise ShallotError("introducers must be public relays (one in the file is itself behind a NAT)")
-    ip_exit = IpExit(uplink=args.uplink, policy_file=args.policy, resolver=args.resolver) \
+    ip_exit = IpExit(uplink=args.uplink, policy_file=args.policy, resolver=args.resolver, public_ips=args.public_ip) \
         if getattr(args, "ip", False) else None
     run(run_relay(args.state, expect_exit=expect_exit, services=endpoint_services(ip_exit and ip_exit.ip_service),
                   part=ip_exit, bootstrap=_seeds(args), dht=args.dht, introducers=introducers,

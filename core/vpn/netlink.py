@@ -9,6 +9,7 @@ Everything acts on the network namespace of the calling process (``ip netns exec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import Conntrack, IPRoute, NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 T = TypeVar("T")
 RT_TABLE_MAIN = 254
@@ -205,3 +207,23 @@ def session(fn: Callable[[Netlink], T]) -> T:
     with ThreadPoolExecutor(1, thread_name_prefix="netlink") as pool:
         return pool.submit(_run, fn).result()
 
+
+
+def _flush_conntrack(source: str) -> int:
+    with _errors():
+        ct = Conntrack()
+        try:
+            entries = [e for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(saddr=source))
+                       if e.tuple_orig.saddr == source]  # the filter is a hint: older kernels dump everything
+            for entry in entries:
+                with contextlib.suppress(NetlinkError):  # gone meanwhile
+                    ct.delete(entry)
+            return len(entries)
+        finally:
+            ct.close()
+
+
+def flush_conntrack(source: str) -> int:
+    """Delete the conntrack entries of flows ``source`` opened (their original source); how many.  Blocks:
+    from asyncio call it through ``asyncio.to_thread`` (pyroute2 runs a loop of its own, see ``session``)."""
+    return _flush_conntrack(source)

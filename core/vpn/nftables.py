@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
@@ -53,11 +54,15 @@ class Chain:
     rules: tuple[tuple[Expr, ...], ...]
 
 
-def replace_table(family: str, table: str, chains: list[Chain]) -> Ruleset:
-    """One transaction that leaves exactly ``chains`` in the table, whatever it held before."""
+def replace_table(family: str, table: str, chains: list[Chain], objects: Sequence[Expr] = ()) -> Ruleset:
+    """One transaction that leaves exactly ``chains`` in the table, whatever it held before; ``objects``
+    (named sets and counters the rules refer to, e.g. ``{"counter": {"name": ...}}``) are added first."""
     ident = {"family": family, "name": table}
     commands: list[dict[str, Any]] = [{"add": {"table": ident}}, {"delete": {"table": ident}},
                                       {"add": {"table": ident}}]
+    for obj in objects:
+        (kind, spec), = obj.items()
+        commands.append({"add": {kind: {"family": family, "table": table, **spec}}})
     for chain in chains:
         commands.append({"add": {"chain": {"family": family, "table": table, "name": chain.name,
                                            "type": chain.type, "hook": chain.hook, "prio": chain.prio,

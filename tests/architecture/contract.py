@@ -48,6 +48,7 @@ PURE = ("shallot.crypto", "shallot.core.wire", "shallot.core.link", "shallot.cor
         "shallot.core.discovery.wire", "shallot.core.discovery.view", "shallot.core.vpn.helper_protocol",
         "shallot.relay.forwarder", "shallot.relay.endpoints",
         "shallot.exit.echo", "shallot.exit.policy", "shallot.exit.ipservice", "shallot.exit.endpoints",
+        "shallot.exit.dnsquery",
         "shallot.app.presenter")
 NOT_PURE = ("asyncio", "socket", "time", "threading", "secrets", "os", "select", "selectors", "subprocess",
             "random", "shutil", "signal", "fcntl", "pathlib", "tempfile", "uvloop", "qasync", "PySide6",

@@ -102,7 +102,7 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
 
     status = asyncio.run(exit_status())
     assert status["ip"]["ip_drop_policy"] >= 1 and status["ip"]["reject_private"] >= 1
-    # the exit's table as the kernel holds it: masquerade of the pool out of the uplink, and two forward drops
+    # the exit's table as the kernel holds it: masquerade of the pool out of the uplink, and the forward rules
     chains = nft_chains(topology, topology.ns["exit"], "ip", "shallot_exit")
     post, forward = chains["postrouting"], chains["forward"]
     assert (post["hook"], post["policy"], forward["hook"], forward["policy"]) == ("postrouting", "accept",
@@ -112,8 +112,15 @@ def test_ip_packets_through_the_exit(topology: StandardTopology, ip_network: dic
     assert post["rules"] == [[pool, _is("oifname", "eth0"), {"masquerade": None}]]
     tun = forward["rules"][0][0]["match"]["right"]
     assert tun.startswith("shallot-x")
-    assert forward["rules"] == [[_is("iifname", tun), _is("oifname", tun), {"drop": None}],
-                                [_is("iifname", tun), _is("oifname", "eth0", "!="), {"drop": None}]]
+    assert forward["rules"][:4] == [
+        [_is("iifname", tun), _is("oifname", tun), {"drop": None}],
+        [_is("iifname", tun), _is("oifname", "eth0", "!="), {"drop": None}],
+        # into the TUN only answers to flows a client opened (tests/netns/test_exit_dns.py tries the rest)
+        [_is("oifname", tun), {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                         "right": ["established", "related"]}}, {"accept": None}],
+        [_is("oifname", tun), {"counter": "into_tun"}, {"drop": None}]]
+    assert [rule[-2:] for rule in forward["rules"][4:]] == [[{"counter": "new_flow_rate"}, {"drop": None}],
+                                                            [{"counter": "flow_cap"}, {"drop": None}]]
     assert status["ip"]["tun_written"] >= 1 and status["ip"]["ip_from_tun"] >= 1
     assert status["ip"]["dns_queries"] == 2 and status["ip"]["dns_answers"] == 2
 

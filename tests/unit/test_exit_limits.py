@@ -1,26 +1,18 @@
 """The exit's limits and drop paths: the IP service's per-circuit rate and its table of addresses
 (exit/ipservice.py), the policy's rule syntax read back in full and its bounded verdict cache
-(exit/policy.py), and the DNS forwarder on loopback (exit/dns.py): transaction ids rewritten, a bounded
-table of pending queries that expire, answers taken only from the resolver."""
+(exit/policy.py).  The DNS forwarder's are in test_exit_dns.py."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import socket
 import struct
-import time
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from shallot.core.errors import ShallotError
 from shallot.core.wire.cells import MSG_CONFIG, MSG_DATA, MSG_DROP, decode_message
 from shallot.core.wire.ipconfig import GATEWAY, decode_config
 from shallot.core.wire.ippacket import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_packet
 from shallot.crypto.params import MAX_DATA_LEN
-from shallot.exit.dns import DNS_HEADER_LEN, MAX_DNS_LEN, DnsForwarder, system_resolver
 from shallot.exit.ipservice import IpExitService
 from shallot.exit.policy import ExitPolicy, PolicyError, Rule, parse_rule
 from tests.simnet import det_rng
@@ -155,184 +147,3 @@ def test_the_verdict_cache_is_bounded() -> None:
         assert len(policy._verdicts) <= 3  # a memory bound, not a behaviour: read the table itself
     assert not policy.allows(parse_packet(v4("198.51.100.1", PROTO_TCP, 25)))  # verdicts stay right after a flush
     assert len(policy._verdicts) <= 3
-
-
-# ---------------------------------------------------------------------------------------------- DNS forwarder
-
-
-class Resolver(asyncio.DatagramProtocol):
-    """A resolver on loopback that records every query and answers when told."""
-
-    def __init__(self) -> None:
-        self.queries: list[tuple[bytes, tuple[str, int]]] = []
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queries.append((data, addr))
-
-    def answer(self, query: bytes, addr: tuple[str, int], body: bytes = b"answer") -> None:
-        assert self.transport is not None
-        self.transport.sendto(query[:2] + bytes([query[2] | 0x80]) + query[3:] + body, addr)
-
-
-def _query(txid: int, name: bytes = b"example") -> bytes:
-    return struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + name
-
-
-async def _until(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-class Client:
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-
-    def received(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(2048))
-            except BlockingIOError:
-                return out
-
-
-@pytest_asyncio.fixture
-async def dns():
-    loop = asyncio.get_running_loop()
-    transport, resolver = await loop.create_datagram_endpoint(Resolver, local_addr=("127.0.0.1", 0))
-    port = transport.get_extra_info("sockname")[1]
-    made: list[DnsForwarder] = []
-
-    async def forwarder(**kw) -> DnsForwarder:
-        fwd = DnsForwarder("127.0.0.1", "127.0.0.1", port=0, resolver_port=port, **kw)
-        await fwd.start()
-        made.append(fwd)
-        return fwd
-
-    yield resolver, forwarder
-    for fwd in made:
-        fwd.close()
-    transport.close()
-
-
-@pytest.mark.asyncio
-async def test_transaction_ids_are_rewritten_and_restored(dns) -> None:
-    resolver, forwarder = dns
-    fwd = await forwarder()
-    a, b = Client(), Client()
-    for client in (a, b):  # two clients pick the same id: the resolver must see two different ones
-        client.sock.sendto(_query(0x1234), fwd.address())
-    await _until(lambda: len(resolver.queries) == 2)
-    (qa, _), (qb, _) = resolver.queries
-    assert qa[:2] != qb[:2] and qa[2:] == qb[2:] == _query(0x1234)[2:]
-    for query, addr in resolver.queries:
-        resolver.answer(query, addr)
-    await _until(lambda: fwd.counters["dns_answers"] == 2)
-    await asyncio.sleep(0.05)
-    for client in (a, b):
-        (answer,) = client.received()
-        assert answer[:2] == b"\x12\x34" and answer[2] & 0x80 and answer.endswith(b"answer")
-        client.sock.close()
-
-
-@pytest.mark.asyncio
-async def test_pending_queries_are_bounded(dns) -> None:
-    resolver, forwarder = dns
-    fwd = await forwarder(max_pending=3)
-    client = Client()
-    for i in range(5):
-        client.sock.sendto(_query(i), fwd.address())
-    await _until(lambda: fwd.counters["dns_queries"] + fwd.counters["dns_drop_busy"] == 5)
-    assert fwd.counters["dns_queries"] == 3 and fwd.counters["dns_drop_busy"] == 2
-    await _until(lambda: len(resolver.queries) == 3)
-    query, addr = resolver.queries[0]
-    resolver.answer(query, addr)  # one answered: room for one more
-    await _until(lambda: fwd.counters["dns_answers"] == 1)
-    client.sock.sendto(_query(9), fwd.address())
-    await _until(lambda: len(resolver.queries) == 4)
-    assert fwd.counters["dns_drop_busy"] == 2
-    client.sock.close()
-
-
-@pytest.mark.asyncio
-async def test_pending_queries_expire_and_late_answers_are_dropped(dns) -> None:
-    resolver, forwarder = dns
-    fwd = await forwarder(timeout_s=0.2, max_pending=1)
-    client = Client()
-    client.sock.sendto(_query(1), fwd.address())
-    await _until(lambda: len(resolver.queries) == 1)
-    client.sock.sendto(_query(2), fwd.address())  # the table is full: refused while the first is pending
-    await _until(lambda: fwd.counters["dns_drop_busy"] == 1)
-    await asyncio.sleep(0.3)
-    client.sock.sendto(_query(3), fwd.address())  # its arrival expires the first
-    await _until(lambda: len(resolver.queries) == 2)
-    assert fwd.counters["dns_timeouts"] == 1
-    late, addr = resolver.queries[0]
-    resolver.answer(late, addr)
-    await _until(lambda: fwd.counters["dns_drop_unexpected_answer"] == 1)
-    assert fwd.counters["dns_answers"] == 0 and client.received() == []
-    client.sock.close()
-
-
-@pytest.mark.asyncio
-async def test_answers_are_taken_only_from_the_resolver(dns) -> None:
-    resolver, forwarder = dns
-    fwd = await forwarder()
-    client = Client()
-    client.sock.sendto(_query(7), fwd.address())
-    await _until(lambda: len(resolver.queries) == 1)
-    query, addr = resolver.queries[0]
-    spoofer = Client("127.0.0.2")  # knows the pending id and the upstream socket: still not the resolver
-    forged = query[:2] + bytes([query[2] | 0x80]) + query[3:] + b"forged"
-    spoofer.sock.sendto(forged, addr)
-    await _until(lambda: fwd.counters["dns_drop_unexpected_answer"] == 1)
-    assert resolver.transport is not None
-    resolver.transport.sendto(query[:2] + bytes(DNS_HEADER_LEN - 3), addr)  # from the resolver, but no header
-    await _until(lambda: fwd.counters["dns_drop_unexpected_answer"] == 2)
-    resolver.answer(query, addr)
-    await _until(lambda: fwd.counters["dns_answers"] == 1)
-    await asyncio.sleep(0.05)
-    (answer,) = client.received()
-    assert answer.endswith(b"answer") and answer[:2] == b"\x00\x07"
-    client.sock.sendto(_query(8), fwd.address())  # a bare header is a whole answer (e.g. SERVFAIL)
-    await _until(lambda: len(resolver.queries) == 2)
-    query, addr = resolver.queries[1]
-    resolver.transport.sendto(query[:DNS_HEADER_LEN], addr)
-    await _until(lambda: fwd.counters["dns_answers"] == 2)
-    client.sock.close()
-    spoofer.sock.close()
-
-
-@pytest.mark.asyncio
-async def test_malformed_queries_are_dropped(dns) -> None:
-    resolver, forwarder = dns
-    fwd = await forwarder()
-    client = Client()
-    response = bytearray(_query(5))
-    response[2] |= 0x80
-    for data in (b"\x00" * (DNS_HEADER_LEN - 1), _query(5) + bytes(MAX_DNS_LEN), bytes(response)):
-        client.sock.sendto(data, fwd.address())
-    client.sock.sendto(b"\x00\x05" + bytes(DNS_HEADER_LEN - 2), fwd.address())  # a bare header is a query
-    await _until(lambda: fwd.counters["dns_drop_malformed"] + fwd.counters["dns_queries"] == 4)
-    assert fwd.counters["dns_drop_malformed"] == 3 and len(resolver.queries) <= 1
-    client.sock.close()
-
-
-def test_the_system_resolver_is_the_first_nameserver(tmp_path: Path) -> None:
-    conf = tmp_path / "resolv.conf"
-    conf.write_text("# comment\nsearch example\nnameserver\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n")
-    assert system_resolver(conf) == "192.0.2.53"
-    conf.write_text("search example\n")
-    with pytest.raises(ShallotError, match="--resolver"):
-        system_resolver(conf)
-    with pytest.raises(ShallotError):
-        system_resolver(tmp_path / "missing")

@@ -26,6 +26,8 @@ def _table(ruleset: dict[str, Any], family: str, name: str) -> dict[str, Any]:
         assert spec["family"] == family and spec["table"] == name
         if kind == "chain":
             chains[spec["name"]] = {**spec, "rules": []}
+        elif kind in ("set", "counter"):  # named objects the rules refer to
+            chains.setdefault(f"{kind}s", {})[spec["name"]] = spec
         else:
             assert kind == "rule"
             chains[spec["chain"]]["rules"].append(spec["expr"])
@@ -62,10 +64,24 @@ def test_the_exit_masquerades_its_pool_and_forwards_only_to_the_uplink() -> None
                               MASQUERADE]]
     assert prefix(POOL) == {"prefix": {"addr": "100.64.0.0", "len": 10}}
     assert (forward["type"], forward["hook"], forward["prio"], forward["policy"]) == ("filter", "forward", 0, "accept")
+    tun, new = "shallot-x42", match({"ct": {"key": "state"}}, "new", "in")
+    saddr = payload("ip", "saddr")
     assert forward["rules"] == [
-        [match(meta("iifname"), "shallot-x42"), match(meta("oifname"), "shallot-x42"), DROP],  # client to client
-        [match(meta("iifname"), "shallot-x42"), match(meta("oifname"), "eth0", "!="), DROP],  # anywhere else
+        [match(meta("iifname"), tun), match(meta("oifname"), tun), DROP],  # client to client
+        [match(meta("iifname"), tun), match(meta("oifname"), "eth0", "!="), DROP],  # anywhere else
+        # into the TUN only the answers of flows a client opened: nothing from the LAN or the internet unasked
+        [match(meta("oifname"), tun), match({"ct": {"key": "state"}}, ["established", "related"], "in"), ACCEPT],
+        [match(meta("oifname"), tun), {"counter": "into_tun"}, DROP],
+        # per tunnel address: at most 100 new connections a second (burst 300) and 512 conntrack entries
+        [match(meta("iifname"), tun), new, {"set": {"op": "add", "elem": saddr, "set": "@new_flows", "stmt": [
+            {"limit": {"rate": 100, "burst": 300, "per": "second", "inv": True}}]}}, {"counter": "new_flow_rate"},
+         DROP],
+        [match(meta("iifname"), tun), new, {"set": {"op": "add", "elem": saddr, "set": "@flows", "stmt": [
+            {"ct count": {"val": 512, "inv": True}}]}}, {"counter": "flow_cap"}, DROP],
     ]
+    assert set(chains["counters"]) == {"into_tun", "new_flow_rate", "flow_cap"}
+    assert chains["sets"]["flows"]["size"] == chains["sets"]["new_flows"]["size"] == 65536
+    assert chains["sets"]["new_flows"]["timeout"] == 60
 
 
 def test_names_stay_data() -> None:
