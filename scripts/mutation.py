@@ -153,11 +153,6 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
         "names why",
     ("core/discovery/view.py", "NetworkView.offer", "guard-off", "if not isinstance(raw, bytes)  ->  if False"):
         "validate_record below refuses a value that is not bytes with the same reason, 'type'",
-    ("core/nat/stun_server.py", "StunServer.answer_binding", "guard-off",
-     "if len(resp) > len(data) + STUN_MAX_GROWTH  ->  if False"):
-        "unreachable: an answer is the request's header plus one XOR-MAPPED-ADDRESS (at most 24 bytes) and a "
-        "FINGERPRINT only if the request had one, so it never outgrows the request by more than 24 "
-        "(STUN_MAX_GROWTH); the bound itself is tested with an IPv6 requester, whose answer is exactly at it",
     ("core/nat/dialer.py", "peer_nat", "guard-off", "if reach is None  ->  if False"):
         "its one caller (NatDialer.dial) returns earlier for a descriptor without introducers",
     ("core/nat/dialer.py", "NatDialer.dial", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,

@@ -29,6 +29,5 @@ MAX_SESSIONS_PER_SOURCE = 8  # relay sessions one source holds; a ninth evicts i
 TARGET_INTRO_RATE, TARGET_INTRO_BURST = 16.0, 32.0
 
 # STUN server (§13.1)
-STUN_MAX_GROWTH = 24  # a STUN answer is at most this many bytes longer than the request
-STUN_RATE, STUN_BURST = 20.0, 40.0  # requests answered per source IP
+STUN_RATE, STUN_BURST = 20.0, 40.0  # requests answered per source (IPv4 address, IPv6 /64)
 FORWARD_RATE, FORWARD_BURST = 20.0, 40.0  # one global bucket: OTHER-RELAY forwards and RESPONSE-DESTINATION answers
