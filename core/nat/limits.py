@@ -17,11 +17,16 @@ INTRODUCED_KEEP_S = 120.0
 REREGISTER_S = 2.0
 REBIND_CHECK_S = 20.0
 MAX_INTRODUCED = 256
+# PUNCH probes to an introduced address that has sent us no PUNCH yet: the INTRO_REQUEST that caused them is
+# padded to cover them (nat_frames.INTRO_REQUEST_LEN), so a spoofed one reflects without amplification
+PUNCH_PROBES_UNANSWERED = 20  # = PUNCH_TIMEOUT_S / PUNCH_INTERVAL_S
 
 # introducer (relay-server)
 SESSION_IDLE_S = 120.0  # a session without traffic is forgotten
-MAX_REGISTRATIONS = 1024
-MAX_SESSIONS = 4096
+MAX_REGISTRATIONS = 1024  # full: the heaviest source's oldest registration goes (if it holds two or more)
+MAX_REGISTRATIONS_PER_SOURCE = 8  # a ninth from one source (IPv4 address, IPv6 /64) replaces its oldest
+MAX_SESSIONS = 4096  # full: the oldest never-used session goes, else the heaviest source's least recently used
+MAX_PATHS = 1024  # relay sessions a node is an end of (virtual.RelayedPaths), least recently used forgotten
 INTRO_RATE, INTRO_BURST = 10.0, 20.0  # INTRO_REQUESTs per source (IPv4 address, IPv6 /64)
 MAX_SESSIONS_PER_SOURCE = 8  # relay sessions one source holds; a ninth evicts its least recently used
 # INTRODUCE cells per registered relay: flushing its MAX_INTRODUCED table within a punch timeout would

@@ -30,7 +30,7 @@ def test_binding_request_layout_and_fingerprint() -> None:
 
 
 def test_binding_requests_are_padded_to_the_longest_answer() -> None:
-    # PADDING (private 0xC05C, comprehension-optional: standard servers ignore it) before FINGERPRINT: 20 header + 4 + 20 zeros + 8 FINGERPRINT
+    # PADDING (private 0xC05C, comprehension-optional) before FINGERPRINT: 20 header + 4 + 20 zeros + 8
     req = stun.binding_request(TXID)
     assert len(req) == stun.MAX_RESPONSE_LEN == 52 and req[20:24] == bytes.fromhex("c05c0014")
     assert req[24:44] == bytes(20) and stun.decode(req).has_fingerprint
@@ -179,7 +179,9 @@ def test_reachability_limits() -> None:
 # ---------------------------------------------------------------- NAT message codecs
 def test_nat_messages_round_trip_and_reject_garbage() -> None:
     req = nm.IntroRequest(bytes(range(8)), bytes(range(20)), 3, 2)
-    assert len(req.encode()) == nm.INTRO_REQUEST_LEN and nm.IntroRequest.decode(req.encode()) == req
+    assert len(req.encode()) == nm.INTRO_REQUEST_LEN == 280 and nm.IntroRequest.decode(req.encode()) == req
+    with pytest.raises(DecodeError):  # the padding is zeros, to the last byte
+        nm.IntroRequest.decode(req.encode()[:-1] + b"\x01")
     ans = nm.IntroAnswer(bytes(8), nm.STATUS_OK, ("203.0.113.9", 4), bytes(range(8)))
     assert len(ans.encode()) == nm.INTRO_ANSWER_LEN and nm.IntroAnswer.decode(ans.encode()) == ans
     assert len(ans.encode()) <= len(req.encode())  # an introducer's answer never amplifies

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from shallot.core.link import Address, Link, LinkState, PeerKind
+from shallot.core.nat import registrant
 from shallot.core.nat.classify import Behaviour, NatType
 from shallot.core.nat.limits import (
     INTRODUCED_KEEP_S,
     MAX_INTRODUCED,
     PUNCH_INTERVAL_S,
+    PUNCH_PROBES_UNANSWERED,
     PUNCH_TIMEOUT_S,
     REBIND_CHECK_S,
     REREGISTER_S,
@@ -155,3 +159,47 @@ def test_a_relayed_packet_ties_the_introduction_to_its_link() -> None:
     s.layer.links[relayed.link_id] = relayed  # what the dialer's relayed handshake leaves in our link layer
     s.reg.relayed_arrived(SESSION)
     assert s.reg.introduced[TOKEN].link is relayed
+
+
+def test_an_introduced_address_that_never_answers_gets_at_most_the_unanswered_probes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a spoofed INTRO_REQUEST names a victim: what we send it is no more than that request's padded size
+    assert nm.INTRO_ANSWER_LEN + PUNCH_PROBES_UNANSWERED * nm.PUNCH_LEN <= nm.INTRO_REQUEST_LEN
+    assert PUNCH_PROBES_UNANSWERED * PUNCH_INTERVAL_S >= PUNCH_TIMEOUT_S  # an honest punch is not cut short
+    monkeypatch.setattr(registrant, "PUNCH_PROBES_UNANSWERED", 5)  # below the punch's own count: the cap shows
+    s = Scene()
+    s.register()
+    s.introduce(0.0)
+    t = 0.0
+    while t < PUNCH_TIMEOUT_S + 1:
+        s.reg.handle_timer(t, 1.8e9)
+        t += PUNCH_INTERVAL_S / 4
+    assert s.punches_to(A_ADDR) == 5
+
+
+def test_an_introduced_peer_that_punched_back_is_probed_for_the_whole_punch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registrant, "PUNCH_PROBES_UNANSWERED", 5)
+    s = Scene()
+    s.register()
+    s.introduce(0.0)
+    s.reg.on_punch(nm.PUNCH_PROBE, TOKEN, A_ADDR, 0.05)
+    t = 0.0
+    while t < PUNCH_TIMEOUT_S + 1:
+        s.reg.handle_timer(t, 1.8e9)
+        t += PUNCH_INTERVAL_S / 4
+    assert s.punches_to(A_ADDR) > 10  # it answered: no cap
+
+
+def test_relayed_paths_are_bounded_and_forget_the_least_recently_used() -> None:
+    paths = RelayedPaths(limit=3)
+    for i in range(3):
+        paths.add(bytes([i]) * 8, ("198.51.100.1", 9000 + i))
+    assert paths.server_for(bytes([0]) * 8) == ("198.51.100.1", 9000)  # used: now the most recent
+    paths.add(b"\x09" * 8, ("198.51.100.1", 9009))
+    assert len(paths) == 3 and paths.server_for(bytes([1]) * 8) is None
+    assert paths.server_for(bytes([0]) * 8) is not None
+    out = [(b"\x54", virtual_address(bytes([2]) * 8))]
+    paths.frame(out)  # a datagram sent on a path touches it too
+    paths.add(b"\x0a" * 8, ("198.51.100.1", 9010))
+    assert paths.server_for(b"\x09" * 8) is None  # the least recently used of 9, 0, 2
+    assert paths.server_for(bytes([2]) * 8) is not None and paths.server_for(bytes([0]) * 8) is not None
