@@ -17,9 +17,12 @@ INTRODUCED_KEEP_S = 120.0
 REREGISTER_S = 2.0
 REBIND_CHECK_S = 20.0
 MAX_INTRODUCED = 256
-# PUNCH probes to an introduced address that has sent us no PUNCH yet: the INTRO_REQUEST that caused them is
-# padded to cover them (nat_frames.INTRO_REQUEST_LEN), so a spoofed one reflects without amplification
-PUNCH_PROBES_UNANSWERED = 20  # = PUNCH_TIMEOUT_S / PUNCH_INTERVAL_S
+# PUNCH probes to an introduced address that has sent us no PUNCH yet (the first 0.6 s of a punch; once the
+# dialer's PUNCH arrives we probe for the whole PUNCH_TIMEOUT_S).  The INTRO_REQUEST that caused them is padded
+# to cover them with their IP/UDP headers (nat_frames.INTRO_REQUEST_LEN): 37 + 6 x 12 = 109 bytes of payload,
+# 109 + 7 x 28 = 305 on the wire, for a 280-byte request (308 on the wire).  A spoofed one reflects, never
+# amplifies.  The first probe already opens our NAT towards the dialer, whose own probes then get through
+PUNCH_PROBES_UNANSWERED = 6
 
 # introducer (relay-server)
 SESSION_IDLE_S = 120.0  # a session without traffic is forgotten

@@ -28,8 +28,9 @@ MSG_RELAYED = 0x58
 CMD_NAT_REGISTER = 6
 CMD_NAT_INTRODUCE = 7
 NAT_VERSION = 1
-# padded so that everything it makes others send to its (spoofable) source is no longer: the INTRO_ANSWER
-# (37) and the registered relay's unanswered PUNCH probes (limits.PUNCH_PROBES_UNANSWERED x 12 = 240)
+# padded so that everything it makes others send to its (spoofable) source is no longer, even counting 28 bytes
+# of IPv4/UDP header per datagram: the INTRO_ANSWER (37) and the registered relay's unanswered PUNCH probes
+# (limits.PUNCH_PROBES_UNANSWERED = 6, 12 bytes each): 37 + 72 + 7 x 28 = 305 <= 280 + 28
 INTRO_REQUEST_LEN = 280
 INTRO_ANSWER_LEN = 37
 PUNCH_LEN = 12
