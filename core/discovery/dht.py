@@ -66,7 +66,7 @@ CRAWL_TARGETS = 8  # find_node targets spread over the key space, asked of every
 CRAWL_CONCURRENCY = 16
 MAX_CRAWL_NODES = 4096
 MAX_PAGES_PER_NODE = 256
-NODE_SHARE_OF_CRAWL = 0.25  # one node may use at most this share of a crawl's time (slow nodes hog no slot)
+NODE_SHARE_OF_CRAWL = 0.25  # one node's pages may take at most this share of a crawl's time
 PINS_PER_ADDRESS = 4  # distinct ids the crawl tries at one address (one may be a liar's claim)
 MAX_KEYS = 8192  # identity keys remembered (relay id -> Ed25519 public key) to verify answers
 
@@ -620,7 +620,12 @@ class DhtNode(Server):
         rpc = self.rpc
         started = time.monotonic()
         out = CrawlResult()
-        queue: deque[tuple[Address, bytes | None]] = deque()
+        # round robin (review M6): a step is one visit (ping, find_node) or one page of one node; a node's
+        # next page goes to the back of the queue, so no node holds a slot for more than one step, and a
+        # node's pages stop at MAX_PAGES_PER_NODE or when its answers have taken its share of the crawl
+        queue: deque[tuple[bool, Address, bytes | None, bytes | None, int]] = deque()  # (page?, addr, id, cursor, n)
+        spent: dict[Address, float] = {}  # seconds a node's pages have taken
+        budget = NODE_SHARE_OF_CRAWL * time_limit_s
         seen: set[tuple[Address, bytes | None]] = set()
         tries: dict[Address, int] = {}
         answered: set[Address] = set()
@@ -646,7 +651,7 @@ class DhtNode(Server):
                 return
             tries[addr] = tries.get(addr, 0) + 1
             seen.add((addr, pin))
-            queue.append((addr, pin))
+            queue.append((False, addr, pin, None, 0))
 
         async def visit(addr: Address, pin: bytes | None) -> None:
             if pin is not None and pin in out.nodes:
@@ -669,26 +674,38 @@ class DhtNode(Server):
                             enqueue((ip, port), cid)
                     except wire.WireError:
                         _count(rpc.counters, "reject_bad_result")
-            cursor: bytes | None = None
-            for _ in range(MAX_PAGES_PER_NODE):
-                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor, peer=node.id)
-                if not ok:
-                    break
-                try:
-                    records, nxt = wire.parse_page_result(data)
-                except wire.WireError:
-                    _count(rpc.counters, "reject_bad_result")
-                    break
-                out.records.update(records)
-                if nxt is None or (cursor is not None and nxt <= cursor):
-                    break  # done, or a node paging backwards to keep us busy
-                cursor = nxt
+            queue.append((True, addr, node.id, None, 0))
 
-        async def bounded_visit(addr: Address, pin: bytes | None) -> None:
-            # a node that answers slowly keeps its slot for at most a share of the crawl (review M6);
-            # what it sent so far is kept
+        async def page(addr: Address, node_id: bytes, cursor: bytes | None, n: int) -> None:
+            t0 = time.monotonic()
+            try:
+                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor, peer=node_id)
+            finally:
+                spent[addr] = spent.get(addr, 0.0) + time.monotonic() - t0
+            if not ok:
+                return
+            try:
+                records, nxt = wire.parse_page_result(data)
+            except wire.WireError:
+                _count(rpc.counters, "reject_bad_result")
+                return
+            out.records.update(records)
+            if nxt is None or (cursor is not None and nxt <= cursor):
+                return  # done, or a node paging backwards to keep us busy
+            if n + 1 >= MAX_PAGES_PER_NODE or spent[addr] >= budget:
+                _count(rpc.counters, "crawl_node_budget")  # what it sent so far is kept
+                return
+            queue.append((True, addr, node_id, nxt, n + 1))  # behind every other node's next step
+
+        async def bounded_step(is_page: bool, addr: Address, ident: bytes | None, cursor: bytes | None,
+                               n: int) -> None:
+            # one step holds a slot for at most two RPC timeouts (a visit: a ping, then find_nodes at once)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(visit(addr, pin), max(2 * RPC_TIMEOUT_S, NODE_SHARE_OF_CRAWL * time_limit_s))
+                if is_page:
+                    assert ident is not None
+                    await asyncio.wait_for(page(addr, ident, cursor, n), 2 * RPC_TIMEOUT_S)
+                else:
+                    await asyncio.wait_for(visit(addr, ident), 2 * RPC_TIMEOUT_S)
 
         for seed in seeds:
             seed = (str(seed[0]), int(seed[1]))
@@ -697,7 +714,7 @@ class DhtNode(Server):
         try:
             while queue or running:
                 while queue and len(running) < concurrency:
-                    running.add(asyncio.ensure_future(bounded_visit(*queue.popleft())))
+                    running.add(asyncio.ensure_future(bounded_step(*queue.popleft())))
                 left = started + time_limit_s - time.monotonic()
                 if left <= 0:
                     _count(rpc.counters, "crawl_time_limit")
