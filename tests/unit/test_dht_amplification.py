@@ -113,3 +113,23 @@ def test_the_longest_descriptor_create_makes_fits_the_stored_bound() -> None:
     assert len(d.encode()) <= storage_mod.MAX_STORED_LEN
     # and its ping answer fits a minimum-size request
     assert 21 + len(wire.umsgpack.packb([d.relay_id, d.encode()])) + 64 <= wire.REQUEST_MIN_LEN
+
+
+def test_an_answer_exactly_as_long_as_its_request_is_sent() -> None:
+    result = [[os.urandom(20), "198.51.100.1", 9000]] * 3
+    exact = len(wire.encode_result_within(bytes(20), result, 10_000) or b"") + wire.SIG_LEN
+    whole = wire.encode_result_within(bytes(20), result, exact)
+    assert whole is not None and len(wire.umsgpack.unpackb(whole[21:])) == 3  # exactly fits: nothing cut
+    cut = wire.encode_result_within(bytes(20), result, exact - 1)
+    assert cut is not None and len(wire.umsgpack.unpackb(cut[21:])) == 2  # one contact less
+
+
+def test_a_node_does_not_admit_itself() -> None:
+    rpc, _ = _serving()
+    own = Descriptor.create(KEYS, nickname="me", addresses=(("127.0.0.1", 9000),), exit_node=False,
+                            published=int(time.time()), lifetime_s=3600)
+    rpc.source_node = Node(own.relay_id, "127.0.0.1", 9001)
+    # its own ping, with its own descriptor, from its own DHT address (a seed list naming itself)
+    rpc.datagram_received(wire.encode_request(os.urandom(20), "ping", (own.relay_id, own.encode())),
+                          ("127.0.0.1", 9001))
+    assert rpc.router.contacts() == []

@@ -394,6 +394,8 @@ def test_datagrams_over_the_bound_are_dropped_and_a_signature_must_be_64_bytes()
 def test_a_request_is_padded_to_the_minimum_and_anything_shorter_is_unpadded() -> None:
     msg_id = os.urandom(20)
     shortest = bytes([wire.REQUEST]) + msg_id + b"\xc0"  # a one-byte body (nil), then zeros
+    with pytest.raises(wire.WireError, match="unpadded"):  # long enough to be a request, too short to answer
+        wire.decode_datagram(shortest)
     assert wire.decode_datagram(shortest + bytes(wire.REQUEST_MIN_LEN - 22)).body is None
     with pytest.raises(wire.WireError, match="unpadded"):
         wire.decode_datagram(shortest + bytes(wire.REQUEST_MIN_LEN - 23))

@@ -166,6 +166,9 @@ def test_an_introduced_address_that_never_answers_gets_at_most_the_unanswered_pr
     s = Scene()
     s.register()
     s.introduce(0.0)
+    s.reg.handle_timer(0.0, 1.8e9)
+    s.reg.handle_timer(PUNCH_INTERVAL_S / 2, 1.8e9)  # within one interval: one probe, not two
+    assert s.punches_to(A_ADDR) == 1
     t = 0.0
     while t < PUNCH_TIMEOUT_S + 1:
         s.reg.handle_timer(t, 1.8e9)
