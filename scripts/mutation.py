@@ -83,10 +83,12 @@ TARGETS: tuple[Target, ...] = (
     Target("core/discovery/dht.py", functions=(
         "BoundRoutingTable.add_contact", "ShallotRpc.datagram_received", "ShallotRpc._accept_response",
         "ShallotRpc._timeout", "ShallotRpc._rate_ok", "ShallotRpc.rpc_ping", "ShallotRpc._call",
-        "ShallotRpc.welcome_if_new", "ShallotRpc._verify", "ShallotRpc.call_find_value", "ShallotRpc.call_store",
+        "ShallotRpc.welcome_if_new", "ShallotRpc._bind", "ShallotRpc.call_find_value", "ShallotRpc.call_store",
         "ShallotRpc.handle_call_response", "DhtNode.crawl", "DhtNode.crawl.enqueue", "DhtNode.crawl.visit",
+        "DhtNode.crawl.page",
         "ShallotRpc._authentic", "ShallotRpc._learn_key", "ShallotRpc._proven")),
-    Target("core/discovery/wire.py", functions=("decode_datagram", "verify_answer", "encode_response")),
+    Target("core/discovery/wire.py", functions=("decode_datagram", "verify_answer", "encode_response",
+                                                "encode_result_within")),
     Target("core/discovery/addresses.py"),
     Target("core/discovery/directory.py"),
     Target("core/discovery/storage.py"),
@@ -97,6 +99,7 @@ TARGETS: tuple[Target, ...] = (
     Target("core/nat/registrant.py"),
     Target("core/nat/dialer.py"),
     Target("core/nat/own.py"),
+    Target("core/nat/virtual.py"),
     Target("core/nat/part.py"),
     Target("exit/policy.py"),
     Target("exit/ipservice.py"),
@@ -156,11 +159,6 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
         "names why",
     ("core/discovery/view.py", "NetworkView.offer", "guard-off", "if not isinstance(raw, bytes)  ->  if False"):
         "validate_record below refuses a value that is not bytes with the same reason, 'type'",
-    ("core/nat/stun_server.py", "StunServer.answer_binding", "guard-off",
-     "if len(resp) > len(data) + STUN_MAX_GROWTH  ->  if False"):
-        "unreachable: an answer is the request's header plus one XOR-MAPPED-ADDRESS (at most 24 bytes) and a "
-        "FINGERPRINT only if the request had one, so it never outgrows the request by more than 24 "
-        "(STUN_MAX_GROWTH); the bound itself is tested with an IPv6 requester, whose answer is exactly at it",
     ("core/nat/dialer.py", "peer_nat", "guard-off", "if reach is None  ->  if False"):
         "its one caller (NatDialer.dial) returns earlier for a descriptor without introducers",
     ("core/nat/dialer.py", "NatDialer.dial", "disjunct-off", "link.pending is None  ->  False"): _CONNECTING,

@@ -47,7 +47,9 @@ from rpcudp.protocol import RPCProtocol
 from shallot.core.discovery import wire
 from shallot.core.discovery.addresses import Address, dht_address, host_group, net_group, same_address
 from shallot.core.discovery.records import RecordError, binds, validate_record
-from shallot.core.discovery.storage import MAX_PER_HOST, MAX_PER_NET, RecordStorage
+from shallot.core.discovery.storage import MAX_PER_HOST, MAX_PER_NET, PAGE_BYTES, RecordStorage
+from shallot.core.ratelimit import TokenBuckets
+from shallot.core.wire.addresses import source_key
 
 log = logging.getLogger("shallot.dht")
 
@@ -55,14 +57,16 @@ KSIZE = 20
 ALPHA = 3
 RPC_TIMEOUT_S = 2.0  # kademlia waits 5 s per dead contact; our peers answer within a round trip
 MAX_OUTSTANDING = 512
-MAX_VERIFYING = 64
-RATE_PER_S = 200.0  # requests per second and source IP (burst twice that)
-RATE_TABLE_MAX = 4096
+RATE_PER_S = 200.0  # requests per second and source (IPv4 address, IPv6 /64; burst twice that)
+RATE_TABLE_MAX = 4096  # sources remembered; the least recently active is forgotten first
+# a page's bytes besides its records: header 21, signature 64, msgpack arrays and the 22-byte cursor, and
+# 3 bytes of length per record (16 at most)
+PAGE_OVERHEAD = 21 + 64 + 2 + 3 + 22 + 3 * 16
 CRAWL_TARGETS = 8  # find_node targets spread over the key space, asked of every node, plus its own id
 CRAWL_CONCURRENCY = 16
 MAX_CRAWL_NODES = 4096
 MAX_PAGES_PER_NODE = 256
-NODE_SHARE_OF_CRAWL = 0.25  # one node may use at most this share of a crawl's time (slow nodes hog no slot)
+NODE_SHARE_OF_CRAWL = 0.25  # one node's pages may take at most this share of a crawl's time
 PINS_PER_ADDRESS = 4  # distinct ids the crawl tries at one address (one may be a liar's claim)
 MAX_KEYS = 8192  # identity keys remembered (relay id -> Ed25519 public key) to verify answers
 
@@ -129,9 +133,11 @@ class ShallotRpc(KademliaProtocol):
         self._keys: dict[bytes, bytes] = {}  # relay id -> identity key, from descriptors that validated
         self.counters: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._verified: dict[bytes, Address] = {}
-        self._verifying: set[bytes] = set()
-        self._rates: dict[str, tuple[float, float]] = {}
+        self._verified: dict[bytes, Address] = {}  # relay id -> the address its binding proved (bounded)
+        # per source, a bounded table that forgets the least recently active first (it used to start
+        # over once 4096 other sources had appeared, refilling every flooder's bucket)
+        self._rates = TokenBuckets(RATE_PER_S, 2 * RATE_PER_S, max_keys=RATE_TABLE_MAX)
+        self._room = wire.REQUEST_MIN_LEN  # the request being answered: its length bounds the answer
 
     def __getattr__(self, name: str) -> Any:  # rpcudp's version makes every typo a remote call
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (no implicit remote calls)")
@@ -181,15 +187,21 @@ class ShallotRpc(KademliaProtocol):
         _count(self.counters, f"rpc_in_{name}")
         handler = {"ping": self.rpc_ping, "store": self.rpc_store, "find_node": self.rpc_find_node,
                    "find_value": self.rpc_find_value, "list_records": self.rpc_list_records}[name]
+        self._room = len(data)
         try:
             result = handler(addr, *args)
         except Exception:  # a bug of ours must not take the node down
             log.exception("DHT handler %s failed", name)
             _count(self.counters, "handler_error")
             return
+        # no amplification: the signed answer is never longer than the (padded) request
+        unsigned = wire.encode_result_within(dg.msg_id, result, len(data))
+        if unsigned is None:
+            _count(self.counters, "drop_answer_too_big")
+            return
         if self.transport is not None and self.sign is not None:
-            self.transport.sendto(wire.encode_response(dg.msg_id, result, responder_id=self.source_node.id,
-                                                       request=data, sign=self.sign), addr)
+            self.transport.sendto(wire.sign_response(unsigned, responder_id=self.source_node.id, request=data,
+                                                     sign=self.sign), addr)
 
     def _accept_response(self, dg: wire.Datagram, address: Address) -> None:
         entry = self._outstanding.get(dg.msg_id)
@@ -255,16 +267,14 @@ class ShallotRpc(KademliaProtocol):
                 entry[0].set_result((False, None))
 
     def _rate_ok(self, ip: str) -> bool:
-        now = time.monotonic()
-        tokens, last = self._rates.get(ip, (2 * RATE_PER_S, now))
-        tokens = min(2 * RATE_PER_S, tokens + (now - last) * RATE_PER_S)
-        if len(self._rates) >= RATE_TABLE_MAX and ip not in self._rates:
-            self._rates.clear()  # bounded memory; a flood of sources only resets the buckets
-        if tokens < 1:
-            self._rates[ip] = (tokens, now)
-            return False
-        self._rates[ip] = (tokens - 1, now)
-        return True
+        return self._rates.allow(source_key(ip), time.monotonic())
+
+    def _bind(self, relay_id: bytes, address: Address) -> None:
+        """Remember that ``relay_id`` proved ``address`` (bounded: the oldest binding is forgotten)."""
+        self._verified.pop(relay_id, None)
+        self._verified[relay_id] = address
+        if len(self._verified) > MAX_KEYS:
+            del self._verified[next(iter(self._verified))]
 
     # ------------------------------------------------------------------ handlers (sync: no lost tasks)
     def _caller(self, sender: Address, nodeid: bytes | None) -> None:
@@ -275,7 +285,7 @@ class ShallotRpc(KademliaProtocol):
         if nodeid is not None and record is not None:
             if binds(nodeid, record, sender, time.time(), allow_loopback=self.allow_loopback,
                      allow_private=self.allow_private):
-                self._verified[nodeid] = sender
+                self._bind(nodeid, sender)
             else:
                 _count(self.counters, "reject_binding")
         self._caller(sender, nodeid)
@@ -300,7 +310,9 @@ class ShallotRpc(KademliaProtocol):
 
     def rpc_list_records(self, sender: Address, nodeid: bytes | None, after: bytes | None) -> list[Any]:
         self._caller(sender, nodeid)
-        records, cursor = self.storage.page(after, max_count=wire.MAX_PAGE_RECORDS)
+        # the page fits the request: its records leave room for the framing (header, cursor, signature)
+        records, cursor = self.storage.page(after, max_bytes=min(PAGE_BYTES, self._room - PAGE_OVERHEAD),
+                                            max_count=wire.MAX_PAGE_RECORDS)
         return [records, cursor]
 
     # ------------------------------------------------------------------ send
@@ -358,7 +370,7 @@ class ShallotRpc(KademliaProtocol):
             _count(self.counters, "reject_bad_result")
             return None
         address = (str(address[0]), int(address[1]))
-        self._verified[node_id] = address
+        self._bind(node_id, address)
         return Node(node_id, address[0], address[1])
 
     async def _proven(self, node: Node) -> bool:
@@ -440,9 +452,9 @@ class ShallotRpc(KademliaProtocol):
             return
         addr = (node.ip, node.port)
         if self._verified.get(node.id) != addr:
-            if node.id not in self._verifying and len(self._verifying) < MAX_VERIFYING:
-                self._verifying.add(node.id)
-                self.spawn(self._verify(node))
+            # no ping back: it would send a spoofed source more than it sent us (amplification).  A relay
+            # proves itself by the descriptor in its own ping, which it sends before asking anything
+            _count(self.counters, "reject_unbound_caller")
             return
         if not self.router.is_new_node(node):
             return
@@ -456,16 +468,6 @@ class ShallotRpc(KademliaProtocol):
             if not neighbors or (new_node_close and this_closest):
                 self.spawn(self.call_store(node, key, value))
         self.router.add_contact(node)
-
-    async def _verify(self, node: Node) -> None:
-        try:
-            proven = await self.ping_address((node.ip, node.port))
-        finally:
-            self._verifying.discard(node.id)
-        if proven is None or proven.id != node.id:
-            _count(self.counters, "reject_unproven_contact")
-            return
-        self.welcome_if_new(proven)
 
 
 # -------------------------------------------------------------------------------------------------- the node
@@ -618,7 +620,12 @@ class DhtNode(Server):
         rpc = self.rpc
         started = time.monotonic()
         out = CrawlResult()
-        queue: deque[tuple[Address, bytes | None]] = deque()
+        # round robin (review M6): a step is one visit (ping, find_node) or one page of one node; a node's
+        # next page goes to the back of the queue, so no node holds a slot for more than one step, and a
+        # node's pages stop at MAX_PAGES_PER_NODE or when its answers have taken its share of the crawl
+        queue: deque[tuple[bool, Address, bytes | None, bytes | None, int]] = deque()  # (page?, addr, id, cursor, n)
+        spent: dict[Address, float] = {}  # seconds a node's pages have taken
+        budget = NODE_SHARE_OF_CRAWL * time_limit_s
         seen: set[tuple[Address, bytes | None]] = set()
         tries: dict[Address, int] = {}
         answered: set[Address] = set()
@@ -644,7 +651,7 @@ class DhtNode(Server):
                 return
             tries[addr] = tries.get(addr, 0) + 1
             seen.add((addr, pin))
-            queue.append((addr, pin))
+            queue.append((False, addr, pin, None, 0))
 
         async def visit(addr: Address, pin: bytes | None) -> None:
             if pin is not None and pin in out.nodes:
@@ -667,26 +674,38 @@ class DhtNode(Server):
                             enqueue((ip, port), cid)
                     except wire.WireError:
                         _count(rpc.counters, "reject_bad_result")
-            cursor: bytes | None = None
-            for _ in range(MAX_PAGES_PER_NODE):
-                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor, peer=node.id)
-                if not ok:
-                    break
-                try:
-                    records, nxt = wire.parse_page_result(data)
-                except wire.WireError:
-                    _count(rpc.counters, "reject_bad_result")
-                    break
-                out.records.update(records)
-                if nxt is None or (cursor is not None and nxt <= cursor):
-                    break  # done, or a node paging backwards to keep us busy
-                cursor = nxt
+            queue.append((True, addr, node.id, None, 0))
 
-        async def bounded_visit(addr: Address, pin: bytes | None) -> None:
-            # a node that answers slowly keeps its slot for at most a share of the crawl (review M6);
-            # what it sent so far is kept
+        async def page(addr: Address, node_id: bytes, cursor: bytes | None, n: int) -> None:
+            t0 = time.monotonic()
+            try:
+                ok, data = await rpc.list_records(addr, rpc._my_id(), cursor, peer=node_id)
+            finally:
+                spent[addr] = spent.get(addr, 0.0) + time.monotonic() - t0
+            if not ok:
+                return
+            try:
+                records, nxt = wire.parse_page_result(data)
+            except wire.WireError:
+                _count(rpc.counters, "reject_bad_result")
+                return
+            out.records.update(records)
+            if nxt is None or (cursor is not None and nxt <= cursor):
+                return  # done, or a node paging backwards to keep us busy
+            if n + 1 >= MAX_PAGES_PER_NODE or spent[addr] >= budget:
+                _count(rpc.counters, "crawl_node_budget")  # what it sent so far is kept
+                return
+            queue.append((True, addr, node_id, nxt, n + 1))  # behind every other node's next step
+
+        async def bounded_step(is_page: bool, addr: Address, ident: bytes | None, cursor: bytes | None,
+                               n: int) -> None:
+            # one step holds a slot for at most two RPC timeouts (a visit: a ping, then find_nodes at once)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(visit(addr, pin), max(2 * RPC_TIMEOUT_S, NODE_SHARE_OF_CRAWL * time_limit_s))
+                if is_page:
+                    assert ident is not None
+                    await asyncio.wait_for(page(addr, ident, cursor, n), 2 * RPC_TIMEOUT_S)
+                else:
+                    await asyncio.wait_for(visit(addr, ident), 2 * RPC_TIMEOUT_S)
 
         for seed in seeds:
             seed = (str(seed[0]), int(seed[1]))
@@ -695,7 +714,7 @@ class DhtNode(Server):
         try:
             while queue or running:
                 while queue and len(running) < concurrency:
-                    running.add(asyncio.ensure_future(bounded_visit(*queue.popleft())))
+                    running.add(asyncio.ensure_future(bounded_step(*queue.popleft())))
                 left = started + time_limit_s - time.monotonic()
                 if left <= 0:
                     _count(rpc.counters, "crawl_time_limit")

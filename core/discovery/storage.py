@@ -22,6 +22,9 @@ MAX_RECORDS = 10_000
 MAX_PER_HOST = 4  # records whose first address is in one IPv4 address / IPv6 /64
 MAX_PER_NET = 32  # ... in one IPv4 /16 / IPv6 /32
 PAGE_BYTES = 1100  # list_records pages stay below a typical path MTU: no IP fragments
+# a stored record must fit one answer to a minimum-size (1200-byte) request (wire.REQUEST_MIN_LEN: answers
+# are never longer than requests); Descriptor.create never makes one longer than 906 bytes
+MAX_STORED_LEN = 1024
 
 
 @dataclass
@@ -54,6 +57,8 @@ class RecordStorage(IStorage):
         except RecordError as exc:
             return self._count(exc.reason)
         assert isinstance(key, bytes) and isinstance(value, bytes)
+        if len(value) > MAX_STORED_LEN:
+            return self._count("too_long")  # could never be answered without amplification
         old = self._data.get(key)
         if old is not None:
             if old.raw == value:

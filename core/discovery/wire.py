@@ -2,8 +2,12 @@
 
 The datagram framing is rpcudp's, so the wrapped kademlia/rpcudp code and ours agree on the wire:
 
-    0x00 | msg id (20 bytes) | msgpack [name, [args...]]                      request
-    0x01 | msg id (20 bytes) | msgpack result | Ed25519 signature (64 bytes)  response
+    0x00 | msg id (20 bytes) | msgpack [name, [args...]] | zero padding       request (>= 1200 bytes)
+    0x01 | msg id (20 bytes) | msgpack result | Ed25519 signature (64 bytes)  response (<= the request)
+
+**No amplification.**  Requests are padded with zero bytes to at least ``REQUEST_MIN_LEN``; an answer is
+never longer than the request it answers (contact lists and record pages shrink to fit, an answer that
+cannot fit is not sent).  A spoofed request therefore makes a node send at most what the spoofer sent.
 
 rpcudp itself dispatches any name it receives to ``rpc_<name>`` and turns any unknown attribute into
 a remote call.  Here only the names in ``RPCS`` exist, every argument and every result has a fixed type
@@ -18,6 +22,7 @@ to one request: a forged answer, an answer to an altered request and a replayed 
 
 from __future__ import annotations
 
+import io
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +42,10 @@ SIG_LEN = 64  # Ed25519 signature closing every response
 MAX_DATAGRAM = 4096  # our largest message (a list_records page) is about 1.2 KB
 MAX_CONTACTS = 20  # k: a find_node answer holds at most this many contacts
 MAX_PAGE_RECORDS = 16
+# every request is padded to at least this (QUIC's Initial size: no IP fragments on any real path).  The
+# longest answer to it: a ping answer with a 1024-byte descriptor (storage.MAX_STORED_LEN; the longest
+# descriptor Descriptor.create makes is 906 bytes) is 21 + 1050 + 64 = 1135 bytes
+REQUEST_MIN_LEN = 1200
 
 
 class WireError(ValueError):
@@ -89,18 +98,25 @@ def decode_datagram(data: bytes) -> Datagram:
     kind = data[0]
     if kind not in (REQUEST, RESPONSE):
         raise WireError("kind")
-    end = len(data)
-    if kind == RESPONSE:
-        if len(data) < HEADER_LEN + 1 + SIG_LEN:
-            raise WireError("short")
-        end -= SIG_LEN
+    if kind == REQUEST:
+        if len(data) < REQUEST_MIN_LEN:
+            raise WireError("unpadded")  # answering it could amplify
+        stream = io.BytesIO(data[HEADER_LEN:])
+        try:
+            body = umsgpack.unpack(stream)  # one object; what follows is the padding
+        except Exception:  # umsgpack raises many types (and RecursionError on deep nesting): all are bad input
+            raise WireError("msgpack") from None
+        if any(data[HEADER_LEN + stream.tell():]):
+            raise WireError("padding")
+        return Datagram(kind, data[1:HEADER_LEN], body)
+    if len(data) < HEADER_LEN + 1 + SIG_LEN:
+        raise WireError("short")
+    end = len(data) - SIG_LEN
     try:
         body = umsgpack.unpackb(data[HEADER_LEN:end])
     except Exception:  # umsgpack raises many types (and RecursionError on deep nesting): all are bad input
         raise WireError("msgpack") from None
-    if kind == RESPONSE:
-        return Datagram(kind, data[1:HEADER_LEN], body, data[:end], data[end:])
-    return Datagram(kind, data[1:HEADER_LEN], body)
+    return Datagram(kind, data[1:HEADER_LEN], body, data[:end], data[end:])
 
 
 def parse_request(body: Any) -> tuple[str, tuple[Any, ...]]:
@@ -118,9 +134,33 @@ def parse_request(body: Any) -> tuple[str, tuple[Any, ...]]:
 
 
 def encode_request(msg_id: bytes, name: str, args: tuple[Any, ...]) -> bytes:
+    """A request, zero-padded to at least REQUEST_MIN_LEN bytes (room for its answer)."""
     if name not in RPCS:
         raise ValueError(f"{name!r} is not an allowed RPC")
-    return bytes([REQUEST]) + msg_id + umsgpack.packb([name, list(args)])
+    out = bytes([REQUEST]) + msg_id + umsgpack.packb([name, list(args)])
+    return out + bytes(max(0, REQUEST_MIN_LEN - len(out)))
+
+
+def encode_result_within(msg_id: bytes, result: Any, room: int) -> bytes | None:
+    """The unsigned response (0x01 || msg id || msgpack result) if it leaves ``room`` bytes for the
+    signature and the whole answer within the request's length; a contact list is cut (farthest contacts
+    first) until it fits; None if nothing fits."""
+    head = bytes([RESPONSE]) + msg_id
+    while True:
+        unsigned = head + umsgpack.packb(result)
+        if len(unsigned) + SIG_LEN <= room:
+            return unsigned
+        if isinstance(result, list) and result and all(isinstance(c, list) and len(c) == 3 for c in result):
+            result = result[:-1]  # find_node / find_value contacts, closest first: the farthest go
+            continue
+        return None
+
+
+def sign_response(unsigned: bytes, *, responder_id: bytes, request: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    signature = sign(answer_message(responder_id, request_digest(request), unsigned))
+    if len(signature) != SIG_LEN:
+        raise ValueError("an Ed25519 signature is 64 bytes")
+    return unsigned + signature
 
 
 def request_digest(request: bytes) -> bytes:
@@ -137,11 +177,8 @@ def answer_message(responder_id: bytes, digest: bytes, unsigned: bytes) -> bytes
 def encode_response(msg_id: bytes, result: Any, *, responder_id: bytes, request: bytes,
                     sign: Callable[[bytes], bytes]) -> bytes:
     """A signed response to the request datagram ``request``; ``sign`` is the relay identity's Ed25519."""
-    unsigned = bytes([RESPONSE]) + msg_id + umsgpack.packb(result)
-    signature = sign(answer_message(responder_id, request_digest(request), unsigned))
-    if len(signature) != SIG_LEN:
-        raise ValueError("an Ed25519 signature is 64 bytes")
-    return unsigned + signature
+    return sign_response(bytes([RESPONSE]) + msg_id + umsgpack.packb(result), responder_id=responder_id,
+                         request=request, sign=sign)
 
 
 def verify_answer(dg: Datagram, *, identity_pub: bytes, responder_id: bytes, digest: bytes) -> bool:

@@ -23,6 +23,7 @@ from shallot.core.nat.limits import (
     MAX_INTRODUCED,
     MAX_PUNCHED,
     PUNCH_INTERVAL_S,
+    PUNCH_PROBES_UNANSWERED,
     PUNCH_TIMEOUT_S,
     REBIND_CHECK_S,
     REREGISTER_S,
@@ -51,6 +52,7 @@ class Introduced:
     next_at: float = 0.0
     sources: set[Address] = field(default_factory=set)
     upgrades: int = 0
+    probes: int = 0  # PUNCH probes sent while punching
     link: Link | None = None  # the link that came through the relay-server, once there is one
 
 
@@ -173,7 +175,10 @@ class Registrant:
         for intro in self.introduced.values():
             if now < intro.next_at:
                 continue
-            if intro.plan is not Plan.RELAY and now < intro.punch_until:
+            if intro.plan is not Plan.RELAY and now < intro.punch_until \
+                    and (intro.probes < PUNCH_PROBES_UNANSWERED or intro.sources):
+                # unanswered, at most what the (padded, spoofable) INTRO_REQUEST paid for
+                intro.probes += 1
                 intro.next_at = now + PUNCH_INTERVAL_S
                 self._send(nm.encode_punch(nm.PUNCH_PROBE, intro.token), intro.peer)
             elif intro.upgrades < UPGRADE_TRIES and (intro.link or self._relayed_link_to(intro.session)) is not None \

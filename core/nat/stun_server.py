@@ -2,9 +2,11 @@
 the alternate port, and CHANGE-REQUEST(change IP) forwarded to another relay.
 
 This is the one unauthenticated request a relay answers besides a handshake initiation, so every answer
-is bounded by its cause: a response is at most ``STUN_MAX_GROWTH`` bytes longer than the request, a
-forwarded request is never longer than the one that caused it, each source IP has a token bucket, and
-one global bucket limits what goes to an address other than the request's source.
+is bounded by its cause: a response is never longer than the request (no amplification: our own requests
+carry a PADDING attribute, ``stun.binding_request``; an unpadded request that would get a longer answer is
+dropped), a forwarded request is never longer than the one that caused it, each source (IPv4 address,
+IPv6 /64) has a token bucket, and one global bucket limits what goes to an address other than the
+request's source.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from shallot.core.nat.limits import (
     FORWARD_BURST,
     FORWARD_RATE,
     STUN_BURST,
-    STUN_MAX_GROWTH,
     STUN_RATE,
 )
 from shallot.core.nat.virtual import Send
 from shallot.core.ratelimit import TokenBuckets
 from shallot.core.wire import stun
-from shallot.core.wire.addresses import extend_target_allowed
+from shallot.core.wire.addresses import extend_target_allowed, source_key
 from shallot.crypto.codec import DecodeError
 
 
@@ -39,7 +40,7 @@ class StunServer:
 
     def answer_binding(self, msg: stun.StunMessage, data: bytes, addr: Address, now: float, *, alt: bool) -> None:
         """A Binding request ``data`` (decoded: ``msg``) from ``addr``; ``alt``: it came to the alternate port."""
-        if not self._buckets.allow(addr[0], now):
+        if not self._buckets.allow(source_key(addr[0]), now):
             self.counters["nat_drop_stun_rate"] += 1
             return
         try:
@@ -59,7 +60,7 @@ class StunServer:
                 return
             target = dest
         resp = stun.binding_response(msg.txid, target, fingerprint=msg.has_fingerprint)
-        if len(resp) > len(data) + STUN_MAX_GROWTH:
+        if len(resp) > len(data):  # an unpadded request: answering it would amplify
             self.counters["nat_drop_stun_amplification"] += 1
             return
         self.counters["nat_stun_answered"] += 1
@@ -78,7 +79,8 @@ class StunServer:
                 or not self._forward_bucket.allow("", now):
             self.counters["nat_drop_stun_change_ip"] += 1
             return
-        fwd = stun.binding_request(msg.txid, response_destination=addr)
+        # unpadded: the other relay's answer to the destination is exactly as long as this forward
+        fwd = stun.binding_request(msg.txid, response_destination=addr, pad_to=0)
         if len(fwd) > len(data):
             self.counters["nat_drop_stun_amplification"] += 1
             return

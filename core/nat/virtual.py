@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from shallot.core.link import PADDING_CELL, Address, Link
+from shallot.core.nat.limits import MAX_PATHS
 from shallot.core.wire.nat_frames import MSG_RELAYED
 
 VIRTUAL_PREFIX = "via-"
@@ -35,17 +36,29 @@ def session_of(addr: Address) -> bytes:
 class RelayedPaths:
     """The relay sessions this node is an end of, and the relay-server that carries each."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_PATHS) -> None:
+        self.limit = limit
+        # least recently used first: every introduction adds one (spoofed INTRO_REQUESTs too, rate limited
+        # per registered relay at the introducer), a live relayed link touches its own at every datagram
         self._servers: dict[bytes, Address] = {}
 
     def __bool__(self) -> bool:
         return bool(self._servers)
 
+    def __len__(self) -> int:
+        return len(self._servers)
+
     def add(self, session: bytes, server: Address) -> None:
+        self._servers.pop(session, None)
         self._servers[session] = server
+        if len(self._servers) > self.limit:
+            del self._servers[next(iter(self._servers))]
 
     def server_for(self, session: bytes) -> Address | None:
-        return self._servers.get(session)
+        server = self._servers.pop(session, None)
+        if server is not None:
+            self._servers[session] = server  # used: most recent
+        return server
 
     def frame(self, datagrams: list[tuple[bytes, Address]]) -> None:
         """Turn the datagrams for a virtual address into RELAYED datagrams to its relay-server, in place (the
@@ -53,8 +66,9 @@ class RelayedPaths:
         for i, (data, addr) in enumerate(datagrams):
             if addr[1] == 0:  # is_virtual, inlined: this runs for every datagram while a relayed link exists
                 session = session_of(addr)
-                server = self._servers.get(session)
+                server = self._servers.pop(session, None)
                 if server is not None:
+                    self._servers[session] = server  # used: most recent
                     datagrams[i] = (_RELAYED + session + data, server)
 
 

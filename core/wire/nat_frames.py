@@ -2,7 +2,7 @@
 
 On the link socket, by first byte (next to the link packets 0x51..0x54 and STUN 0x00/0x01):
 
-    INTRO_REQUEST 0x55 (40 B)  version u8 | request_id[8] | target relay_id[20] | mapping u8 | filtering u8 | 0^8
+    INTRO_REQUEST 0x55 (280 B) version u8 | request_id[8] | target relay_id[20] | mapping u8 | filtering u8 | 0^248
     INTRO_ANSWER  0x56 (37 B)  request_id[8] | status u8 | peer address[19] | session[8]
     PUNCH         0x57 (12 B)  kind u8 (0 probe, 1 reply) | token[8] | 0^2
     RELAYED       0x58         session[8] | one link packet (first byte 0x51..0x54, at most 1429 bytes)
@@ -28,7 +28,10 @@ MSG_RELAYED = 0x58
 CMD_NAT_REGISTER = 6
 CMD_NAT_INTRODUCE = 7
 NAT_VERSION = 1
-INTRO_REQUEST_LEN = 40
+# padded so that everything it makes others send to its (spoofable) source is no longer, even counting 28 bytes
+# of IPv4/UDP header per datagram: the INTRO_ANSWER (37) and the registered relay's unanswered PUNCH probes
+# (limits.PUNCH_PROBES_UNANSWERED = 6, 12 bytes each): 37 + 72 + 7 x 28 = 305 <= 280 + 28
+INTRO_REQUEST_LEN = 280
 INTRO_ANSWER_LEN = 37
 PUNCH_LEN = 12
 RELAYED_HEADER_LEN = 9
@@ -53,13 +56,13 @@ class IntroRequest:
 
     def encode(self) -> bytes:
         return (bytes((MSG_INTRO_REQUEST, NAT_VERSION)) + self.request_id + self.target
-                + bytes((self.mapping, self.filtering)) + bytes(8))
+                + bytes((self.mapping, self.filtering)) + bytes(INTRO_REQUEST_LEN - 32))
 
     @classmethod
     def decode(cls, data: bytes) -> IntroRequest:
         if len(data) != INTRO_REQUEST_LEN or data[0] != MSG_INTRO_REQUEST:
             raise DecodeError("bad INTRO_REQUEST")
-        if data[1] != NAT_VERSION or data[32:40] != bytes(8) or data[30] > 3 or data[31] > 3:
+        if data[1] != NAT_VERSION or any(data[32:]) or data[30] > 3 or data[31] > 3:
             raise DecodeError("bad INTRO_REQUEST fields")
         return cls(data[2:10], data[10:30], data[30], data[31])
 

@@ -22,6 +22,7 @@ TXID_LEN = 12
 BINDING_REQUEST = 0x0001
 BINDING_SUCCESS = 0x0101
 ATTR_CHANGE_REQUEST = 0x0003
+ATTR_PADDING = 0xC05C  # private, comprehension-optional: zeros padding a request to the longest answer it can get
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_FINGERPRINT = 0x8028
 # private, comprehension-optional (0x8000-0xFFFF): ignored by standard STUN servers
@@ -32,6 +33,10 @@ CHANGE_PORT = 0x02
 FINGERPRINT_XOR = 0x5354554E
 MAX_ATTRIBUTES = 8
 MAX_MESSAGE_LEN = 548  # RFC 8489: fits any path MTU; we never need more
+# the longest Binding success response a relay sends: header, XOR-MAPPED-ADDRESS of an IPv6 address (4 + 20)
+# and FINGERPRINT (8).  Every Binding request we send is at least this long, and a relay answers a request
+# only with an answer no longer than it (no amplification, docs/PROTOCOL.md §13.1)
+MAX_RESPONSE_LEN = HEADER_LEN + 24 + 8
 FIRST_BYTE_LIMIT = 0x40  # a STUN message's top two bits are zero: its first byte is below this
 
 
@@ -138,7 +143,9 @@ def decode_xor_address(value: bytes, txid: bytes) -> Address:
 
 def binding_request(txid: bytes, *, change_ip: bool = False, change_port: bool = False,
                     other_relay: Address | None = None, response_destination: Address | None = None,
-                    fingerprint: bool = True) -> bytes:
+                    fingerprint: bool = True, pad_to: int = MAX_RESPONSE_LEN) -> bytes:
+    """A Binding request, padded (PADDING attribute) to at least ``pad_to`` bytes: a relay answers only
+    what is no longer than the request."""
     attrs: list[tuple[int, bytes]] = []
     if change_ip or change_port:
         flags = (CHANGE_IP if change_ip else 0) | (CHANGE_PORT if change_port else 0)
@@ -147,6 +154,9 @@ def binding_request(txid: bytes, *, change_ip: bool = False, change_port: bool =
         attrs.append((ATTR_OTHER_RELAY, encode_xor_address(other_relay, txid)))
     if response_destination is not None:
         attrs.append((ATTR_RESPONSE_DESTINATION, encode_xor_address(response_destination, txid)))
+    bare = encode(StunMessage(BINDING_REQUEST, txid, tuple(attrs)), fingerprint=fingerprint)
+    if len(bare) < pad_to:  # 4-byte attribute header, then zeros; lengths stay multiples of 4
+        attrs.append((ATTR_PADDING, bytes(max(0, pad_to - len(bare) - 4))))
     return encode(StunMessage(BINDING_REQUEST, txid, tuple(attrs)), fingerprint=fingerprint)
 
 

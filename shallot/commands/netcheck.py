@@ -14,6 +14,9 @@ import logging
 from typing import Any
 
 import aiostun
+from aiostun.attribute import AttributeStr
+
+from shallot.core.wire import stun
 
 log = logging.getLogger(__name__)
 PROTOCOLS = (("udp", aiostun.UDP), ("tcp", aiostun.TCP), ("tls", aiostun.TLS))
@@ -24,12 +27,25 @@ async def _mapped(host: str, port: int, proto: int, timeout: float) -> dict[str,
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             async with aiostun.Client(host=host, port=port, proto=proto, timeout=timeout) as client:
-                got = await asyncio.wait_for(client.get_mapped_address(), timeout)
+                got = await asyncio.wait_for(_padded_mapped_address(client), timeout)
         except Exception as exc:  # aiostun raises bare Exceptions, timeouts and OSErrors alike
             return {"ok": False, "error": str(exc) or type(exc).__name__}
     if not isinstance(got, dict) or "ip" not in got:
         return {"ok": False, "error": "no mapped address in the answer"}
     return {"ok": True, "public": [got["ip"], int(got["port"])]}
+
+
+async def _padded_mapped_address(client: aiostun.Client) -> dict[str, Any]:
+    """aiostun's get_mapped_address, with the request padded: a Shallot relay answers only requests at least as
+    long as its answer (no amplification, docs/PROTOCOL.md §13.1); other servers ignore the private attribute."""
+    resp = await client.bind_request(attrs=[AttributeStr(stun.ATTR_PADDING, bytes(stun.MAX_RESPONSE_LEN - 20))])
+    if not resp:
+        return {}
+    for kind in (aiostun.attribute.AttrXorMappedAddr, aiostun.attribute.AttrMappedAddr):
+        attr = resp.get_attribute(kind)
+        if attr is not None:
+            return dict(attr.params)
+    return {}
 
 
 async def run_netcheck(servers: list[tuple[str, int]], *, timeout: float = 2.0) -> dict[str, Any]:

@@ -72,7 +72,11 @@ class EvilRpc(ShallotRpc):
     poison: list[bytes] = []
 
     def rpc_list_records(self, sender: Address, nodeid: bytes | None, after: bytes | None) -> list[Any]:
-        return [self.poison[:16] if after is None else [], None]
+        # one poisoned record per page: an answer must fit its (1200-byte) request, PROTOCOL §12.3
+        i = 0 if after is None else int.from_bytes(after, "big")
+        if i >= len(self.poison):
+            return [[], None]
+        return [[self.poison[i]], (i + 1).to_bytes(20, "big") if i + 1 < len(self.poison) else None]
 
     def rpc_find_value(self, sender: Address, nodeid: bytes | None, key: bytes) -> Any:
         return {"value": self.poison[0]}

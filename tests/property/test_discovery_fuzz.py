@@ -39,7 +39,57 @@ def test_any_datagram_decodes_or_raises_wire_error(tail: bytes, first: int) -> N
         try:
             wire.decode_datagram(data)
         except wire.WireError as exc:
-            assert exc.reason in ("short", "long", "kind", "msgpack")
+            assert exc.reason in ("short", "long", "kind", "msgpack", "unpadded", "padding")
+
+
+@FAST
+@given(st.binary(max_size=1400))
+def test_any_request_of_the_minimum_size_decodes_or_raises_wire_error(tail: bytes) -> None:
+    data = bytes(1 + wire.MSG_ID_LEN) + tail
+    data += bytes(max(0, wire.REQUEST_MIN_LEN - len(data)))
+    try:
+        wire.decode_datagram(data)
+    except wire.WireError as exc:
+        assert exc.reason in ("long", "msgpack", "padding")
+
+
+@FAST
+@given(st.sampled_from(sorted(wire.RPCS)), st.lists(st.none() | st.binary(max_size=1100), max_size=3),
+       st.integers(0, 3000), st.integers(1, 255))
+def test_requests_are_padded_and_only_zero_padding_decodes(name: str, args: list[object], extra: int,
+                                                           byte: int) -> None:
+    data = wire.encode_request(bytes(20), name, tuple(args)) + bytes(extra)
+    assert len(data) >= wire.REQUEST_MIN_LEN
+    if len(data) > wire.MAX_DATAGRAM:
+        return
+    assert wire.decode_datagram(data).body == [name, args]
+    body_len = len(wire.encode_request(bytes(20), name, tuple(args)).rstrip(b"\0"))
+    if body_len < len(data):  # a nonzero byte in the padding: refused
+        spoilt = bytearray(data)
+        spoilt[-1] = byte
+        try:
+            wire.decode_datagram(bytes(spoilt))
+        except wire.WireError as exc:
+            assert exc.reason == "padding"
+        else:
+            raise AssertionError("a request with nonzero padding decoded")
+    assert len(data[:wire.REQUEST_MIN_LEN - 1]) < wire.REQUEST_MIN_LEN
+    try:
+        wire.decode_datagram(data[:wire.REQUEST_MIN_LEN - 1])
+    except wire.WireError as exc:
+        assert exc.reason == "unpadded"
+    else:
+        raise AssertionError("a request shorter than the minimum decoded")
+
+
+@FAST
+@given(msgpack_values | st.lists(st.tuples(st.binary(min_size=20, max_size=20), st.sampled_from(
+    ["198.51.100.1", "2001:db8::ffff:ffff:ffff:ffff"]), st.integers(1, 65535)).map(list), max_size=25),
+    st.integers(0, 2000))
+def test_an_answer_is_never_longer_than_its_room(result: object, room: int) -> None:
+    unsigned = wire.encode_result_within(bytes(20), result, room)
+    if unsigned is not None:
+        assert len(unsigned) + wire.SIG_LEN <= room
 
 
 @FAST

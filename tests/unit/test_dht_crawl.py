@@ -31,6 +31,7 @@ class Script:
     silent: set[str] = field(default_factory=set)  # requests never answered
     value: bytes | None = None  # what find_value answers, whatever key is asked for
     asked: Counter[str] = field(default_factory=Counter)
+    log: list[tuple[int, str]] = field(default_factory=list)  # (id of the script, request name), in arrival order
 
 
 class ScriptedRpc(ShallotRpc):
@@ -42,6 +43,7 @@ class ScriptedRpc(ShallotRpc):
         except wire.WireError:
             name = ""
         self.script.asked[name] += 1
+        self.script.log.append((id(self.script), name))
         if name not in self.script.silent:
             super().datagram_received(data, addr)
 
@@ -229,3 +231,34 @@ async def test_a_value_lookup_passes_on_only_a_record_that_validates_under_its_k
     node.script.silent = {"find_value"}
     ok, _ = await client.rpc.call_find_value(asked, Node(good.relay_id))
     assert not ok and "reject_bad_result" not in client.rpc.counters
+
+
+def _endless_pages(n: int) -> dict[bytes | None, list[Any]]:
+    cursor = [None, *((i + 1).to_bytes(20, "big") for i in range(n))]
+    return {cursor[i]: [[], cursor[i + 1]] for i in range(n)}
+
+
+@pytest.mark.asyncio
+async def test_pages_go_round_robin_and_a_node_gets_at_most_its_page_budget(nodes, monkeypatch) -> None:
+    monkeypatch.setattr(dht, "MAX_PAGES_PER_NODE", 6)
+    log: list[tuple[int, str]] = []
+    endless = Script(pages=_endless_pages(50), log=log)  # never says "the end"
+    short = Script(pages={None: [[_record()], b"\x50" * 20], b"\x50" * 20: [[_record()], None]}, log=log)
+    _e, e_addr = await _scripted(nodes, endless)
+    _s, s_addr = await _scripted(nodes, short)
+    client = await _client(nodes)
+    result = await client.crawl([e_addr, s_addr], concurrency=1, time_limit_s=20)
+    assert len(result.records) == 2 and endless.asked["list_records"] == 6  # the page budget
+    assert client.rpc.counters["crawl_node_budget"] == 1
+    pages = [who for who, name in log if name == "list_records"]
+    # one slot, two nodes: the short node's two pages come before the endless node's third (round robin)
+    assert pages[:4] == [id(endless), id(short)] * 2
+
+
+@pytest.mark.asyncio
+async def test_a_nodes_pages_stop_when_they_took_its_share_of_the_crawl(nodes, monkeypatch) -> None:
+    monkeypatch.setattr(dht, "NODE_SHARE_OF_CRAWL", 0.0)  # no time at all: one page, then the budget is spent
+    node, addr = await _scripted(nodes, Script(pages=_endless_pages(50)))
+    client = await _client(nodes)
+    await client.crawl([addr], time_limit_s=20)
+    assert node.script.asked["list_records"] == 1 and client.rpc.counters["crawl_node_budget"] == 1

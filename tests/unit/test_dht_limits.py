@@ -17,7 +17,6 @@ from kademlia.node import Node
 from shallot.core.discovery import dht, wire
 from shallot.core.discovery.dht import (
     MAX_OUTSTANDING,
-    MAX_VERIFYING,
     RATE_PER_S,
     RATE_TABLE_MAX,
     DhtNode,
@@ -103,7 +102,8 @@ class _FrozenClock:
         return 1000.0
 
 
-def test_the_rate_table_is_bounded_and_a_flood_of_sources_only_resets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_rate_table_is_bounded_and_a_flood_of_sources_does_not_reset_an_active_flooder(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dht, "time", _FrozenClock)
     rpc = _serving()._create_protocol()  # no socket: answers are not sent, requests are still counted
     victim = ("198.51.100.1", 1)
@@ -112,13 +112,28 @@ def test_the_rate_table_is_bounded_and_a_flood_of_sources_only_resets_it(monkeyp
     assert "drop_rate" not in rpc.counters  # exactly the burst, then
     rpc.datagram_received(_ping(), victim)
     assert rpc.counters["drop_rate"] == 1
-    for i in range(RATE_TABLE_MAX - 1):  # the table is full with the victim and these
+    # twice the table's size in other sources, the flooder sending between them: its bucket stays empty
+    # (the table used to start over at the 4097th source and refill every bucket)
+    for i in range(2 * RATE_TABLE_MAX):
         rpc.datagram_received(_ping(), (f"10.{i >> 8}.{i & 255}.1", 1))
+        if i % 1000 == 0:
+            rpc.datagram_received(_ping(), victim)
     rpc.datagram_received(_ping(), victim)
-    assert rpc.counters["drop_rate"] == 2  # still remembered: its bucket is empty
-    rpc.datagram_received(_ping(), ("10.99.0.1", 1))  # one source too many: the table starts over
-    rpc.datagram_received(_ping(), victim)
-    assert rpc.counters["drop_rate"] == 2 and rpc.counters["rpc_in_ping"] == BURST + RATE_TABLE_MAX + 1
+    drops = 2 + (2 * RATE_TABLE_MAX - 1) // 1000 + 1
+    assert rpc.counters["drop_rate"] == drops and len(rpc._rates._buckets) == RATE_TABLE_MAX
+    # a source idle for longer than the whole table is forgotten: it meets a full bucket, as a new one would
+    rpc.datagram_received(_ping(), ("10.0.0.1", 1))
+    assert rpc.counters["drop_rate"] == drops
+
+
+def test_ipv6_sources_are_counted_per_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dht, "time", _FrozenClock)
+    rpc = _serving()._create_protocol()
+    for i in range(int(BURST) + 5):  # every request from another address of one /64
+        rpc.datagram_received(_ping(), (f"2001:db8:1:2::{i + 1:x}", 1))
+    assert rpc.counters["drop_rate"] == 5
+    rpc.datagram_received(_ping(), ("2001:db8:1:3::1", 1))  # the next /64 has its own bucket
+    assert rpc.counters["drop_rate"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- routing table
@@ -185,19 +200,17 @@ async def test_outstanding_requests_are_bounded() -> None:
 
 
 @pytest.mark.asyncio
-async def test_verifications_in_flight_are_bounded() -> None:
+async def test_a_caller_without_a_binding_is_never_pinged_back() -> None:
     relay = _serving()
     addr = await relay.start(("127.0.0.1", 0))
-    liar = _raw()  # claims a new id with every ping and never answers a verification
+    liar = _raw()  # claims a new id with every ping (a spoofer would name a victim's address)
     try:
-        for _ in range(MAX_VERIFYING + 6):
+        for _ in range(70):
             liar.sendto(_ping(os.urandom(20)), addr)
         c = relay.rpc.counters
-        await _until(lambda: c.get("rpc_in_ping", 0) == MAX_VERIFYING + 6 and c.get("rpc_out_ping", 0) >= MAX_VERIFYING)
-        # each verification times out unanswered (2 s): every claimed id is refused, none was admitted
-        await _until(lambda: c.get("reject_unproven_contact", 0) == MAX_VERIFYING)
-        assert c["rpc_out_ping"] == MAX_VERIFYING and c.get("rpc_timeouts") == MAX_VERIFYING
-        assert relay.peers() == []
+        await _until(lambda: c.get("reject_unbound_caller", 0) == 70)
+        # a ping back would send the claimed address more than it sent us: none is sent, nobody admitted
+        assert "rpc_out_ping" not in c and relay.peers() == []
     finally:
         liar.close()
         relay.stop()
@@ -221,12 +234,12 @@ async def test_a_contact_whose_address_answers_with_another_id_is_not_admitted()
         claimed = os.urandom(20)  # b claims an id that is not its own, from its real address
         b.transport.sendto(_ping(claimed), a.transport.get_extra_info("sockname")[:2])
         c = a.rpc.counters
-        await _until(lambda: c.get("reject_unproven_contact", 0) == 1)
+        await _until(lambda: c.get("reject_unbound_caller", 0) == 1)
         assert a.peers() == []
         # control: the same node with its own id and the record that binds it is admitted, at once
         ok, _ = await b.rpc.ping(a.transport.get_extra_info("sockname")[:2], b_desc.relay_id, b_desc.encode())
         assert ok and [pid for pid, _ in a.peers()] == [b_desc.relay_id]
-        assert c["reject_unproven_contact"] == 1 and c["rpc_out_ping"] == 1  # no ping back was needed
+        assert c["reject_unbound_caller"] == 1 and "rpc_out_ping" not in c  # no ping back, ever
         # and forgotten once it stops answering
         b_addr = b.transport.get_extra_info("sockname")[:2]
         b.stop()
@@ -247,9 +260,8 @@ async def test_a_record_that_does_not_bind_the_sender_admits_nobody() -> None:
     try:
         raw.sendto(wire.encode_request(os.urandom(wire.MSG_ID_LEN), "ping", (elsewhere.relay_id, elsewhere.encode())),
                    addr)
-        await _until(lambda: c.get("reject_binding") == 1 and c.get("rpc_out_ping") == 1)  # so it is asked back
-        await _until(lambda: c.get("reject_unproven_contact") == 1)  # and never answers
-        assert relay.peers() == []
+        await _until(lambda: c.get("reject_binding") == 1 and c.get("reject_unbound_caller") == 1)
+        assert relay.peers() == [] and "rpc_out_ping" not in c  # not asked back: that would amplify
     finally:
         raw.close()
         relay.stop()

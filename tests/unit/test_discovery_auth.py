@@ -353,9 +353,12 @@ def test_the_worked_example_of_protocol_md_12_3_is_what_the_code_sends() -> None
     name = ""
     for line in block.strip().splitlines():
         m = re.match(r"^(\w+)(?: \(\d+\))?\s+([0-9a-f]+)$", line)
+        zeros = re.match(r"^\s+\+ (\d+) zero bytes$", line)
         if m:
             name = m.group(1)
             fields[name] = m.group(2)
+        elif zeros:
+            fields[name] += "00" * int(zeros.group(1))
         else:
             fields[name] += line.strip()
     seed = bytes(range(32))
@@ -388,9 +391,16 @@ def test_datagrams_over_the_bound_are_dropped_and_a_signature_must_be_64_bytes()
                                   digest=wire.request_digest(request))
 
 
-def test_the_shortest_request_has_a_one_byte_body_and_anything_shorter_is_short() -> None:
+def test_a_request_is_padded_to_the_minimum_and_anything_shorter_is_unpadded() -> None:
     msg_id = os.urandom(20)
-    assert wire.decode_datagram(bytes([wire.REQUEST]) + msg_id + b"\xc0").body is None  # 22 bytes: nil
+    shortest = bytes([wire.REQUEST]) + msg_id + b"\xc0"  # a one-byte body (nil), then zeros
+    with pytest.raises(wire.WireError, match="unpadded"):  # long enough to be a request, too short to answer
+        wire.decode_datagram(shortest)
+    assert wire.decode_datagram(shortest + bytes(wire.REQUEST_MIN_LEN - 22)).body is None
+    with pytest.raises(wire.WireError, match="unpadded"):
+        wire.decode_datagram(shortest + bytes(wire.REQUEST_MIN_LEN - 23))
+    with pytest.raises(wire.WireError, match="padding"):
+        wire.decode_datagram(shortest + bytes(wire.REQUEST_MIN_LEN - 23) + b"\x01")
     with pytest.raises(wire.WireError, match="short"):
         wire.decode_datagram(bytes([wire.REQUEST]) + msg_id)
 

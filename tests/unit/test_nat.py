@@ -20,13 +20,24 @@ TXID = bytes(range(12))
 
 # ---------------------------------------------------------------- STUN codec
 def test_binding_request_layout_and_fingerprint() -> None:
-    req = stun.binding_request(TXID)
+    req = stun.binding_request(TXID, pad_to=0)
     assert len(req) == 28 and req[:2] == b"\x00\x01" and req[2:4] == b"\x00\x08"
     assert req[4:8] == bytes.fromhex("2112a442") and req[8:20] == TXID
     msg = stun.decode(req)
     assert msg.msg_type == stun.BINDING_REQUEST and msg.has_fingerprint
-    bare = stun.binding_request(TXID, fingerprint=False)
+    bare = stun.binding_request(TXID, fingerprint=False, pad_to=0)
     assert len(bare) == 20 and not stun.decode(bare).attributes
+
+
+def test_binding_requests_are_padded_to_the_longest_answer() -> None:
+    # PADDING (private 0xC05C, comprehension-optional) before FINGERPRINT: 20 header + 4 + 20 zeros + 8
+    req = stun.binding_request(TXID)
+    assert len(req) == stun.MAX_RESPONSE_LEN == 52 and req[20:24] == bytes.fromhex("c05c0014")
+    assert req[24:44] == bytes(20) and stun.decode(req).has_fingerprint
+    assert len(stun.binding_request(TXID, fingerprint=False)) == 52
+    # a request already long enough gets no padding
+    long_req = stun.binding_request(TXID, change_ip=True, other_relay=("2001:db8::1", 9))
+    assert len(long_req) == 20 + 8 + 24 + 8 and stun.decode(long_req).get(stun.ATTR_PADDING) is None
 
 
 @pytest.mark.parametrize("addr", [("203.0.113.7", 40000), ("2001:db8::1", 9), ("::ffff:192.0.2.1", 1)])
@@ -168,7 +179,9 @@ def test_reachability_limits() -> None:
 # ---------------------------------------------------------------- NAT message codecs
 def test_nat_messages_round_trip_and_reject_garbage() -> None:
     req = nm.IntroRequest(bytes(range(8)), bytes(range(20)), 3, 2)
-    assert len(req.encode()) == nm.INTRO_REQUEST_LEN and nm.IntroRequest.decode(req.encode()) == req
+    assert len(req.encode()) == nm.INTRO_REQUEST_LEN == 280 and nm.IntroRequest.decode(req.encode()) == req
+    with pytest.raises(DecodeError):  # the padding is zeros, to the last byte
+        nm.IntroRequest.decode(req.encode()[:-1] + b"\x01")
     ans = nm.IntroAnswer(bytes(8), nm.STATUS_OK, ("203.0.113.9", 4), bytes(range(8)))
     assert len(ans.encode()) == nm.INTRO_ANSWER_LEN and nm.IntroAnswer.decode(ans.encode()) == ans
     assert len(ans.encode()) <= len(req.encode())  # an introducer's answer never amplifies

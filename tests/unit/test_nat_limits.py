@@ -9,7 +9,7 @@ from __future__ import annotations
 from shallot.core.link import Address, Link, LinkState, PeerKind
 from shallot.core.nat import LinkMethod, NatPart
 from shallot.core.nat.dialer import DialState
-from shallot.core.nat.limits import FORWARD_BURST, INTRO_RETRY_S, PUNCH_INTERVAL_S, STUN_MAX_GROWTH
+from shallot.core.nat.limits import FORWARD_BURST, INTRO_RETRY_S, PUNCH_INTERVAL_S
 from shallot.core.wire import nat_frames as nm
 from shallot.core.wire import stun
 from shallot.relay.forwarder import relay_link_layer
@@ -48,19 +48,19 @@ def test_an_introduction_goes_only_to_a_registration_link_that_is_up() -> None:
 # ---------------------------------------------------------------------------------------------- STUN server
 
 
-def test_an_ipv6_requester_is_answered_within_the_growth_bound() -> None:
+def test_an_ipv6_requester_is_answered_exactly_within_its_padded_request() -> None:
     s = StunScene()
     req = stun.binding_request(TXID)
     s.ask(req, V6_SRC)
     (resp, dest), = s.sent
     assert dest == V6_SRC and stun.mapped_address(stun.decode(resp)) == V6_SRC
-    assert len(resp) == len(req) + STUN_MAX_GROWTH  # the largest answer there is: exactly at the bound
+    assert len(resp) == len(req) == stun.MAX_RESPONSE_LEN  # the largest answer there is: exactly the padding
 
 
 def test_a_forward_that_would_grow_is_refused() -> None:
     other = ("10.2.0.1", 9000)
     s = StunScene()
-    req = stun.binding_request(TXID, change_ip=True, change_port=True, other_relay=other)
+    req = stun.binding_request(TXID, change_ip=True, change_port=True, other_relay=other, pad_to=0)
     s.ask(req, V6_SRC)  # the forward would carry a 16-byte address where the request had a 4-byte one
     assert not s.sent and s.counters["nat_drop_stun_amplification"] == 1
     s.ask(req, ("203.0.113.50", 1234))
@@ -70,7 +70,8 @@ def test_a_forward_that_would_grow_is_refused() -> None:
 def test_a_forward_exactly_as_long_as_its_request_is_sent() -> None:
     other = ("10.2.0.1", 9000)
     s = StunScene()
-    attrs = stun.decode(stun.binding_request(TXID, change_ip=True, change_port=True, other_relay=other)).attributes
+    attrs = stun.decode(stun.binding_request(TXID, change_ip=True, change_port=True, other_relay=other,
+                                             pad_to=0)).attributes
     padded = stun.encode(stun.StunMessage(stun.BINDING_REQUEST, TXID, (*attrs[:-1], (0x8FFF, b""))), fingerprint=True)
     s.ask(padded, V6_SRC)  # an unknown empty attribute makes the request exactly as long as the forward
     (fwd, dest), = s.sent

@@ -11,6 +11,7 @@ from shallot.core.nat.limits import (
     INTRODUCED_KEEP_S,
     MAX_INTRODUCED,
     PUNCH_INTERVAL_S,
+    PUNCH_PROBES_UNANSWERED,
     PUNCH_TIMEOUT_S,
     REBIND_CHECK_S,
     REREGISTER_S,
@@ -98,6 +99,7 @@ def test_an_introduced_peer_gets_punches_for_the_punch_timeout() -> None:
     s.introduce(10.0)
     assert s.counters["nat_introduced_to_peer"] == 1 and s.paths.server_for(SESSION) == I1_ADDR
     assert A_ADDR in s.reg.punched
+    s.reg.on_punch(nm.PUNCH_REPLY, TOKEN, A_ADDR, 10.0)  # the dialer's punch got through: no cap on probes
     now = 10.0
     while now < 10.0 + 2 * PUNCH_TIMEOUT_S:  # driven as the adapter drives it: at the machine's own deadline
         s.reg.handle_timer(now, 1.8e9)
@@ -155,3 +157,47 @@ def test_a_relayed_packet_ties_the_introduction_to_its_link() -> None:
     s.layer.links[relayed.link_id] = relayed  # what the dialer's relayed handshake leaves in our link layer
     s.reg.relayed_arrived(SESSION)
     assert s.reg.introduced[TOKEN].link is relayed
+
+
+def test_an_introduced_address_that_never_answers_gets_at_most_the_unanswered_probes() -> None:
+    # a spoofed INTRO_REQUEST names a victim: what we send it is no more than that request's padded size
+    n = PUNCH_PROBES_UNANSWERED
+    assert nm.INTRO_ANSWER_LEN + n * nm.PUNCH_LEN + (n + 1) * 28 <= nm.INTRO_REQUEST_LEN + 28  # IPv4 wire too
+    s = Scene()
+    s.register()
+    s.introduce(0.0)
+    s.reg.handle_timer(0.0, 1.8e9)
+    s.reg.handle_timer(PUNCH_INTERVAL_S / 2, 1.8e9)  # within one interval: one probe, not two
+    assert s.punches_to(A_ADDR) == 1
+    t = 0.0
+    while t < PUNCH_TIMEOUT_S + 1:
+        s.reg.handle_timer(t, 1.8e9)
+        t += PUNCH_INTERVAL_S / 4
+    assert s.punches_to(A_ADDR) == PUNCH_PROBES_UNANSWERED < PUNCH_TIMEOUT_S / PUNCH_INTERVAL_S - 1
+
+
+def test_an_introduced_peer_that_punched_back_is_probed_for_the_whole_punch() -> None:
+    s = Scene()
+    s.register()
+    s.introduce(0.0)
+    s.reg.on_punch(nm.PUNCH_PROBE, TOKEN, A_ADDR, 0.05)
+    t = 0.0
+    while t < PUNCH_TIMEOUT_S + 1:
+        s.reg.handle_timer(t, 1.8e9)
+        t += PUNCH_INTERVAL_S / 4
+    assert s.punches_to(A_ADDR) > 10  # it answered: no cap
+
+
+def test_relayed_paths_are_bounded_and_forget_the_least_recently_used() -> None:
+    paths = RelayedPaths(limit=3)
+    for i in range(3):
+        paths.add(bytes([i]) * 8, ("198.51.100.1", 9000 + i))
+    assert paths.server_for(bytes([0]) * 8) == ("198.51.100.1", 9000)  # used: now the most recent
+    paths.add(b"\x09" * 8, ("198.51.100.1", 9009))
+    assert len(paths) == 3 and paths.server_for(bytes([1]) * 8) is None
+    assert paths.server_for(bytes([0]) * 8) is not None
+    out = [(b"\x54", virtual_address(bytes([2]) * 8))]
+    paths.frame(out)  # a datagram sent on a path touches it too
+    paths.add(b"\x0a" * 8, ("198.51.100.1", 9010))
+    assert paths.server_for(b"\x09" * 8) is None  # the least recently used of 9, 0, 2
+    assert paths.server_for(bytes([2]) * 8) is not None and paths.server_for(bytes([0]) * 8) is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from shallot.core.link import Address
-from shallot.core.nat.limits import FORWARD_BURST, STUN_MAX_GROWTH
+from shallot.core.nat.limits import FORWARD_BURST
 from shallot.core.nat.stun_server import StunServer
 from shallot.core.wire import stun
 from tests.simnet import SimNet
@@ -36,7 +36,7 @@ def test_relay_answers_binding_without_amplification_and_rate_limits() -> None:
         relay.receive_datagram(req, src, net.now, net.wall)
         (resp, dest), = relay.datagrams_to_send()
         assert dest == src and stun.mapped_address(stun.decode(resp)) == src
-        assert len(resp) <= len(req) + 24 and (len(resp) + 28) / (len(req) + 28) < 1.3
+        assert len(resp) <= len(req)  # no amplification: our requests are padded
     for _ in range(100):
         relay.receive_datagram(stun.binding_request(TXID), src, net.now, net.wall)
     assert len(relay.datagrams_to_send()) <= 40 and relay.nat.counters["nat_drop_stun_rate"] >= 60
@@ -45,15 +45,24 @@ def test_relay_answers_binding_without_amplification_and_rate_limits() -> None:
     assert not quiet.datagrams_to_send() and quiet.nat.counters["nat_drop_stun_unexpected"] == 1
 
 
-def test_answer_mirrors_the_fingerprint_and_stays_within_its_growth() -> None:
+def test_answer_mirrors_the_fingerprint_and_is_never_longer_than_the_request() -> None:
     s = Server()
     for fp in (False, True):
         req = stun.binding_request(TXID, fingerprint=fp)
         s.ask(req)
         resp, dest = s.sent.pop()
         assert dest == SRC and stun.decode(resp).has_fingerprint is fp
-        assert len(resp) <= len(req) + STUN_MAX_GROWTH
+        assert len(resp) <= len(req)
     assert s.counters["nat_stun_answered"] == 2
+
+
+def test_an_unpadded_request_that_would_get_a_longer_answer_is_dropped() -> None:
+    s = Server()
+    bare = stun.binding_request(TXID, pad_to=0)  # 28 bytes; the answer would be 40
+    s.ask(bare)
+    assert not s.sent and s.counters["nat_drop_stun_amplification"] == 1
+    s.ask(stun.binding_request(TXID, fingerprint=False, pad_to=0))  # 20 -> 32: dropped too
+    assert not s.sent and s.counters["nat_drop_stun_amplification"] == 2
 
 
 def test_change_ip_is_forwarded_to_the_other_relay_inside_our_scope_only() -> None:
