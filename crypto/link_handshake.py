@@ -169,6 +169,16 @@ def write_cookie_reply(*, responder_link_pub: bytes, initiation: bytes, cookie: 
             + aead_seal(cookie_key(responder_link_pub), nonce, cookie, m1))
 
 
+def unauthenticated_replies() -> list[tuple[str, int, str, int]]:
+    """Every answer the link layer gives to a packet it has not authenticated, with the request that causes it:
+    (request, its bytes, reply, its bytes).  All replies are smaller than their requests (docs/PROTOCOL.md
+    §4.10); docs/DOS.md tables the ratios."""
+    return [("INIT_CLIENT", INIT_CLIENT_LEN, "RESPONSE", RESPONSE_LEN),
+            ("INIT_RELAY", INIT_RELAY_LEN, "RESPONSE", RESPONSE_LEN),
+            ("INIT_CLIENT", INIT_CLIENT_LEN, "COOKIE_REPLY", COOKIE_REPLY_LEN),
+            ("INIT_RELAY", INIT_RELAY_LEN, "COOKIE_REPLY", COOKIE_REPLY_LEN)]
+
+
 def cookie_reply_receiver(packet: bytes) -> int:
     if len(packet) != COOKIE_REPLY_LEN or packet[0] != MSG_COOKIE_REPLY:
         raise DecodeError("bad cookie reply")

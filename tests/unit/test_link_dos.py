@@ -49,6 +49,15 @@ def test_under_load_an_initiation_without_mac2_gets_a_cookie_reply_and_costs_no_
     assert layer.half_open_count == 0 and not layer.links and len(layer._seen_ephemerals) == 0
 
 
+def test_every_unauthenticated_link_reply_is_smaller_than_its_request() -> None:
+    table = lh.unauthenticated_replies()
+    assert {(req, reply) for req, _, reply, _ in table} == {
+        ("INIT_CLIENT", "RESPONSE"), ("INIT_RELAY", "RESPONSE"), ("INIT_CLIENT", "COOKIE_REPLY"),
+        ("INIT_RELAY", "COOKIE_REPLY")}
+    assert all(reply_len / req_len <= 1.0 for _, req_len, _, reply_len in table)
+    assert max(reply_len / req_len for _, req_len, _, reply_len in table) == 57 / 110
+
+
 def test_a_client_under_load_completes_its_link_through_one_cookie_round_trip() -> None:
     net = SimNet()
     relay, rkeys = _relay(net, cookie_load_rate=0)
@@ -260,3 +269,13 @@ def test_the_victim_is_idle_before_busy_and_a_client_before_a_relay() -> None:
     assert LinkLayer._victim(links, 10.0, idle_only=True) is None
     busy_client.last_recv = 10.0  # it is delivering a packet right now
     assert LinkLayer._victim(links, 10.0, idle_only=False) is busy_relay
+
+
+def test_every_ephemeral_is_remembered_for_the_whole_lifetime_whatever_bucket_it_fell_in() -> None:
+    from shallot.core.link.limits import EphemeralCache
+    cache = EphemeralCache(240.0, 1000)  # 16 buckets of 15 s
+    assert cache.check_and_add(b"first", 0.0)
+    assert cache.check_and_add(b"later", 200.0)  # a bucket of its own, not the one opened at 0
+    assert not cache.check_and_add(b"later", 256.0)  # the bucket opened at 0 is gone by now; this one is not
+    assert cache.check_and_add(b"first", 256.0) and len(cache) == 2
+    assert cache.check_and_add(b"later", 200.0 + 15.0 + 240.0)  # and it, too, ages out
