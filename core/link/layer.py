@@ -348,9 +348,11 @@ class LinkLayer:
             self.counters["drop_bad_length"] += 1
             return
         link = self._pending_by_index.get(index)
-        if link is None or link.pending is None or link.peer_link_pub is None:
+        if link is None:
             self.counters["drop_unknown_index"] += 1
             return
+        # every handshake in flight has its state and the key it was sent to (``_send_initiation``)
+        assert link.pending is not None and link.peer_link_pub is not None
         try:
             cookie = lh.read_cookie_reply(responder_link_pub=link.peer_link_pub, state=link.pending, packet=data)
         except (DecodeError, AuthFailure):
@@ -516,8 +518,6 @@ class LinkLayer:
         return lh.cookie_for(self._cookie_secrets[0], address_bytes(addr))
 
     def _mac2_valid(self, data: bytes, addr: Address, now: float) -> bool:
-        if data[-16:] == lh.NO_MAC2:
-            return False
         self._cookie(addr, now)  # rotates the secret when due
         where = address_bytes(addr)
         # the previous secret too: a cookie handed out just before a rotation stays good for one period
@@ -646,8 +646,6 @@ class LinkLayer:
             rank = (2 if link.users > 0 else 0) + (1 if link.kind is PeerKind.RELAY else 0)
             if rank < best_rank and (not idle_only or link.users == 0) and link.last_recv < now:
                 best, best_rank = link, rank
-                if rank == 0:
-                    break
         return best
 
     def _uncount(self, link: Link) -> None:

@@ -150,6 +150,15 @@ def test_a_half_open_handshake_is_forgotten_after_half_open_s() -> None:
     assert not layer.links and layer.counters["drop_unknown_index"] == 1
 
 
+def test_a_first_packet_after_half_open_s_makes_no_link_even_before_the_timer_ran() -> None:
+    layer, keys = responder()
+    state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=7, rng=det_rng(70))
+    layer.receive_datagram(packet, ("198.51.100.1", 4000), 10.0, WALL)
+    (response, _), = layer.datagrams_to_send()
+    layer.receive_datagram(first_packet(state, response), ("198.51.100.1", 4000), 10.0 + HALF_OPEN_S, WALL)
+    assert not layer.links and layer.counters["half_open_expired"] == 1 and layer.half_open_count == 0
+
+
 def test_half_open_entries_are_bounded_per_source_per_aggregate_and_in_all() -> None:
     layer, keys = responder(max_half_open_per_source=2, max_half_open_per_aggregate=3, max_half_open=1000)
     for i in range(3):  # one source: its oldest goes
@@ -206,6 +215,15 @@ def test_links_per_aggregate_the_heaviest_source_of_the_slash_24_gives_way() -> 
     heavy_old, heavy_new, light = layer.links.values()
     assert connect(layer, keys, 3, ("198.51.100.3", 1), 20.0)
     assert heavy_old.state is LinkState.CLOSED and heavy_new.state is LinkState.UP and light.state is LinkState.UP
+    assert layer.counters["link_aggregate_evicted"] == 1
+
+
+def test_an_aggregate_whose_links_are_all_delivering_right_now_refuses_the_newcomer() -> None:
+    layer, keys = responder(max_links_per_aggregate=2)
+    assert connect(layer, keys, 0, ("198.51.100.1", 1), 10.0) and connect(layer, keys, 1, ("198.51.100.1", 2), 10.0)
+    assert not connect(layer, keys, 2, ("198.51.100.2", 1), 10.0)  # both links received at this instant
+    assert layer.counters["drop_link_quota"] == 1 and len(layer.links) == 2
+    assert connect(layer, keys, 3, ("198.51.100.2", 1), 10.5)  # a moment later one of them gives way
     assert layer.counters["link_aggregate_evicted"] == 1
 
 
