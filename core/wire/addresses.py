@@ -109,7 +109,9 @@ def parse_hostport(text: str) -> Address:
 
 
 def aggregate_key(host: str) -> str:
-    """The neighbourhood of a source for aggregate limits: the IPv4 /24 or the IPv6 /48 (one site)."""
+    """The neighbourhood of a source for aggregate limits: the IPv4 /24 or the IPv6 /48 (one site).  A
+    loopback address is its own aggregate: on one machine (``shallot demo``, the tests' networks of
+    127.x.y.z hosts) a /24 is no site."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -117,6 +119,10 @@ def aggregate_key(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        elif ip.is_loopback:
+            return str(ip)
         else:
             return str(ipaddress.ip_network(f"{host}/48", strict=False))
+    if ip.is_loopback:
+        return str(ip)
     return str(ipaddress.ip_network(f"{ip}/24", strict=False))

@@ -297,3 +297,12 @@ def test_every_ephemeral_is_remembered_for_the_whole_lifetime_whatever_bucket_it
     assert not cache.check_and_add(b"later", 256.0)  # the bucket opened at 0 is gone by now; this one is not
     assert cache.check_and_add(b"first", 256.0) and len(cache) == 2
     assert cache.check_and_add(b"later", 200.0 + 15.0 + 240.0)  # and it, too, ages out
+
+
+def test_sources_and_aggregates() -> None:
+    from shallot.core.wire.addresses import aggregate_key, source_key
+    assert [source_key(h) for h in ("198.51.100.7", "2001:db8:1:2:3::4", "::ffff:198.51.100.7")] == [
+        "198.51.100.7", "2001:db8:1:2::/64", "198.51.100.7"]
+    assert [aggregate_key(h) for h in ("198.51.100.7", "2001:db8:1:2:3::4", "::ffff:198.51.100.7")] == [
+        "198.51.100.0/24", "2001:db8:1::/48", "198.51.100.0/24"]
+    assert aggregate_key("127.0.0.5") == "127.0.0.5" and aggregate_key("::1") == "::1"
