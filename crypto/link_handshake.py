@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from shallot.crypto.codec import DecodeError, Reader
 from shallot.crypto.keys import relay_id_of, verify_link_cert
@@ -154,6 +155,7 @@ def cookie_for(secret: bytes, addr_bytes: bytes) -> bytes:
     return hmac_sha256(secret, addr_bytes)[:COOKIE_LEN]
 
 
+@lru_cache(maxsize=16)  # one link key per relay: the hash is made once, not per reply
 def cookie_key(responder_link_pub: bytes) -> bytes:
     """Who can read a cookie reply: anyone who knows the responder's link key, as for mac1; the
     initiation's mac1 as associated data limits it to whoever saw that initiation."""

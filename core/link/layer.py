@@ -250,12 +250,14 @@ class LinkLayer:
         if not lh.check_mac1(cfg.link_pub, data):
             self.counters["drop_bad_mac1"] += 1
             return
-        if self._under_load(now) and not self._mac2_valid(data, addr, now):
+        if self._under_load(now):
             # under load only a source that can receive gets a DH: it proves so with mac2 (§4.12)
-            self.counters["cookie_reply_sent"] += 1
-            self.outbox.append((lh.write_cookie_reply(responder_link_pub=cfg.link_pub, initiation=data,
-                                                      cookie=self._cookie(addr, now), rng=self._rng), addr))
-            return
+            where = address_bytes(addr)
+            if not self._mac2_valid(data, where, now):
+                self.counters["cookie_reply_sent"] += 1
+                self.outbox.append((lh.write_cookie_reply(responder_link_pub=cfg.link_pub, initiation=data,
+                                                          cookie=self._cookie(where, now), rng=self._rng), addr))
+                return
         source = source_key(addr[0])
         if not self._buckets.allow(source, now):
             self.counters["drop_handshake_rate"] += 1
@@ -511,15 +513,15 @@ class LinkLayer:
         return (self._load_now > rate or self._load_before >= rate
                 or 2 * len(self._half_open) >= self.config.max_half_open)
 
-    def _cookie(self, addr: Address, now: float) -> bytes:
+    def _cookie(self, where: bytes, now: float) -> bytes:
+        """The cookie of the source address ``where`` (``address_bytes``) under the current secret."""
         if not self._cookie_secrets or now - self._cookie_born >= COOKIE_SECRET_S:
             self._cookie_secrets = (self._rng(32), *self._cookie_secrets[:1])
             self._cookie_born = now
-        return lh.cookie_for(self._cookie_secrets[0], address_bytes(addr))
+        return lh.cookie_for(self._cookie_secrets[0], where)
 
-    def _mac2_valid(self, data: bytes, addr: Address, now: float) -> bool:
-        self._cookie(addr, now)  # rotates the secret when due
-        where = address_bytes(addr)
+    def _mac2_valid(self, data: bytes, where: bytes, now: float) -> bool:
+        self._cookie(where, now)  # rotates the secret when due
         # the previous secret too: a cookie handed out just before a rotation stays good for one period
         return any(lh.check_mac2(lh.cookie_for(secret, where), data) for secret in self._cookie_secrets)
 
