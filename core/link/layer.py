@@ -362,8 +362,11 @@ class LinkLayer:
             return
         self.counters["cookie_received"] += 1
         link.cookie, link.cookie_at = cookie, now
-        # retry at once with mac2: the reply came within a round trip, the responder is reachable
-        self._send_initiation(link, now, wall)
+        # retry at once with mac2: the reply came within a round trip, the responder is reachable.  Each
+        # retry is one of the HANDSHAKE_ATTEMPTS, so a responder that answers every one with a cookie
+        # cannot keep us sending
+        if link.attempts < HANDSHAKE_ATTEMPTS:
+            self._send_initiation(link, now, wall)
 
     def handle_timer(self, now: float, wall: float) -> None:
         self._expire_half_open(now)

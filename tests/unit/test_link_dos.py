@@ -72,6 +72,25 @@ def test_a_client_under_load_completes_its_link_through_one_cookie_round_trip() 
     assert inits[0][-16:] == lh.NO_MAC2 and inits[1][-16:] != lh.NO_MAC2
 
 
+def test_a_responder_that_answers_every_initiation_with_a_cookie_gets_at_most_the_attempts() -> None:
+    """A relay (or whoever saw our initiations) can send cookie replies forever: each makes an immediate
+    retry only while attempts remain, then the handshake times out as any unanswered one."""
+    from shallot.crypto.params import HANDSHAKE_ATTEMPTS
+    net = SimNet()
+    relay, rkeys = _relay(net, cookie_load_rate=0)
+    # whoever is on the path strips every mac2: the relay under load answers each initiation with a cookie
+    net.tap = lambda src, dst, data: data[:-16] + lh.NO_MAC2 if data[0] == MSG_INIT_CLIENT else data
+    client = client_layer(net, 2)
+    link = client.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
+    net.run()
+    assert client.counters["handshake_sent"] == HANDSHAKE_ATTEMPTS and link.state is LinkState.CONNECTING
+    assert client.counters["cookie_received"] == HANDSHAKE_ATTEMPTS
+    for _ in range(40):
+        net.advance(1.0)
+    assert link.state is LinkState.CLOSED and client.counters["handshake_sent"] == HANDSHAKE_ATTEMPTS
+    assert relay.counters["cookie_reply_sent"] == HANDSHAKE_ATTEMPTS and relay.counters["handshake_responded"] == 0
+
+
 def test_a_cookie_is_bound_to_the_source_address_and_port() -> None:
     layer, keys = responder(cookie_load_rate=0)
     state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=7, rng=det_rng(70))
