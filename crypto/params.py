@@ -10,6 +10,7 @@ MSG_INIT_CLIENT = 0x51  # Noise NK initiation from an anonymous client
 MSG_INIT_RELAY = 0x52  # Noise IK initiation from an authenticated relay
 MSG_RESPONSE = 0x53  # Noise handshake response (both patterns)
 MSG_TRANSPORT = 0x54  # one encrypted cell
+MSG_COOKIE_REPLY = 0x59  # a responder under load: retry with mac2 (§4.12); 0x55..0x58 are NAT frames
 
 LINK_HEADER_LEN = 13  # type u8 | receiver index u32 | counter u64
 TAG_LEN = 16
@@ -44,6 +45,7 @@ CREATED_SLOTS_LEN = N_SLOTS * REPLY_LEN  # 192
 # --- labels (all HKDF/MAC domain separation strings live here) ---
 LABEL_PROLOGUE = b"shallot-link-v1"
 LABEL_MAC1 = b"shallot-v1 mac1"
+LABEL_COOKIE = b"shallot-v1 cookie"
 LABEL_LINK_CERT = b"shallot-v1 link-cert"
 LABEL_RESUME = b"shallot-v1 link-resume"
 LABEL_DESCRIPTOR = b"shallot-v1 descriptor\x00"
@@ -65,6 +67,8 @@ KEEPALIVE_S = 10.0
 LINK_DEAD_AFTER_S = 30.0
 HANDSHAKE_RETRY_S = 0.5
 HANDSHAKE_ATTEMPTS = 6
+COOKIE_SECRET_S = 120.0  # a responder's cookie secret is replaced this often; an initiator uses a cookie this long
+HALF_OPEN_S = 10.0  # a responder forgets an answered handshake for a new link without a transport packet by then
 HANDSHAKE_SKEW_S = 120.0  # relay (IK) initiation timestamps must be this close to our clock; clients send none
 REPLAY_WINDOW = 2048
 REKEY_AFTER_MESSAGES = 1 << 60

@@ -76,6 +76,7 @@ TARGETS: tuple[Target, ...] = (
     Target("relay/forwarder.py"),
     Target("core/link/layer.py"),
     Target("core/link/circuit_ids.py"),
+    Target("core/link/limits.py", all_ifs=True),
     Target("core/circuit/client.py"),
     Target("core/circuit/manager.py"),
     Target("core/circuit/path.py"),

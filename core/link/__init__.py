@@ -5,7 +5,9 @@ neighbours.  ``LinkLayer`` owns every link of a node; the rest of the package is
     session.py      Session: transport keys, sealing, the replay window
     events.py       LinkUp, LinkDown
     circuit_ids.py  which half of the circuit-id space each end of a link uses
-    layer.py        LinkLayer: handshakes, rekey, keepalive, roaming, every drop counted
+    limits.py       EphemeralCache (the initiation replay cache that ages out), address_bytes (what a cookie binds)
+    layer.py        LinkLayer: handshakes, cookies, half-open handshakes, per-source quotas, rekey, keepalive,
+                    roaming, every drop counted
     owner.py        LinkOwner: the machine shape of the nodes that own a LinkLayer (client, relay)
 """
 

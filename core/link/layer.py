@@ -7,8 +7,10 @@ One ``LinkLayer`` owns every link of a node.  Inputs: ``receive_datagram(data, a
 Cells are handed to ``on_cell(link, cell)``, set by the owner, because that is the per-packet path.
 
 A link never answers a packet it cannot authenticate.  The only unauthenticated input it answers is
-a well-formed handshake initiation that carries a valid mac1 and passes the rate limit and replay
-checks.
+a well-formed handshake initiation that carries a valid mac1: with a RESPONSE if it passes the rate limit
+and replay checks, or, while the node is under load and its mac2 is not valid, with a smaller COOKIE_REPLY
+(§4.12).  A responder keeps nothing for an answered handshake but a bounded half-open entry; the link
+exists from the first authenticated transport packet on (§4.5), within per-source quotas (§8.3).
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 
 from shallot.core.link.events import LinkDown, LinkUp
+from shallot.core.link.limits import EphemeralCache, address_bytes
 from shallot.core.link.session import NONCE_PREFIX, Session
-from shallot.core.link.state import Link, LinkConfig, LinkError, LinkState, PeerKind
+from shallot.core.link.state import HalfOpen, Link, LinkConfig, LinkError, LinkState, PeerKind
 from shallot.core.ratelimit import TokenBuckets
+from shallot.core.wire.addresses import aggregate_key, source_key
 from shallot.core.wire.cells import CMD_PADDING, encode_cell
 from shallot.crypto import link_handshake as lh
 from shallot.crypto.codec import Address, DecodeError
 from shallot.crypto.params import (
+    COOKIE_SECRET_S,
+    HALF_OPEN_S,
     HANDSHAKE_ATTEMPTS,
     HANDSHAKE_RETRY_S,
     HANDSHAKE_SKEW_S,
@@ -33,6 +39,7 @@ from shallot.crypto.params import (
     LINK_DEAD_AFTER_S,
     LINK_HEADER_LEN,
     LINK_PACKET_LEN,
+    MSG_COOKIE_REPLY,
     MSG_INIT_CLIENT,
     MSG_INIT_RELAY,
     MSG_RESPONSE,
@@ -63,9 +70,24 @@ class LinkLayer:
         self._dialed: dict[bytes, Link] = {}
         self._accepted: dict[bytes, Link] = {}
         self._resume: dict[bytes, Link] = {}  # resume token -> client link
-        self._seen_ephemerals: dict[bytes, float] = {}  # NK replay cache: ephemeral -> expiry (now)
-        self._buckets = TokenBuckets(config.handshake_rate, config.handshake_burst)
+        # initiation replay cache (NK and IK): time buckets that age out, never full (§4.5)
+        self._seen_ephemerals = EphemeralCache(2 * HANDSHAKE_SKEW_S, config.max_seen_ephemerals)
+        self._buckets = TokenBuckets(config.handshake_rate, config.handshake_burst)  # by source_key (/64)
         self._next_tick: float | None = None
+        # answered handshakes for new links, by our index, oldest first (§4.5), and by source and aggregate
+        self._half_open: dict[bytes, HalfOpen] = {}
+        self._half_by_source: dict[str, dict[bytes, None]] = {}
+        self._half_by_aggregate: dict[str, dict[bytes, None]] = {}
+        # accepted links by source (oldest first) and the sources of each aggregate (§8.3)
+        self._by_source: dict[str, dict[Link, None]] = {}
+        self._aggregate_sources: dict[str, dict[str, None]] = {}
+        self._aggregate_count: Counter[str] = Counter()
+        # cookies (§4.12): the secret, the one before it, when it was made; the load meter
+        self._cookie_secrets: tuple[bytes, ...] = ()
+        self._cookie_born = 0.0
+        self._load_second = 0
+        self._load_now = 0
+        self._load_before = 0
 
     # ------------------------------------------------------------------ commands
     def open_link(self, addr: Address, peer_link_pub: bytes, now: float, wall: float, *,
@@ -78,7 +100,7 @@ class LinkLayer:
                 existing = table.get(peer_link_pub)
                 if existing is not None and existing.state is not LinkState.CLOSED:
                     return existing
-        if len(self.links) >= self.config.max_links:
+        if len(self.links) >= self.config.max_links and not self._evict_one(now):
             raise LinkError("too many links")
         link = self._new_link(addr, PeerKind.RELAY, initiator=True, now=now)
         link.peer_link_pub = peer_link_pub
@@ -142,7 +164,14 @@ class LinkLayer:
         link.session = link.previous = link.pending = link.next_session = None
         link.queued.clear()
         self.links.pop(link.link_id, None)
+        if link.source is not None:
+            self._uncount(link)
         self.events.append(LinkDown(link, reason))
+
+    @property
+    def half_open_count(self) -> int:
+        """Answered handshakes for new links still waiting for their first transport packet."""
+        return len(self._half_open)
 
     # ------------------------------------------------------------------ outputs
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
@@ -165,6 +194,8 @@ class LinkLayer:
             self._receive_response(data, addr, now)
         elif kind == MSG_INIT_CLIENT or kind == MSG_INIT_RELAY:
             self._receive_initiation(data, addr, now, wall)
+        elif kind == MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now, wall)
         else:
             self.counters["drop_unknown_type"] += 1
 
@@ -175,8 +206,13 @@ class LinkLayer:
             return
         entry = self._by_index.get(data[1:5])
         if entry is None:
-            self.counters["drop_unknown_index"] += 1
-            return
+            half = self._half_open.get(data[1:5])
+            if half is None:
+                self.counters["drop_unknown_index"] += 1
+                return
+            entry = self._promote(half, data, now)
+            if entry is None:
+                return
         link, session = entry
         counter = data[5:13]
         view = memoryview(data)  # no copy of the 1416-byte ciphertext before the AEAD reads it
@@ -214,7 +250,16 @@ class LinkLayer:
         if not lh.check_mac1(cfg.link_pub, data):
             self.counters["drop_bad_mac1"] += 1
             return
-        if not self._buckets.allow(addr[0], now):
+        if self._under_load(now):
+            # under load only a source that can receive gets a DH: it proves so with mac2 (§4.12)
+            where = address_bytes(addr)
+            if not self._mac2_valid(data, where, now):
+                self.counters["cookie_reply_sent"] += 1
+                self.outbox.append((lh.write_cookie_reply(responder_link_pub=cfg.link_pub, initiation=data,
+                                                          cookie=self._cookie(where, now), rng=self._rng), addr))
+                return
+        source = source_key(addr[0])
+        if not self._buckets.allow(source, now):
             self.counters["drop_handshake_rate"] += 1
             return
         try:
@@ -227,47 +272,39 @@ class LinkLayer:
             self.counters["drop_initiation_clock_skew"] += 1
             return
         # replay cache of initiation ephemerals, both patterns; entries outlive the clock-skew window
-        self._expire_ephemerals(now)
-        if init.ephemeral in self._seen_ephemerals:
+        before = self._seen_ephemerals.evicted_buckets
+        fresh = self._seen_ephemerals.check_and_add(init.ephemeral, now)
+        if self._seen_ephemerals.evicted_buckets != before:
+            self.counters["ecache_bucket_evicted"] += self._seen_ephemerals.evicted_buckets - before
+        if not fresh:
             self.counters["drop_initiation_replay"] += 1
             return
-        if len(self._seen_ephemerals) >= cfg.max_seen_ephemerals:
-            self.counters["drop_replay_cache_full"] += 1
-            return
-        self._seen_ephemerals[init.ephemeral] = now + 2 * HANDSHAKE_SKEW_S
         link: Link | None
+        peer_pub = init.noise.rs
         if init.relay is None:
             link = self._resume.get(init.resume) if init.resume != lh.NO_RESUME else None
-            if link is None:
-                if len(self.links) >= cfg.max_links:
-                    self.counters["drop_too_many_links"] += 1
-                    return
-                link = self._new_link(addr, PeerKind.CLIENT, initiator=False, now=now)
-            else:
+            if link is not None:
                 self.counters["link_resumed"] += 1
         else:
-            peer_pub = init.noise.rs
             assert peer_pub is not None
             link = self._accepted.get(peer_pub)
             if link is not None and init.timestamp_ns <= link.last_rx_timestamp:
                 self.counters["drop_initiation_replay"] += 1
                 return
-            if link is None:
-                if len(self.links) >= cfg.max_links:
-                    self.counters["drop_too_many_links"] += 1
-                    return
-                link = self._new_link(addr, PeerKind.RELAY, initiator=False, now=now)
-                link.peer_link_pub = peer_pub
-                self._accepted[peer_pub] = link
-            link.peer_relay_id = init.relay.relay_id  # authenticated by the link certificate
-        link.last_rx_timestamp = max(link.last_rx_timestamp, init.timestamp_ns)
         local_index = self._new_index()
         keys, response = lh.write_response(init, sender_index=local_index, rng=self._rng)
         session = Session(keys, local_index, init.sender_index, now, self._first_counter())
-        if link.session is None:
-            link.addr = addr  # a new link; an existing one moves only on an authenticated transport packet
-            self._install_session(link, session, now)
+        if link is None:
+            # a new link: nothing but a half-open entry until the initiator's first transport packet
+            relay = init.relay
+            self._add_half_open(HalfOpen(
+                session, addr, PeerKind.CLIENT if relay is None else PeerKind.RELAY, source,
+                aggregate_key(addr[0]), now + HALF_OPEN_S, peer_pub if relay is not None else None,
+                relay.relay_id if relay is not None else None, init.timestamp_ns))
         else:
+            if init.relay is not None:
+                link.peer_relay_id = init.relay.relay_id  # authenticated by the link certificate
+            link.last_rx_timestamp = max(link.last_rx_timestamp, init.timestamp_ns)
             # a rekey: keep sending on the current session until the initiator uses the new one (its
             # RESPONSE may be lost, and it would then retry with the current session's resume token)
             if link.next_session is not None:
@@ -298,10 +335,41 @@ class LinkLayer:
         link.pending = None
         link.retry_at = None
         link.addr = addr
+        if link.session is None:
+            # the responder makes the link only on our first transport packet (§4.5): if our owner sends
+            # nothing right away (a CREATE usually follows LinkUp), the tick due now sends a PADDING cell
+            link.owes_first = True
+            self._next_tick = now
         self._install_session(link, Session(keys, index, remote_index, now, self._first_counter()), now)
         self.counters["handshake_completed"] += 1
 
+    def _receive_cookie_reply(self, data: bytes, now: float, wall: float) -> None:
+        try:
+            index = lh.cookie_reply_receiver(data)
+        except DecodeError:
+            self.counters["drop_bad_length"] += 1
+            return
+        link = self._pending_by_index.get(index)
+        if link is None:
+            self.counters["drop_unknown_index"] += 1
+            return
+        # every handshake in flight has its state and the key it was sent to (``_send_initiation``)
+        assert link.pending is not None and link.peer_link_pub is not None
+        try:
+            cookie = lh.read_cookie_reply(responder_link_pub=link.peer_link_pub, state=link.pending, packet=data)
+        except (DecodeError, AuthFailure):
+            self.counters["drop_bad_cookie_reply"] += 1
+            return
+        self.counters["cookie_received"] += 1
+        link.cookie, link.cookie_at = cookie, now
+        # retry at once with mac2: the reply came within a round trip, the responder is reachable.  Each
+        # retry is one of the HANDSHAKE_ATTEMPTS, so a responder that answers every one with a cookie
+        # cannot keep us sending
+        if link.attempts < HANDSHAKE_ATTEMPTS:
+            self._send_initiation(link, now, wall)
+
     def handle_timer(self, now: float, wall: float) -> None:
+        self._expire_half_open(now)
         for link in list(self.links.values()):
             if link.state is LinkState.CLOSED:
                 continue
@@ -322,6 +390,10 @@ class LinkLayer:
                 if link.pending is None:  # nothing will ever bring this link up
                     self.close_link(link, "no handshake")
                 continue
+            if link.owes_first:
+                link.owes_first = False
+                if session.sent == 0:
+                    self.send_cell(link, PADDING_CELL, now)
             age = now - session.created
             if link.initiator and link.pending is None and (
                     age >= REKEY_AFTER_S or session.sent >= REKEY_AFTER_MESSAGES) and link.users > 0:
@@ -353,7 +425,7 @@ class LinkLayer:
     def timer(self) -> float | None:
         # housekeeping ticks once a second while any link exists (keepalives, rekeys, silence checks,
         # the owner's own timeouts); a node with no links sleeps
-        deadline = self._next_tick if self.links else None
+        deadline = self._next_tick if self.links or self._half_open else None
         for link in self._pending_by_index.values():
             if link.retry_at is not None and (deadline is None or link.retry_at < deadline):
                 deadline = link.retry_at
@@ -371,7 +443,9 @@ class LinkLayer:
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._rng(4), "big")
-            if index and index.to_bytes(4, "big") not in self._by_index and index not in self._pending_by_index:
+            key = index.to_bytes(4, "big")
+            if index and key not in self._by_index and index not in self._pending_by_index \
+                    and key not in self._half_open:
                 return index
 
     def _first_counter(self) -> int:
@@ -388,15 +462,16 @@ class LinkLayer:
         if link.pending is not None:
             self._pending_by_index.pop(link.pending.sender_index, None)
         index = self._new_index()
+        cookie = link.cookie if link.cookie is not None and now - link.cookie_at < COOKIE_SECRET_S else None
         if link.kind is PeerKind.RELAY and cfg.identity_pub is not None:
             state, packet = lh.relay_initiation(
                 link_private=cfg.link_private, identity_pub=cfg.identity_pub, cert_expires=cfg.cert_expires,
                 cert_sig=cfg.cert_sig, responder_link_pub=link.peer_link_pub, sender_index=index,
-                timestamp_ns=int(wall * 1e9), rng=self._rng)
+                timestamp_ns=int(wall * 1e9), rng=self._rng, cookie=cookie)
         else:
             resume = link.session.resume if link.session is not None else lh.NO_RESUME
             state, packet = lh.client_initiation(responder_link_pub=link.peer_link_pub, sender_index=index,
-                                                 rng=self._rng, resume=resume)
+                                                 rng=self._rng, resume=resume, cookie=cookie)
         link.pending = state
         self._pending_by_index[index] = link
         link.attempts += 1
@@ -428,10 +503,168 @@ class LinkLayer:
         self._by_index.pop(session.local_index.to_bytes(4, "big"), None)
         self._resume.pop(session.resume, None)
 
-    def _expire_ephemerals(self, now: float) -> None:
-        cache = self._seen_ephemerals
-        while cache:
-            first = next(iter(cache))
-            if cache[first] > now:
+    # ------------------------------------------------------------------ cookies (§4.12)
+    def _under_load(self, now: float) -> bool:
+        """Under load: ``cookie_load_rate`` or more initiations with a valid mac1 in this whole second or
+        the one before, or the half-open table at least half full."""
+        second = int(now)
+        if second != self._load_second:
+            self._load_before = self._load_now if second == self._load_second + 1 else 0
+            self._load_second, self._load_now = second, 0
+        self._load_now += 1
+        rate = self.config.cookie_load_rate
+        return (self._load_now > rate or self._load_before >= rate
+                or 2 * len(self._half_open) >= self.config.max_half_open)
+
+    def _cookie(self, where: bytes, now: float) -> bytes:
+        """The cookie of the source address ``where`` (``address_bytes``) under the current secret."""
+        if not self._cookie_secrets or now - self._cookie_born >= COOKIE_SECRET_S:
+            self._cookie_secrets = (self._rng(32), *self._cookie_secrets[:1])
+            self._cookie_born = now
+        return lh.cookie_for(self._cookie_secrets[0], where)
+
+    def _mac2_valid(self, data: bytes, where: bytes, now: float) -> bool:
+        self._cookie(where, now)  # rotates the secret when due
+        # the previous secret too: a cookie handed out just before a rotation stays good for one period
+        return any(lh.check_mac2(lh.cookie_for(secret, where), data) for secret in self._cookie_secrets)
+
+    # ------------------------------------------------------------------ half-open handshakes (§4.5)
+    def _add_half_open(self, half: HalfOpen) -> None:
+        cfg = self.config
+        self._expire_half_open(half.expires - HALF_OPEN_S)
+        mine = self._half_by_source.get(half.source)
+        if mine is not None and len(mine) >= cfg.max_half_open_per_source:
+            self.counters["half_open_source_evicted"] += 1
+            self._drop_half_open(next(iter(mine)))
+        near = self._half_by_aggregate.get(half.aggregate)
+        if near is not None and len(near) >= cfg.max_half_open_per_aggregate:
+            self.counters["half_open_aggregate_evicted"] += 1
+            self._drop_half_open(next(iter(near)))
+        if len(self._half_open) >= cfg.max_half_open:
+            self.counters["half_open_evicted"] += 1
+            self._drop_half_open(next(iter(self._half_open)))
+        key = half.session.local_index.to_bytes(4, "big")
+        self._half_open[key] = half
+        self._half_by_source.setdefault(half.source, {})[key] = None
+        self._half_by_aggregate.setdefault(half.aggregate, {})[key] = None
+        if self._next_tick is None or self._next_tick > half.expires:
+            self._next_tick = half.expires
+
+    def _drop_half_open(self, key: bytes) -> HalfOpen | None:
+        half = self._half_open.pop(key, None)
+        if half is not None:
+            for table, name in ((self._half_by_source, half.source), (self._half_by_aggregate, half.aggregate)):
+                entries = table[name]
+                del entries[key]
+                if not entries:
+                    del table[name]
+        return half
+
+    def _expire_half_open(self, now: float) -> None:
+        table = self._half_open
+        while table:
+            key = next(iter(table))
+            if table[key].expires > now:
                 break
-            del cache[first]
+            self.counters["half_open_expired"] += 1
+            self._drop_half_open(key)
+
+    def _promote(self, half: HalfOpen, data: bytes, now: float) -> tuple[Link, Session] | None:
+        """The first transport packet for a half-open handshake: if it authenticates, the link is made
+        (within the quotas of §8.3) and the packet goes on as on any link."""
+        session = half.session
+        counter = data[5:13]
+        view = memoryview(data)
+        try:
+            session.recv_aead.decrypt(NONCE_PREFIX + counter, view[LINK_HEADER_LEN:], view[:LINK_HEADER_LEN])
+        except InvalidTag:
+            self.counters["drop_bad_tag"] += 1
+            return None
+        self._drop_half_open(data[1:5])
+        if now >= half.expires:
+            self.counters["half_open_expired"] += 1
+            return None
+        link = self._accepted.get(half.peer_link_pub) if half.peer_link_pub is not None else None
+        if link is None:
+            if not self._admit(half.source, half.aggregate, now):
+                self.counters["drop_link_quota"] += 1
+                return None
+            link = self._new_link(half.addr, half.kind, initiator=False, now=now)
+            link.source, link.aggregate = half.source, half.aggregate
+            self._by_source.setdefault(half.source, {})[link] = None
+            self._aggregate_sources.setdefault(half.aggregate, {})[half.source] = None
+            self._aggregate_count[half.aggregate] += 1
+            if half.peer_link_pub is not None:
+                link.peer_link_pub = half.peer_link_pub
+                self._accepted[half.peer_link_pub] = link
+        # else: a second handshake of a relay we already have a link with (both were in flight): the
+        # peer uses this one, so it becomes the link's current session
+        if half.peer_relay_id is not None:
+            link.peer_relay_id = half.peer_relay_id  # authenticated by the link certificate
+        link.last_rx_timestamp = max(link.last_rx_timestamp, half.timestamp_ns)
+        self._install_session(link, session, now)
+        self.counters["link_promoted"] += 1
+        return link, session
+
+    # ------------------------------------------------------------------ quotas (§8.3)
+    def _admit(self, source: str, aggregate: str, now: float) -> bool:
+        """Room for one more accepted link from ``source``: over its own quota its oldest idle link goes
+        (or, if all are busy, the newcomer is refused); over the aggregate's quota, or with a full table, a
+        link of the heaviest source goes instead of the newcomer."""
+        cfg = self.config
+        mine = self._by_source.get(source)
+        if mine is not None and len(mine) >= cfg.max_links_per_source:
+            victim = self._victim(mine, now, idle_only=True)
+            if victim is None:
+                return False
+            self.counters["link_source_evicted"] += 1
+            self.close_link(victim, "source quota")
+        if self._aggregate_count[aggregate] >= cfg.max_links_per_aggregate:
+            heaviest = max(self._aggregate_sources[aggregate], key=lambda s: len(self._by_source[s]))
+            victim = self._victim(self._by_source[heaviest], now, idle_only=False)
+            if victim is None:
+                return False
+            self.counters["link_aggregate_evicted"] += 1
+            self.close_link(victim, "aggregate quota")
+        return len(self.links) < cfg.max_links or self._evict_one(now)
+
+    def _evict_one(self, now: float) -> bool:
+        """The table is full: close the least valuable link of the source with the most accepted links."""
+        if not self._by_source:
+            return False
+        heaviest = max(self._by_source, key=lambda s: len(self._by_source[s]))
+        victim = self._victim(self._by_source[heaviest], now, idle_only=False)
+        if victim is None:
+            return False
+        self.counters["link_table_evicted"] += 1
+        self.close_link(victim, "link table full")
+        return True
+
+    @staticmethod
+    def _victim(links: dict[Link, None], now: float, *, idle_only: bool) -> Link | None:
+        """The oldest idle client link, else the oldest idle relay link, else (unless ``idle_only``) the
+        oldest busy client link, else the oldest busy relay link: relays carrying circuits go last.  A link
+        that received a packet at this very moment is never taken (its cell may be what needs the room)."""
+        best: Link | None = None
+        best_rank = 4
+        for link in links:
+            rank = (2 if link.users > 0 else 0) + (1 if link.kind is PeerKind.RELAY else 0)
+            if rank < best_rank and (not idle_only or link.users == 0) and link.last_recv < now:
+                best, best_rank = link, rank
+        return best
+
+    def _uncount(self, link: Link) -> None:
+        source, aggregate = link.source, link.aggregate
+        assert source is not None and aggregate is not None
+        mine = self._by_source.get(source)
+        if mine is not None and link in mine:
+            del mine[link]
+            if not mine:
+                del self._by_source[source]
+                sources = self._aggregate_sources[aggregate]
+                del sources[source]
+                if not sources:
+                    del self._aggregate_sources[aggregate]
+            self._aggregate_count[aggregate] -= 1
+            if not self._aggregate_count[aggregate]:
+                del self._aggregate_count[aggregate]

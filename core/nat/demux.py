@@ -3,7 +3,7 @@
     0x00 .. 0x3f   STUN, if it is STUN at all (top two bits zero and the magic cookie, ``stun.is_stun``)
     0x51 .. 0x54   link packets: INIT_CLIENT, INIT_RELAY, RESPONSE, TRANSPORT (crypto/params.py)
     0x55 .. 0x58   NAT frames: INTRO_REQUEST, INTRO_ANSWER, PUNCH, RELAYED (core/wire/nat_frames.py)
-    anything else  the link layer, which counts it as an unknown type and drops it
+    anything else  the link layer: a COOKIE_REPLY (0x59), or an unknown type it counts and drops
 
 The table maps every byte value to the handler of its kind, so a link packet costs one index and goes
 straight to the node, as the data path needs.

@@ -11,7 +11,8 @@ import ipaddress
 from shallot.core.errors import ShallotError
 from shallot.crypto.codec import Address
 
-__all__ = ["Address", "Scope", "extend_target_allowed", "host_key", "parse_hostport", "scope", "subnet_key"]
+__all__ = ["Address", "Scope", "aggregate_key", "extend_target_allowed", "host_key", "parse_hostport", "scope",
+           "source_key", "subnet_key"]
 
 
 class Scope(enum.Enum):
@@ -105,3 +106,23 @@ def parse_hostport(text: str) -> Address:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ShallotError(f"bad address {text!r}: expected HOST:PORT with an IP address and a port 1-65535")
     return host, int(port)
+
+
+def aggregate_key(host: str) -> str:
+    """The neighbourhood of a source for aggregate limits: the IPv4 /24 or the IPv6 /48 (one site).  A
+    loopback address is its own aggregate: on one machine (``shallot demo``, the tests' networks of
+    127.x.y.z hosts) a /24 is no site."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.is_loopback:
+            return str(ip)
+        else:
+            return str(ipaddress.ip_network(f"{host}/48", strict=False))
+    if ip.is_loopback:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/24", strict=False))

@@ -427,8 +427,8 @@ def datagram_for(target: Target, mode: int, g: Gen) -> bytes:
         return bytes([kind]) + g.bytes(n)
     if mode == 3:  # initiation with a valid mac1 (gets past the cheap filter into the DH)
         kind = g.choice((0x51, 0x52))
-        body = bytes([kind, g.choice((1, 1, 0, 2))]) + g.bytes(EXPECTED_LEN[kind] - 2 - 16)
-        return body + lh.mac1(target.link_pub, body)
+        body = bytes([kind, g.choice((1, 1, 0, 2))]) + g.bytes(EXPECTED_LEN[kind] - 2 - 32)
+        return body + lh.mac1(target.link_pub, body) + g.bytes(16)
     if mode == 4:  # transport naming a live session: random counter and ciphertext
         return bytes([0x54]) + g.choice(target.established).to_bytes(4, "big") + g.bytes(1429 - 5)
     if mode == 5:  # response naming a handshake in flight

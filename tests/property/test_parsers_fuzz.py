@@ -357,7 +357,7 @@ def _noise_initiation(g: Gen) -> tuple[bytes, bytes, bytes]:
     identity = g.choice(key_pool()).identity_pub if g.chance(0.5) else g.r.randbytes(32)
     payload = identity + g.int(0, 2**64 - 1).to_bytes(8, "big") + g.bytes(64) + g.bytes(8)
     body = bytes([MSG_INIT_RELAY, 1]) + sender.to_bytes(4, "big") + noise.write_message(payload, g.r.randbytes)
-    return hc.responder_private, hc.responder_pub, body + lh.mac1(hc.responder_pub, body)
+    return hc.responder_private, hc.responder_pub, body + lh.mac1(hc.responder_pub, body) + lh.NO_MAC2
 
 
 def _check_link_handshake_parsers(c: Case) -> None:
@@ -375,9 +375,9 @@ def _check_link_handshake_parsers(c: Case) -> None:
         kind = g.choice((0x51, 0x52))
         packet = bytes([kind, g.choice((1, 1, 0))]) + g.bytes(
             (lh.INIT_CLIENT_LEN if kind == 0x51 else lh.INIT_RELAY_LEN) - 2)
-    elif init_mode == 2:  # a valid initiation with 1-3 edits outside mac1
-        packet = g.mutate(hc.initiation, protect_tail=16)
-        must_fail = packet[:-16] != hc.initiation[:-16] or len(packet) != len(hc.initiation)
+    elif init_mode == 2:  # a valid initiation with 1-3 edits outside mac1 and mac2
+        packet = g.mutate(hc.initiation, protect_tail=32)
+        must_fail = packet[:-32] != hc.initiation[:-32] or len(packet) != len(hc.initiation)
     elif init_mode == 3:
         priv, pub, packet = _noise_initiation(g)
     else:

@@ -50,7 +50,7 @@ def test_independent_implementation_reproduces_every_vector() -> None:
     # every value of both files, by name
     protocol = json.loads((VECTORS / "protocol_v1.json").read_text())
     build = json.loads((VECTORS / "circuit_build_v1.json").read_text())
-    for section in ("keys", "descriptor", "transport_packet", "first_relay_cell"):
+    for section in ("keys", "descriptor", "transport_packet", "cookie_reply", "first_relay_cell"):
         for name in protocol[section]["expected"]:
             assert f"{section}.{name}" in checked, name
     assert {f"nk.{n}" for n in protocol["nk_handshake"]["expected"]} <= checked
@@ -66,6 +66,7 @@ def test_independent_implementation_reproduces_every_vector() -> None:
     ("circuit_build_v1.json", ("expected", "create_slots", 2)),
     ("circuit_build_v1.json", ("expected", "backward_cells", 0)),
     ("protocol_v1.json", ("nk_handshake", "expected", "k2")),
+    ("protocol_v1.json", ("cookie_reply", "expected", "cookie_reply")),
     ("protocol_v1.json", ("descriptor", "expected", "encoded")),
 ])
 def test_the_script_fails_on_a_vector_one_byte_off(tmp_path: Path, which: str, path: tuple) -> None:

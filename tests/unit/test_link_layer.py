@@ -78,7 +78,8 @@ def test_client_link_handshake_completes_and_carries_cells_both_ways() -> None:
     relay.send_cell(rlink, relay_cell(9), net.now)
     net.run()
     assert to_relay.payloads() == sent and to_client.payloads() == [relay_cell(9)]
-    wire = packets(net, CLIENT_ADDR, R_ADDR, MSG_TRANSPORT)
+    padding, *wire = packets(net, CLIENT_ADDR, R_ADDR, MSG_TRANSPORT)  # the first made the relay's link (§4.5)
+    assert len(padding) == LINK_PACKET_LEN
     assert len(wire) == 3 and all(len(p) == LINK_PACKET_LEN for p in wire)
     assert not any(cell[:40] in p for cell, p in zip(sent, wire)), "cells must be encrypted on the wire"
 
@@ -97,7 +98,7 @@ def test_transport_counters_start_at_a_random_48_bit_value_per_session() -> None
     for addr, client, link in zip(addrs, clients, links):
         client.send_cell(link, relay_cell(1), net.now)
         net.run()
-        (wire,) = packets(net, addr, R_ADDR, MSG_TRANSPORT)
+        wire = packets(net, addr, R_ADDR, MSG_TRANSPORT)[0]  # the PADDING sent when the handshake completed
         firsts.append(int.from_bytes(wire[5:13], "little"))  # type(1) + receiver index(4) + counter(8)
     for rlink in relay.links.values():
         assert rlink.session is not None
@@ -165,8 +166,9 @@ def test_relay_initiation_must_prove_the_claimed_identity(variant: str) -> None:
     b.receive_datagram(packet, R_ADDR, net.now, net.wall)
     if variant == "genuine":
         assert b.counters["handshake_responded"] == 1 and len(b.outbox) == 1
-        (blink,) = b.links.values()
-        assert blink.peer_relay_id == akeys.relay_id
+        assert not b.links  # a half-open handshake until A's first transport packet (§4.5)
+        (half,) = b._half_open.values()
+        assert half.peer_relay_id == akeys.relay_id
     else:
         assert b.counters["drop_bad_initiation"] == 1
         assert b.outbox == [] and not b.links
@@ -183,7 +185,7 @@ def test_replayed_transport_packet_is_dropped_and_not_delivered_twice() -> None:
         client.send_cell(link, relay_cell(i), net.now)
     net.run()
     assert len(sink.cells) == 3
-    wire = packets(net, CLIENT_ADDR, R_ADDR, MSG_TRANSPORT)
+    wire = packets(net, CLIENT_ADDR, R_ADDR, MSG_TRANSPORT)[1:]  # after the PADDING that made the link
     relay.receive_datagram(wire[1], CLIENT_ADDR, net.now, net.wall)
     assert len(sink.cells) == 3 and relay.counters["drop_replay"] == 1
     for p in wire:  # from another address too: the attacker does not need the client's address
@@ -275,9 +277,9 @@ def test_initiation_with_a_bad_mac1_gets_no_response(kind: str) -> None:
     else:
         packet = _relay_init(net, link_private=akeys.link_private, identity=akeys, cert_for=akeys.link_pub,
                              cert_expires=int(net.wall) + 3600, responder_pub=bkeys.link_pub)
-    flipped = packet[:-1] + bytes([packet[-1] ^ 0x01])
-    body = packet[:-16]
-    wrong_key = body + lh.mac1(akeys.link_pub, body)  # mac1 for another relay's link key
+    flipped = packet[:-17] + bytes([packet[-17] ^ 0x01]) + packet[-16:]  # the last byte of mac1
+    body = packet[:-32]
+    wrong_key = body + lh.mac1(akeys.link_pub, body) + lh.NO_MAC2  # mac1 for another relay's link key
     for bad in (flipped, wrong_key):
         b.receive_datagram(bad, R_ADDR, net.now, net.wall)
     assert b.counters["drop_bad_mac1"] == 2

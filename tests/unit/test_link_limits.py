@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from shallot.core.link import LinkConfig, LinkError, LinkLayer, LinkState
+from shallot.core.link import PADDING_CELL, LinkConfig, LinkError, LinkLayer, LinkState, Session
 from shallot.crypto import link_handshake as lh
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import (
@@ -55,6 +55,33 @@ def relay_init(initiator: RelayKeys, keys: RelayKeys, i: int, *, timestamp_ns: i
     return packet
 
 
+def first_packet(state: lh.InitiatorState, response: bytes) -> bytes:
+    """The initiator's first transport packet (a PADDING cell) under the session ``response`` completes."""
+    keys, remote = lh.read_response(state, response)
+    return Session(keys, state.sender_index, remote, 0.0, 0).seal(PADDING_CELL)
+
+
+def connect(layer: LinkLayer, keys: RelayKeys, i: int, addr: tuple[str, int], now: float,
+            *, relay: RelayKeys | None = None) -> bool:
+    """A whole client (or, with ``relay``, relay) handshake and its first transport packet: is there a link?"""
+    if relay is None:
+        state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=1000 + i,
+                                             rng=det_rng(5000 + i))
+    else:
+        expires = int(WALL) + 86400
+        state, packet = lh.relay_initiation(
+            link_private=relay.link_private, identity_pub=relay.identity_pub, cert_expires=expires,
+            cert_sig=relay.link_cert(expires), responder_link_pub=keys.link_pub, sender_index=2000 + i,
+            timestamp_ns=int(WALL * 1e9), rng=det_rng(6000 + i))
+    before = layer.counters["link_promoted"]
+    layer.receive_datagram(packet, addr, now, WALL)
+    responses = [d for d, a in layer.datagrams_to_send() if d[0] == MSG_RESPONSE and a == addr]
+    if not responses:
+        return False
+    layer.receive_datagram(first_packet(state, responses[0]), addr, now, WALL)
+    return layer.counters["link_promoted"] > before
+
+
 def answered(layer: LinkLayer) -> int:
     """RESPONSE packets the layer has queued (and takes them off the queue)."""
     out = [d for d, _a in layer.datagrams_to_send() if d[0] == MSG_RESPONSE]
@@ -69,7 +96,7 @@ def test_handshakes_are_rate_limited_per_source_address() -> None:
     for i in range(5):  # five valid initiations from one address (other ports: the bucket is per IP)
         layer.receive_datagram(client_init(keys, i), ("198.51.100.5", 4000 + i), 10.0, WALL)
     assert answered(layer) == 3 and layer.counters["drop_handshake_rate"] == 2
-    assert len(layer.links) == 3
+    assert layer.half_open_count == 3 and not layer.links  # no link before a transport packet (§4.5)
     layer.receive_datagram(client_init(keys, 5), ("198.51.100.6", 4000), 10.0, WALL)  # another address
     assert answered(layer) == 1
     layer.receive_datagram(client_init(keys, 6), ("198.51.100.5", 4000), 11.0, WALL + 1)  # a second later
@@ -80,27 +107,26 @@ def test_handshakes_are_rate_limited_per_source_address() -> None:
 def test_the_rate_limit_comes_after_mac1_so_garbage_costs_no_tokens() -> None:
     layer, keys = responder(handshake_rate=1.0, handshake_burst=1.0)
     good = client_init(keys, 1)
-    layer.receive_datagram(good[:-1] + bytes([good[-1] ^ 1]), ("198.51.100.5", 1), 10.0, WALL)
+    layer.receive_datagram(good[:-17] + bytes([good[-17] ^ 1]) + good[-16:], ("198.51.100.5", 1), 10.0, WALL)
     assert layer.counters["drop_bad_mac1"] == 1 and layer.counters["drop_handshake_rate"] == 0
     layer.receive_datagram(good, ("198.51.100.5", 1), 10.0, WALL)
     assert answered(layer) == 1
 
 
 @pytest.mark.parametrize("kind", ["client", "relay"])
-def test_an_initiation_that_needs_a_new_link_beyond_max_links_is_dropped(kind: str) -> None:
-    layer, keys = responder(max_links=2)
-    peers = [RelayKeys.generate(det_rng(300 + i), WALL) for i in range(3)]
-
-    def init(i: int) -> bytes:
-        if kind == "client":
-            return client_init(keys, i)
-        return relay_init(peers[i], keys, i, timestamp_ns=int(WALL * 1e9))
-
-    for i in range(2):
-        layer.receive_datagram(init(i), (f"198.51.100.{i + 1}", 9000), 10.0, WALL)
-    assert answered(layer) == 2 and len(layer.links) == 2
-    layer.receive_datagram(init(2), ("198.51.100.3", 9000), 10.0, WALL)
-    assert layer.counters["drop_too_many_links"] == 1 and answered(layer) == 0 and len(layer.links) == 2
+def test_a_new_link_beyond_max_links_evicts_the_oldest_idle_link_of_the_heaviest_source(kind: str) -> None:
+    """The table is full: the newcomer gets in, the source with most links loses its oldest idle one (§8.3)."""
+    layer, keys = responder(max_links=3)
+    peers = [RelayKeys.generate(det_rng(300 + i), WALL) for i in range(4)]
+    relay = (lambda i: peers[i]) if kind == "relay" else (lambda i: None)
+    heavy, light, new = ("198.51.100.1", 9000), ("198.51.100.2", 9000), ("203.0.113.3", 9000)
+    for i, addr in enumerate((heavy, (heavy[0], 9001), light)):
+        assert connect(layer, keys, i, addr, 10.0 + i, relay=relay(i))
+    first, second, third = layer.links.values()
+    second.users = 1  # carries a circuit: not idle
+    assert connect(layer, keys, 3, new, 20.0, relay=relay(3))
+    assert first.state is LinkState.CLOSED and second.state is LinkState.UP and third.state is LinkState.UP
+    assert layer.counters["link_table_evicted"] == 1 and len(layer.links) == 3
 
 
 def test_a_resumed_client_link_is_not_a_new_link() -> None:
@@ -113,11 +139,7 @@ def test_a_resumed_client_link_is_not_a_new_link() -> None:
     relay.config.max_links = 1  # full, with the client's own link
     link.users = next(iter(relay.links.values())).users = 1  # in use on both ends: keepalives, then a rekey
     step_until(net, lambda: relay.counters["link_resumed"] > 0, limit=REKEY_AFTER_S + 10)
-    assert relay.counters["drop_too_many_links"] == 0 and link.state is LinkState.UP
-    other = client_layer(net, 3, ("192.0.2.21", 4444))
-    late = other.open_link(R_ADDR, rkeys.link_pub, net.now, net.wall)
-    net.run()
-    assert late.state is LinkState.CONNECTING and relay.counters["drop_too_many_links"] == 1
+    assert relay.counters["link_table_evicted"] == 0 and link.state is LinkState.UP
 
 
 def test_dialing_beyond_max_links_raises_and_reusing_a_link_does_not() -> None:
@@ -190,21 +212,26 @@ def client_addr(net: SimNet, layer: LinkLayer) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------- replay
 
 
-def test_a_full_initiation_replay_cache_fails_closed_until_entries_expire() -> None:
-    layer, keys = responder(max_seen_ephemerals=2)
-    now = 10.0
-    for i in range(2):
-        layer.receive_datagram(client_init(keys, i), (f"198.51.100.{i + 1}", 1), now, WALL)
-    assert answered(layer) == 2
-    layer.receive_datagram(client_init(keys, 2), ("198.51.100.3", 1), now, WALL)
-    assert layer.counters["drop_replay_cache_full"] == 1 and answered(layer) == 0
-    later = now + HANDSHAKE_SKEW_S  # entries are kept 2 x HANDSHAKE_SKEW_S: still full
-    layer.receive_datagram(client_init(keys, 3), ("198.51.100.4", 1), later,
-                           WALL + HANDSHAKE_SKEW_S)
-    assert layer.counters["drop_replay_cache_full"] == 2 and answered(layer) == 0
-    expired = now + 2 * HANDSHAKE_SKEW_S + 1
-    layer.receive_datagram(client_init(keys, 4), ("198.51.100.5", 1), expired,
-                           WALL + expired - now)
+def test_a_full_initiation_replay_cache_drops_its_oldest_bucket_and_never_refuses() -> None:
+    """Review H4 (ii): the cache ages out by time and, when full, forgets its oldest time bucket (§4.5)."""
+    layer, keys = responder(max_seen_ephemerals=32)  # 16 buckets of 2
+    for i in range(40):  # more fresh initiations than it holds, from many sources, in one instant
+        layer.receive_datagram(client_init(keys, i), (f"198.51.100.{i + 1}", 1), 10.0, WALL)
+    assert answered(layer) == 40 and layer.counters["ecache_bucket_evicted"] == 4
+    # the newest are still remembered, the oldest were forgotten (a replay of those gets an answer)
+    layer.receive_datagram(client_init(keys, 39), ("198.51.100.99", 1), 11.0, WALL)
+    assert answered(layer) == 0 and layer.counters["drop_initiation_replay"] == 1
+    layer.receive_datagram(client_init(keys, 0), ("198.51.100.98", 1), 11.0, WALL)
+    assert answered(layer) == 1
+
+
+def test_initiation_ephemerals_are_remembered_for_twice_the_skew_and_then_forgotten() -> None:
+    layer, keys = responder()
+    layer.receive_datagram(client_init(keys, 1), ("198.51.100.1", 1), 10.0, WALL)
+    assert answered(layer) == 1
+    layer.receive_datagram(client_init(keys, 1), ("198.51.100.2", 1), 10.0 + 2 * HANDSHAKE_SKEW_S - 1, WALL)
+    assert answered(layer) == 0 and layer.counters["drop_initiation_replay"] == 1
+    layer.receive_datagram(client_init(keys, 1), ("198.51.100.3", 1), 10.0 + 2 * HANDSHAKE_SKEW_S + 16, WALL)
     assert answered(layer) == 1
 
 
@@ -214,7 +241,7 @@ def test_a_replayed_initiation_is_dropped_from_anywhere() -> None:
     layer.receive_datagram(packet, ("198.51.100.1", 1), 10.0, WALL)
     layer.receive_datagram(packet, ("198.51.100.1", 1), 11.0, WALL + 1)
     layer.receive_datagram(packet, ("203.0.113.9", 2), 12.0, WALL + 2)
-    assert answered(layer) == 1 and layer.counters["drop_initiation_replay"] == 2 and len(layer.links) == 1
+    assert answered(layer) == 1 and layer.counters["drop_initiation_replay"] == 2 and layer.half_open_count == 1
 
 
 def test_a_relay_initiation_must_be_newer_than_the_last_one_on_its_link() -> None:
@@ -222,8 +249,7 @@ def test_a_relay_initiation_must_be_newer_than_the_last_one_on_its_link() -> Non
     layer, keys = responder()
     peer = RelayKeys.generate(det_rng(77), WALL)
     ts = int(WALL * 1e9)
-    layer.receive_datagram(relay_init(peer, keys, 1, timestamp_ns=ts), B_ADDR, 10.0, WALL)
-    assert answered(layer) == 1
+    assert connect(layer, keys, 1, B_ADDR, 10.0, relay=peer)  # the link exists: its timestamp counts
     layer.receive_datagram(relay_init(peer, keys, 2, timestamp_ns=ts), B_ADDR, 11.0, WALL + 1)
     layer.receive_datagram(relay_init(peer, keys, 3, timestamp_ns=ts - 1), B_ADDR, 11.0, WALL + 1)
     assert answered(layer) == 0 and layer.counters["drop_initiation_replay"] == 2
@@ -254,7 +280,7 @@ def test_a_client_initiation_carries_no_clock() -> None:
     noise = NoiseHandshake("NK", initiator=True, rs=keys.link_pub,
                            prologue=b"shallot-link-v1" + head)
     body = head + noise.write_message(int(WALL * 1e9).to_bytes(8, "big") + lh.NO_RESUME, det_rng(9))
-    layer.receive_datagram(body + lh.mac1(keys.link_pub, body), ("198.51.100.2", 1), 11.0, WALL)
+    layer.receive_datagram(body + lh.mac1(keys.link_pub, body) + lh.NO_MAC2, ("198.51.100.2", 1), 11.0, WALL)
     assert layer.counters["drop_bad_initiation"] == 1 and answered(layer) == 0
 
 
@@ -274,7 +300,7 @@ def test_initiations_of_a_kind_the_node_does_not_accept_are_dropped(refuses: str
     layer.receive_datagram(relay_init(peer, keys, 1, timestamp_ns=int(WALL * 1e9)), B_ADDR, 10.0, WALL)
     refused = {"clients": 1, "relays": 1, "both": 2}[refuses]
     assert layer.counters["drop_initiation_not_accepted"] == refused
-    assert answered(layer) == 2 - refused and len(layer.links) == 2 - refused
+    assert answered(layer) == 2 - refused and layer.half_open_count == 2 - refused
 
 
 def test_a_client_answers_no_initiation_at_all() -> None:

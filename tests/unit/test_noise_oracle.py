@@ -127,7 +127,7 @@ def test_oracle_reproduces_the_nk_vectors_of_section_11_2() -> None:
     client = _framed_oracle("NK", True, prologue, static=None, remote=link_pub,
                             ephemeral=bytes.fromhex(i["initiator_ephemeral_private"]))
     body = head + client.write_message(bytes(8) + bytes.fromhex(i["resume"]))  # reserved | resume
-    assert (body + _mac1(link_pub, body)).hex() == exp["init_client"]
+    assert (body + _mac1(link_pub, body) + bytes(16)).hex() == exp["init_client"]
 
     relay = _framed_oracle("NK", False, prologue, static=link_private, remote=None,
                            ephemeral=bytes.fromhex(i["responder_ephemeral_private"]))
@@ -166,11 +166,11 @@ def test_ik_with_the_shallot_framing_against_the_oracle() -> None:
                                       sender_index=index, timestamp_ns=ts, rng=_no_rng, ephemeral=I_EPH)
     oracle_init = _framed_oracle("IK", True, prologue, static=I_STATIC, remote=responder.link_pub, ephemeral=I_EPH)
     body = bytes([0x52, 1]) + index.to_bytes(4, "big") + oracle_init.write_message(payload)
-    assert ours == body + _mac1(responder.link_pub, body) and len(ours) == lh.INIT_RELAY_LEN
+    assert ours == body + _mac1(responder.link_pub, body) + bytes(16) and len(ours) == lh.INIT_RELAY_LEN
 
     # the oracle as responder reads ours; ours as responder reads the oracle's (and checks the certificate)
     oracle_resp = _framed_oracle("IK", False, prologue, static=R_STATIC, remote=None, ephemeral=R_EPH)
-    assert oracle_resp.read_message(ours[6:-16]) == payload
+    assert oracle_resp.read_message(ours[6:-32]) == payload
     assert oracle_resp.noise_protocol.handshake_state.rs.public_bytes == initiator.link_pub
     seen = lh.read_initiation(link_private=R_STATIC, link_pub=responder.link_pub, packet=ours, wall=ts / 1e9)
     assert seen.relay is not None and seen.relay.relay_id == initiator.relay_id and seen.timestamp_ns == ts

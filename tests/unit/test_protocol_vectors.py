@@ -71,7 +71,7 @@ def test_the_vectors_file_is_protocol_md_section_11_2() -> None:
     for h in sorted(expected + inputs, key=len, reverse=True):
         rest = rest.replace(h, " ")
     assert re.findall(r"[0-9a-f]{16,}", rest) == [], "§11.2 prints a value the vectors file does not check"
-    assert len(expected) == 28 and VECTORS["source"] == "docs/PROTOCOL.md §11.2"
+    assert len(expected) == 32 and VECTORS["source"] == "docs/PROTOCOL.md §11.2"
 
 
 # ------------------------------------------------------------------------------------------ §3
@@ -157,10 +157,11 @@ def test_nk_init_client_and_response() -> None:
     layer, out = _relay_answers(H(exp["init_client"]))
     assert [(p.hex(), a) for p, a in out] == [(exp["response"], ("198.51.100.1", 40000))]
     assert layer.counters["handshake_responded"] == 1
-    (link,) = layer.links.values()
-    assert link.state is LinkState.UP and link.session is not None
-    assert link.session.local_index == int(i["responder_index"], 16)
-    assert link.session.resume.hex() == exp["resume"]
+    # a half-open handshake: the link is made by the client's first transport packet (test_transport_packet)
+    assert not layer.links and layer.half_open_count == 1
+    (half,) = layer._half_open.values()
+    assert half.session.local_index == int(i["responder_index"], 16)
+    assert half.session.resume.hex() == exp["resume"]
     # the client reads it: the transport keys and the token of §4.6
     keys_c, responder_index = lh.read_response(state, H(exp["response"]))
     assert responder_index == int(i["responder_index"], 16)
@@ -172,13 +173,13 @@ def test_a_changed_byte_of_the_init_client_is_not_answered() -> None:
     (version, index, ephemeral, ciphertext, tag), is dropped without an answer."""
     good = H(VECTORS["nk_handshake"]["expected"]["init_client"])
     link_pub = _keys().link_pub
-    for pos in (1, 2, 6, 40, 70, len(good) - 1):
+    for pos in (1, 2, 6, 40, 70, len(good) - 17):
         bad = good[:pos] + bytes([good[pos] ^ 0x01]) + good[pos + 1:]
-        if pos < len(good) - 16:
-            bad = bad[:-16] + lh.mac1(link_pub, bad[:-16])
+        if pos < len(good) - 32:
+            bad = bad[:-32] + lh.mac1(link_pub, bad[:-32]) + lh.NO_MAC2
         layer = relay_link_layer(_keys(), rng=Tape(b""), wall=1_800_000_000)
         layer.receive_datagram(bad, ("198.51.100.1", 40000), 50.0, VECTORS["nk_handshake"]["inputs"]["wall"])
-        expected = "drop_bad_mac1" if pos == len(good) - 1 else "drop_bad_initiation"
+        expected = "drop_bad_mac1" if pos == len(good) - 17 else "drop_bad_initiation"
         assert layer.datagrams_to_send() == [] and dict(layer.counters) == {expected: 1}, (pos, layer.counters)
 
 
@@ -202,11 +203,44 @@ def test_transport_packet() -> None:
     handed_up: list[bytes] = []
     layer.on_cell = lambda link, c: handed_up.append(c)
     layer.receive_datagram(packet, ("198.51.100.1", 40000), 51.0, 1_800_000_001.0)
-    (link,) = layer.links.values()
-    assert link.last_recv == 51.0 and not handed_up
+    (link,) = layer.links.values()  # the first transport packet made the link (§4.5)
+    assert link.state is LinkState.UP and link.session is not None and layer.half_open_count == 0
+    assert link.session.local_index == int(VECTORS["nk_handshake"]["inputs"]["responder_index"], 16)
+    assert link.session.resume.hex() == VECTORS["nk_handshake"]["expected"]["resume"]
+    assert link.last_recv == 51.0 and not handed_up and layer.counters["link_promoted"] == 1
     assert not [k for k in layer.counters if k.startswith("drop_")], layer.counters
     layer.receive_datagram(packet, ("198.51.100.1", 40000), 52.0, 1_800_000_002.0)
     assert layer.counters["drop_replay"] == 1  # the same packet twice: the window saw its counter
+
+
+def test_cookie_reply_and_mac2() -> None:
+    """§4.12: the relay under load answers the vector's INIT_CLIENT (no mac2) with exactly the COOKIE_REPLY, the
+    client reads the cookie from it, and the same initiation with the vector's mac2 gets the RESPONSE."""
+    i, exp = VECTORS["cookie_reply"]["inputs"], VECTORS["cookie_reply"]["expected"]
+    nk_in, nk = VECTORS["nk_handshake"]["inputs"], VECTORS["nk_handshake"]["expected"]
+    source = (i["source_host"], i["source_port"])
+    assert lh.cookie_key(_keys().link_pub).hex() == exp["cookie_key"]
+    tape = Tape(H(i["cookie_secret"]) + H(i["nonce"]) + H(nk_in["responder_index"])
+                + H(nk_in["responder_ephemeral_private"]) + bytes(6) + H(i["nonce"]))
+    layer = relay_link_layer(_keys(), rng=tape, wall=1_800_000_000)
+    layer.config.cookie_load_rate = 0  # under load from the first initiation on
+    layer.receive_datagram(H(nk["init_client"]), source, 50.0, nk_in["wall"])
+    assert [(p.hex(), a) for p, a in layer.datagrams_to_send()] == [(exp["cookie_reply"], source)]
+    assert len(H(exp["cookie_reply"])) == lh.COOKIE_REPLY_LEN < lh.INIT_CLIENT_LEN and not layer.half_open_count
+    state, _init = _init_client()
+    cookie = lh.read_cookie_reply(responder_link_pub=_keys().link_pub, state=state, packet=H(exp["cookie_reply"]))
+    assert cookie.hex() == exp["cookie"]
+    with_mac2 = H(nk["init_client"])[:-16] + H(exp["mac2"])
+    assert lh.mac2(cookie, with_mac2[:-16]).hex() == exp["mac2"]
+    assert lh.client_initiation(responder_link_pub=_keys().link_pub, sender_index=int(nk_in["sender_index"], 16),
+                                rng=Tape(b""), ephemeral=H(nk_in["initiator_ephemeral_private"]),
+                                cookie=cookie)[1] == with_mac2
+    layer.receive_datagram(with_mac2, source, 50.5, nk_in["wall"])
+    assert [(p.hex(), a) for p, a in layer.datagrams_to_send()] == [(nk["response"], source)]
+    # from another port the cookie is not valid: another cookie reply, no DH (so no replay check either)
+    layer.receive_datagram(with_mac2, (source[0], source[1] + 1), 50.6, nk_in["wall"])
+    assert layer.counters["cookie_reply_sent"] == 2 and layer.counters["drop_initiation_replay"] == 0
+    tape.assert_consumed()
 
 
 # ------------------------------------------------------------------------------------------ §5, §6

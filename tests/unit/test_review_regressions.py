@@ -32,7 +32,7 @@ def test_a_responder_only_link_layer_ticks() -> None:
     client.open_link(("192.0.2.1", 1), pub, 10.0, 1_800_000_000.0)
     for data, _ in client.outbox:
         layer.receive_datagram(data, ("192.0.2.2", 2), 10.0, 1_800_000_000.0)
-    assert layer.links and layer.timer() is not None
+    assert layer.half_open_count == 1 and not layer.links and layer.timer() is not None
 
 
 def test_extend_to_a_low_order_link_key_is_refused_with_destroy() -> None:

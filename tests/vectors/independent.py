@@ -4,7 +4,7 @@
     python tests/vectors/independent.py [protocol_v1.json] [circuit_build_v1.json]
 
 Written from the text of docs/PROTOCOL.md (§1.4 primitives, §3 keys, link certificate and descriptor, §4
-Noise NK link handshake and transport packet, §5 circuit build, §6.4 onion layers, §6.7 inner messages),
+Noise NK link handshake, transport packet and cookie reply, §5 circuit build, §6.4 onion layers, §6.7 inner messages),
 with nothing but the ``cryptography`` package's primitives and the standard library: it imports nothing
 from shallot (checked at the end, and by tests/unit/test_independent_vectors.py).  It reproduces every
 value of tests/vectors/protocol_v1.json (the vectors §11.2 prints) and of tests/vectors/circuit_build_v1.json
@@ -225,7 +225,7 @@ def check_nk(v: dict[str, Any], link_priv: bytes, link_pub: bytes) -> None:
     ini.mix_hash(e_pub)
     ini.mix_key(dh(e_priv, link_pub))
     body = bytes([0x51, 1]) + u(sender, 4) + e_pub + ini.encrypt_and_hash(bytes(8) + bytes.fromhex(i["resume"]))
-    init = body + blake2s(b"shallot-v1 mac1" + link_pub + body)[:16]
+    init = body + blake2s(b"shallot-v1 mac1" + link_pub + body)[:16] + bytes(16)  # mac1 | mac2 (no cookie)
     check("nk.init_client", init, bytes.fromhex(exp["init_client"]))
     # responder: reads it, then <- e, ee ; payload its own index
     res = nk_start(int.from_bytes(init[2:6], "big"), link_pub)
@@ -256,6 +256,23 @@ def check_nk(v: dict[str, Any], link_priv: bytes, link_pub: bytes) -> None:
     check("transport_packet.length", len(packet), 1429)
     check("transport_packet.header", header, bytes.fromhex(texp["header"]))
     check("transport_packet.sha256", sha256(packet), bytes.fromhex(texp["sha256"]))
+
+
+def check_cookie(v: dict[str, Any], link_pub: bytes) -> None:
+    """§4.12: the cookie of a source under a secret, the COOKIE_REPLY to the vector's INIT_CLIENT, its mac2."""
+    i, exp = v["cookie_reply"]["inputs"], v["cookie_reply"]["expected"]
+    init = bytes.fromhex(v["nk_handshake"]["expected"]["init_client"])
+    source = ipaddress.ip_address(i["source_host"]).packed + u(i["source_port"], 2)
+    cookie = hmac_sha256(bytes.fromhex(i["cookie_secret"]), source)[:16]
+    check("cookie_reply.cookie", cookie, bytes.fromhex(exp["cookie"]))
+    key = blake2s(b"shallot-v1 cookie" + link_pub)
+    check("cookie_reply.cookie_key", key, bytes.fromhex(exp["cookie_key"]))
+    nonce = bytes.fromhex(i["nonce"])
+    mac1 = init[-32:-16]
+    reply = bytes([0x59]) + init[2:6] + nonce + seal(key, nonce, cookie, mac1)
+    check("cookie_reply.cookie_reply", reply, bytes.fromhex(exp["cookie_reply"]))
+    check("cookie_reply.opened", unseal(key, reply[5:17], reply[17:], mac1), cookie)
+    check("cookie_reply.mac2", hmac_sha256(cookie, init[:-16])[:16], bytes.fromhex(exp["mac2"]))
 
 
 # ------------------------------------------------------------------------------------ §5: circuit build
@@ -490,6 +507,7 @@ def main(argv: list[str]) -> int:
         v = json.loads(protocol.read_text())
         link_priv, link_pub = check_keys_and_descriptor(v)
         check_nk(v, link_priv, link_pub)
+        check_cookie(v, link_pub)
         check_one_hop(v)
         check_circuit_build(json.loads(circuit.read_text()))
     except Mismatch as exc:
