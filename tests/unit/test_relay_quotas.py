@@ -1,0 +1,200 @@
+"""Per-source circuit quotas, eviction, the replay cache's per-source accounting and the extend-target
+rules (no handshake cannon) of the relay (relay/forwarder.py, relay/quotas.py, docs/PROTOCOL.md §5.7, §8.2).
+
+Each test shows both sides of its limit: the refused source or target, and another that still passes."""
+
+from __future__ import annotations
+
+from shallot.core.circuit import CircuitState, ClientNode
+from shallot.crypto.descriptor import Descriptor
+from shallot.crypto.keys import RelayKeys
+from shallot.crypto.params import CREATE_TIMEOUT_S, HANDSHAKE_ATTEMPTS
+from shallot.relay import quotas
+from shallot.relay.quotas import DialGuard, ReplayCache
+from tests.simnet import det_rng
+from tests.unit.helpers_circuits import Net, relay_addr
+from tests.unit.helpers_limits import configured_net
+
+
+def _client(n: Net, i: int) -> ClientNode:
+    c = ClientNode(rng=det_rng(5000 + i))
+    n.net.add((f"192.0.2.{20 + i}", 5555), c)
+    return c
+
+
+def _ghost(n: Net, addr: tuple[str, int], seed: int) -> Descriptor:
+    """A relay that does not exist: a valid descriptor at an address where nobody answers."""
+    keys = RelayKeys.generate(det_rng(seed), n.net.wall)
+    return Descriptor.create(keys, nickname=f"ghost{seed}", addresses=(addr,), exit_node=False,
+                             published=int(n.net.wall), lifetime_s=86400)
+
+
+def _build(n: Net, path: list[Descriptor], client: ClientNode | None = None):
+    client = client or n.client
+    circ = client.build(path, n.net.now, n.net.wall)
+    n.net.run()
+    return circ
+
+
+def _sent_to(n: Net, addr: tuple[str, int]) -> int:
+    return sum(1 for _src, dst, _d in n.net.log if dst == addr)
+
+
+def _run_out_handshakes(n: Net) -> None:
+    for _ in range(70):  # 0.5 s steps past the whole retry schedule (31.5 s)
+        n.net.advance(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- circuits
+
+
+def test_circuits_per_source_are_capped_and_another_source_still_builds() -> None:
+    n = configured_net({0: {"max_circuits_per_source": 2}})
+    guard = n.node(0)
+    n.build_open([0, 1, 2])
+    n.build_open([0, 1, 3])
+    assert n.build([0, 1, 2]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_source_circuits"] == 1 and guard.open_circuits == 2
+    assert n.build([0, 1, 2], client=_client(n, 1)).state is CircuitState.OPEN
+
+
+def test_circuits_per_link_are_capped() -> None:
+    n = configured_net({0: {"max_circuits_per_link": 1}})
+    guard = n.node(0)
+    n.build_open([0, 1, 2])
+    assert n.build([0, 1, 3]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_link_circuits"] == 1 and guard.open_circuits == 1
+
+
+def test_pending_extends_per_source_are_capped() -> None:
+    n = configured_net({0: {"max_pending_per_source": 2}}, n=5)
+    guard = n.node(0)
+    del n.net.nodes[relay_addr(4)]  # relay 4 is down: extends to it stay pending
+    for _ in range(2):
+        assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.BUILDING
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_pending_source"] == 1
+    assert n.build([0, 1, 2], client=_client(n, 1)).state is CircuitState.OPEN  # another source builds
+    n.net.advance(CREATE_TIMEOUT_S + 1.0)  # the pending builds time out: the first source builds again
+    assert guard.counters["circuit_build_timeout"] == 2
+    n.build_open([0, 1, 2])
+
+
+def test_a_full_table_evicts_the_heaviest_sources_idlest_circuit_not_the_newcomer() -> None:
+    n = configured_net({0: {"max_circuits": 3}})
+    guard = n.node(0)
+    first = n.build_open([0, 1, 2])
+    n.net.advance(1.0)
+    n.build_open([0, 1, 3])
+    n.build_open([0, 1, 2])
+    assert guard.open_circuits == 3
+    other = _client(n, 1)
+    assert n.build([0, 1, 2], client=other).state is CircuitState.OPEN  # room made for a light source
+    assert guard.counters["circuit_evicted"] == 1 and guard.open_circuits == 3
+    assert first.state is CircuitState.CLOSED  # the least recently active one went
+    # the heavy source itself is refused rather than evicting the newcomer
+    assert n.build([0, 1, 2]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_max_circuits"] == 1 and guard.counters["circuit_evicted"] == 1
+
+
+def test_a_refused_record_fills_no_replay_cache() -> None:
+    n = configured_net({})
+    guard = n.node(0)
+    bad = _ghost(n, ("127.0.0.1", 9999), 77)  # outside a public relay's scope: check 11 refuses it
+    assert _build(n, [n.desc(0), bad]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_extend_address"] == 1
+    assert len(guard.replay) == 0
+    n.build_open([0, 1, 2])
+    assert len(guard.replay) == 1
+
+
+def test_replay_cache_quota_per_source() -> None:
+    cache = ReplayCache(soft_cap=100, hard_cap=200)
+    for i in range(3):
+        assert cache.admit("a", 3) is None
+        cache.add(b"k", bytes([i]) * 8, 50.0, "a")
+    assert cache.admit("a", 3) == "reject_create_replay_quota"
+    assert cache.admit("b", 3) is None
+    cache.expire(51.0)
+    assert len(cache) == 0 and cache.admit("a", 3) is None
+
+
+# ---------------------------------------------------------------------------------------------- extends
+
+
+def test_a_relay_with_a_view_never_dials_a_made_up_target() -> None:
+    n = configured_net({})
+    guard = n.node(0)
+    known = {n.desc(i).relay_id: n.desc(i) for i in range(4)}
+    guard.known_target = lambda rid, pub, addr: rid in known and known[rid].link_pub == pub and \
+        addr in known[rid].addresses
+    ghost_addr = ("10.9.0.1", 9009)
+    ghost = _ghost(n, ghost_addr, 90)
+    assert _build(n, [n.desc(0), ghost]).state is CircuitState.CLOSED
+    # a real relay named at a made-up address is no better
+    moved = Descriptor.create(n.node(1).keys, nickname="moved", addresses=(ghost_addr,), exit_node=False,
+                              published=int(n.net.wall), lifetime_s=86400)
+    assert _build(n, [n.desc(0), moved, n.desc(2)]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_extend_unknown"] == 2
+    assert _sent_to(n, ghost_addr) == 0
+    n.build_open([0, 1, 2])  # relays of its view it extends to as before
+
+
+def test_an_unknown_target_waits_for_a_lookup_and_is_extended_to_if_found() -> None:
+    n = configured_net({})
+    guard = n.node(0)
+    view: set[bytes] = {n.desc(i).relay_id for i in (0, 2, 3)}
+    guard.known_target = lambda rid, pub, addr: rid in view
+    asked: list[bytes] = []
+    guard.lookup_relay = lambda rid, pub: asked.append(rid)
+    circ = _build(n, [n.desc(0), n.desc(1), n.desc(2)])
+    assert circ.state is CircuitState.BUILDING and asked == [n.desc(1).relay_id]
+    view.add(n.desc(1).relay_id)  # the DHT lookup found it (and it joined the view)
+    guard.relay_looked_up(n.desc(1).relay_id, n.desc(1).link_pub, True, n.net.now)
+    n.net.run()
+    assert circ.state is CircuitState.OPEN
+    # not found: refused
+    view.discard(n.desc(1).relay_id)
+    circ = _build(n, [n.desc(0), n.desc(1), n.desc(3)])
+    guard.relay_looked_up(n.desc(1).relay_id, n.desc(1).link_pub, False, n.net.now)
+    n.net.run()
+    assert circ.state is CircuitState.CLOSED and guard.counters["reject_create_extend_unknown"] == 1
+
+
+def test_without_a_view_a_dead_target_gets_one_dial_then_the_negative_cache() -> None:
+    n = configured_net({}, n=5)
+    guard = n.node(0)
+    dead = relay_addr(4)
+    del n.net.nodes[dead]
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.BUILDING
+    _run_out_handshakes(n)
+    assert guard.counters["dial_failed"] == 1
+    assert _sent_to(n, dead) == HANDSHAKE_ATTEMPTS
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_dial_failed_recently"] == 1
+    assert _sent_to(n, dead) == HANDSHAKE_ATTEMPTS
+    n.net.advance(quotas.NEGATIVE_CACHE_S)
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.BUILDING  # tried again later
+
+
+def test_without_a_view_dials_in_flight_per_target_host_are_capped() -> None:
+    n = configured_net({})
+    guard = n.node(0)
+    host = "10.9.0.1"
+    ghosts = [_ghost(n, (host, 9100 + i), 200 + i) for i in range(quotas.MAX_PENDING_DIALS_PER_HOST + 1)]
+    states = [_build(n, [n.desc(0), g], client=_client(n, i)).state for i, g in enumerate(ghosts)]
+    assert states == [CircuitState.BUILDING] * quotas.MAX_PENDING_DIALS_PER_HOST + [CircuitState.CLOSED]
+    assert guard.counters["reject_create_dial_pending"] == 1
+    assert sum(_sent_to(n, g.address) for g in ghosts) == quotas.MAX_PENDING_DIALS_PER_HOST
+    # another host is dialed as usual
+    n.build_open([0, 1, 2])
+
+
+def test_dial_rate_per_target_host() -> None:
+    guard = DialGuard()
+    burst = int(quotas.DIALS_PER_MINUTE_PER_HOST)
+    for i in range(burst):
+        assert guard.refusal(("10.9.0.1", 9000 + i), 0.0) is None
+    assert guard.refusal(("10.9.0.1", 9999), 0.0) == "reject_create_dial_rate"
+    assert guard.refusal(("10.9.0.2", 9000), 0.0) is None
+    assert guard.refusal(("10.9.0.1", 9999), 60.0 / quotas.DIALS_PER_MINUTE_PER_HOST) is None
