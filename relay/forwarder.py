@@ -150,6 +150,9 @@ KnownTarget = Callable[[bytes, bytes, Address], bool]
 RelayLookup = Callable[[bytes, bytes], None]
 PARK_TIMEOUT_S = 3.0  # a TERMINATE from a relay not in our view waits this long for a DHT lookup of it
 MAX_PARKED = 256
+MAX_PARKED_PER_SOURCE = 8  # one source cannot take the whole table (nor ask for many lookups)
+LOOKUPS_PER_SECOND = 20.0  # new DHT lookups the held CREATEs may ask for (burst 40): made-up relay ids
+LOOKUPS_BURST = 40.0  # must not turn the relay into a query cannon at the DHT
 
 
 def relay_link_layer(keys: RelayKeys, *, rng: RandomBytes, wall: float, cert_lifetime_s: int = 7 * 86400) -> LinkLayer:
@@ -216,6 +219,7 @@ class RelayNode(LinkOwner):
         cfg = self.config
         self._client_creates = TokenBuckets(cfg.creates_per_second, cfg.creates_burst)
         self._relay_creates = TokenBuckets(cfg.relay_creates_per_second, cfg.relay_creates_burst)
+        self._lookups = TokenBuckets(LOOKUPS_PER_SECOND, LOOKUPS_BURST, max_keys=1)
         self.on_destroyed: Callable[[RelayCircuit], None] | None = None
 
     # ------------------------------------------------------------------ I/O entry points (and LinkOwner's)
@@ -281,6 +285,7 @@ class RelayNode(LinkOwner):
 
     def stats(self) -> dict[str, object]:
         return {"circuits": self.open_circuits, "links": len(self.link.links),
+                "replay_entries": len(self.replay), "held_creates": len(self._parked),
                 "counters": self.all_counters(),
                 **{k: v for service in self.services.values() for k, v in service.status().items()}}
 
@@ -560,7 +565,13 @@ class RelayNode(LinkOwner):
         held already."""
         if self.lookup_relay is None or len(self._parked) >= MAX_PARKED:
             return False
+        if sum(1 for p in self._parked.values() if p[5].source == circ.source) >= MAX_PARKED_PER_SOURCE:
+            self.counters["lookup_refused_source"] += 1
+            return False
         first = not any(p[1] == rid for p in self._parked.values())
+        if first and not self._lookups.allow("", self._now):
+            self.counters["lookup_refused_rate"] += 1
+            return False
         self._parked[_key(link.link_id, cid)] = (self._now + PARK_TIMEOUT_S, rid, pub, link, cid, circ, instruction)
         self.counters["create_held_for_lookup"] += 1
         if first:

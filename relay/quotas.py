@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from shallot.core.ratelimit import TokenBuckets
-from shallot.core.wire.addresses import source_key
+from shallot.core.wire.addresses import host_key
 from shallot.crypto.codec import Address
 
 # ------------------------------------------------------------------------------------------- replay cache
@@ -99,7 +99,9 @@ class ReplayCache:
 # ------------------------------------------------------------------------------------------- dials
 
 NEGATIVE_CACHE_S = 60.0  # a target whose handshake timed out is not dialed again for this long
-MAX_PENDING_DIALS_PER_HOST = 2  # handshakes in flight to one target host (IPv4 address / IPv6 /64)
+# a target host: its IPv4 address or IPv6 /64 (core/wire/addresses.py host_key; on loopback, a test network
+# on one machine, address and port)
+MAX_PENDING_DIALS_PER_HOST = 2  # dials in flight to one target host
 DIALS_PER_MINUTE_PER_HOST = 4.0  # new dials to one target host: token bucket, burst 4
 MAX_NEGATIVE = 65536
 
@@ -121,7 +123,7 @@ class DialGuard:
             if now < until:
                 return "reject_create_dial_failed_recently"
             del self._failed[addr]
-        host = source_key(addr[0])
+        host = host_key(*addr)
         if self._pending_hosts[host] >= MAX_PENDING_DIALS_PER_HOST:
             return "reject_create_dial_pending"
         if not self._rate.allow(host, now):
@@ -129,7 +131,7 @@ class DialGuard:
         return None
 
     def started(self, link_id: int, addr: Address) -> None:
-        host = source_key(addr[0])
+        host = host_key(*addr)
         self._pending[link_id] = host
         self._pending_hosts[host] += 1
 

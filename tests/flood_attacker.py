@@ -109,7 +109,10 @@ class Attacker:
                 self.stats["extends_sent"] += 1
         if phase in ("links", "all"):
             s.flood_links = [link for link in s.flood_links if link.state is not LinkState.CLOSED]
-            if len(s.flood_links) < MAX_LINKS_PER_SOURCE:
+            # in "all" the builds take most of the time: more initiations per round keep the link flood on
+            for _ in range(3 if phase == "all" else 1):
+                if len(s.flood_links) >= MAX_LINKS_PER_SOURCE:
+                    break
                 link = s.links.open_link(self.guard.address, self.guard.link_pub, now, wall, reuse=False)
                 link.users = 1  # keep it alive with keepalives once up
                 s.flood_links.append(link)

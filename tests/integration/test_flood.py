@@ -45,7 +45,7 @@ BUILD_TIMEOUT_S = 5.0  # a build under these attacks takes milliseconds (median 
 LEGIT_PACE_S = 0.25
 # when an attack is at full strength (what the attacker reports having sent; for circuits: the table is full)
 RAMP = {"extends": {"extends_sent": 1000}, "links": {"link_initiations": 6000},
-        "all": {"link_initiations": 3000, "circuit_builds_sent": 1000, "extends_sent": 500}}
+        "all": {"link_initiations": 6000, "circuit_builds_sent": 1000, "extends_sent": 500}}
 RSS_BOUND_MB = 300
 # docs/PROTOCOL.md §5.7: a relay with a view never dials a made-up target (0); without a view, at most
 # MAX_PENDING_DIALS_PER_HOST (2) dials in flight per target host, each HANDSHAKE_ATTEMPTS (6) initiations

@@ -6,10 +6,11 @@ Each test shows both sides of its limit: the refused source or target, and anoth
 from __future__ import annotations
 
 from shallot.core.circuit import CircuitState, ClientNode
+from shallot.core.ratelimit import TokenBuckets
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
 from shallot.crypto.params import CREATE_TIMEOUT_S, HANDSHAKE_ATTEMPTS
-from shallot.relay import quotas
+from shallot.relay import forwarder, quotas
 from shallot.relay.quotas import DialGuard, ReplayCache
 from tests.simnet import det_rng
 from tests.unit.helpers_circuits import Net, relay_addr
@@ -198,3 +199,23 @@ def test_dial_rate_per_target_host() -> None:
     assert guard.refusal(("10.9.0.1", 9999), 0.0) == "reject_create_dial_rate"
     assert guard.refusal(("10.9.0.2", 9000), 0.0) is None
     assert guard.refusal(("10.9.0.1", 9999), 60.0 / quotas.DIALS_PER_MINUTE_PER_HOST) is None
+
+
+def test_held_extends_are_capped_per_source_and_lookups_per_second(monkeypatch) -> None:
+    n = configured_net({})
+    guard = n.node(0)
+    guard.known_target = lambda rid, pub, addr: False  # nothing is in the view: every extend waits
+    asked: list[bytes] = []
+    guard.lookup_relay = lambda rid, pub: asked.append(rid)
+    monkeypatch.setattr(forwarder, "MAX_PARKED_PER_SOURCE", 2)
+    ghosts = [_ghost(n, ("10.9.0.1", 9100 + i), 300 + i) for i in range(3)]
+    states = [_build(n, [n.desc(0), g]).state for g in ghosts]
+    assert states == [CircuitState.BUILDING] * 2 + [CircuitState.CLOSED]
+    assert guard.counters["lookup_refused_source"] == 1 and len(asked) == 2
+    # another source holds its own; the global lookup rate still bounds what all sources ask for
+    guard._lookups = TokenBuckets(1.0, 1.0, max_keys=1)
+    other = _client(n, 1)
+    fresh = [_ghost(n, ("10.9.0.2", 9100 + i), 400 + i) for i in range(2)]
+    states = [_build(n, [n.desc(0), g], client=other).state for g in fresh]
+    assert states == [CircuitState.BUILDING, CircuitState.CLOSED]
+    assert guard.counters["lookup_refused_rate"] == 1 and len(asked) == 3
