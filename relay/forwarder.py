@@ -81,7 +81,7 @@ class RelayConfig:
     max_pending_per_source: int = 32  # extends sent on and not yet answered by CREATED
     max_pending_per_link: int = 16
     relay_max_pending_per_link: int = 2048  # a guard's link carries many clients' builds
-    relay_source_weight: int = 32  # a relay-tier source counts as this many clients when the table is full
+    relay_source_weight: int = 32  # choosing whom to evict, a relay-tier source's circuits weigh 1/32
     # build replay cache: soft cap (then only sources under their share), hard cap, quota per source
     max_replay_entries: int = 500_000
     replay_hard_cap: int = 1_000_000
