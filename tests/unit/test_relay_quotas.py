@@ -219,3 +219,24 @@ def test_held_extends_are_capped_per_source_and_lookups_per_second(monkeypatch) 
     states = [_build(n, [n.desc(0), g], client=other).state for g in fresh]
     assert states == [CircuitState.BUILDING, CircuitState.CLOSED]
     assert guard.counters["lookup_refused_rate"] == 1 and len(asked) == 3
+
+
+def test_only_a_dial_that_never_came_up_goes_in_the_negative_cache() -> None:
+    guard = DialGuard()
+    target = ("10.9.0.1", 9000)
+    assert guard.refusal(target, 0.0) is None
+    guard.started(1, target)
+    guard.up(1)  # the handshake completed: a later close is no failed dial
+    assert guard.down(1, target, 1.0) is False and guard.pending == 0
+    assert guard.down(7, target, 1.0) is False  # a link this guard never dialed
+    assert guard.refusal(target, 2.0) is None
+    guard.started(2, target)
+    assert guard.down(2, target, 3.0) is True
+    assert guard.refusal(target, 4.0) == "reject_create_dial_failed_recently"
+
+
+def test_a_tag_added_twice_counts_once() -> None:
+    cache = ReplayCache(soft_cap=100, hard_cap=200)
+    for _ in range(2):  # e.g. a saved file that holds an entry twice
+        cache.add(b"k", b"t" * 8, 50.0, "restored")
+    assert len(cache) == 1 and cache.by_source["restored"] == 1 and cache.seen(b"k", b"t" * 8)
