@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from shallot.core.circuit import CircuitState, ClientNode
 from shallot.core.ratelimit import TokenBuckets
+from shallot.core.wire.cells import CMD_CREATE, encode_cell
 from shallot.crypto.descriptor import Descriptor
 from shallot.crypto.keys import RelayKeys
-from shallot.crypto.params import CREATE_TIMEOUT_S, HANDSHAKE_ATTEMPTS
+from shallot.crypto.params import CELL_HEADER_LEN, CREATE_TIMEOUT_S, HANDSHAKE_ATTEMPTS
 from shallot.relay import forwarder, quotas
 from shallot.relay.quotas import DialGuard, ReplayCache
 from tests.simnet import det_rng
-from tests.unit.helpers_circuits import Net, relay_addr
+from tests.unit.helpers_circuits import CellLog, Net, relay_addr
 from tests.unit.helpers_limits import configured_net
 
 
@@ -240,3 +241,71 @@ def test_a_tag_added_twice_counts_once() -> None:
     for _ in range(2):  # e.g. a saved file that holds an entry twice
         cache.add(b"k", b"t" * 8, 50.0, "restored")
     assert len(cache) == 1 and cache.by_source["restored"] == 1 and cache.seen(b"k", b"t" * 8)
+
+
+def test_relay_tier_links_have_their_own_pending_cap_and_skip_the_client_quotas() -> None:
+    # the middle: one circuit per client source, but the guard's relay link is relay-tier (no view: every
+    # relay link is) and only its pending extends are capped, here at 1
+    n = configured_net({1: {"max_circuits_per_source": 1, "relay_max_pending_per_link": 1}}, n=5)
+    middle = n.node(1)
+    n.build_open([0, 1, 2])
+    n.build_open([0, 1, 3])  # a second circuit from the same guard: the client quota does not apply
+    del n.net.nodes[relay_addr(4)]
+    assert _build(n, [n.desc(0), n.desc(1), n.desc(4)]).state is CircuitState.BUILDING
+    assert _build(n, [n.desc(0), n.desc(1), n.desc(4)]).state is CircuitState.CLOSED
+    assert middle.counters["reject_create_pending_link"] == 1 and middle.open_circuits == 3
+
+
+def test_pending_extends_per_client_link_are_capped() -> None:
+    n = configured_net({0: {"max_pending_per_link": 1}}, n=5)
+    guard = n.node(0)
+    del n.net.nodes[relay_addr(4)]
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.BUILDING
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_pending_link"] == 1
+
+
+def test_a_closed_open_circuit_does_not_free_a_pending_slot() -> None:
+    n = configured_net({0: {"max_pending_per_source": 2}}, n=5)
+    guard = n.node(0)
+    done = n.build_open([0, 1, 2])
+    del n.net.nodes[relay_addr(4)]
+    for _ in range(2):
+        assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.BUILDING
+    n.client.close(done, n.net.now)
+    n.net.run()
+    assert _build(n, [n.desc(0), n.desc(4), n.desc(2)]).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_pending_source"] == 1
+
+
+def test_an_empty_table_of_size_zero_refuses_and_an_exit_that_is_full_refuses_its_only_source() -> None:
+    n = configured_net({0: {"max_circuits": 0}, 2: {"max_circuits": 1}})
+    assert n.build([0, 1, 2]).state is CircuitState.CLOSED
+    assert n.node(0).counters["reject_create_max_circuits"] == 1
+    n.build_open([3, 1, 2])
+    assert n.build([3, 1, 2], client=_client(n, 1)).state is CircuitState.CLOSED  # one middle link: heaviest
+    assert n.node(2).counters["reject_create_max_circuits"] == 1 and n.node(2).open_circuits == 1
+
+
+def test_a_copy_of_a_held_create_is_refused_as_a_replay_once_the_first_is_accepted() -> None:
+    n = configured_net({})
+    middle = n.node(1)
+    view: set[bytes] = {n.desc(i).relay_id for i in (0, 1, 3)}
+    middle.known_target = lambda rid, pub, addr: rid in view
+    asked: list[bytes] = []
+    middle.lookup_relay = lambda rid, pub: asked.append(rid)
+    log = CellLog({"middle": middle})
+    circ = n.build([0, 1, 2])
+    assert circ.state is CircuitState.BUILDING and len(middle._parked) == 1
+    (create,) = log.cells("middle", CMD_CREATE)
+    # a malicious guard sends the same CREATE again (another circuit id) while the first is held
+    guard = n.node(0)
+    link = guard.link.link_to(n.desc(1).link_pub)
+    assert link is not None
+    guard.link.send_cell(link, encode_cell(0x80000077, CMD_CREATE, create.cell[CELL_HEADER_LEN:]), n.net.now)
+    n.net.run()
+    assert len(middle._parked) == 2 and asked == [n.desc(2).relay_id], dict(middle.counters)
+    view.add(n.desc(2).relay_id)
+    middle.relay_looked_up(n.desc(2).relay_id, n.desc(2).link_pub, True, n.net.now)
+    n.net.run()
+    assert middle.counters["circuit_extended"] == 1 and middle.counters["reject_create_replay"] == 1
