@@ -129,6 +129,9 @@ class RelayService:
         link = relay_link_layer(self.keys, rng=secrets.token_bytes, wall=wall)
         self.nat = NatPart(link, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
         has_view = self.dht_enabled or self.directory is not None
+        # a relay behind a NAT only publishes to the DHT (it crawls nothing, stores nothing): without a
+        # directory file it has no view of extend targets and dials under the dial limits alone (§5.7)
+        target_view = self.directory is not None or (self.dht_enabled and not behind_nat)
         if self.directory is not None:
             self._reload_directory(force=True)
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
@@ -136,7 +139,7 @@ class RelayService:
                               own_host=self.settings.address[0],
                               services=self.services, link=link, nat_cells=self.nat.control_cell,
                               known_relay=self._known_relay if has_view else None,
-                              known_target=self._known_target if has_view else None)
+                              known_target=self._known_target if target_view else None)
         if self.dht_enabled:
             self.node.lookup_relay = self._lookup_relay
         self._lookups: set[bytes] = set()
