@@ -365,10 +365,10 @@ class RelayNode(LinkOwner):
         rid, pub = link.peer_relay_id, link.peer_link_pub
         return rid is not None and pub is not None and self.known_relay(rid, pub)
 
-    def _allow_create(self, link: Link, relay_tier: bool) -> bool:
+    def _allow_create(self, link: Link, relay_tier: bool, source: str) -> bool:
         if relay_tier:
             return self._relay_creates.allow(f"link {link.link_id}", self._now)
-        return self._client_creates.allow(link.addr[0], self._now)
+        return self._client_creates.allow(source, self._now)  # an IPv6 /64 is one source, however it rotates
 
     def _reject_create(self, link: Link, cid: int, reason: DestroyReason, counter: str) -> None:
         self.counters[counter] += 1
@@ -421,7 +421,7 @@ class RelayNode(LinkOwner):
         if refusal is not None:
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, refusal)
             return
-        if not self._allow_create(link, relay_tier):
+        if not self._allow_create(link, relay_tier, source):
             self._reject_create(link, cid, DestroyReason.RESOURCE_LIMIT, "reject_create_rate")
             return
         try:

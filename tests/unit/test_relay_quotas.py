@@ -309,3 +309,17 @@ def test_a_copy_of_a_held_create_is_refused_as_a_replay_once_the_first_is_accept
     middle.relay_looked_up(n.desc(2).relay_id, n.desc(2).link_pub, True, n.net.now)
     n.net.run()
     assert middle.counters["circuit_extended"] == 1 and middle.counters["reject_create_replay"] == 1
+
+
+def test_create_rate_counts_an_ipv6_64_as_one_source() -> None:
+    n = configured_net({0: {"creates_per_second": 0.001, "creates_burst": 1.0}})
+    guard = n.node(0)
+    first, second = ClientNode(rng=det_rng(6001)), ClientNode(rng=det_rng(6002))
+    n.net.add(("2001:db8:1:2::10", 5555), first)
+    n.net.add(("2001:db8:1:2::99", 5555), second)  # another address of the same /64
+    assert n.build([0, 1, 2], client=first).state is CircuitState.OPEN
+    assert n.build([0, 1, 2], client=second).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_rate"] == 1
+    third = ClientNode(rng=det_rng(6003))
+    n.net.add(("2001:db8:1:3::10", 5555), third)  # another /64
+    assert n.build([0, 1, 2], client=third).state is CircuitState.OPEN
