@@ -77,7 +77,8 @@ class RelayService:
                  services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                  bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
                  introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
-                 private_network: bool = False, directory: Path | None = None) -> None:
+                 private_network: bool = False, directory: Path | None = None,
+                 max_circuits: int = RelayConfig.max_circuits) -> None:
         """``services``: what circuits ending here may use (an exit's; exit/endpoints.py); ``part``: what an
         exit adds to the process (exit/service.py: the IP exit).  ``bootstrap``: DHT seeds (relay
         addresses); ``dht``: run the DHT node even without seeds (the first seed of a network).  Without
@@ -86,6 +87,7 @@ class RelayService:
         ``directory``: a directory file, this relay's view of the network besides the DHT (who counts as a
         relay on a relay link, docs/PROTOCOL.md §5.7)."""
         self.directory = directory
+        self.max_circuits = max_circuits
         self._directory_relays: dict[bytes, Descriptor] = {}
         self._directory_mtime: int | None = None
         self.state = state
@@ -129,12 +131,17 @@ class RelayService:
         link = relay_link_layer(self.keys, rng=secrets.token_bytes, wall=wall)
         self.nat = NatPart(link, rng=secrets.token_bytes, serve=not behind_nat, own_host=host)
         has_view = self.dht_enabled or self.directory is not None
+        # a relay behind a NAT only publishes to the DHT (it crawls nothing, stores nothing): without a
+        # directory file it has no view of extend targets and dials under the dial limits alone (§5.7)
+        target_view = self.directory is not None or (self.dht_enabled and not behind_nat)
         if self.directory is not None:
             self._reload_directory(force=True)
         self.node = RelayNode(self.keys, rng=secrets.token_bytes, wall=wall,
-                              config=RelayConfig(is_exit=self.settings.exit), own_host=self.settings.address[0],
+                              config=RelayConfig(is_exit=self.settings.exit, max_circuits=self.max_circuits),
+                              own_host=self.settings.address[0],
                               services=self.services, link=link, nat_cells=self.nat.control_cell,
-                              known_relay=self._known_relay if has_view else None)
+                              known_relay=self._known_relay if has_view else None,
+                              known_target=self._known_target if target_view else None)
         if self.dht_enabled:
             self.node.lookup_relay = self._lookup_relay
         self._lookups: set[bytes] = set()
@@ -203,18 +210,27 @@ class RelayService:
         """Is (relay id, link key) a live relay in our view: the directory file or the DHT (our crawl and
         the records we store)?  On a miss the view is refreshed (rate-limited), so a relay that joined
         since our last crawl is known a little later (docs/PROTOCOL.md §5.7)."""
+        return self._view_descriptor(relay_id, link_pub) is not None
+
+    def _known_target(self, relay_id: bytes, link_pub: bytes, addr: Address) -> bool:
+        """An EXTEND target: a live relay in our view, named at one of its published addresses (no
+        handshake cannon: a made-up relay, or a real one at a made-up address, is never dialed)."""
+        desc = self._view_descriptor(relay_id, link_pub)
+        return desc is not None and tuple(addr) in desc.addresses
+
+    def _view_descriptor(self, relay_id: bytes, link_pub: bytes) -> Descriptor | None:
         wall = time.time()
         for _ in range(2):
             desc = self._directory_relays.get(relay_id)
             if desc is None and self.discovery is not None:
                 desc = self.discovery.descriptor(relay_id)
             if desc is not None and desc.link_pub == link_pub and wall <= desc.expires:
-                return True
+                return desc
             if not self._reload_directory():
                 break
         if self.discovery is not None:
             self.discovery.crawl_soon()
-        return False
+        return None
 
     def _lookup_relay(self, relay_id: bytes, link_pub: bytes) -> None:
         """The node holds a TERMINATE from a relay not in our view: ask the DHT for its descriptor."""
@@ -430,7 +446,8 @@ async def run_relay(state: Path, *, expect_exit: bool | None = None,
                     services: Mapping[int, EndpointService] | None = None, part: RelayPart | None = None,
                     bootstrap: Sequence[Seed | Address] | None = None, dht: bool = False,
                     introducers: list[Descriptor] | None = None, stun_alt_port: bool = False,
-                    private_network: bool = False, directory: Path | None = None) -> None:
+                    private_network: bool = False, directory: Path | None = None,
+                    max_circuits: int = RelayConfig.max_circuits) -> None:
     await RelayService(state, expect_exit=expect_exit, services=services, part=part, bootstrap=bootstrap, dht=dht,
                        introducers=introducers, stun_alt_port=stun_alt_port, private_network=private_network,
-                       directory=directory).run()
+                       directory=directory, max_circuits=max_circuits).run()

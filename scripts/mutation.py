@@ -74,6 +74,7 @@ class Target:
 # and record checks, the NAT roles, the exit's policy and services, onion-key rotation.
 TARGETS: tuple[Target, ...] = (
     Target("relay/forwarder.py"),
+    Target("relay/quotas.py"),
     Target("core/link/layer.py"),
     Target("core/link/circuit_ids.py"),
     Target("core/link/limits.py", all_ifs=True),

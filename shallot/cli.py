@@ -95,6 +95,9 @@ def _add_relay_and_exit(sub: Subparsers) -> None:
                        help="a directory file of the network's relays: this relay's view when it runs no DHT "
                             "(an exit ends circuits only for previous hops that are relays in its view; "
                             "re-read when it changes)")
+        r.add_argument("--max-circuits", type=int, default=20000, metavar="N",
+                       help="size of the circuit table (default 20000; full, it evicts the idlest circuit of "
+                            "the heaviest source, docs/PROTOCOL.md §8.2)")
         r.add_argument("--stun-alt-port", action="store_true",
                        help="also answer STUN on PORT+2, the alternate port of RFC 5780 filtering tests "
                             "(public relays that serve as introducers should)")
@@ -307,7 +310,7 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     run(run_relay(args.state, expect_exit=expect_exit, services=endpoint_services(ip_exit and ip_exit.ip_service),
                   part=ip_exit, bootstrap=_seeds(args), dht=args.dht, introducers=introducers,
                   stun_alt_port=args.stun_alt_port, private_network=args.private_network,
-                  directory=args.directory))
+                  directory=args.directory, max_circuits=args.max_circuits))
     return 0
 
 

@@ -115,6 +115,15 @@ class LinkLayer:
             raise LinkError("unusable peer link key") from None
         return link
 
+    def link_to(self, peer_link_pub: bytes) -> Link | None:
+        """The live link ``open_link`` would reuse for this key, if any (a relay checks its dial limits
+        only for new dials)."""
+        for table in (self._dialed, self._accepted):
+            existing = table.get(peer_link_pub)
+            if existing is not None and existing.state is not LinkState.CLOSED:
+                return existing
+        return None
+
     def retarget(self, link: Link, addr: Address, now: float, wall: float, *, force: bool = False) -> None:
         """Move a link whose handshake is still in flight to another address and send a fresh initiation
         there at once, with a full retry schedule (NAT traversal: the introducer's answer, a punch from

@@ -33,6 +33,8 @@ from shallot.core.wire import nat_frames as nm
 from shallot.core.wire import stun
 from shallot.crypto.codec import DecodeError
 
+STATUS_LINKS = 200  # links listed in the status (docs/PROTOCOL.md §9.4); links_total counts them all
+
 
 class NatPart:
     def __init__(self, link: LinkLayer, *, rng: Callable[[int], bytes], serve: bool = False,
@@ -89,16 +91,18 @@ class NatPart:
 
     def status(self) -> dict[str, object]:
         """The ``nat`` object of a relay's or engine's status (docs/PROTOCOL.md §9.4)."""
+        # relay links first, and at most STATUS_LINKS: a full link table (4096) would not fit in one control line
+        ordered = sorted(self.link.links.values(), key=lambda link: link.kind is not PeerKind.RELAY)
         links = [{"peer": link.peer_relay_id.hex() if link.peer_relay_id else "client", "kind": link.kind.value,
                   "state": link.state.value, "address": list(link.addr), "method": self.link_method(link).value}
-                 for link in self.link.links.values()]
+                 for link in ordered[:STATUS_LINKS]]
         intro = self.introducer
         return {"public": list(self.public) if self.public else None,
                 "nat": self.nat_type.as_json() if self.nat_type else None,
                 "registered_with": self.registrant.registered_with() if self.registrant is not None else [],
                 "registrations": len(intro.registrations) if intro is not None else 0,
                 "relay_sessions": len(intro.sessions) if intro is not None else 0,
-                "links": links, "counters": dict(self.counters)}
+                "links": links, "links_total": len(self.link.links), "counters": dict(self.counters)}
 
     # ------------------------------------------------------------------ inputs (from the demux and the node)
     def handlers(self) -> dict[Kind, Handler]:

@@ -46,7 +46,7 @@ PURE = ("shallot.crypto", "shallot.core.wire", "shallot.core.link", "shallot.cor
         "shallot.core.ratelimit", "shallot.core.errors", *CONTROL_VOCABULARY,
         "shallot.core.discovery.addresses", "shallot.core.discovery.records", "shallot.core.discovery.storage",
         "shallot.core.discovery.wire", "shallot.core.discovery.view", "shallot.core.vpn.helper_protocol",
-        "shallot.relay.forwarder", "shallot.relay.endpoints",
+        "shallot.relay.forwarder", "shallot.relay.endpoints", "shallot.relay.quotas",
         "shallot.exit.echo", "shallot.exit.policy", "shallot.exit.ipservice", "shallot.exit.endpoints",
         "shallot.exit.dnsquery",
         "shallot.app.presenter")

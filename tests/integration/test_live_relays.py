@@ -545,38 +545,41 @@ async def test_an_evil_guard_or_exit_is_stopped_by_the_honest_middle(network: Ru
     path = [relays[d.nickname] for d in path]
     m_state = network.state(middle)
 
-    async with open_client() as client:
-        circ = await client.build(path)
-        for i in range(2):  # cells 1 and 2 each way pass untouched
-            assert await echo(client, circ, b"fine %d" % i) == b"fine %d" % i
-        m0 = await relay_status(m_state)
-        client.send(circ, b"the third cell")
+    # the evil relay is in the relays' view, as a relay that published its descriptor: a relay extends only
+    # to relays of its view (docs/PROTOCOL.md §5.7)
+    with listed(network, relays["evil"]):
+        async with open_client() as client:
+            circ = await client.build(path)
+            for i in range(2):  # cells 1 and 2 each way pass untouched
+                assert await echo(client, circ, b"fine %d" % i) == b"fine %d" % i
+            m0 = await relay_status(m_state)
+            client.send(circ, b"the third cell")
 
-        async def closed() -> Any:
-            return client.closed_event(circ)
+            async def closed() -> Any:
+                return client.closed_event(circ)
 
-        event = await wait_until(closed, 10, what="the client to see the circuit closed")
-        evil.wait_line(f"evil: {attack} {direction} cell 3", timeout=5)
+            event = await wait_until(closed, 10, what="the client to see the circuit closed")
+            evil.wait_line(f"evil: {attack} {direction} cell 3", timeout=5)
 
-        async def middle_dropped_it() -> bool:
-            return not await relay_circuits(m_state)
+            async def middle_dropped_it() -> bool:
+                return not await relay_circuits(m_state)
 
-        await wait_until(middle_dropped_it, 10, what="the middle to drop the circuit")
-        m1 = await relay_status(m_state)
+            await wait_until(middle_dropped_it, 10, what="the middle to drop the circuit")
+            m1 = await relay_status(m_state)
 
-        def grew(name: str) -> int:
-            return counter(m1, name) - counter(m0, name)
+            def grew(name: str) -> int:
+                return counter(m1, name) - counter(m0, name)
 
-        middle_caught = grew("hop_integrity_failure") + grew("hop_sequence_failure")
-        if role == "guard" or attack == "dup":
-            assert middle_caught == 1, (grew("hop_integrity_failure"), grew("hop_sequence_failure"))
-            assert grew("hop_sequence_failure" if attack == "dup" else "hop_integrity_failure") == 1
-            assert client.node.counters["circuit_integrity_failure"] == 0
-        else:  # an exit's own cell: only the client can check its content
-            assert middle_caught == 0 and client.node.counters["circuit_integrity_failure"] == 1
-            assert "integrity" in event.reason
-        print(f"\nevil {role} {attack}: middle caught {middle_caught}, client: {event.reason!r}")
-    assert "Traceback" not in evil.stderr()
+            middle_caught = grew("hop_integrity_failure") + grew("hop_sequence_failure")
+            if role == "guard" or attack == "dup":
+                assert middle_caught == 1, (grew("hop_integrity_failure"), grew("hop_sequence_failure"))
+                assert grew("hop_sequence_failure" if attack == "dup" else "hop_integrity_failure") == 1
+                assert client.node.counters["circuit_integrity_failure"] == 0
+            else:  # an exit's own cell: only the client can check its content
+                assert middle_caught == 0 and client.node.counters["circuit_integrity_failure"] == 1
+                assert "integrity" in event.reason
+            print(f"\nevil {role} {attack}: middle caught {middle_caught}, client: {event.reason!r}")
+        assert "Traceback" not in evil.stderr()
 
 
 # ---------------------------------------------------------------------------------------------- fuzzing

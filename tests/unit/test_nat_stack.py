@@ -9,6 +9,7 @@ from collections import Counter
 from shallot.core.circuit import ClientNode
 from shallot.core.link import Link, LinkState, PeerKind
 from shallot.core.nat import LinkMethod, LinkUpgraded, NatClassified, PublicAddressChanged
+from shallot.core.nat import part as nat_part
 from shallot.core.nat.classify import ALT_PORT_OFFSET, Behaviour, NatProbe, NatType
 from shallot.core.nat.limits import REBIND_CHECK_S, UPGRADE_INTERVAL_S
 from shallot.core.nat.virtual import is_virtual
@@ -82,12 +83,17 @@ def test_punch_that_times_out_falls_back_to_the_relay() -> None:
     assert scene.a.nat.counters["nat_relay_fallback"] == 1
 
 
-def test_status_object_keeps_its_shape() -> None:
+def test_status_object_keeps_its_shape(monkeypatch) -> None:
     scene = Scene(NatType(EI, APD), NatType(EI, APD))
     scene.dial()
     status = scene.b.nat.status()
     assert list(status) == ["public", "nat", "registered_with", "registrations", "relay_sessions", "links",
-                            "counters"]
+                            "links_total", "counters"]
+    assert status["links_total"] == len(status["links"]) >= 1
+    # a full link table must still fit in one control line: the list is capped, the total is not
+    monkeypatch.setattr(nat_part, "STATUS_LINKS", 0)
+    capped = scene.b.nat.status()
+    assert capped["links"] == [] and capped["links_total"] == status["links_total"]
     assert status["public"] == list(scene.b_addr) and status["nat"] == NatType(EI, APD).as_json()
     assert status["registered_with"] == [scene.intro.node.keys.relay_id.hex()]
     assert (status["registrations"], status["relay_sessions"]) == (0, 0)

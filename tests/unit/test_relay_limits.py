@@ -119,28 +119,33 @@ def test_create_rate_on_a_relay_link_has_its_own_larger_bucket_per_link() -> Non
     assert middle.counters["reject_create_rate"] == 1
 
 
-def test_a_full_replay_cache_fails_closed_and_empties_as_entries_expire() -> None:
-    n = configured_net({0: {"max_replay_entries": 2}})
+def test_the_replay_cache_refuses_only_the_heavy_source_and_empties_as_entries_expire() -> None:
+    # soft cap 2: past it only a source under its share may add; hard cap 3: then nobody (§8.2)
+    n = configured_net({0: {"max_replay_entries": 2, "replay_hard_cap": 3}})
     guard = n.node(0)
-
-    def cached() -> int:
-        return sum(len(c) for c in guard.ring.replay.values())
-
     a, b = n.build_open([0, 1, 2]), n.build_open([0, 1, 3])
-    assert cached() == 2
+    assert len(guard.replay) == 2
     _refused(n, [0, 1, 2], DestroyReason.RESOURCE_LIMIT)
-    assert guard.counters["reject_create_replay_cache_full"] == 1 and cached() == 2
+    assert guard.counters["reject_create_replay_share"] == 1 and len(guard.replay) == 2
     assert n.node(1).counters["circuit_extended"] == 2
+    # another client holds nothing: it is not refused for what the first did
+    other = ClientNode(rng=det_rng(1234))
+    n.net.add(("192.0.2.11", 5555), other)
+    assert n.build([0, 1, 2], client=other).state is CircuitState.OPEN
+    assert len(guard.replay) == 3
+    third = ClientNode(rng=det_rng(1235))
+    n.net.add(("192.0.2.12", 5555), third)
+    assert n.build([0, 1, 2], client=third).state is CircuitState.CLOSED
+    assert guard.counters["reject_create_replay_cache_full"] == 1
     for circ in (a, b):
         n.client.close(circ, n.net.now)
-    n.net.advance(60.0)  # a sweep keeps what has not expired: the cache is still full
-    assert cached() == 2
-    _refused(n, [0, 1, 2], DestroyReason.RESOURCE_LIMIT)
+    n.net.advance(60.0)  # a sweep keeps what has not expired
+    assert len(guard.replay) == 3
     for _ in range(int(REPLAY_KEEP_S // 300) + 1):
         n.net.advance(300.0)
-    assert cached() == 0
+    assert len(guard.replay) == 0 and not guard.replay.by_source
     n.build_open([0, 1, 2])
-    assert guard.counters["reject_create_replay_cache_full"] == 2
+    assert guard.counters["reject_create_replay_share"] == 1
 
 
 def _twin(keys: RelayKeys, *, same: str, addr: tuple[str, int], wall: float) -> Descriptor:
