@@ -73,6 +73,7 @@ class LinkLayer:
         # initiation replay cache (NK and IK): time buckets that age out, never full (§4.5)
         self._seen_ephemerals = EphemeralCache(2 * HANDSHAKE_SKEW_S, config.max_seen_ephemerals)
         self._buckets = TokenBuckets(config.handshake_rate, config.handshake_burst)  # by source_key (/64)
+        self._loaded_buckets = TokenBuckets(config.loaded_handshake_rate, config.loaded_handshake_burst)
         self._next_tick: float | None = None
         # answered handshakes for new links, by our index, oldest first (§4.5), and by source and aggregate
         self._half_open: dict[bytes, HalfOpen] = {}
@@ -259,7 +260,8 @@ class LinkLayer:
         if not lh.check_mac1(cfg.link_pub, data):
             self.counters["drop_bad_mac1"] += 1
             return
-        if self._under_load(now):
+        loaded = self._under_load(now)
+        if loaded:
             # under load only a source that can receive gets a DH: it proves so with mac2 (§4.12)
             where = address_bytes(addr)
             if not self._mac2_valid(data, where, now):
@@ -270,6 +272,9 @@ class LinkLayer:
         source = source_key(addr[0])
         if not self._buckets.allow(source, now):
             self.counters["drop_handshake_rate"] += 1
+            return
+        if loaded and not self._loaded_buckets.allow(source, now):
+            self.counters["drop_handshake_rate_loaded"] += 1
             return
         try:
             init = lh.read_initiation(link_private=cfg.link_private, link_pub=cfg.link_pub, packet=data, wall=wall)

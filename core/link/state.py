@@ -39,6 +39,10 @@ class LinkConfig:
     cert_sig: bytes = b""
     handshake_rate: float = 20.0  # initiations per second per source (IPv4 address, IPv6 /64)
     handshake_burst: float = 40.0
+    # under load (§4.12) each source also spends from a slower bucket: DH work is shared out by source,
+    # so many sources that can receive (which cookies do not stop) cannot take the CPU the data path needs
+    loaded_handshake_rate: float = 4.0
+    loaded_handshake_burst: float = 8.0
     max_links: int = 4096
     max_queued_cells: int = 256
     # the initiation replay cache (§4.5): when full its oldest time bucket goes, it never refuses

@@ -207,7 +207,8 @@ def test_flood(phase: str, flood_net: FloodNet, capsys: pytest.CaptureFixture[st
                     f"stderr={net.procs['guard'].stderr()[-3000:]}")
     target_hits = net.target.count - target_before
     interesting = {k: v for k, v in guard["counters"].items()
-                   if k.startswith(("reject_", "circuit_evicted", "dial_", "link_drop_", "link_handshake_"))}
+                   if k.startswith(("reject_", "circuit_evicted", "dial_", "link_drop_", "link_handshake_", "link_cookie",
+                                       "link_evicted", "link_half_open"))}
     with capsys.disabled():
         print(f"\n    flood[{phase}]: {SOURCES} sources, attack ramp {ramp_s:.1f} s; legitimate builds "
               f"{ok}/{LEGIT_BUILDS} ok, median {sorted(times)[len(times) // 2] * 1000 if times else 0:.0f} ms; "

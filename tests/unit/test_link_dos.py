@@ -138,6 +138,39 @@ def test_load_is_the_initiation_rate_of_this_or_the_last_second_or_a_half_full_h
     assert answered(layer) == 2 and layer.counters["cookie_reply_sent"] == 1  # 2 of 4 half-open: under load
 
 
+def test_under_load_each_source_gets_dh_work_from_a_slower_bucket_and_another_source_still_gets_in() -> None:
+    """Cookies do not stop sources that can receive (many addresses of one attacker): under load each source's
+    handshakes also spend from ``loaded_handshake_rate`` / ``loaded_handshake_burst``, so they cannot take the
+    CPU the data path needs, and a quiet source keeps its own share."""
+    layer, keys = responder(cookie_load_rate=0, loaded_handshake_rate=0.001, loaded_handshake_burst=3.0)
+    src = ("198.51.100.1", 4000)
+    state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=7, rng=det_rng(70))
+    layer.receive_datagram(packet, src, 10.0, WALL)
+    (reply, _), = layer.datagrams_to_send()
+    cookie = lh.read_cookie_reply(responder_link_pub=keys.link_pub, state=state, packet=reply)
+    results = []
+    for i in range(5):  # valid mac2 each time: only the slower bucket can refuse these
+        _s, p = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=100 + i, rng=det_rng(700 + i),
+                                     cookie=cookie)
+        layer.receive_datagram(p, src, 10.0 + i * 0.01, WALL)
+        results.append(answered(layer))
+    assert results == [1, 1, 1, 0, 0]
+    assert layer.counters["drop_handshake_rate_loaded"] == 2 and layer.counters["drop_handshake_rate"] == 0
+    other = ("198.51.100.2", 4000)  # another source under the same load: its own bucket
+    state, packet = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=9, rng=det_rng(90))
+    layer.receive_datagram(packet, other, 10.1, WALL)
+    (reply, _), = layer.datagrams_to_send()
+    cookie = lh.read_cookie_reply(responder_link_pub=keys.link_pub, state=state, packet=reply)
+    _s, p = lh.client_initiation(responder_link_pub=keys.link_pub, sender_index=200, rng=det_rng(900), cookie=cookie)
+    layer.receive_datagram(p, other, 10.1, WALL)
+    assert answered(layer) == 1
+    # not under load: the slower bucket is not spent (the normal one is: 20/s, burst 40)
+    calm, keys = responder(loaded_handshake_rate=0.001, loaded_handshake_burst=1.0)
+    for i in range(4):
+        calm.receive_datagram(client_init(keys, i), src, 10.0, WALL)
+    assert answered(calm) == 4 and calm.counters["drop_handshake_rate_loaded"] == 0
+
+
 # ---------------------------------------------------------------------------------------------- half-open (§4.5)
 
 
