@@ -4,7 +4,7 @@ registered with the introducer — and every byte that comes back because of it 
 at the address the request named.  The table (payload bytes, and on the wire with 28 bytes of IPv4/UDP header
 per datagram) is printed; every ratio, payload and wire, is at most 1.0.
 
-A request type a later change adds (the link handshake's cookie reply) goes in ``EXTRA_ROWS``.
+The link handshake's answers are rows too: RESPONSE, and the COOKIE_REPLY of a relay under load (§4.12).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 
 from shallot.core.discovery import wire as dht_wire
 from shallot.core.discovery.addresses import dht_address
+from shallot.core.link import LinkConfig
 from shallot.core.nat.limits import PUNCH_PROBES_UNANSWERED, PUNCH_TIMEOUT_S
 from shallot.core.wire import nat_frames as nm
 from shallot.core.wire import stun
+from shallot.crypto import link_handshake as lh
 from shallot.crypto.descriptor import Descriptor, encode_directory
 from shallot.crypto.keys import RelayKeys
 from shallot.relay import state as state_dir
@@ -42,8 +44,19 @@ class Row:
     expect_answer: bool = True
 
 
-# Another helper's part adds the link handshake's cookie reply here (issue 12): (name, request builder, socket).
-EXTRA_ROWS: list[Row] = []
+def _initiation(link_pub: bytes) -> bytes:
+    return lh.client_initiation(responder_link_pub=link_pub, sender_index=secrets.randbelow(1 << 32),
+                                rng=secrets.token_bytes)[1]
+
+
+def _initiation_under_load(link_pub: bytes, to: Address) -> bytes:
+    """Puts the relay under load first (more than ``cookie_load_rate`` initiations with a valid mac1 in one
+    second, from another socket whose answers are not counted), then gives the initiation to measure: the
+    relay answers it with a COOKIE_REPLY (§4.12)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blast:
+        for _ in range(LinkConfig.cookie_load_rate + 50):
+            blast.sendto(_initiation(link_pub), to)
+    return _initiation(link_pub)
 
 
 def _free_triple() -> int:
@@ -171,7 +184,9 @@ def test_every_unauthenticated_answer_is_at_most_its_request(tmp_path: Path, pro
         Row("DHT list_records (first page)", lambda me: _dht("list_records", None, None), "dht"),
         Row("DHT ping unpadded (old format)", lambda me: _dht("ping", None, None).rstrip(b"\0"), "dht",
             expect_answer=False),
-        *EXTRA_ROWS,
+        Row("link INIT_CLIENT (RESPONSE)", lambda me: _initiation(descs[0].link_pub), "link"),
+        Row("link INIT_CLIENT under load (COOKIE_REPLY)",
+            lambda me: _initiation_under_load(descs[0].link_pub, ("127.0.0.1", p1)), "link", settle_s=0.2),
     ]
     sockets = {"link": ("127.0.0.1", p1), "alt": ("127.0.0.1", p1 + 2), "dht": dht_target}
     table = []
@@ -191,4 +206,6 @@ def test_every_unauthenticated_answer_is_at_most_its_request(tmp_path: Path, pro
     by_name = {r.name: (bo, n, ratio) for r, _, bo, n, ratio, _ in table}
     assert by_name["DHT list_records (first page)"][2] > 0.5
     assert by_name["INTRO_REQUEST + registrant's PUNCH probes"][1] == PUNCH_PROBES_UNANSWERED + 1
+    assert by_name["link INIT_CLIENT (RESPONSE)"][0] == lh.RESPONSE_LEN
+    assert by_name["link INIT_CLIENT under load (COOKIE_REPLY)"][0] == lh.COOKIE_REPLY_LEN
 

@@ -31,7 +31,6 @@ import pytest
 from shallot.core.discovery.directory import load_directory
 from shallot.core.errors import ShallotError
 from shallot.core.io.circuit_client import CircuitClient
-from shallot.core.link import LinkConfig
 from shallot.crypto.descriptor import Descriptor, encode_directory
 from shallot.relay import state as state_dir
 from shallot.relay.localnet import free_udp_ports
@@ -172,15 +171,7 @@ def _ramp(net: FloodNet, attacker: Proc, phase: str, deadline: float) -> None:
             return
 
 
-# per-source link quotas and cookies under load (core/link, issue 12's link part) hold the link table; on a
-# tree without them the phases that fill it are expected to fail
-_LINK_DEFENCES = "max_links_per_source" in LinkConfig.__dataclass_fields__
-_needs_link_defences = pytest.mark.xfail(not _LINK_DEFENCES, strict=False,
-                                         reason="the link table is filled: needs per-source link quotas and cookies")
-
-
-@pytest.mark.parametrize("phase", ["circuits", "extends", pytest.param("links", marks=_needs_link_defences),
-                                   pytest.param("all", marks=_needs_link_defences)])
+@pytest.mark.parametrize("phase", ["circuits", "extends", "links", "all"])
 def test_flood(phase: str, flood_net: FloodNet, capsys: pytest.CaptureFixture[str]) -> None:
     net = flood_net
     target_before = net.target.count
@@ -207,8 +198,8 @@ def test_flood(phase: str, flood_net: FloodNet, capsys: pytest.CaptureFixture[st
                     f"stderr={net.procs['guard'].stderr()[-3000:]}")
     target_hits = net.target.count - target_before
     interesting = {k: v for k, v in guard["counters"].items()
-                   if k.startswith(("reject_", "circuit_evicted", "dial_", "link_drop_", "link_handshake_", "link_cookie",
-                                       "link_evicted", "link_half_open"))}
+                   if k.startswith(("reject_", "circuit_evicted", "dial_", "link_drop_", "link_handshake_",
+                                    "link_cookie", "link_evicted", "link_half_open"))}
     with capsys.disabled():
         print(f"\n    flood[{phase}]: {SOURCES} sources, attack ramp {ramp_s:.1f} s; legitimate builds "
               f"{ok}/{LEGIT_BUILDS} ok, median {sorted(times)[len(times) // 2] * 1000 if times else 0:.0f} ms; "
