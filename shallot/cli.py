@@ -314,6 +314,9 @@ def _cmd_relay(args: argparse.Namespace, *, expect_exit: bool | None) -> int:
     return 0
 
 
+PROBE_ATTEMPTS = 3  # drawn paths a probe tries when a build times out
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     import random
 
@@ -342,8 +345,23 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         relays = [d for d in load_directory(args.directory, private_network=args.private_network)
                   if d.relay_id not in own]
         known = {}
-    path = choose_path(relays, random.SystemRandom(), path_spec=args.path, exit_spec=args.exit, known=known)
-    result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
+    rng = random.SystemRandom()
+    avoid: set[bytes] = set()
+    for attempt in range(1, PROBE_ATTEMPTS + 1):
+        # a view keeps relays whose DHT node went silent (docs/DHT.md): a drawn path may hold a dead relay,
+        # which shows as a timeout; a drawn path is tried again without its guard and middle, as the
+        # engine would (a path the user named is tried once: its failure is the answer)
+        usable = [d for d in relays if d.relay_id not in avoid]
+        path = choose_path(usable, rng, path_spec=args.path, exit_spec=args.exit, known=known)
+        try:
+            result = {**run(run_probe(relays, path, count=args.count, size=args.size)), **extra}
+            break
+        except ShallotError as exc:
+            if args.path or attempt == PROBE_ATTEMPTS or "timed out" not in str(exc):
+                raise
+            print(f"shallot: {exc}; trying another guard and middle", file=sys.stderr)
+            avoid.update(d.relay_id for d in path[:2])
+    result["attempts"] = attempt
     print(json.dumps(result) if args.json else describe(result, relays))
     return 0 if result["echoed"] == result["sent"] else 1
 

@@ -80,6 +80,7 @@ async def run_probe(relays: list[Descriptor], path: list[Descriptor], *, count: 
             "link_ms": round(link_ms, 3),
             **({"nat": nat.as_json()} if nat is not None else {}),
             "path": [d.id_hex for d in path],
+            "attempts": 1,  # the CLI counts again when it draws another path (shallot/cli.py)
             "build_ms": round(build_ms, 3),
             "build_round_trips": max(sent_dg, recv_dg),
             "sent": count,

@@ -26,7 +26,8 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.timeout(60)
 
-PROBE_KEYS = {"path", "build_ms", "build_round_trips", "sent", "echoed", "rtt_ms_median", "guard_link", "link_ms"}
+PROBE_KEYS = {"path", "attempts", "build_ms", "build_round_trips", "sent", "echoed", "rtt_ms_median", "guard_link",
+              "link_ms"}
 LISTENING_RE = re.compile(r"^shallot (relay|exit) ([A-Za-z0-9_-]+) ([0-9a-f]{40}) listening on 127\.0\.0\.1:(\d+)$")
 
 
