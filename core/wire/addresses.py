@@ -88,15 +88,23 @@ def host_key(host: str, port: int) -> str:
 def source_key(host: str) -> str:
     """Whom a per-source limit counts: an IPv4 address, or the /64 of an IPv6 address (one subscriber's
     prefix: an attacker rotating addresses inside it is still one source)."""
+    ip = _unmapped(host)
+    if ip is None:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address, an IPv4-mapped IPv6 address as its IPv4 address; None if not an address."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return str(ip)
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def parse_hostport(text: str) -> Address:
@@ -112,17 +120,10 @@ def aggregate_key(host: str) -> str:
     """The neighbourhood of a source for aggregate limits: the IPv4 /24 or the IPv6 /48 (one site).  A
     loopback address is its own aggregate: on one machine (``shallot demo``, the tests' networks of
     127.x.y.z hosts) a /24 is no site."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = _unmapped(host)
+    if ip is None:
         return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        elif ip.is_loopback:
-            return str(ip)
-        else:
-            return str(ipaddress.ip_network(f"{host}/48", strict=False))
     if ip.is_loopback:
         return str(ip)
-    return str(ipaddress.ip_network(f"{ip}/24", strict=False))
+    prefix = 48 if isinstance(ip, ipaddress.IPv6Address) else 24
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

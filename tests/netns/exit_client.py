@@ -17,15 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from ip_client import checksum, dns_query, udp_packet  # this folder is on sys.path (a script)
+from ip_client import checksum, dns_query, open_ip_circuit, udp_packet  # this folder is on sys.path (a script)
 
-from shallot.core.circuit import ConfigReceived
-from shallot.core.circuit.path import resolve_relay
-from shallot.core.discovery.directory import load_directory
-from shallot.core.io.circuit_client import CircuitClient
 from shallot.core.io.udp import run
-from shallot.core.wire.ipconfig import decode_config
-from shallot.crypto.circuit_handshake import SERVICE_IP
 
 
 def with_options(packet: bytes) -> bytes:
@@ -46,17 +40,7 @@ def decode_answer(packet: bytes) -> str:
 
 
 async def main(directory: Path, mode: str, args: list[str]) -> dict:
-    relays = load_directory(directory)
-    path = [resolve_relay(n, relays) for n in ("guard", "middle", "exit")]
-    client = CircuitClient()
-    await client.start()
-    configs: asyncio.Queue[bytes] = asyncio.Queue()
-    client.on_event = lambda ev: configs.put_nowait(ev.data) if isinstance(ev, ConfigReceived) else None
-    circ = await client.build(path, service=SERVICE_IP)
-    client.node.request_config(circ, asyncio.get_running_loop().time())
-    assert client.endpoint is not None
-    client.endpoint.poke()
-    address, resolver, _ = decode_config(await asyncio.wait_for(configs.get(), 5))
+    client, circ, address, resolver, _ = await open_ip_circuit(directory)
     me, dns = str(address), str(resolver)
     print(f"address {me}", flush=True)
     inbox = client.inbox[circ.circuit_id]

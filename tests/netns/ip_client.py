@@ -10,7 +10,7 @@ import struct
 import sys
 from pathlib import Path
 
-from shallot.core.circuit import ConfigReceived
+from shallot.core.circuit import ClientCircuit, ConfigReceived
 from shallot.core.circuit.path import resolve_relay
 from shallot.core.discovery.directory import load_directory
 from shallot.core.io.circuit_client import CircuitClient
@@ -40,7 +40,9 @@ def dns_query(name: str, txid: int = 0x4242) -> bytes:
     return struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01"
 
 
-async def main(directory: Path, targets: list[str]) -> dict:
+async def open_ip_circuit(directory: Path) -> tuple[CircuitClient, ClientCircuit, object, object, int]:
+    """A SERVICE_IP circuit through the directory's guard -> middle -> exit, and its CONFIG (address,
+    resolver, MTU)."""
     relays = load_directory(directory)
     path = [resolve_relay(n, relays) for n in ("guard", "middle", "exit")]
     client = CircuitClient()
@@ -52,6 +54,11 @@ async def main(directory: Path, targets: list[str]) -> dict:
     assert client.endpoint is not None
     client.endpoint.poke()
     address, resolver, mtu = decode_config(await asyncio.wait_for(configs.get(), 5))
+    return client, circ, address, resolver, mtu
+
+
+async def main(directory: Path, targets: list[str]) -> dict:
+    client, circ, address, resolver, mtu = await open_ip_circuit(directory)
     inbox = client.inbox[circ.circuit_id]
     results = {"address": str(address), "resolver": str(resolver), "mtu": mtu, "replies": {}}
     for target in targets:

@@ -323,3 +323,23 @@ def test_create_rate_counts_an_ipv6_64_as_one_source() -> None:
     third = ClientNode(rng=det_rng(6003))
     n.net.add(("2001:db8:1:3::10", 5555), third)  # another /64
     assert n.build([0, 1, 2], client=third).state is CircuitState.OPEN
+
+
+def test_a_copy_of_an_accepted_create_is_refused_before_any_work_on_its_target() -> None:
+    """The replay check comes before the extend target is looked at: a replayed CREATE costs no DHT lookup,
+    no held slot and no reply key (the check in ``_may_accept`` alone would catch it only after all that)."""
+    n = configured_net({})
+    middle = n.node(1)
+    log = CellLog({"middle": middle})
+    assert n.build([0, 1, 2]).state is CircuitState.OPEN
+    (create,) = log.cells("middle", CMD_CREATE)
+    asked: list[bytes] = []
+    middle.known_target = lambda rid, pub, addr: False  # had the copy got that far, it would wait for a lookup
+    middle.lookup_relay = lambda rid, pub: asked.append(rid)
+    guard = n.node(0)
+    link = guard.link.link_to(n.desc(1).link_pub)
+    assert link is not None
+    guard.link.send_cell(link, encode_cell(0x80000078, CMD_CREATE, create.cell[CELL_HEADER_LEN:]), n.net.now)
+    n.net.run()
+    assert middle.counters["reject_create_replay"] == 1
+    assert not middle._parked and asked == [] and middle.counters["create_held_for_lookup"] == 0
