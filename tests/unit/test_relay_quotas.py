@@ -42,6 +42,15 @@ def _sent_to(n: Net, addr: tuple[str, int]) -> int:
     return sum(1 for _src, dst, _d in n.net.log if dst == addr)
 
 
+def _view_and_lookups(node, view: set[bytes] | None) -> list[bytes]:
+    """Gives ``node`` a view of extend targets (relay ids; None: nothing is in it) and returns the list its
+    DHT lookups are written to."""
+    node.known_target = lambda rid, pub, addr: view is not None and rid in view
+    asked: list[bytes] = []
+    node.lookup_relay = lambda rid, pub: asked.append(rid)
+    return asked
+
+
 def _run_out_handshakes(n: Net) -> None:
     for _ in range(70):  # 0.5 s steps past the whole retry schedule (31.5 s)
         n.net.advance(0.5)
@@ -146,9 +155,7 @@ def test_an_unknown_target_waits_for_a_lookup_and_is_extended_to_if_found() -> N
     n = configured_net({})
     guard = n.node(0)
     view: set[bytes] = {n.desc(i).relay_id for i in (0, 2, 3)}
-    guard.known_target = lambda rid, pub, addr: rid in view
-    asked: list[bytes] = []
-    guard.lookup_relay = lambda rid, pub: asked.append(rid)
+    asked = _view_and_lookups(guard, view)
     circ = _build(n, [n.desc(0), n.desc(1), n.desc(2)])
     assert circ.state is CircuitState.BUILDING and asked == [n.desc(1).relay_id]
     view.add(n.desc(1).relay_id)  # the DHT lookup found it (and it joined the view)
@@ -205,9 +212,7 @@ def test_dial_rate_per_target_host() -> None:
 def test_held_extends_are_capped_per_source_and_lookups_per_second(monkeypatch) -> None:
     n = configured_net({})
     guard = n.node(0)
-    guard.known_target = lambda rid, pub, addr: False  # nothing is in the view: every extend waits
-    asked: list[bytes] = []
-    guard.lookup_relay = lambda rid, pub: asked.append(rid)
+    asked = _view_and_lookups(guard, None)  # nothing is in the view: every extend waits
     monkeypatch.setattr(forwarder, "MAX_PARKED_PER_SOURCE", 2)
     ghosts = [_ghost(n, ("10.9.0.1", 9100 + i), 300 + i) for i in range(3)]
     states = [_build(n, [n.desc(0), g]).state for g in ghosts]
@@ -291,9 +296,7 @@ def test_a_copy_of_a_held_create_is_refused_as_a_replay_once_the_first_is_accept
     n = configured_net({})
     middle = n.node(1)
     view: set[bytes] = {n.desc(i).relay_id for i in (0, 1, 3)}
-    middle.known_target = lambda rid, pub, addr: rid in view
-    asked: list[bytes] = []
-    middle.lookup_relay = lambda rid, pub: asked.append(rid)
+    asked = _view_and_lookups(middle, view)
     log = CellLog({"middle": middle})
     circ = n.build([0, 1, 2])
     assert circ.state is CircuitState.BUILDING and len(middle._parked) == 1
@@ -333,9 +336,7 @@ def test_a_copy_of_an_accepted_create_is_refused_before_any_work_on_its_target()
     log = CellLog({"middle": middle})
     assert n.build([0, 1, 2]).state is CircuitState.OPEN
     (create,) = log.cells("middle", CMD_CREATE)
-    asked: list[bytes] = []
-    middle.known_target = lambda rid, pub, addr: False  # had the copy got that far, it would wait for a lookup
-    middle.lookup_relay = lambda rid, pub: asked.append(rid)
+    asked = _view_and_lookups(middle, None)  # had the copy got that far, it would wait for a lookup
     guard = n.node(0)
     link = guard.link.link_to(n.desc(1).link_pub)
     assert link is not None
